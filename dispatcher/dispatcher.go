@@ -1,0 +1,388 @@
+// Package dispatcher loads xlb's XDP pipeline (a dispatcher program that
+// tail-calls the parse, conntrack, select and rewrite stages), owns its
+// program array and maps, attaches it to an interface and gives the control
+// plane typed access to its maps.
+//
+// It needs Linux 6.1 or later with BTF, bpf_fib_lookup and
+// bpf_ktime_get_coarse_ns; it is developed and tested on 6.18.
+package dispatcher
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// Stage is a slot of the program array (enum xlb_stage in
+// programs/include/xlb_consts.h).
+type Stage = xlbXlbStage
+
+// The stage slots.
+const (
+	StageParse     = xlbXlbStageXLB_STAGE_PARSE
+	StageConntrack = xlbXlbStageXLB_STAGE_CONNTRACK
+	StageSelect    = xlbXlbStageXLB_STAGE_SELECT
+	StageRewrite   = xlbXlbStageXLB_STAGE_REWRITE
+	numStages      = xlbXlbStageXLB_STAGE_MAX
+)
+
+// Mode is how the select stage indexes a service's selection table.
+type Mode uint8
+
+// The selection modes (enum xlb_sel_mode).
+const (
+	ModeRandom     = Mode(xlbXlbSelModeXLB_SEL_RANDOM)
+	ModeHash       = Mode(xlbXlbSelModeXLB_SEL_HASH)
+	ModeLeastConn  = Mode(xlbXlbSelModeXLB_SEL_LEAST_CONN)
+	ModeRoundRobin = Mode(xlbXlbSelModeXLB_SEL_ROUND_ROBIN)
+)
+
+func (m Mode) String() string {
+	switch m {
+	case ModeRandom:
+		return "random"
+	case ModeHash:
+		return "hash"
+	case ModeLeastConn:
+		return "least-conn"
+	case ModeRoundRobin:
+		return "round-robin"
+	}
+	return fmt.Sprintf("mode(%d)", uint8(m))
+}
+
+// Limits of the data path's maps.
+const (
+	MaxServices   = 1024
+	MaxBackends   = 4096
+	MaxTable      = 65537 // selection table entries
+	MaxCandidates = 64    // least-conn candidate set
+)
+
+// Errors returned by Pipeline methods.
+var (
+	ErrBadTable   = errors.New("bad selection table")
+	ErrOutOfRange = errors.New("id out of range")
+)
+
+// Options tune Load.
+type Options struct {
+	// ConntrackSize is the capacity of each of the forward and return
+	// tables; 0 keeps the compiled-in default (262144).
+	ConntrackSize uint32
+}
+
+// Pipeline holds the loaded programs and maps. The program array is held
+// for the Pipeline's lifetime (the kernel empties an unreferenced one).
+type Pipeline struct {
+	objs      xlbObjects
+	bkStats   []byte // mmap of xlb_bk_stats
+	statNames []string
+}
+
+// Load loads the pipeline into the kernel and fills its program array.
+func Load(opts Options) (_ *Pipeline, err error) {
+	spec, err := loadXlb()
+	if err != nil {
+		return nil, fmt.Errorf("load pipeline spec: %w", err)
+	}
+	if opts.ConntrackSize > 0 {
+		spec.Maps["xlb_fwd"].MaxEntries = opts.ConntrackSize
+		spec.Maps["xlb_ret"].MaxEntries = opts.ConntrackSize
+	}
+	names, err := statNames(spec.Types)
+	if err != nil {
+		return nil, err
+	}
+	p := &Pipeline{statNames: names}
+	if err := spec.LoadAndAssign(&p.objs, nil); err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return nil, fmt.Errorf("load pipeline: %+v", verr)
+		}
+		return nil, fmt.Errorf("load pipeline: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			p.Close()
+		}
+	}()
+	stages := map[Stage]*ebpf.Program{
+		StageParse:     p.objs.XlbParse,
+		StageConntrack: p.objs.XlbConntrack,
+		StageSelect:    p.objs.XlbSelect,
+		StageRewrite:   p.objs.XlbRewrite,
+	}
+	for slot, prog := range stages {
+		if err := p.objs.XlbProgs.Put(uint32(slot), prog); err != nil {
+			return nil, fmt.Errorf("put stage %d in program array: %w", slot, err)
+		}
+	}
+	size := int(p.objs.XlbBkStats.MaxEntries()) * int(unsafe.Sizeof(xlbXlbBackendStats{}))
+	p.bkStats, err = unix.Mmap(p.objs.XlbBkStats.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mmap backend stats: %w", err)
+	}
+	return p, nil
+}
+
+// Close releases the programs and maps. An attachment made from the
+// pipeline must be closed first or it keeps the programs alive.
+func (p *Pipeline) Close() error {
+	if p.bkStats != nil {
+		unix.Munmap(p.bkStats)
+		p.bkStats = nil
+	}
+	return p.objs.Close()
+}
+
+// Entry is the program to attach: the dispatcher.
+func (p *Pipeline) Entry() *ebpf.Program { return p.objs.XlbDispatch }
+
+// Stage returns a stage's program, for tests that run one stage alone.
+func (p *Pipeline) Stage(s Stage) *ebpf.Program {
+	switch s {
+	case StageParse:
+		return p.objs.XlbParse
+	case StageConntrack:
+		return p.objs.XlbConntrack
+	case StageSelect:
+		return p.objs.XlbSelect
+	case StageRewrite:
+		return p.objs.XlbRewrite
+	}
+	return nil
+}
+
+// ProgArray is the stage program array, for chaining and tests.
+func (p *Pipeline) ProgArray() *ebpf.Map { return p.objs.XlbProgs }
+
+// Timeouts are the idle timeouts per TCP state.
+type Timeouts struct {
+	SYN, Established, FIN, Closed time.Duration
+}
+
+func (t Timeouts) byState(s uint32) time.Duration {
+	switch s {
+	case uint32(xlbXlbCtStateXLB_CT_SYN):
+		return t.SYN
+	case uint32(xlbXlbCtStateXLB_CT_ESTABLISHED):
+		return t.Established
+	case uint32(xlbXlbCtStateXLB_CT_FIN):
+		return t.FIN
+	}
+	return t.Closed
+}
+
+// Settings are the data path's runtime settings.
+type Settings struct {
+	SourceAddress    netip.Addr // IPv4 address used towards backends
+	PortLo, PortHi   uint16     // source port range, inclusive
+	ConntrackTimeout Timeouts
+}
+
+// SetSettings writes the runtime settings.
+func (p *Pipeline) SetSettings(s Settings) error {
+	if !s.SourceAddress.Is4() {
+		return fmt.Errorf("source address %s: not IPv4", s.SourceAddress)
+	}
+	if s.PortLo == 0 || s.PortHi < s.PortLo {
+		return fmt.Errorf("source ports %d-%d: bad range", s.PortLo, s.PortHi)
+	}
+	v := xlbXlbCfg{
+		SnatAddr: addrBE(s.SourceAddress),
+		PortLo:   s.PortLo,
+		PortHi:   s.PortHi,
+	}
+	for st := range v.TimeoutNs {
+		v.TimeoutNs[st] = uint64(s.ConntrackTimeout.byState(uint32(st)))
+	}
+	if err := p.objs.XlbSettings.Put(uint32(0), &v); err != nil {
+		return fmt.Errorf("write settings: %w", err)
+	}
+	return nil
+}
+
+// SetService maps a VIP to a service id.
+func (p *Pipeline) SetService(id uint32, vip netip.AddrPort) error {
+	if id >= MaxServices {
+		return fmt.Errorf("service %d: %w", id, ErrOutOfRange)
+	}
+	if !vip.Addr().Is4() {
+		return fmt.Errorf("vip %s: not IPv4", vip)
+	}
+	if err := p.setVIPPort(vip.Port(), true); err != nil {
+		return err
+	}
+	k := vipKey(vip)
+	if err := p.objs.XlbServices.Put(&k, &xlbXlbService{Id: id}); err != nil {
+		return fmt.Errorf("write service %s: %w", vip, err)
+	}
+	return nil
+}
+
+// DeleteService removes a VIP. Existing connections keep flowing.
+// keepPort tells whether another service still uses the VIP's port.
+func (p *Pipeline) DeleteService(vip netip.AddrPort, keepPort bool) error {
+	k := vipKey(vip)
+	if err := p.objs.XlbServices.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete service %s: %w", vip, err)
+	}
+	if keepPort {
+		return nil
+	}
+	return p.setVIPPort(vip.Port(), false)
+}
+
+func (p *Pipeline) setVIPPort(port uint16, on bool) error {
+	word := uint32(port) >> 6
+	var bits uint64
+	if err := p.objs.XlbVipPorts.Lookup(word, &bits); err != nil {
+		return fmt.Errorf("read vip ports: %w", err)
+	}
+	if on {
+		bits |= 1 << (port & 63)
+	} else {
+		bits &^= 1 << (port & 63)
+	}
+	if err := p.objs.XlbVipPorts.Put(word, bits); err != nil {
+		return fmt.Errorf("write vip ports: %w", err)
+	}
+	return nil
+}
+
+// SetBackend writes a backend's address and weight. Weight 0 makes it
+// unselectable; its established connections keep flowing.
+func (p *Pipeline) SetBackend(id uint32, addr netip.AddrPort, weight uint16) error {
+	if id >= MaxBackends {
+		return fmt.Errorf("backend %d: %w", id, ErrOutOfRange)
+	}
+	if !addr.Addr().Is4() {
+		return fmt.Errorf("backend %s: not IPv4", addr)
+	}
+	v := xlbXlbBackend{Addr: addrBE(addr.Addr()), Port: portBE(addr.Port()), Weight: weight}
+	if err := p.objs.XlbBackends.Put(id, &v); err != nil {
+		return fmt.Errorf("write backend %s: %w", addr, err)
+	}
+	return nil
+}
+
+// BackendStats are a backend's connection counts as the data path keeps them.
+type BackendStats struct {
+	Active   int64  // open connections
+	NewConns uint64 // connections created, ever
+}
+
+func (p *Pipeline) bkStat(id uint32) *xlbXlbBackendStats {
+	off := uintptr(id) * unsafe.Sizeof(xlbXlbBackendStats{})
+	return (*xlbXlbBackendStats)(unsafe.Pointer(&p.bkStats[off]))
+}
+
+// BackendStats reads a backend's counts.
+func (p *Pipeline) BackendStats(id uint32) (BackendStats, error) {
+	if id >= MaxBackends {
+		return BackendStats{}, fmt.Errorf("backend %d: %w", id, ErrOutOfRange)
+	}
+	s := p.bkStat(id)
+	return BackendStats{
+		Active:   atomic.LoadInt64(&s.Active),
+		NewConns: atomic.LoadUint64(&s.NewConns),
+	}, nil
+}
+
+// ResetBackendStats zeroes a backend's counts, for a newly allocated id.
+func (p *Pipeline) ResetBackendStats(id uint32) error {
+	if id >= MaxBackends {
+		return fmt.Errorf("backend %d: %w", id, ErrOutOfRange)
+	}
+	s := p.bkStat(id)
+	atomic.StoreInt64(&s.Active, 0)
+	atomic.StoreUint64(&s.NewConns, 0)
+	return nil
+}
+
+func (p *Pipeline) uncount(id uint32) {
+	if id < MaxBackends {
+		atomic.AddInt64(&p.bkStat(id).Active, -1)
+	}
+}
+
+// SetSelection installs a service's selection table: a fresh map is
+// filled and then swapped in with one update, so no packet sees half of
+// it. backends holds backend ids.
+func (p *Pipeline) SetSelection(svc uint32, mode Mode, backends []uint32) error {
+	if svc >= MaxServices {
+		return fmt.Errorf("service %d: %w", svc, ErrOutOfRange)
+	}
+	n := len(backends)
+	switch {
+	case n == 0 || n > MaxTable:
+		return fmt.Errorf("%w: %d entries", ErrBadTable, n)
+	case mode == ModeLeastConn && n > MaxCandidates:
+		return fmt.Errorf("%w: %d least-conn candidates, at most %d", ErrBadTable, n, MaxCandidates)
+	case mode < ModeRandom || mode > ModeRoundRobin:
+		return fmt.Errorf("%w: unknown mode %d", ErrBadTable, mode)
+	}
+	for _, id := range backends {
+		if id >= MaxBackends {
+			return fmt.Errorf("%w: backend id %d", ErrBadTable, id)
+		}
+	}
+	inner, err := ebpf.NewMap(&ebpf.MapSpec{
+		Name:       "xlb_sel_table",
+		Type:       ebpf.Array,
+		KeySize:    4,
+		ValueSize:  4,
+		MaxEntries: uint32(n + 1),
+		Flags:      unix.BPF_F_INNER_MAP,
+	})
+	if err != nil {
+		return fmt.Errorf("create selection table: %w", err)
+	}
+	defer inner.Close()
+	keys := make([]uint32, n+1)
+	vals := make([]uint32, n+1)
+	for i := range keys {
+		keys[i] = uint32(i)
+	}
+	vals[0] = uint32(mode) | uint32(n)<<8
+	copy(vals[1:], backends)
+	if _, err := inner.BatchUpdate(keys, vals, nil); err != nil {
+		return fmt.Errorf("fill selection table: %w", err)
+	}
+	if err := p.objs.XlbSel.Put(svc, inner); err != nil {
+		return fmt.Errorf("install selection table of service %d: %w", svc, err)
+	}
+	return nil
+}
+
+// ClearSelection removes a service's table; its SYNs are then dropped.
+func (p *Pipeline) ClearSelection(svc uint32) error {
+	if err := p.objs.XlbSel.Delete(svc); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("clear selection of service %d: %w", svc, err)
+	}
+	return nil
+}
+
+func vipKey(vip netip.AddrPort) xlbXlbVip {
+	return xlbXlbVip{Addr: addrBE(vip.Addr()), Port: portBE(vip.Port()), Proto: unix.IPPROTO_TCP}
+}
+
+// addrBE returns an IPv4 address as the kernel stores it (network order
+// in host memory).
+func addrBE(a netip.Addr) uint32 {
+	b := a.As4()
+	return *(*uint32)(unsafe.Pointer(&b))
+}
+
+func addrFromBE(v uint32) netip.Addr {
+	return netip.AddrFrom4(*(*[4]byte)(unsafe.Pointer(&v)))
+}
+
+func portBE(p uint16) uint16 { return p<<8 | p>>8 }

@@ -1,0 +1,126 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Every map of the xlb pipeline. Sizes given here are defaults; the
+ * control plane resizes the conntrack tables from configuration. */
+#ifndef XLB_MAPS_H
+#define XLB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "xlb_consts.h"
+#include "xlb_structs.h"
+
+/* Stage programs, indexed by enum xlb_stage. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, XLB_STAGE_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} xlb_progs SEC(".maps");
+
+/* Per-packet state passed between stages (one struct xlb_pkt per CPU). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xlb_pkt);
+} xlb_scratch SEC(".maps");
+
+/* Counters by enum xlb_stat, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XLB_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} xlb_stats SEC(".maps");
+
+/* Runtime settings (source address, port range, timeouts). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xlb_cfg);
+} xlb_settings SEC(".maps");
+
+/* One bit per TCP port that some VIP uses: a cheap first filter so that
+ * traffic to other ports never pays for a hash lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536 / 64);
+	__type(key, __u32);
+	__type(value, __u64);
+} xlb_vip_ports SEC(".maps");
+
+/* VIP:port/proto -> service id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XLB_MAX_SERVICES);
+	__type(key, struct xlb_vip);
+	__type(value, struct xlb_service);
+} xlb_services SEC(".maps");
+
+/* Backend id -> address, port, weight. Ids are allocated by the daemon. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct xlb_backend);
+} xlb_backends SEC(".maps");
+
+/* Backend id -> active and total connections, shared by all CPUs.
+ * Mappable so the daemon can uncount expired connections atomically. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_MAX_BACKENDS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct xlb_backend_stats);
+} xlb_bk_stats SEC(".maps");
+
+/* Selection table template. Entry 0 is the header: mode in the low 8 bits,
+ * entry count n above them; entries 1..n are backend ids. BPF_F_INNER_MAP
+ * lets each table have its own size. */
+struct xlb_sel_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+/* Service id -> its current selection table. The daemon fills a fresh
+ * table and swaps it in with one update, so no packet sees half a table. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, XLB_MAX_SERVICES);
+	__type(key, __u32);
+	__array(values, struct xlb_sel_inner);
+} xlb_sel SEC(".maps");
+
+/* Service id -> round-robin position, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XLB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, __u32);
+} xlb_rr SEC(".maps");
+
+/* Forward table: client flow -> connection. LRU so it can never fill up
+ * for good; the daemon also expires idle entries by TCP state. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct xlb_flow);
+	__type(value, struct xlb_conn);
+} xlb_fwd SEC(".maps");
+
+/* Return table: backend -> source address flow -> client. Its keys are
+ * also the source-port allocation: a port is in use for a backend while
+ * its entry exists. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct xlb_flow);
+	__type(value, struct xlb_rconn);
+} xlb_ret SEC(".maps");
+
+#endif

@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Types shared by the stages and the Go control plane (bpf2go -type). */
+#ifndef XLB_STRUCTS_H
+#define XLB_STRUCTS_H
+
+#include <linux/types.h>
+
+/* A TCP flow as it appears on the wire, addresses and ports in network
+ * order. Key of xlb_fwd (client -> VIP) and of xlb_ret (backend -> source
+ * address). */
+struct xlb_flow {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* Key of xlb_services. */
+struct xlb_vip {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct xlb_service {
+	__u32 id;    /* index into xlb_sel and xlb_rr */
+	__u32 flags; /* reserved */
+};
+
+struct xlb_backend {
+	__be32 addr;
+	__be16 port;
+	__u16 weight; /* 0: not selectable */
+};
+
+/* Shared (not per-CPU) so least-conn sees one figure; updated atomically. */
+struct xlb_backend_stats {
+	__s64 active;    /* open connections: +1 on create, -1 on close or expiry */
+	__u64 new_conns; /* connections created, ever */
+};
+
+/* A cached next hop, filled from bpf_fib_lookup. */
+struct xlb_nh {
+	__u32 ifindex;
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+
+/* Value of xlb_fwd: how to rewrite client -> VIP packets, and the
+ * connection's state. */
+struct xlb_conn {
+	__be32 baddr; /* backend */
+	__be32 laddr; /* load balancer source address */
+	__be16 bport;
+	__be16 lport;
+	__u32 backend_id;
+	__u32 flags; /* enum xlb_conn_flag, set with atomic or */
+	__u32 svc_id;
+	__u64 created_ns;   /* bpf_ktime_get_coarse_ns (CLOCK_MONOTONIC) */
+	__u64 last_seen_ns; /* last client packet */
+	__u64 nh_ns;        /* when nh was looked up */
+	struct xlb_nh nh;   /* towards the backend */
+};
+
+/* Value of xlb_ret: how to rewrite backend replies. */
+struct xlb_rconn {
+	__be32 caddr; /* client */
+	__be32 vaddr; /* VIP */
+	__be16 cport;
+	__be16 vport;
+	__u32 pad;
+	__u64 last_seen_ns; /* last backend packet */
+	__u64 nh_ns;
+	struct xlb_nh nh; /* towards the client */
+};
+
+/* Runtime settings, single entry of xlb_cfg. */
+struct xlb_cfg {
+	__be32 snat_addr; /* source address towards backends */
+	__u16 port_lo;    /* source port range, host order, inclusive */
+	__u16 port_hi;
+	__u64 timeout_ns[4]; /* enum xlb_ct_state: syn, established, fin, closed */
+};
+
+enum xlb_ct_state {
+	XLB_CT_SYN = 0,
+	XLB_CT_ESTABLISHED = 1,
+	XLB_CT_FIN = 2,
+	XLB_CT_CLOSED = 3,
+};
+
+/* Per-packet state handed from stage to stage (xlb_scratch, per CPU).
+ * See docs/stage-abi.md. */
+struct xlb_pkt {
+	struct xlb_flow flow; /* parse: as received */
+	__u32 svc_id;         /* parse: service, for XLB_DIR_FWD */
+	__u8 dir;             /* parse: enum xlb_dir */
+	__u8 tcp_flags;       /* parse: TCP flags byte */
+	__u16 pad;
+	/* conntrack/select: the rewrite to apply */
+	__be32 new_saddr;
+	__be32 new_daddr;
+	__be16 new_sport;
+	__be16 new_dport;
+	struct xlb_nh nh;
+};
+
+#endif
