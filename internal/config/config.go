@@ -1,0 +1,404 @@
+// Package config loads and validates the configuration of xlbd.
+//
+// The configuration comes from four layers, highest precedence first:
+// command-line flags, XLB_* environment variables, a YAML file named by
+// --config, and built-in defaults. Parse merges them with a fresh
+// github.com/spf13/viper instance per call, refuses unknown keys anywhere in
+// the file, and validates the result. It touches no kernel state and does not
+// look at network interfaces; the only file it checks, apart from the
+// configuration file itself, is each chain member's object.
+//
+// docs/configuration.md is the reference for every key.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/go-viper/mapstructure/v2"
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is xlbd's configuration. The mapstructure tags are the YAML keys.
+type Config struct {
+	// Iface is the network interface xlb attaches to. Required.
+	Iface string `mapstructure:"iface"`
+	// XDPMode is "native" or "generic".
+	XDPMode string `mapstructure:"xdp-mode"`
+	// SourceAddress is the address used towards backends. The zero value
+	// means the interface's primary IPv4 address, resolved by the daemon.
+	SourceAddress netip.Addr `mapstructure:"source-address"`
+	// SourcePorts is the range of source ports used towards backends.
+	SourcePorts PortRange `mapstructure:"source-ports"`
+	// DefaultPolicy is the policy of services that name none.
+	DefaultPolicy string `mapstructure:"policy"`
+	// PluginDir is where policy plugins are looked up; empty means the
+	// directory of the xlbd binary.
+	PluginDir string `mapstructure:"plugin-dir"`
+	// PluginSHA256 pins policy plugins: policy name to hex SHA-256 of the
+	// plugin binary.
+	PluginSHA256 map[string]string `mapstructure:"plugin-sha256"`
+	// Socket is the path of the unix control socket.
+	Socket string `mapstructure:"socket"`
+	// PinPath is the bpffs directory where xlb pins its maps and programs.
+	PinPath string `mapstructure:"pin-path"`
+	// LogLevel is one of debug, info, warn, error.
+	LogLevel string `mapstructure:"log-level"`
+	// Conntrack sizes the connection table and sets its timeouts.
+	Conntrack Conntrack `mapstructure:"conntrack"`
+	// Services are the virtual services to balance.
+	Services []Service `mapstructure:"services"`
+	// Chain are the XDP programs chained with xlb on the interface.
+	Chain []ChainMember `mapstructure:"chain"`
+}
+
+// PortRange is an inclusive range of ports, written "LO-HI".
+type PortRange struct{ Lo, Hi uint16 }
+
+// String returns the range as "LO-HI".
+func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.Lo, r.Hi) }
+
+// Conntrack configures the connection tracking table.
+type Conntrack struct {
+	// MaxEntries is the capacity of the connection table.
+	MaxEntries int `mapstructure:"max-entries"`
+	// GCInterval is how often expired entries are collected.
+	GCInterval time.Duration `mapstructure:"gc-interval"`
+	// Timeouts are the idle timeouts per connection state.
+	Timeouts Timeouts `mapstructure:"timeouts"`
+}
+
+// Timeouts are idle timeouts of tracked connections, per TCP state.
+type Timeouts struct {
+	// SYN applies while the handshake is not complete.
+	SYN time.Duration `mapstructure:"syn"`
+	// Established applies to established connections.
+	Established time.Duration `mapstructure:"established"`
+	// FIN applies once a FIN has been seen.
+	FIN time.Duration `mapstructure:"fin"`
+	// Closed applies after a RST, or FINs in both directions.
+	Closed time.Duration `mapstructure:"closed"`
+}
+
+// Service is a virtual IPv4 service and its backends.
+type Service struct {
+	// VIP is the virtual address and port, IPv4 only.
+	VIP netip.AddrPort `mapstructure:"vip"`
+	// Policy names the balancing policy; Parse fills in DefaultPolicy
+	// when it is empty.
+	Policy string `mapstructure:"policy"`
+	// Backends receive the service's connections.
+	Backends []Backend `mapstructure:"backends"`
+}
+
+// Backend is a real server behind a service.
+type Backend struct {
+	// Address is the IPv4 address and port of the backend; the port may
+	// differ from the VIP's.
+	Address netip.AddrPort `mapstructure:"address"`
+	// Weight is the backend's relative share, 1 to 65535.
+	Weight uint32 `mapstructure:"weight"`
+}
+
+// ChainMember is an XDP program chained with xlb on the interface.
+type ChainMember struct {
+	// Name identifies the member: unique, [a-z0-9-]{1,15}.
+	Name string `mapstructure:"name"`
+	// Object is the path of the member's ELF object file.
+	Object string `mapstructure:"object"`
+	// Program is the XDP program (function) name in Object; empty means
+	// the object's only XDP program.
+	Program string `mapstructure:"program"`
+	// Priority orders the chain, 0 to 1000; nil means the object's
+	// XDP_RUN_CONFIG, or 50.
+	Priority *int `mapstructure:"priority"`
+	// ContinueOn lists the verdicts after which the chain goes on; nil
+	// means pass only.
+	ContinueOn []string `mapstructure:"continue-on"`
+}
+
+// Default values.
+const (
+	DefaultXDPMode    = "native"
+	DefaultPolicy     = "random"
+	DefaultSocket     = "/run/xlb/xlbd.sock"
+	DefaultPinPath    = "/sys/fs/bpf/xlb"
+	DefaultLogLevel   = "info"
+	DefaultMaxEntries = 262144
+)
+
+// Default returns the configuration with every default set and no
+// interface, services or chain.
+func Default() *Config {
+	return &Config{
+		XDPMode:       DefaultXDPMode,
+		SourcePorts:   PortRange{Lo: 20000, Hi: 29999},
+		DefaultPolicy: DefaultPolicy,
+		Socket:        DefaultSocket,
+		PinPath:       DefaultPinPath,
+		LogLevel:      DefaultLogLevel,
+		Conntrack: Conntrack{
+			MaxEntries: DefaultMaxEntries,
+			GCInterval: time.Second,
+			Timeouts: Timeouts{
+				SYN:         60 * time.Second,
+				Established: 900 * time.Second,
+				FIN:         120 * time.Second,
+				Closed:      10 * time.Second,
+			},
+		},
+	}
+}
+
+// envKeys are the keys that XLB_* environment variables may set: every
+// scalar key. Services, chain and plugin-sha256 come only from the file.
+var envKeys = []string{
+	"iface",
+	"xdp-mode",
+	"source-address",
+	"source-ports",
+	"policy",
+	"plugin-dir",
+	"socket",
+	"pin-path",
+	"log-level",
+	"conntrack.max-entries",
+	"conntrack.gc-interval",
+	"conntrack.timeouts.syn",
+	"conntrack.timeouts.established",
+	"conntrack.timeouts.fin",
+	"conntrack.timeouts.closed",
+}
+
+// fileOnlyKeys are the keys that only the configuration file may set.
+var fileOnlyKeys = []string{"plugin-sha256", "services", "chain"}
+
+// flagKeys maps the flags bound to viper to their keys.
+var flagKeys = map[string]string{
+	"iface":                 "iface",
+	"xdp-mode":              "xdp-mode",
+	"source-address":        "source-address",
+	"source-ports":          "source-ports",
+	"policy":                "policy",
+	"plugin-dir":            "plugin-dir",
+	"socket":                "socket",
+	"pin-path":              "pin-path",
+	"log-level":             "log-level",
+	"conntrack-max-entries": "conntrack.max-entries",
+}
+
+// EnvName returns the environment variable that sets key, such as
+// XLB_CONNTRACK_TIMEOUTS_ESTABLISHED for conntrack.timeouts.established.
+func EnvName(key string) string {
+	return "XLB_" + strings.ToUpper(envReplacer.Replace(key))
+}
+
+var envReplacer = strings.NewReplacer(".", "_", "-", "_")
+
+// NewFlagSet returns the flag set Parse uses, for --help output.
+func NewFlagSet() *pflag.FlagSet {
+	d := Default()
+	fs := pflag.NewFlagSet("xlbd", pflag.ContinueOnError)
+	fs.SortFlags = false
+	fs.String("config", "", "YAML configuration `file`")
+	fs.String("iface", "", "network `interface` to attach to (required)")
+	fs.String("xdp-mode", d.XDPMode, "XDP attach `mode`: native or generic")
+	fs.String("vip", "", "virtual service `IP:PORT`; needs at least one --backend")
+	fs.StringArray("backend", nil, "backend `IP:PORT[@WEIGHT]` of the --vip service (repeatable)")
+	fs.String("policy", d.DefaultPolicy, "default balancing `policy`: a name or an absolute path")
+	fs.String("source-address", "", "source `IP` towards backends (default: the interface's primary IPv4 address)")
+	fs.String("source-ports", d.SourcePorts.String(), "source port `range` LO-HI towards backends")
+	fs.String("plugin-dir", "", "policy plugin `dir`ectory (default: the directory of xlbd)")
+	fs.String("socket", d.Socket, "control socket `path`")
+	fs.String("pin-path", d.PinPath, "bpffs `dir`ectory for pinned objects")
+	fs.String("log-level", d.LogLevel, "log `level`: debug, info, warn or error")
+	fs.Int("conntrack-max-entries", d.Conntrack.MaxEntries, "connection table `size`")
+	return fs
+}
+
+// Parse parses xlbd's command line (args excludes the program name), reads
+// the --config file if given, applies XLB_* environment variables,
+// validates, and returns the result. It touches no kernel state.
+//
+// A --help flag returns an error wrapping pflag.ErrHelp.
+func Parse(args []string) (*Config, error) {
+	fs := NewFlagSet()
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		return nil, fmt.Errorf("parse flags: %w", err)
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("parse flags: unexpected argument %q", fs.Arg(0))
+	}
+
+	v := viper.New()
+	d := Default()
+	setDefaults(v, d)
+	v.SetEnvPrefix("XLB")
+	v.SetEnvKeyReplacer(envReplacer)
+	for _, key := range envKeys {
+		if err := v.BindEnv(key); err != nil {
+			return nil, fmt.Errorf("bind %s: %w", EnvName(key), err)
+		}
+	}
+	for name, key := range flagKeys {
+		if err := v.BindPFlag(key, fs.Lookup(name)); err != nil {
+			return nil, fmt.Errorf("bind --%s: %w", name, err)
+		}
+	}
+
+	var fileOnly map[string]any
+	if path, _ := fs.GetString("config"); path != "" {
+		raw, err := readFile(path)
+		if err != nil {
+			return nil, err
+		}
+		for _, key := range fileOnlyKeys {
+			if val, ok := raw[key]; ok {
+				if fileOnly == nil {
+					fileOnly = make(map[string]any)
+				}
+				fileOnly[key] = val
+				delete(raw, key)
+			}
+		}
+		if err := v.MergeConfigMap(raw); err != nil {
+			return nil, fmt.Errorf("merge %s: %w", path, err)
+		}
+	}
+
+	cfg := new(Config)
+	if err := v.UnmarshalExact(cfg, viper.DecodeHook(decodeHook())); err != nil {
+		return nil, decodeError(err)
+	}
+	if err := decodeFileOnly(fileOnly, cfg); err != nil {
+		return nil, err
+	}
+	if err := addFlagService(fs, cfg); err != nil {
+		return nil, err
+	}
+	for i := range cfg.Services {
+		if cfg.Services[i].Policy == "" {
+			cfg.Services[i].Policy = cfg.DefaultPolicy
+		}
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
+
+// setDefaults registers a default for every key, so that environment
+// variables apply to keys the file does not set.
+func setDefaults(v *viper.Viper, d *Config) {
+	v.SetDefault("iface", d.Iface)
+	v.SetDefault("xdp-mode", d.XDPMode)
+	v.SetDefault("source-address", d.SourceAddress)
+	v.SetDefault("source-ports", d.SourcePorts)
+	v.SetDefault("policy", d.DefaultPolicy)
+	v.SetDefault("plugin-dir", d.PluginDir)
+	v.SetDefault("plugin-sha256", nil)
+	v.SetDefault("socket", d.Socket)
+	v.SetDefault("pin-path", d.PinPath)
+	v.SetDefault("log-level", d.LogLevel)
+	v.SetDefault("conntrack.max-entries", d.Conntrack.MaxEntries)
+	v.SetDefault("conntrack.gc-interval", d.Conntrack.GCInterval)
+	v.SetDefault("conntrack.timeouts.syn", d.Conntrack.Timeouts.SYN)
+	v.SetDefault("conntrack.timeouts.established", d.Conntrack.Timeouts.Established)
+	v.SetDefault("conntrack.timeouts.fin", d.Conntrack.Timeouts.FIN)
+	v.SetDefault("conntrack.timeouts.closed", d.Conntrack.Timeouts.Closed)
+	v.SetDefault("services", nil)
+	v.SetDefault("chain", nil)
+}
+
+// readFile reads the YAML file at path and checks that it holds only known
+// keys. Keys with a null value are dropped, as if absent.
+func readFile(path string) (map[string]any, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	var raw map[string]any
+	if err := yaml.Unmarshal(data, &raw); err != nil {
+		return nil, fmt.Errorf("parse config %s: %w", path, err)
+	}
+	if raw == nil {
+		raw = make(map[string]any)
+	}
+	dropNulls(raw)
+	if err := checkKeys(raw); err != nil {
+		return nil, fmt.Errorf("%w in %s", err, path)
+	}
+	return raw, nil
+}
+
+// decodeFileOnly decodes the keys that only the file sets. They are decoded
+// from the YAML as written, not through viper, which would lower-case the
+// policy paths used as plugin-sha256 keys and split them at dots.
+func decodeFileOnly(raw map[string]any, cfg *Config) error {
+	if len(raw) == 0 {
+		return nil
+	}
+	var out struct {
+		PluginSHA256 map[string]string `mapstructure:"plugin-sha256"`
+		Services     []Service         `mapstructure:"services"`
+		Chain        []ChainMember     `mapstructure:"chain"`
+	}
+	dec, err := mapstructure.NewDecoder(&mapstructure.DecoderConfig{
+		DecodeHook:  decodeHook(),
+		ErrorUnused: true,
+		Result:      &out,
+	})
+	if err != nil {
+		return fmt.Errorf("create decoder: %w", err)
+	}
+	if err := dec.Decode(raw); err != nil {
+		return decodeError(err)
+	}
+	cfg.PluginSHA256 = out.PluginSHA256
+	cfg.Services = out.Services
+	cfg.Chain = out.Chain
+	return nil
+}
+
+// addFlagService adds the service given by --vip and --backend to cfg,
+// replacing a service with the same VIP.
+func addFlagService(fs *pflag.FlagSet, cfg *Config) error {
+	vip, _ := fs.GetString("vip")
+	backends, _ := fs.GetStringArray("backend")
+	switch {
+	case vip == "" && len(backends) == 0:
+		return nil
+	case vip == "":
+		return errors.New("--backend: needs --vip")
+	case len(backends) == 0:
+		return fmt.Errorf("--vip %s: needs at least one --backend", vip)
+	}
+	svc := Service{Backends: make([]Backend, 0, len(backends))}
+	var err error
+	if svc.VIP, err = parseAddrPort(vip); err != nil {
+		return fmt.Errorf("--vip: %w", err)
+	}
+	for _, s := range backends {
+		b, err := parseBackend(s)
+		if err != nil {
+			return fmt.Errorf("--backend: %w", err)
+		}
+		svc.Backends = append(svc.Backends, b)
+	}
+	for i := range cfg.Services {
+		if cfg.Services[i].VIP == svc.VIP {
+			cfg.Services[i] = svc
+			return nil
+		}
+	}
+	cfg.Services = append(cfg.Services, svc)
+	return nil
+}

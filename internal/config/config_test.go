@@ -1,0 +1,641 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+// exampleFile is the example of docs/configuration.md.
+const exampleFile = `
+iface: eth0
+xdp-mode: native
+source-ports: 20000-29999
+conntrack:
+  max-entries: 65536
+  timeouts: {established: 15m}
+services:
+  - vip: 10.0.0.10:80
+    policy: hash
+    backends: [10.0.0.2:8080, {address: 10.0.0.3:8080, weight: 3}]
+`
+
+// oneService is a minimal valid file.
+const oneService = `
+iface: eth0
+services:
+  - vip: 10.0.0.10:80
+    backends: [10.0.0.2:8080]
+`
+
+func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+// svc builds a service from backends written "IP:PORT" or "IP:PORT@WEIGHT".
+func svc(vip, policy string, backends ...string) Service {
+	s := Service{VIP: ap(vip), Policy: policy}
+	for _, b := range backends {
+		addr, w, ok := strings.Cut(b, "@")
+		weight := uint32(1)
+		if ok {
+			fmt.Sscan(w, &weight)
+		}
+		s.Backends = append(s.Backends, Backend{Address: ap(addr), Weight: weight})
+	}
+	return s
+}
+
+func TestParse(t *testing.T) {
+	// {{dir}} in file, args and wantErr is replaced by a temporary
+	// directory holding the config file (config.yaml) and an object file
+	// (prog.o); {{file}} is replaced by the config file's path.
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		file    string
+		wantErr string
+		// want edits Default() into the expected result.
+		want func(c *Config)
+	}{
+		{
+			name: "defaults with a flag service",
+			args: []string{"--iface", "eth0", "--vip", "10.0.0.10:80", "--backend", "10.0.0.2:80"},
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:80")}
+			},
+		},
+		{
+			name: "file only",
+			file: exampleFile,
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.Conntrack.MaxEntries = 65536
+				c.Conntrack.Timeouts.Established = 15 * time.Minute
+				c.Services = []Service{svc("10.0.0.10:80", "hash", "10.0.0.2:8080", "10.0.0.3:8080@3")}
+			},
+		},
+		{
+			name: "every scalar key in the file",
+			file: `
+iface: ens1f0
+xdp-mode: generic
+source-address: 192.0.2.1
+source-ports: 1024-65535
+policy: /usr/lib/xlb/policy-maglev
+plugin-dir: /usr/lib/xlb
+plugin-sha256:
+  hash: 2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824
+  /opt/Policies/custom.bin: 2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824
+socket: /tmp/xlbd.sock
+pin-path: /sys/fs/bpf/xlb-test
+log-level: debug
+conntrack:
+  max-entries: 1024
+  gc-interval: 250ms
+  timeouts: {syn: 5s, established: 1h, fin: 30s, closed: 1s}
+services:
+  - vip: 10.0.0.10:80
+    backends: [10.0.0.2:80]
+`,
+			want: func(c *Config) {
+				c.Iface = "ens1f0"
+				c.XDPMode = "generic"
+				c.SourceAddress = netip.MustParseAddr("192.0.2.1")
+				c.SourcePorts = PortRange{Lo: 1024, Hi: 65535}
+				c.DefaultPolicy = "/usr/lib/xlb/policy-maglev"
+				c.PluginDir = "/usr/lib/xlb"
+				c.PluginSHA256 = map[string]string{
+					"hash":                     "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+					"/opt/Policies/custom.bin": "2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824",
+				}
+				c.Socket = "/tmp/xlbd.sock"
+				c.PinPath = "/sys/fs/bpf/xlb-test"
+				c.LogLevel = "debug"
+				c.Conntrack = Conntrack{
+					MaxEntries: 1024,
+					GCInterval: 250 * time.Millisecond,
+					Timeouts:   Timeouts{SYN: 5 * time.Second, Established: time.Hour, FIN: 30 * time.Second, Closed: time.Second},
+				}
+				c.Services = []Service{svc("10.0.0.10:80", "/usr/lib/xlb/policy-maglev", "10.0.0.2:80")}
+			},
+		},
+		{
+			name: "backend forms, weights and ports other than the vip's",
+			file: `
+iface: eth0
+services:
+  - vip: 10.0.0.10:443
+    backends:
+      - 10.0.0.2:8443
+      - 10.0.0.3:9000@7
+      - {address: 10.0.0.4:443, weight: 65535}
+      - {address: 10.0.0.5:1}
+`,
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.Services = []Service{svc("10.0.0.10:443", "random",
+					"10.0.0.2:8443", "10.0.0.3:9000@7", "10.0.0.4:443@65535", "10.0.0.5:1")}
+			},
+		},
+		{
+			name: "flags override the file",
+			file: exampleFile,
+			args: []string{"--iface", "eth9", "--xdp-mode", "generic", "--conntrack-max-entries", "2048",
+				"--source-ports", "40000-40099", "--log-level", "warn", "--socket", "/run/x.sock"},
+			want: func(c *Config) {
+				c.Iface = "eth9"
+				c.XDPMode = "generic"
+				c.SourcePorts = PortRange{Lo: 40000, Hi: 40099}
+				c.LogLevel = "warn"
+				c.Socket = "/run/x.sock"
+				c.Conntrack.MaxEntries = 2048
+				c.Conntrack.Timeouts.Established = 15 * time.Minute
+				c.Services = []Service{svc("10.0.0.10:80", "hash", "10.0.0.2:8080", "10.0.0.3:8080@3")}
+			},
+		},
+		{
+			name: "flag service replaces the file service with the same vip",
+			file: `
+iface: eth0
+services:
+  - vip: 10.0.0.9:80
+    backends: [10.0.0.1:80]
+  - vip: 10.0.0.10:80
+    policy: hash
+    backends: [10.0.0.2:8080, 10.0.0.3:8080]
+`,
+			args: []string{"--vip", "10.0.0.10:80", "--backend", "10.0.0.7:80@5", "--backend", "10.0.0.8:81"},
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.Services = []Service{
+					svc("10.0.0.9:80", "random", "10.0.0.1:80"),
+					svc("10.0.0.10:80", "random", "10.0.0.7:80@5", "10.0.0.8:81"),
+				}
+			},
+		},
+		{
+			name: "flag service with another vip is appended",
+			file: oneService,
+			args: []string{"--vip", "10.0.0.11:443", "--backend", "10.0.0.3:443"},
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.Services = []Service{
+					svc("10.0.0.10:80", "random", "10.0.0.2:8080"),
+					svc("10.0.0.11:443", "random", "10.0.0.3:443"),
+				}
+			},
+		},
+		{
+			name: "--policy sets the default policy, not an explicit one",
+			file: `
+iface: eth0
+services:
+  - vip: 10.0.0.9:80
+    backends: [10.0.0.1:80]
+  - vip: 10.0.0.10:80
+    policy: hash
+    backends: [10.0.0.2:80]
+`,
+			args: []string{"--policy", "least-conn", "--vip", "10.0.0.11:80", "--backend", "10.0.0.3:80"},
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.DefaultPolicy = "least-conn"
+				c.Services = []Service{
+					svc("10.0.0.9:80", "least-conn", "10.0.0.1:80"),
+					svc("10.0.0.10:80", "hash", "10.0.0.2:80"),
+					svc("10.0.0.11:80", "least-conn", "10.0.0.3:80"),
+				}
+			},
+		},
+		{
+			name: "env overrides the file",
+			file: exampleFile,
+			env: map[string]string{
+				"XLB_IFACE":                          "eth1",
+				"XLB_XDP_MODE":                       "generic",
+				"XLB_SOURCE_PORTS":                   "30000-30999",
+				"XLB_SOURCE_ADDRESS":                 "10.1.1.1",
+				"XLB_POLICY":                         "maglev",
+				"XLB_CONNTRACK_MAX_ENTRIES":          "4096",
+				"XLB_CONNTRACK_GC_INTERVAL":          "5s",
+				"XLB_CONNTRACK_TIMEOUTS_ESTABLISHED": "2h",
+				"XLB_CONNTRACK_TIMEOUTS_CLOSED":      "3s",
+			},
+			want: func(c *Config) {
+				c.Iface = "eth1"
+				c.XDPMode = "generic"
+				c.SourcePorts = PortRange{Lo: 30000, Hi: 30999}
+				c.SourceAddress = netip.MustParseAddr("10.1.1.1")
+				c.DefaultPolicy = "maglev"
+				c.Conntrack.MaxEntries = 4096
+				c.Conntrack.GCInterval = 5 * time.Second
+				c.Conntrack.Timeouts.Established = 2 * time.Hour
+				c.Conntrack.Timeouts.Closed = 3 * time.Second
+				c.Services = []Service{svc("10.0.0.10:80", "hash", "10.0.0.2:8080", "10.0.0.3:8080@3")}
+			},
+		},
+		{
+			name: "flags override env",
+			file: oneService,
+			env:  map[string]string{"XLB_IFACE": "eth1", "XLB_XDP_MODE": "fast", "XLB_CONNTRACK_MAX_ENTRIES": "4096", "XLB_POLICY": "hash"},
+			args: []string{"--iface", "eth2", "--xdp-mode", "generic", "--conntrack-max-entries", "8192", "--policy", "random"},
+			want: func(c *Config) {
+				c.Iface = "eth2"
+				c.XDPMode = "generic"
+				c.Conntrack.MaxEntries = 8192
+				c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:8080")}
+			},
+		},
+		{
+			name: "env without a file",
+			env:  map[string]string{"XLB_IFACE": "eth3", "XLB_LOG_LEVEL": "error", "XLB_PIN_PATH": "/sys/fs/bpf/other"},
+			args: []string{"--vip", "10.0.0.10:80", "--backend", "10.0.0.2:80"},
+			want: func(c *Config) {
+				c.Iface = "eth3"
+				c.LogLevel = "error"
+				c.PinPath = "/sys/fs/bpf/other"
+				c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:80")}
+			},
+		},
+		{
+			name: "null sections keep the defaults",
+			file: "iface: eth0\nconntrack:\nplugin-sha256:\nchain:\n" + oneService[len("\niface: eth0\n"):],
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:8080")}
+			},
+		},
+		{
+			name: "chain",
+			file: oneService + `
+chain:
+  - name: fw
+    object: {{dir}}/prog.o
+    priority: 10
+    continue-on: [pass, tx]
+  - name: metrics-1
+    object: {{dir}}/prog.o
+    program: count
+`,
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:8080")}
+				ten := 10
+				c.Chain = []ChainMember{
+					{Name: "fw", Object: "{{dir}}/prog.o", Priority: &ten, ContinueOn: []string{"pass", "tx"}},
+					{Name: "metrics-1", Object: "{{dir}}/prog.o", Program: "count"},
+				}
+			},
+		},
+
+		// Flags.
+		{name: "help", args: []string{"--help"}, wantErr: "parse flags: pflag: help requested"},
+		{name: "unknown flag", args: []string{"--ifcae", "eth0"}, wantErr: "parse flags: unknown flag: --ifcae"},
+		{name: "positional argument", args: []string{"eth0"}, wantErr: `parse flags: unexpected argument "eth0"`},
+		{name: "backend without vip", file: oneService, args: []string{"--backend", "10.0.0.2:80"}, wantErr: "--backend: needs --vip"},
+		{name: "vip without backend", file: oneService, args: []string{"--vip", "10.0.0.11:80"}, wantErr: "--vip 10.0.0.11:80: needs at least one --backend"},
+		{
+			name:    "bad --vip",
+			args:    []string{"--iface", "eth0", "--vip", "10.0.0.10", "--backend", "10.0.0.2:80"},
+			wantErr: `--vip: parse address "10.0.0.10": missing port`,
+		},
+		{
+			name:    "bad --backend weight",
+			args:    []string{"--iface", "eth0", "--vip", "10.0.0.10:80", "--backend", "10.0.0.2:80@heavy"},
+			wantErr: `--backend: parse weight "heavy": not a whole number up to 65535`,
+		},
+		{
+			name:    "bad --conntrack-max-entries",
+			args:    []string{"--conntrack-max-entries", "lots"},
+			wantErr: `invalid argument "lots" for "--conntrack-max-entries"`,
+		},
+
+		// Reading the file.
+		{name: "missing file", args: []string{"--config", "/nonexistent/xlb.yaml"}, wantErr: "read config: open /nonexistent/xlb.yaml: no such file or directory"},
+		{name: "not yaml", file: "iface: [eth0", wantErr: "parse config {{file}}: yaml:"},
+		{name: "not a map", file: "- eth0", wantErr: "parse config {{file}}: yaml:"},
+
+		// Unknown keys and misshapen sections.
+		{name: "unknown top-level key", file: oneService + "conntrak: {max-entries: 1024}\n", wantErr: `unknown key "conntrak" in {{file}}`},
+		{name: "upper-case key", file: oneService + "Log-Level: debug\n", wantErr: `unknown key "Log-Level" in {{file}}`},
+		{name: "unknown conntrack key", file: oneService + "conntrack: {max-entry: 1024}\n", wantErr: `unknown key "conntrack.max-entry" in {{file}}`},
+		{name: "unknown timeout", file: oneService + "conntrack: {timeouts: {time-wait: 1s}}\n", wantErr: `unknown key "conntrack.timeouts.time-wait" in {{file}}`},
+		{
+			name:    "unknown service key",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    polcy: hash\n    backends: [10.0.0.2:80]\n",
+			wantErr: `unknown key "services[0].polcy" in {{file}}`,
+		},
+		{
+			name:    "unknown backend key",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80, {address: 10.0.0.3:80, wieght: 2}]\n",
+			wantErr: `unknown key "services[0].backends[1].wieght" in {{file}}`,
+		},
+		{
+			name:    "unknown chain key",
+			file:    oneService + "chain:\n  - {name: fw, object: /x.o, prio: 3}\n",
+			wantErr: `unknown key "chain[0].prio" in {{file}}`,
+		},
+		{name: "conntrack not a map", file: oneService + "conntrack: 5\n", wantErr: "conntrack: want a map, got 5 in {{file}}"},
+		{name: "services not a list", file: "iface: eth0\nservices: {vip: 10.0.0.10:80}\n", wantErr: "services: want a list, got map[vip:10.0.0.10:80] in {{file}}"},
+		{name: "service not a map", file: "iface: eth0\nservices: [10.0.0.10:80]\n", wantErr: "services[0]: want a map, got 10.0.0.10:80 in {{file}}"},
+
+		// Decoding values.
+		{
+			name:    "backend without port",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.9:80\n    backends: [10.0.0.1:80]\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.3]\n",
+			wantErr: `services[1].backends[0]: parse address "10.0.0.3": missing port`,
+		},
+		{
+			name:    "backend map without address",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [{weight: 2}]\n",
+			wantErr: "services[0].backends[0]: address: missing",
+		},
+		{
+			name:    "backend negative weight",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [{address: 10.0.0.2:80, weight: -1}]\n",
+			wantErr: `services[0].backends[0]: weight: parse weight "-1": not a whole number up to 65535`,
+		},
+		{
+			name:    "bad vip",
+			file:    "iface: eth0\nservices:\n  - vip: www:80\n    backends: [10.0.0.2:80]\n",
+			wantErr: `services[0].vip: parse address "www:80": "www" is not an IP address`,
+		},
+		{
+			name:    "vip port not a number",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:http\n    backends: [10.0.0.2:80]\n",
+			wantErr: `services[0].vip: parse address "10.0.0.10:http": "http" is not a port`,
+		},
+		{name: "bad source-address", file: oneService + "source-address: eth0\n", wantErr: `source-address: parse address "eth0": not an IP address`},
+		{name: "bad duration", file: oneService + "conntrack: {timeouts: {established: 15x}}\n", wantErr: `conntrack.timeouts.established: parse duration "15x": want a number with a unit such as 900s or 15m`},
+		{name: "duration without unit", file: oneService + "conntrack: {gc-interval: 5}\n", wantErr: "conntrack.gc-interval: want a duration with a unit such as 900s or 15m, got 5"},
+		{name: "bad duration in env", file: oneService, env: map[string]string{"XLB_CONNTRACK_TIMEOUTS_FIN": "soon"}, wantErr: `conntrack.timeouts.fin: parse duration "soon"`},
+		{name: "bad max-entries in env", file: oneService, env: map[string]string{"XLB_CONNTRACK_MAX_ENTRIES": "many"}, wantErr: `conntrack.max-entries: "many" is not a valid int`},
+		{name: "port range without dash", file: oneService + "source-ports: 20000\n", wantErr: `source-ports: parse port range "20000": want LO-HI`},
+		{name: "port range above 65535", file: oneService, env: map[string]string{"XLB_SOURCE_PORTS": "20000-70000"}, wantErr: `source-ports: parse port range "20000-70000": "70000" is not a port`},
+		{name: "bad plugin-sha256 value", file: oneService + "plugin-sha256: {hash: [1, 2]}\n", wantErr: "plugin-sha256[hash]: want string, got [1 2]"},
+
+		// Validation.
+		{name: "no iface", file: "services:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80]\n", wantErr: "iface: required (set iface in the file, --iface or XLB_IFACE)"},
+		{name: "no services", args: []string{"--iface", "eth0"}, wantErr: "services: none defined"},
+		{
+			name:    "services do not come from env",
+			args:    []string{"--iface", "eth0"},
+			env:     map[string]string{"XLB_SERVICES": "- {vip: 10.0.0.10:80, backends: [10.0.0.2:80]}"},
+			wantErr: "services: none defined",
+		},
+		{
+			name:    "null backends",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends:\n",
+			wantErr: "services[0].backends: none (a service needs at least one)",
+		},
+		{name: "bad xdp-mode in file", file: oneService + "xdp-mode: fast\n", wantErr: `xdp-mode: "fast" is not native or generic`},
+		{name: "bad xdp-mode in flag", file: oneService, args: []string{"--xdp-mode", "offload"}, wantErr: `xdp-mode: "offload" is not native or generic`},
+		{name: "bad xdp-mode in env", file: oneService, env: map[string]string{"XLB_XDP_MODE": "skb"}, wantErr: `xdp-mode: "skb" is not native or generic`},
+		{name: "port range reversed", file: oneService + "source-ports: 30000-20000\n", wantErr: "source-ports: 30000-20000: low above high"},
+		{name: "port range too low", file: oneService, args: []string{"--source-ports", "80-2000"}, wantErr: "source-ports: 80-2000: low below 1024"},
+		{
+			name:    "duplicate vip",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80]\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.3:80]\n",
+			wantErr: "services[1]: duplicate vip 10.0.0.10:80 (also services[0])",
+		},
+		{
+			name:    "same ip, other port is no duplicate but a bad weight is refused",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80]\n  - vip: 10.0.0.10:443\n    backends: [{address: 10.0.0.3:80, weight: 0}]\n",
+			wantErr: "services[1].backends[0]: weight 0 out of range 1..65535 (remove the backend instead of giving it weight 0)",
+		},
+		{
+			name:    "weight above 65535",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80@65536]\n",
+			wantErr: "services[0].backends[0]: weight 65536 out of range 1..65535",
+		},
+		{
+			name:    "duplicate backend",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80, {address: 10.0.0.2:80, weight: 2}]\n",
+			wantErr: "services[0].backends[1]: duplicate address 10.0.0.2:80 (also backends[0])",
+		},
+		{
+			name:    "ipv6 vip",
+			file:    "iface: eth0\nservices:\n  - vip: '[2001:db8::1]:80'\n    backends: [10.0.0.2:80]\n",
+			wantErr: "services[0].vip: [2001:db8::1]:80 is not IPv4",
+		},
+		{
+			name:    "ipv6 backend",
+			args:    []string{"--iface", "eth0", "--vip", "10.0.0.10:80", "--backend", "[::1]:80"},
+			wantErr: "services[0].backends[0]: [::1]:80 is not IPv4",
+		},
+		{
+			name:    "vip port 0",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:0\n    backends: [10.0.0.2:80]\n",
+			wantErr: "services[0].vip: 10.0.0.10:0: port 0",
+		},
+		{
+			name:    "service without backends",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n",
+			wantErr: "services[0].backends: none (a service needs at least one)",
+		},
+		{
+			name:    "bad service policy",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    policy: plugins/hash\n    backends: [10.0.0.2:80]\n",
+			wantErr: `services[0].policy: "plugins/hash" is not a name [a-z0-9-]+ or an absolute path`,
+		},
+		{name: "bad default policy", file: oneService, args: []string{"--policy", "Round Robin"}, wantErr: `policy: "Round Robin" is not a name [a-z0-9-]+ or an absolute path`},
+		{name: "bad log-level", file: oneService, env: map[string]string{"XLB_LOG_LEVEL": "verbose"}, wantErr: `log-level: "verbose" is not debug, info, warn or error`},
+		{name: "max-entries too small", file: oneService + "conntrack: {max-entries: 100}\n", wantErr: "conntrack.max-entries: 100 out of range 1024..16777216"},
+		{name: "gc-interval too short", file: oneService + "conntrack: {gc-interval: 10ms}\n", wantErr: "conntrack.gc-interval: 10ms out of range 100ms..1m0s"},
+		{name: "timeout below 1s", file: oneService + "conntrack: {timeouts: {syn: 500ms}}\n", wantErr: "conntrack.timeouts.syn: 500ms below 1s"},
+		{name: "bad plugin-sha256 digest", file: oneService + "plugin-sha256: {hash: abc}\n", wantErr: `plugin-sha256["hash"]: "abc" is not 64 hex digits`},
+		{
+			name:    "missing chain object",
+			file:    oneService + "chain:\n  - {name: fw, object: {{dir}}/missing.o}\n",
+			wantErr: "chain[0].object: stat {{dir}}/missing.o: no such file or directory",
+		},
+		{
+			name:    "bad chain verdict",
+			file:    oneService + "chain:\n  - {name: fw, object: {{dir}}/prog.o, continue-on: [pass, accept]}\n",
+			wantErr: `chain[0].continue-on[1]: "accept" is not one of aborted, drop, pass, tx, redirect`,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, key := range envKeys {
+				t.Setenv(EnvName(key), "") // empty is unset to viper
+			}
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			dir := t.TempDir()
+			path := filepath.Join(dir, "config.yaml")
+			expand := strings.NewReplacer("{{dir}}", dir, "{{file}}", path).Replace
+			if err := os.WriteFile(filepath.Join(dir, "prog.o"), []byte("\x7fELF"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			var args []string
+			if tt.file != "" {
+				if err := os.WriteFile(path, []byte(expand(tt.file)), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				args = append(args, "--config", path)
+			}
+			for _, a := range tt.args {
+				args = append(args, expand(a))
+			}
+
+			got, err := Parse(args)
+			if tt.wantErr != "" {
+				if want := expand(tt.wantErr); err == nil || !strings.Contains(err.Error(), want) {
+					t.Fatalf("Parse(%q) error = %v, want it to contain %q", args, err, want)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Parse(%q): %v", args, err)
+			}
+			want := Default()
+			tt.want(want)
+			for i := range want.Chain {
+				want.Chain[i].Object = expand(want.Chain[i].Object)
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Errorf("Parse(%q)\n got %+v\nwant %+v", args, got, want)
+			}
+		})
+	}
+}
+
+func TestParseHelp(t *testing.T) {
+	_, err := Parse([]string{"--help"})
+	if !errors.Is(err, pflag.ErrHelp) {
+		t.Fatalf("Parse(--help) error = %v, want pflag.ErrHelp", err)
+	}
+}
+
+func TestNewFlagSet(t *testing.T) {
+	fs := NewFlagSet()
+	for _, name := range []string{
+		"config", "iface", "xdp-mode", "vip", "backend", "policy", "source-address", "source-ports",
+		"plugin-dir", "socket", "pin-path", "log-level", "conntrack-max-entries",
+	} {
+		if fs.Lookup(name) == nil {
+			t.Errorf("flag --%s missing", name)
+		}
+	}
+	for name := range flagKeys {
+		if fs.Lookup(name) == nil {
+			t.Errorf("bound flag --%s missing", name)
+		}
+	}
+}
+
+func TestEnvName(t *testing.T) {
+	for key, want := range map[string]string{
+		"iface":                          "XLB_IFACE",
+		"xdp-mode":                       "XLB_XDP_MODE",
+		"conntrack.max-entries":          "XLB_CONNTRACK_MAX_ENTRIES",
+		"conntrack.timeouts.established": "XLB_CONNTRACK_TIMEOUTS_ESTABLISHED",
+	} {
+		if got := EnvName(key); got != want {
+			t.Errorf("EnvName(%q) = %q, want %q", key, got, want)
+		}
+	}
+}
+
+// valid returns a configuration that passes Validate.
+func valid() *Config {
+	c := Default()
+	c.Iface = "eth0"
+	c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:8080", "10.0.0.3:8080@3")}
+	return c
+}
+
+func TestValidate(t *testing.T) {
+	obj := filepath.Join(t.TempDir(), "prog.o")
+	if err := os.WriteFile(obj, []byte("\x7fELF"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	intp := func(i int) *int { return &i }
+	tests := []struct {
+		name    string
+		edit    func(c *Config)
+		wantErr string // empty: valid
+	}{
+		{name: "valid", edit: func(*Config) {}},
+		{name: "default is invalid without iface", edit: func(c *Config) { *c = *Default() }, wantErr: "iface: required"},
+		{name: "long iface", edit: func(c *Config) { c.Iface = "a-very-long-ifname" }, wantErr: `iface: "a-very-long-ifname" is longer than 15 bytes`},
+		{name: "iface with slash", edit: func(c *Config) { c.Iface = "eth0/1" }, wantErr: `iface: "eth0/1" is not an interface name`},
+		{name: "empty xdp-mode", edit: func(c *Config) { c.XDPMode = "" }, wantErr: `xdp-mode: "" is not native or generic`},
+		{name: "ipv6 source address", edit: func(c *Config) { c.SourceAddress = netip.MustParseAddr("2001:db8::1") }, wantErr: "source-address: 2001:db8::1 is not an IPv4 unicast address"},
+		{name: "unspecified source address", edit: func(c *Config) { c.SourceAddress = netip.MustParseAddr("0.0.0.0") }, wantErr: "source-address: 0.0.0.0 is not an IPv4 unicast address"},
+		{name: "single source port", edit: func(c *Config) { c.SourcePorts = PortRange{Lo: 5000, Hi: 5000} }},
+		{name: "source ports below 1024", edit: func(c *Config) { c.SourcePorts = PortRange{Lo: 1023, Hi: 5000} }, wantErr: "source-ports: 1023-5000: low below 1024"},
+		{name: "empty default policy", edit: func(c *Config) { c.DefaultPolicy = "" }, wantErr: `policy: "" is not a name`},
+		{name: "path policy", edit: func(c *Config) { c.DefaultPolicy = "/usr/lib/xlb/hash" }},
+		{name: "relative plugin-dir", edit: func(c *Config) { c.PluginDir = "plugins" }, wantErr: `plugin-dir: "plugins" is not an absolute path`},
+		{name: "bad plugin-sha256 name", edit: func(c *Config) { c.PluginSHA256 = map[string]string{"Hash": strings.Repeat("0", 64)} }, wantErr: `plugin-sha256["Hash"]: "Hash" is not a name`},
+		{name: "plugin-sha256 not hex", edit: func(c *Config) { c.PluginSHA256 = map[string]string{"hash": strings.Repeat("g", 64)} }, wantErr: `plugin-sha256["hash"]: "gggg`},
+		{name: "empty socket", edit: func(c *Config) { c.Socket = "" }, wantErr: "socket: empty"},
+		{name: "long socket", edit: func(c *Config) { c.Socket = "/" + strings.Repeat("s", 107) }, wantErr: "is longer than 107 bytes"},
+		{name: "relative pin-path", edit: func(c *Config) { c.PinPath = "xlb" }, wantErr: `pin-path: "xlb" is not an absolute path`},
+		{name: "max-entries too large", edit: func(c *Config) { c.Conntrack.MaxEntries = 1<<24 + 1 }, wantErr: "conntrack.max-entries: 16777217 out of range 1024..16777216"},
+		{name: "max-entries at the limits", edit: func(c *Config) { c.Conntrack.MaxEntries = 1 << 24 }},
+		{name: "gc-interval too long", edit: func(c *Config) { c.Conntrack.GCInterval = time.Minute + 1 }, wantErr: "conntrack.gc-interval: 1m0.000000001s out of range 100ms..1m0s"},
+		{name: "zero established", edit: func(c *Config) { c.Conntrack.Timeouts.Established = 0 }, wantErr: "conntrack.timeouts.established: 0s below 1s"},
+		{name: "fin below 1s", edit: func(c *Config) { c.Conntrack.Timeouts.FIN = time.Millisecond }, wantErr: "conntrack.timeouts.fin: 1ms below 1s"},
+		{name: "closed below 1s", edit: func(c *Config) { c.Conntrack.Timeouts.Closed = -time.Second }, wantErr: "conntrack.timeouts.closed: -1s below 1s"},
+		{name: "no services", edit: func(c *Config) { c.Services = nil }, wantErr: "services: none defined"},
+		{name: "empty service policy means the default", edit: func(c *Config) { c.Services[0].Policy = "" }},
+		{name: "zero vip", edit: func(c *Config) { c.Services[0].VIP = netip.AddrPort{} }, wantErr: "services[0].vip: missing"},
+		{name: "multicast vip", edit: func(c *Config) { c.Services[0].VIP = ap("224.0.0.1:80") }, wantErr: "services[0].vip: 224.0.0.1:80 is not a unicast address"},
+		{name: "ipv4-mapped vip", edit: func(c *Config) { c.Services[0].VIP = ap("[::ffff:10.0.0.10]:80") }, wantErr: "services[0].vip: [::ffff:10.0.0.10]:80 is not IPv4"},
+		{name: "backend port 0", edit: func(c *Config) { c.Services[0].Backends[1].Address = ap("10.0.0.3:0") }, wantErr: "services[0].backends[1]: 10.0.0.3:0: port 0"},
+		{name: "backend is the vip", edit: func(c *Config) { c.Services[0].Backends[0].Address = ap("10.0.0.10:80") }, wantErr: "services[0].backends[0]: 10.0.0.10:80 is the service's own vip"},
+		{name: "zero weight", edit: func(c *Config) { c.Services[0].Backends[1].Weight = 0 }, wantErr: "services[0].backends[1]: weight 0 out of range 1..65535"},
+		{name: "256 backends", edit: func(c *Config) { c.Services[0].Backends = backends(256) }},
+		{name: "257 backends", edit: func(c *Config) { c.Services[0].Backends = backends(257) }, wantErr: "services[0].backends: 257 above the limit of 256"},
+		{name: "same backend in two services", edit: func(c *Config) {
+			c.Services = append(c.Services, svc("10.0.0.11:80", "hash", "10.0.0.2:8080"))
+		}},
+		{name: "chain member", edit: func(c *Config) {
+			c.Chain = []ChainMember{{Name: "fw", Object: obj, Priority: intp(0)}, {Name: "ids", Object: obj, Priority: intp(1000), ContinueOn: Verdicts}}
+		}},
+		{name: "chain name too long", edit: func(c *Config) { c.Chain = []ChainMember{{Name: "a-sixteen-chars!", Object: obj}} }, wantErr: `chain[0].name: "a-sixteen-chars!" is not [a-z0-9-]{1,15}`},
+		{name: "chain name empty", edit: func(c *Config) { c.Chain = []ChainMember{{Object: obj}} }, wantErr: `chain[0].name: "" is not [a-z0-9-]{1,15}`},
+		{name: "chain duplicate name", edit: func(c *Config) { c.Chain = []ChainMember{{Name: "fw", Object: obj}, {Name: "fw", Object: obj}} }, wantErr: `chain[1]: duplicate name "fw" (also chain[0])`},
+		{name: "chain without object", edit: func(c *Config) { c.Chain = []ChainMember{{Name: "fw"}} }, wantErr: "chain[0].object: required"},
+		{name: "chain object is a directory", edit: func(c *Config) { c.Chain = []ChainMember{{Name: "fw", Object: filepath.Dir(obj)}} }, wantErr: "is not a regular file"},
+		{name: "chain priority", edit: func(c *Config) { c.Chain = []ChainMember{{Name: "fw", Object: obj, Priority: intp(1001)}} }, wantErr: "chain[0].priority: 1001 out of range 0..1000"},
+		{name: "chain negative priority", edit: func(c *Config) { c.Chain = []ChainMember{{Name: "fw", Object: obj, Priority: intp(-1)}} }, wantErr: "chain[0].priority: -1 out of range 0..1000"},
+		{name: "chain duplicate verdict", edit: func(c *Config) {
+			c.Chain = []ChainMember{{Name: "fw", Object: obj, ContinueOn: []string{"pass", "drop", "pass"}}}
+		}, wantErr: `chain[0].continue-on[2]: duplicate "pass"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := valid()
+			tt.edit(c)
+			err := c.Validate()
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Fatalf("Validate() = %v, want nil", err)
+			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+				t.Fatalf("Validate() = %v, want it to contain %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func backends(n int) []Backend {
+	bs := make([]Backend, n)
+	for i := range bs {
+		bs[i] = Backend{Address: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 80), Weight: 1}
+	}
+	return bs
+}

@@ -1,0 +1,241 @@
+package config
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Limits checked by Validate.
+const (
+	MinSourcePort     = 1024
+	MinMaxEntries     = 1024
+	MaxMaxEntries     = 1 << 24
+	MinGCInterval     = 100 * time.Millisecond
+	MaxGCInterval     = 60 * time.Second
+	MinTimeout        = time.Second
+	MaxBackends       = 256
+	MaxWeight         = 65535
+	MaxPriority       = 1000
+	maxIfaceLen       = 15  // IFNAMSIZ less the NUL
+	maxSocketPathLen  = 107 // sizeof(sun_path) less the NUL
+	maxChainMemberLen = 15
+)
+
+// Verdicts are the names a chain member's continue-on may list.
+var Verdicts = []string{"aborted", "drop", "pass", "tx", "redirect"}
+
+var (
+	policyName = regexp.MustCompile(`^[a-z0-9-]+$`)
+	memberName = regexp.MustCompile(`^[a-z0-9-]{1,15}$`)
+)
+
+// Validate checks c and returns the first problem found, as
+// "key: problem". It does not look at network interfaces; the one file it
+// checks is each chain member's object.
+func (c *Config) Validate() error {
+	if err := validateIface(c.Iface); err != nil {
+		return fmt.Errorf("iface: %w", err)
+	}
+	if c.XDPMode != "native" && c.XDPMode != "generic" {
+		return fmt.Errorf("xdp-mode: %q is not native or generic", c.XDPMode)
+	}
+	if a := c.SourceAddress; a.IsValid() && (!a.Is4() || a.IsUnspecified() || a.IsMulticast()) {
+		return fmt.Errorf("source-address: %s is not an IPv4 unicast address", a)
+	}
+	if r := c.SourcePorts; r.Lo > r.Hi {
+		return fmt.Errorf("source-ports: %s: low above high", r)
+	} else if r.Lo < MinSourcePort {
+		return fmt.Errorf("source-ports: %s: low below %d", r, MinSourcePort)
+	}
+	if err := validatePolicy(c.DefaultPolicy); err != nil {
+		return fmt.Errorf("policy: %w", err)
+	}
+	if c.PluginDir != "" && !filepath.IsAbs(c.PluginDir) {
+		return fmt.Errorf("plugin-dir: %q is not an absolute path", c.PluginDir)
+	}
+	for _, name := range sortedKeys(c.PluginSHA256) {
+		if err := validatePolicy(name); err != nil {
+			return fmt.Errorf("plugin-sha256[%q]: %w", name, err)
+		}
+		if sum := c.PluginSHA256[name]; len(sum) != 64 || !isHex(sum) {
+			return fmt.Errorf("plugin-sha256[%q]: %q is not 64 hex digits", name, sum)
+		}
+	}
+	switch {
+	case c.Socket == "":
+		return errors.New("socket: empty")
+	case len(c.Socket) > maxSocketPathLen:
+		return fmt.Errorf("socket: %q is longer than %d bytes", c.Socket, maxSocketPathLen)
+	}
+	if !filepath.IsAbs(c.PinPath) {
+		return fmt.Errorf("pin-path: %q is not an absolute path", c.PinPath)
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("log-level: %q is not debug, info, warn or error", c.LogLevel)
+	}
+	if err := c.Conntrack.validate(); err != nil {
+		return fmt.Errorf("conntrack.%w", err)
+	}
+	if err := validateServices(c.Services); err != nil {
+		return err
+	}
+	return validateChain(c.Chain)
+}
+
+func validateIface(name string) error {
+	switch {
+	case name == "":
+		return errors.New("required (set iface in the file, --iface or XLB_IFACE)")
+	case len(name) > maxIfaceLen:
+		return fmt.Errorf("%q is longer than %d bytes", name, maxIfaceLen)
+	case name == "." || name == ".." || strings.ContainsAny(name, "/: \t\n"):
+		return fmt.Errorf("%q is not an interface name", name)
+	}
+	return nil
+}
+
+// validatePolicy accepts a plain name [a-z0-9-]+ or an absolute path.
+func validatePolicy(p string) error {
+	if policyName.MatchString(p) || (filepath.IsAbs(p) && !strings.HasSuffix(p, "/")) {
+		return nil
+	}
+	return fmt.Errorf("%q is not a name [a-z0-9-]+ or an absolute path", p)
+}
+
+func isHex(s string) bool {
+	_, err := hex.DecodeString(s)
+	return err == nil
+}
+
+// validate returns errors that start with the key below conntrack.
+func (ct *Conntrack) validate() error {
+	if ct.MaxEntries < MinMaxEntries || ct.MaxEntries > MaxMaxEntries {
+		return fmt.Errorf("max-entries: %d out of range %d..%d", ct.MaxEntries, MinMaxEntries, MaxMaxEntries)
+	}
+	if ct.GCInterval < MinGCInterval || ct.GCInterval > MaxGCInterval {
+		return fmt.Errorf("gc-interval: %s out of range %s..%s", ct.GCInterval, MinGCInterval, MaxGCInterval)
+	}
+	for _, t := range []struct {
+		key string
+		d   time.Duration
+	}{
+		{"syn", ct.Timeouts.SYN},
+		{"established", ct.Timeouts.Established},
+		{"fin", ct.Timeouts.FIN},
+		{"closed", ct.Timeouts.Closed},
+	} {
+		if t.d < MinTimeout {
+			return fmt.Errorf("timeouts.%s: %s below %s", t.key, t.d, MinTimeout)
+		}
+	}
+	return nil
+}
+
+func validateServices(services []Service) error {
+	if len(services) == 0 {
+		return errors.New("services: none defined (give them in the config file, or with --vip and --backend)")
+	}
+	vips := make(map[netip.AddrPort]int, len(services))
+	for i, s := range services {
+		key := fmt.Sprintf("services[%d]", i)
+		if err := validateEndpoint(s.VIP); err != nil {
+			return fmt.Errorf("%s.vip: %w", key, err)
+		}
+		if first, ok := vips[s.VIP]; ok {
+			return fmt.Errorf("%s: duplicate vip %s (also services[%d])", key, s.VIP, first)
+		}
+		vips[s.VIP] = i
+		if s.Policy != "" {
+			if err := validatePolicy(s.Policy); err != nil {
+				return fmt.Errorf("%s.policy: %w", key, err)
+			}
+		}
+		switch {
+		case len(s.Backends) == 0:
+			return fmt.Errorf("%s.backends: none (a service needs at least one)", key)
+		case len(s.Backends) > MaxBackends:
+			return fmt.Errorf("%s.backends: %d above the limit of %d", key, len(s.Backends), MaxBackends)
+		}
+		seen := make(map[netip.AddrPort]int, len(s.Backends))
+		for j, b := range s.Backends {
+			bkey := fmt.Sprintf("%s.backends[%d]", key, j)
+			if err := validateEndpoint(b.Address); err != nil {
+				return fmt.Errorf("%s: %w", bkey, err)
+			}
+			if b.Address == s.VIP {
+				return fmt.Errorf("%s: %s is the service's own vip", bkey, b.Address)
+			}
+			if first, ok := seen[b.Address]; ok {
+				return fmt.Errorf("%s: duplicate address %s (also backends[%d])", bkey, b.Address, first)
+			}
+			seen[b.Address] = j
+			if b.Weight < 1 || b.Weight > MaxWeight {
+				return fmt.Errorf("%s: weight %d out of range 1..%d (remove the backend instead of giving it weight 0)", bkey, b.Weight, MaxWeight)
+			}
+		}
+	}
+	return nil
+}
+
+// validateEndpoint accepts an IPv4 unicast address with a port other
+// than 0.
+func validateEndpoint(ap netip.AddrPort) error {
+	a := ap.Addr()
+	switch {
+	case !a.IsValid():
+		return errors.New("missing")
+	case !a.Is4():
+		return fmt.Errorf("%s is not IPv4", ap)
+	case a.IsUnspecified() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return fmt.Errorf("%s is not a unicast address", ap)
+	case ap.Port() == 0:
+		return fmt.Errorf("%s: port 0", ap)
+	}
+	return nil
+}
+
+func validateChain(chain []ChainMember) error {
+	names := make(map[string]int, len(chain))
+	for i, m := range chain {
+		key := fmt.Sprintf("chain[%d]", i)
+		if !memberName.MatchString(m.Name) {
+			return fmt.Errorf("%s.name: %q is not [a-z0-9-]{1,%d}", key, m.Name, maxChainMemberLen)
+		}
+		if first, ok := names[m.Name]; ok {
+			return fmt.Errorf("%s: duplicate name %q (also chain[%d])", key, m.Name, first)
+		}
+		names[m.Name] = i
+		if m.Object == "" {
+			return fmt.Errorf("%s.object: required", key)
+		}
+		fi, err := os.Stat(m.Object)
+		if err != nil {
+			return fmt.Errorf("%s.object: %w", key, err)
+		}
+		if !fi.Mode().IsRegular() {
+			return fmt.Errorf("%s.object: %s is not a regular file", key, m.Object)
+		}
+		if m.Priority != nil && (*m.Priority < 0 || *m.Priority > MaxPriority) {
+			return fmt.Errorf("%s.priority: %d out of range 0..%d", key, *m.Priority, MaxPriority)
+		}
+		for j, v := range m.ContinueOn {
+			if !slices.Contains(Verdicts, v) {
+				return fmt.Errorf("%s.continue-on[%d]: %q is not one of %s", key, j, v, strings.Join(Verdicts, ", "))
+			}
+			if slices.Index(m.ContinueOn, v) < j {
+				return fmt.Errorf("%s.continue-on[%d]: duplicate %q", key, j, v)
+			}
+		}
+	}
+	return nil
+}
