@@ -1,0 +1,262 @@
+package testnet
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+)
+
+// DefaultSubnet is the LAN subnet when LANOptions.Subnet is zero.
+var DefaultSubnet = netip.MustParsePrefix("10.199.0.0/24")
+
+const (
+	// BridgeName is the bridge in the switch namespace.
+	BridgeName = "br0"
+	// HostIface is the name of every host's interface.
+	HostIface = "eth0"
+)
+
+// LANOptions describes a LAN. The zero value of every field is the usual
+// setting for end-to-end tests.
+type LANOptions struct {
+	// Subnet is an IPv4 prefix, DefaultSubnet when zero. Host i gets the
+	// address i+2 in it (.2, .3, ...).
+	Subnet netip.Prefix
+	// Hosts are the host names, in order; at least one, unique.
+	Hosts []string
+	// NativePeerXDP attaches an XDP_PASS program in native mode to every
+	// bridge-side veth, so that frames a host's native XDP program sends
+	// with XDP_TX or redirects are delivered: a native-mode veth drops them
+	// unless its peer has an XDP program.
+	NativePeerXDP bool
+	// KeepTxOffload leaves TX checksum offload on the hosts' interfaces on.
+	// By default it is turned off (`ethtool -K eth0 tx off`), so that hosts
+	// send full checksums as on a real wire; with offload on, veth sends
+	// partial checksums, which hide or break checksum rewrites in XDP.
+	KeepTxOffload bool
+}
+
+// LAN is a switch namespace holding the bridge br0 and one veth pair per
+// host: eth0 in the host's namespace, the peer in the switch enslaved to br0.
+type LAN struct {
+	Switch *NS
+	Subnet netip.Prefix
+	Hosts  []*Host // in LANOptions.Hosts order
+
+	t testing.TB
+}
+
+// Host is one machine on a LAN.
+type Host struct {
+	Name      string
+	NS        *NS
+	IP        netip.Addr
+	Iface     string // HostIface
+	Index     int    // ifindex of Iface inside NS
+	MAC       net.HardwareAddr
+	PeerIface string // the bridge-side veth, in the switch namespace
+	PeerIndex int    // ifindex of PeerIface inside the switch namespace
+}
+
+// NewLAN builds the LAN; cleanup detaches the XDP programs and deletes the
+// links and namespaces.
+func NewLAN(t testing.TB, opts LANOptions) *LAN {
+	t.Helper()
+	subnet := opts.Subnet
+	if !subnet.IsValid() {
+		subnet = DefaultSubnet
+	}
+	subnet = subnet.Masked()
+	if !subnet.Addr().Is4() || subnet.Bits() > 30 {
+		t.Fatalf("new lan: subnet %v is not an IPv4 prefix of at most 30 bits", subnet)
+	}
+	if len(opts.Hosts) == 0 {
+		t.Fatal("new lan: no hosts")
+	}
+	if size := 1 << (32 - subnet.Bits()); len(opts.Hosts)+3 > size {
+		t.Fatalf("new lan: %d hosts do not fit in %v", len(opts.Hosts), subnet)
+	}
+	lan := &LAN{Subnet: subnet, t: t}
+	seen := map[string]bool{}
+	for _, name := range opts.Hosts {
+		if seen[name] {
+			t.Fatalf("new lan: host %q twice", name)
+		}
+		seen[name] = true
+	}
+
+	// Namespaces first, so that their deletion runs after every cleanup
+	// registered below.
+	lan.Switch = NewNS(t, "switch")
+	for i, name := range opts.Hosts {
+		lan.Hosts = append(lan.Hosts, &Host{
+			Name:      name,
+			NS:        NewNS(t, name),
+			IP:        lan.AddrInSubnet(i + 2),
+			Iface:     HostIface,
+			PeerIface: fmt.Sprintf("%.15s", fmt.Sprintf("h%d-%s", i, name)),
+		})
+	}
+
+	var bridgeIndex int
+	err := lan.Switch.Do(func() error {
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: BridgeName}}
+		if err := netlink.LinkAdd(br); err != nil {
+			return fmt.Errorf("add bridge %s: %w", BridgeName, err)
+		}
+		l, err := netlink.LinkByName(BridgeName)
+		if err != nil {
+			return err
+		}
+		bridgeIndex = l.Attrs().Index
+		if err := netlink.LinkSetUp(l); err != nil {
+			return fmt.Errorf("set %s up: %w", BridgeName, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("new lan: %v", err)
+	}
+	t.Cleanup(func() { lan.deleteLink(BridgeName) })
+
+	for _, h := range lan.Hosts {
+		lan.addHost(h, bridgeIndex, !opts.KeepTxOffload)
+	}
+	if opts.NativePeerXDP {
+		lan.attachPeerXDP()
+	}
+	return lan
+}
+
+func (lan *LAN) addHost(h *Host, bridgeIndex int, txOffloadOff bool) {
+	t := lan.t
+	t.Helper()
+	err := lan.Switch.Do(func() error {
+		veth := &netlink.Veth{
+			LinkAttrs:     netlink.LinkAttrs{Name: h.PeerIface, MasterIndex: bridgeIndex},
+			PeerName:      HostIface,
+			PeerNamespace: netlink.NsFd(int(h.NS.handle)),
+		}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return fmt.Errorf("add veth %s: %w", h.PeerIface, err)
+		}
+		l, err := netlink.LinkByName(h.PeerIface)
+		if err != nil {
+			return err
+		}
+		h.PeerIndex = l.Attrs().Index
+		if err := netlink.LinkSetUp(l); err != nil {
+			return fmt.Errorf("set %s up: %w", h.PeerIface, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("new lan: %v", err)
+	}
+	// Deleting one end of a veth pair deletes both.
+	t.Cleanup(func() { lan.deleteLink(h.PeerIface) })
+
+	err = h.NS.Do(func() error {
+		l, err := netlink.LinkByName(HostIface)
+		if err != nil {
+			return err
+		}
+		h.Index = l.Attrs().Index
+		h.MAC = l.Attrs().HardwareAddr
+		addr := &netlink.Addr{IPNet: &net.IPNet{
+			IP:   h.IP.AsSlice(),
+			Mask: net.CIDRMask(lan.Subnet.Bits(), 32),
+		}}
+		if err := netlink.AddrAdd(l, addr); err != nil {
+			return fmt.Errorf("add %v to %s: %w", addr, HostIface, err)
+		}
+		if txOffloadOff {
+			off := false
+			if _, err := ethtoolTxChecksum(HostIface, &off); err != nil {
+				return err
+			}
+		}
+		if err := netlink.LinkSetUp(l); err != nil {
+			return fmt.Errorf("set %s up: %w", HostIface, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("new lan: host %s: %v", h.Name, err)
+	}
+}
+
+func (lan *LAN) attachPeerXDP() {
+	t := lan.t
+	t.Helper()
+	prog, err := newPassProgram()
+	if err != nil {
+		t.Fatalf("new lan: %v", err)
+	}
+	t.Cleanup(func() { prog.Close() })
+	for _, h := range lan.Hosts {
+		var l link.Link
+		err := lan.Switch.Do(func() (err error) {
+			l, err = link.AttachXDP(link.XDPOptions{
+				Program:   prog,
+				Interface: h.PeerIndex,
+				Flags:     link.XDPDriverMode,
+			})
+			return err
+		})
+		if err != nil {
+			t.Fatalf("new lan: attach xdp pass to %s: %v", h.PeerIface, err)
+		}
+		t.Cleanup(func() {
+			if err := l.Close(); err != nil {
+				t.Errorf("detach xdp from %s: %v", h.PeerIface, err)
+			}
+		})
+	}
+}
+
+func (lan *LAN) deleteLink(name string) {
+	err := lan.Switch.Do(func() error {
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		return netlink.LinkDel(l)
+	})
+	if err != nil {
+		lan.t.Errorf("delete link %s in %s: %v", name, lan.Switch.Name, err)
+	}
+}
+
+// Host returns the named host, failing the test if there is none.
+func (lan *LAN) Host(name string) *Host {
+	lan.t.Helper()
+	for _, h := range lan.Hosts {
+		if h.Name == name {
+			return h
+		}
+	}
+	lan.t.Fatalf("lan has no host %q", name)
+	return nil
+}
+
+// AddrInSubnet returns address i of the subnet (0 is the network address),
+// for example a VIP that no interface carries. It fails the test when i is
+// outside the subnet. Hosts hold addresses 2 to len(Hosts)+1.
+func (lan *LAN) AddrInSubnet(i int) netip.Addr {
+	lan.t.Helper()
+	base := lan.Subnet.Addr().As4()
+	n := binary.BigEndian.Uint32(base[:]) + uint32(i)
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], n)
+	a := netip.AddrFrom4(b)
+	if i < 0 || !lan.Subnet.Contains(a) {
+		lan.t.Fatalf("address %d is outside %v", i, lan.Subnet)
+	}
+	return a
+}
