@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"testing"
 
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
@@ -48,7 +47,7 @@ type LAN struct {
 	Subnet netip.Prefix
 	Hosts  []*Host // in LANOptions.Hosts order
 
-	t testing.TB
+	t TB
 }
 
 // Host is one machine on a LAN.
@@ -65,7 +64,7 @@ type Host struct {
 
 // NewLAN builds the LAN; cleanup detaches the XDP programs and deletes the
 // links and namespaces.
-func NewLAN(t testing.TB, opts LANOptions) *LAN {
+func NewLAN(t TB, opts LANOptions) *LAN {
 	t.Helper()
 	subnet := opts.Subnet
 	if !subnet.IsValid() {

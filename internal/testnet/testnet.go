@@ -47,6 +47,16 @@ var (
 	privReason string // empty when privileged tests can run
 )
 
+// TB is the part of testing.TB the helpers use, so that a program (the
+// demo) can build the same topology with its own cleanup stack.
+type TB interface {
+	Helper()
+	Cleanup(func())
+	Errorf(format string, args ...any)
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+}
+
 // RequirePrivileged skips the test, saying why, unless the process is root
 // and can load a BPF program and create a network namespace. When the
 // environment variable CI is set it fails the test instead: CI must never
@@ -123,7 +133,7 @@ type NS struct {
 // NewNS creates a named network namespace "xlbt-<name>-<random>" under
 // NetnsDir with its loopback up. Cleanup closes the idle connections of
 // the namespace's HTTP clients and deletes the namespace.
-func NewNS(t testing.TB, name string) *NS {
+func NewNS(t TB, name string) *NS {
 	t.Helper()
 	full := NamePrefix + name + "-" + randomSuffix()
 	ns, err := createNS(full)
@@ -260,7 +270,7 @@ func (ns *NS) Do(fn func() error) error {
 
 // Exec runs a command in the namespace with nsenter and returns its combined
 // output; it fails the test, showing the output, if the command fails.
-func (ns *NS) Exec(t testing.TB, args ...string) string {
+func (ns *NS) Exec(t TB, args ...string) string {
 	t.Helper()
 	out, err := ns.ExecErr(args...)
 	if err != nil {
@@ -284,7 +294,7 @@ func (ns *NS) ExecErr(args ...string) (string, error) {
 // Sysctl writes value to the sysctl key ("net.ipv4.ip_forward", or a path
 // under /proc/sys with slashes) inside the namespace, failing the test on
 // error. The namespace is the test's own, so nothing is restored.
-func (ns *NS) Sysctl(t testing.TB, key, value string) {
+func (ns *NS) Sysctl(t TB, key, value string) {
 	t.Helper()
 	path := key
 	if !strings.Contains(key, "/") {
@@ -377,7 +387,7 @@ const BackendHeader = "X-Backend"
 // picks one), answering every request with body and the header
 // "X-Backend: body". It returns once the server listens, with the bound
 // address; cleanup stops the server and closes its connections.
-func (ns *NS) ServeHTTP(t testing.TB, addr, body string) netip.AddrPort {
+func (ns *NS) ServeHTTP(t TB, addr, body string) netip.AddrPort {
 	t.Helper()
 	l, err := ns.Listen("tcp", addr)
 	if err != nil {

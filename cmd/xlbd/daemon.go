@@ -1,0 +1,183 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/xlb-project/xlb/dispatcher"
+	"github.com/xlb-project/xlb/internal/balancer"
+	"github.com/xlb-project/xlb/internal/config"
+	"github.com/xlb-project/xlb/internal/control"
+)
+
+// daemon ties the configuration, the balancer and the control socket.
+type daemon struct {
+	cfg  *config.Config
+	args []string
+	log  *slog.Logger
+	bal  *balancer.Balancer
+	sel  *selector
+}
+
+func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog.Logger) (_ *daemon, err error) {
+	d := &daemon{cfg: cfg, args: args, log: log}
+	d.sel = newSelector(cfg, log)
+	if err := d.sel.check(cfg.Services); err != nil {
+		return nil, configError{err}
+	}
+	d.bal, err = balancer.New(balancer.Options{
+		Iface:         cfg.Iface,
+		XDPMode:       dispatcher.XDPMode(cfg.XDPMode),
+		SourceAddress: cfg.SourceAddress,
+		PortLo:        cfg.SourcePorts.Lo,
+		PortHi:        cfg.SourcePorts.Hi,
+		ConntrackSize: uint32(cfg.Conntrack.MaxEntries),
+		Timeouts:      timeouts(cfg.Conntrack.Timeouts),
+		GCInterval:    cfg.Conntrack.GCInterval,
+		Logger:        log,
+		Selector:      d.sel,
+	})
+	if err != nil {
+		d.sel.Close()
+		return nil, err
+	}
+	if err := d.bal.SetServices(ctx, services(cfg)); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *daemon) Close() error {
+	err := d.bal.Close()
+	d.sel.Close()
+	return err
+}
+
+// Run serves until ctx ends; a signal on hup reloads the configuration.
+func (d *daemon) Run(ctx context.Context, hup <-chan os.Signal) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return d.bal.Run(ctx) })
+	g.Go(func() error { return control.Serve(ctx, d.cfg.Socket, d) })
+	g.Go(func() error {
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-hup:
+				if err := d.reload(ctx); err != nil {
+					d.log.Error("reload refused, configuration unchanged", "err", err)
+				}
+			}
+		}
+	})
+	d.log.Info("ready", "iface", d.cfg.Iface, "services", len(d.cfg.Services), "socket", d.cfg.Socket)
+	return g.Wait()
+}
+
+// reload re-reads the configuration from the same arguments and applies
+// its services. Settings that need a restart are reported, not applied.
+func (d *daemon) reload(ctx context.Context) error {
+	cfg, err := config.Parse(d.args)
+	if err != nil {
+		return err
+	}
+	if cfg.Iface != d.cfg.Iface || cfg.XDPMode != d.cfg.XDPMode || cfg.SourceAddress != d.cfg.SourceAddress ||
+		cfg.SourcePorts != d.cfg.SourcePorts || cfg.Conntrack.MaxEntries != d.cfg.Conntrack.MaxEntries {
+		d.log.Warn("reload: iface, xdp-mode, source-address, source-ports and conntrack.max-entries need a restart; kept")
+	}
+	if err := d.sel.check(cfg.Services); err != nil {
+		return err
+	}
+	start := time.Now()
+	if err := d.bal.SetServices(ctx, services(cfg)); err != nil {
+		return err
+	}
+	d.cfg.Services = cfg.Services
+	d.log.Info("reloaded", "services", len(cfg.Services), "took", time.Since(start).String())
+	return nil
+}
+
+func timeouts(t config.Timeouts) dispatcher.Timeouts {
+	return dispatcher.Timeouts{SYN: t.SYN, Established: t.Established, FIN: t.FIN, Closed: t.Closed}
+}
+
+func services(cfg *config.Config) []balancer.Service {
+	out := make([]balancer.Service, 0, len(cfg.Services))
+	for _, s := range cfg.Services {
+		bs := make([]balancer.Backend, 0, len(s.Backends))
+		for _, b := range s.Backends {
+			bs = append(bs, balancer.Backend{Address: b.Address, Weight: b.Weight})
+		}
+		out = append(out, balancer.Service{VIP: s.VIP, Policy: s.Policy, Backends: bs})
+	}
+	return out
+}
+
+// Status implements control.Handler.
+func (d *daemon) Status(context.Context) (control.Status, error) {
+	counters, err := d.bal.Pipeline().Stats()
+	if err != nil {
+		return control.Status{}, err
+	}
+	st := control.Status{
+		Iface:         d.cfg.Iface,
+		XDPMode:       d.cfg.XDPMode,
+		SourceAddress: d.bal.SourceAddress().String(),
+		Counters:      counters,
+	}
+	for _, s := range d.bal.Services() {
+		cs := control.Service{VIP: s.VIP.String(), Policy: s.Policy}
+		for _, b := range s.Backends {
+			cs.Backends = append(cs.Backends, control.Backend{
+				Address: b.Address.String(), Weight: b.Weight, ID: b.ID, Active: b.Active, NewPerSec: b.NewPerSec,
+			})
+		}
+		st.Services = append(st.Services, cs)
+	}
+	return st, nil
+}
+
+// Conns implements control.Handler.
+func (d *daemon) Conns(context.Context) ([]control.Conn, error) {
+	conns, err := d.bal.Pipeline().Conns()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]control.Conn, 0, len(conns))
+	for _, c := range conns {
+		out = append(out, control.Conn{
+			Client: c.Client.String(), VIP: c.VIP.String(), Backend: c.Backend.String(),
+			Source: c.Source.String(), State: c.State, IdleMS: c.Idle.Milliseconds(),
+		})
+	}
+	return out, nil
+}
+
+// SetPolicy implements control.Handler.
+func (d *daemon) SetPolicy(ctx context.Context, req control.PolicyRequest) (control.PolicyResult, error) {
+	return control.PolicyResult{}, fmt.Errorf("policy swap: %w", control.ErrNotSupported)
+}
+
+// ChainList implements control.Handler.
+func (d *daemon) ChainList(context.Context) ([]control.ChainMember, error) {
+	return nil, fmt.Errorf("chain: %w", control.ErrNotSupported)
+}
+
+// ChainAdd implements control.Handler.
+func (d *daemon) ChainAdd(context.Context, control.ChainMember) error {
+	return fmt.Errorf("chain: %w", control.ErrNotSupported)
+}
+
+// ChainRemove implements control.Handler.
+func (d *daemon) ChainRemove(context.Context, string) error {
+	return fmt.Errorf("chain: %w", control.ErrNotSupported)
+}
+
+var errUnknownPolicy = errors.New("unknown policy")

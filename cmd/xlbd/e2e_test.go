@@ -1,0 +1,268 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/xlb-project/xlb/internal/testnet"
+	"github.com/xlb-project/xlb/internal/xlbtest"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	xlbtest.Cleanup()
+	os.Exit(code)
+}
+
+// topo is the demo's network: two clients, the load balancer and two
+// backends on one bridge, like the original demo's docker network.
+type topo struct {
+	lan                *testnet.LAN
+	c1, c2, lb, ba, bb *testnet.Host
+	vip                netip.AddrPort
+	d                  *xlbtest.Daemon
+}
+
+const backendPort = 8080
+
+func newTopo(t *testing.T, mode string, extra ...string) *topo {
+	t.Helper()
+	testnet.RequirePrivileged(t)
+	lan := testnet.NewLAN(t, testnet.LANOptions{
+		Hosts:         []string{"client1", "client2", "lb", "backend-a", "backend-b"},
+		NativePeerXDP: mode == "native",
+	})
+	tp := &topo{lan: lan, c1: lan.Host("client1"), c2: lan.Host("client2"), lb: lan.Host("lb"),
+		ba: lan.Host("backend-a"), bb: lan.Host("backend-b")}
+	tp.vip = netip.AddrPortFrom(tp.lb.IP, 80)
+	tp.ba.NS.ServeHTTP(t, fmt.Sprintf("%s:%d", tp.ba.IP, backendPort), "backend-a")
+	tp.bb.NS.ServeHTTP(t, fmt.Sprintf("%s:%d", tp.bb.IP, backendPort), "backend-b")
+	args := append([]string{
+		"--iface", "eth0", "--xdp-mode", mode,
+		"--vip", tp.vip.String(),
+		"--backend", fmt.Sprintf("%s:%d", tp.ba.IP, backendPort),
+		"--backend", fmt.Sprintf("%s:%d", tp.bb.IP, backendPort),
+		"--log-level", "debug",
+	}, extra...)
+	tp.d = xlbtest.Start(t, tp.lb.NS, args...)
+	return tp
+}
+
+func get(t testing.TB, c *http.Client, url string) (string, error) {
+	resp, err := c.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("status %s", resp.Status)
+	}
+	if h := resp.Header.Get(testnet.BackendHeader); h != string(body) {
+		return "", fmt.Errorf("header %q and body %q disagree", h, body)
+	}
+	return string(body), nil
+}
+
+func (tp *topo) counters(t testing.TB) map[string]uint64 {
+	st, err := tp.d.Client().Status(context.Background())
+	if err != nil {
+		t.Fatalf("status: %v", err)
+	}
+	return st.Counters
+}
+
+func TestEndToEnd(t *testing.T) {
+	for _, mode := range []string{"native", "generic"} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newTopo(t, mode)
+			t.Run("both backends answer", func(t *testing.T) { tp.testBothBackends(t) })
+			t.Run("same source port from two clients", func(t *testing.T) { tp.testSamePort(t) })
+			t.Run("port reuse after close", func(t *testing.T) { tp.testPortReuse(t) })
+			t.Run("thousands of short connections", func(t *testing.T) { tp.testMany(t, 2000) })
+			t.Run("lb host's own traffic", func(t *testing.T) { tp.testHostTraffic(t) })
+			t.Run("no unexpected drops", func(t *testing.T) {
+				c := tp.counters(t)
+				for name, v := range c {
+					if strings.HasPrefix(name, "drop_") && name != "drop_no_conn" && v > 0 {
+						t.Errorf("counter %s = %d", name, v)
+					}
+				}
+				if c["fwd"] == 0 || c["ret"] == 0 || c["new_conn"] < 2000 {
+					t.Errorf("counters show no load balancing: %v", c)
+				}
+				if mode == "native" && c["redirect"] != 0 {
+					t.Errorf("one-armed traffic was redirected: %v", c)
+				}
+			})
+		})
+	}
+}
+
+func (tp *topo) testBothBackends(t *testing.T) {
+	c := tp.c1.NS.HTTPClient(false)
+	seen := map[string]int{}
+	for i := 0; i < 40; i++ {
+		b, err := get(t, c, "http://"+tp.vip.String()+"/")
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		seen[b]++
+	}
+	if seen["backend-a"] == 0 || seen["backend-b"] == 0 || len(seen) != 2 {
+		t.Fatalf("replies by backend: %v, want both", seen)
+	}
+	t.Logf("replies by backend: %v", seen)
+}
+
+// request sends one HTTP/1.1 request on an open connection and returns
+// the backend that answered.
+func request(conn net.Conn) (string, error) {
+	if err := conn.SetDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		return "", err
+	}
+	if _, err := io.WriteString(conn, "GET / HTTP/1.1\r\nHost: vip\r\n\r\n"); err != nil {
+		return "", err
+	}
+	buf := make([]byte, 4096)
+	n, err := conn.Read(buf)
+	if err != nil {
+		return "", err
+	}
+	resp := string(buf[:n])
+	for _, line := range strings.Split(resp, "\r\n") {
+		if v, ok := strings.CutPrefix(line, testnet.BackendHeader+": "); ok {
+			return v, nil
+		}
+	}
+	return "", fmt.Errorf("no %s header in %q", testnet.BackendHeader, resp)
+}
+
+func (tp *topo) testSamePort(t *testing.T) {
+	ctx := context.Background()
+	const port = 41000
+	var conns []net.Conn
+	for _, h := range []*testnet.Host{tp.c1, tp.c2} {
+		conn, err := h.NS.DialFrom(ctx, fmt.Sprintf("%s:%d", h.IP, port), tp.vip.String())
+		if err != nil {
+			t.Fatalf("dial from %s:%d: %v", h.IP, port, err)
+		}
+		defer conn.Close()
+		conns = append(conns, conn)
+	}
+	for round := 0; round < 3; round++ {
+		for i, conn := range conns {
+			if _, err := request(conn); err != nil {
+				t.Fatalf("client %d round %d: %v", i+1, round, err)
+			}
+		}
+	}
+	cs, err := tp.d.Client().Conns(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sources := map[string]bool{}
+	for _, c := range cs {
+		if strings.HasSuffix(c.Client, fmt.Sprintf(":%d", port)) && c.State == "established" {
+			key := c.Backend + " " + c.Source
+			if sources[key] {
+				t.Errorf("two connections share backend and source %s", key)
+			}
+			sources[key] = true
+		}
+	}
+	if len(sources) != 2 {
+		t.Errorf("want 2 established connections from port %d, got %v (%v)", port, len(sources), cs)
+	}
+}
+
+func (tp *topo) testPortReuse(t *testing.T) {
+	ctx := context.Background()
+	laddr := fmt.Sprintf("%s:%d", tp.c1.IP, 42000)
+	for i := 0; i < 5; i++ {
+		conn, err := tp.c1.NS.DialFrom(ctx, laddr, tp.vip.String())
+		if err != nil {
+			t.Fatalf("connection %d from %s: %v", i, laddr, err)
+		}
+		if _, err := request(conn); err != nil {
+			t.Fatalf("connection %d from %s: %v", i, laddr, err)
+		}
+		// Close with RST so the same four-tuple is free at once on the
+		// client; the load balancer must start a new connection.
+		conn.(*net.TCPConn).SetLinger(0)
+		conn.Close()
+	}
+	if c := tp.counters(t); c["recycled"] < 4 {
+		t.Errorf("recycled = %d, want >= 4", c["recycled"])
+	}
+}
+
+func (tp *topo) testMany(t *testing.T, n int) {
+	c := tp.c1.NS.HTTPClient(false)
+	c2 := tp.c2.NS.HTTPClient(false)
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	work := make(chan int)
+	for w := 0; w < 8; w++ {
+		cl := c
+		if w%2 == 1 {
+			cl = c2
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				if _, err := get(t, cl, "http://"+tp.vip.String()+"/"); err != nil {
+					errs <- fmt.Errorf("request %d: %w", i, err)
+				}
+			}
+		}()
+	}
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	close(errs)
+	failed := 0
+	for err := range errs {
+		if failed < 5 {
+			t.Error(err)
+		}
+		failed++
+	}
+	if failed > 0 {
+		t.Fatalf("%d of %d requests failed", failed, n)
+	}
+	t.Logf("%d short connections in %v", n, time.Since(start))
+}
+
+func (tp *topo) testHostTraffic(t *testing.T) {
+	// The load balancer host talks to a backend itself...
+	c := tp.lb.NS.HTTPClient(false)
+	for i := 0; i < 20; i++ {
+		b, err := get(t, c, fmt.Sprintf("http://%s:%d/", tp.ba.IP, backendPort))
+		if err != nil || b != "backend-a" {
+			t.Fatalf("lb -> backend-a request %d: %q, %v", i, b, err)
+		}
+	}
+	// ...and keeps its own services (like SSH) on its address.
+	own := tp.lb.NS.ServeHTTP(t, tp.lb.IP.String()+":2222", "lb-itself")
+	b, err := get(t, tp.c1.NS.HTTPClient(false), "http://"+own.String()+"/")
+	if err != nil || b != "lb-itself" {
+		t.Fatalf("client -> lb's own service: %q, %v", b, err)
+	}
+}

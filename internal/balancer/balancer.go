@@ -1,0 +1,603 @@
+// Package balancer is xlb's control plane as a library: it turns a set of
+// services into the data path's map state, attaches the pipeline to an
+// interface, prepares the host (VIP addresses, forwarding, neighbour
+// entries) and runs the conntrack sweeper. xlbd is a thin layer over it.
+package balancer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/xlb-project/xlb/dispatcher"
+)
+
+// Errors returned by the Balancer.
+var (
+	ErrNoIPv4      = errors.New("interface has no IPv4 address")
+	ErrPortOverlap = errors.New("source ports overlap the kernel's ephemeral ports")
+	ErrTooMany     = errors.New("too many services or backends")
+	ErrNoService   = errors.New("no such service")
+)
+
+// Options configure a Balancer.
+type Options struct {
+	Iface         string
+	XDPMode       dispatcher.XDPMode
+	SourceAddress netip.Addr // zero: the interface's primary IPv4 address
+	PortLo        uint16
+	PortHi        uint16
+	ConntrackSize uint32
+	Timeouts      dispatcher.Timeouts
+	GCInterval    time.Duration
+	Logger        *slog.Logger
+	// Selector computes selection tables; nil means Uniform.
+	Selector Selector
+}
+
+// Backend is a configured backend of a service.
+type Backend struct {
+	Address netip.AddrPort
+	Weight  uint32
+}
+
+// Service is a configured service.
+type Service struct {
+	VIP      netip.AddrPort
+	Policy   string
+	Backends []Backend
+}
+
+// BackendState is a backend as a Selector sees it, with live load.
+type BackendState struct {
+	Backend
+	ID        uint32 // data-path backend id
+	Active    int64  // open connections
+	NewPerSec float64
+}
+
+// ServiceState is a service as a Selector sees it.
+type ServiceState struct {
+	VIP      netip.AddrPort
+	Policy   string
+	Backends []BackendState
+}
+
+// Selection is a selection table: a mode and indexes into
+// ServiceState.Backends.
+type Selection struct {
+	Mode  dispatcher.Mode
+	Table []int
+}
+
+// Selector turns a service's backends and load into a selection table.
+// It is called when a service changes and on every Refresh.
+type Selector interface {
+	Select(ctx context.Context, svc ServiceState) (Selection, error)
+}
+
+type service struct {
+	id       uint32
+	spec     Service
+	backends []*backend // in spec order
+}
+
+type backend struct {
+	id      uint32
+	spec    Backend
+	lastNew uint64
+	lastAt  time.Time
+	rate    float64
+}
+
+// Balancer owns the pipeline, its attachment and the host changes made
+// for it.
+type Balancer struct {
+	opts   Options
+	log    *slog.Logger
+	pipe   *dispatcher.Pipeline
+	att    *dispatcher.Attachment
+	link   netlink.Link
+	source netip.Addr
+
+	mu         sync.Mutex
+	services   map[netip.AddrPort]*service
+	svcIDs     idAllocator
+	bkIDs      idAllocator
+	retired    []uint32 // backend ids waiting for their connections to end
+	addedVIPs  []netip.Addr
+	restoreFwd func()
+}
+
+// New loads the pipeline, prepares the interface and attaches to it.
+// Nothing is left behind if it fails.
+func New(opts Options) (_ *Balancer, err error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Selector == nil {
+		opts.Selector = Uniform{}
+	}
+	if opts.GCInterval <= 0 {
+		opts.GCInterval = time.Second
+	}
+	b := &Balancer{
+		opts:     opts,
+		log:      opts.Logger,
+		services: make(map[netip.AddrPort]*service),
+		svcIDs:   newIDAllocator(dispatcher.MaxServices),
+		bkIDs:    newIDAllocator(dispatcher.MaxBackends),
+	}
+	defer func() {
+		if err != nil {
+			b.Close()
+		}
+	}()
+	b.link, err = netlink.LinkByName(opts.Iface)
+	if err != nil {
+		return nil, fmt.Errorf("find interface %s: %w", opts.Iface, err)
+	}
+	b.source = opts.SourceAddress
+	if !b.source.IsValid() {
+		if b.source, err = primaryIPv4(b.link); err != nil {
+			return nil, err
+		}
+	}
+	if err := checkPortRange(b.source, b.link, opts.PortLo, opts.PortHi); err != nil {
+		return nil, err
+	}
+	b.pipe, err = dispatcher.Load(dispatcher.Options{ConntrackSize: opts.ConntrackSize})
+	if err != nil {
+		return nil, err
+	}
+	err = b.pipe.SetSettings(dispatcher.Settings{
+		SourceAddress:    b.source,
+		PortLo:           opts.PortLo,
+		PortHi:           opts.PortHi,
+		ConntrackTimeout: opts.Timeouts,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if b.restoreFwd, err = enableForwarding(opts.Iface); err != nil {
+		return nil, err
+	}
+	b.att, err = dispatcher.Attach(b.pipe.Entry(), b.link.Attrs().Index, opts.XDPMode)
+	if err != nil {
+		return nil, err
+	}
+	b.log.Info("attached", "iface", opts.Iface, "xdp_mode", string(opts.XDPMode), "source_address", b.source.String(),
+		"source_ports", fmt.Sprintf("%d-%d", opts.PortLo, opts.PortHi))
+	return b, nil
+}
+
+// Pipeline gives access to the loaded pipeline (counters, conntrack).
+func (b *Balancer) Pipeline() *dispatcher.Pipeline { return b.pipe }
+
+// Attachment is the interface attachment, for chaining.
+func (b *Balancer) Attachment() *dispatcher.Attachment { return b.att }
+
+// SourceAddress is the address used towards backends.
+func (b *Balancer) SourceAddress() netip.Addr { return b.source }
+
+// Close detaches, releases the pipeline and undoes the host changes.
+func (b *Balancer) Close() error {
+	var errs []error
+	if b.att != nil {
+		errs = append(errs, b.att.Close())
+		b.att = nil
+	}
+	if b.pipe != nil {
+		errs = append(errs, b.pipe.Close())
+		b.pipe = nil
+	}
+	for _, a := range b.addedVIPs {
+		if err := netlink.AddrDel(b.link, hostAddr(a)); err != nil {
+			errs = append(errs, fmt.Errorf("remove vip %s from %s: %w", a, b.opts.Iface, err))
+		}
+	}
+	b.addedVIPs = nil
+	if b.restoreFwd != nil {
+		b.restoreFwd()
+		b.restoreFwd = nil
+	}
+	return errors.Join(errs...)
+}
+
+// SetServices makes the data path serve exactly these services. Services
+// and backends that disappear stop taking new connections; their
+// established connections keep flowing until they end.
+func (b *Balancer) SetServices(ctx context.Context, specs []Service) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	want := make(map[netip.AddrPort]Service, len(specs))
+	for _, s := range specs {
+		want[s.VIP] = s
+	}
+	for vip, svc := range b.services {
+		if _, ok := want[vip]; !ok {
+			if err := b.removeService(vip, svc, want); err != nil {
+				return err
+			}
+		}
+	}
+	for _, s := range specs {
+		if err := b.upsertService(ctx, s); err != nil {
+			return fmt.Errorf("service %s: %w", s.VIP, err)
+		}
+	}
+	return nil
+}
+
+func (b *Balancer) removeService(vip netip.AddrPort, svc *service, keep map[netip.AddrPort]Service) error {
+	portInUse := false
+	for other := range keep {
+		if other.Port() == vip.Port() {
+			portInUse = true
+		}
+	}
+	if err := b.pipe.DeleteService(vip, portInUse); err != nil {
+		return err
+	}
+	if err := b.pipe.ClearSelection(svc.id); err != nil {
+		return err
+	}
+	for _, bk := range svc.backends {
+		b.retire(bk)
+	}
+	b.svcIDs.free(svc.id)
+	delete(b.services, vip)
+	b.log.Info("service removed", "vip", vip.String())
+	return nil
+}
+
+func (b *Balancer) retire(bk *backend) {
+	_ = b.pipe.SetBackend(bk.id, bk.spec.Address, 0)
+	b.retired = append(b.retired, bk.id)
+}
+
+func (b *Balancer) upsertService(ctx context.Context, s Service) error {
+	if len(s.Backends) == 0 {
+		return errors.New("no backends")
+	}
+	svc := b.services[s.VIP]
+	isNew := svc == nil
+	if isNew {
+		id, ok := b.svcIDs.alloc()
+		if !ok {
+			return ErrTooMany
+		}
+		svc = &service{id: id}
+	}
+	old := make(map[netip.AddrPort]*backend, len(svc.backends))
+	for _, bk := range svc.backends {
+		old[bk.spec.Address] = bk
+	}
+	var next []*backend
+	for _, spec := range s.Backends {
+		bk := old[spec.Address]
+		delete(old, spec.Address)
+		if bk == nil {
+			id, ok := b.bkIDs.alloc()
+			if !ok {
+				return ErrTooMany
+			}
+			if err := b.pipe.ResetBackendStats(id); err != nil {
+				return err
+			}
+			bk = &backend{id: id, lastAt: time.Now()}
+		}
+		bk.spec = spec
+		weight := spec.Weight
+		if weight > 0xffff {
+			weight = 0xffff
+		}
+		if err := b.pipe.SetBackend(bk.id, spec.Address, uint16(weight)); err != nil {
+			return err
+		}
+		next = append(next, bk)
+	}
+	svc.spec = s
+	svc.backends = next
+	for _, bk := range old {
+		b.retire(bk)
+	}
+	b.ensureNeighbours(s)
+	if err := b.installSelection(ctx, svc); err != nil {
+		return err
+	}
+	if isNew {
+		if err := b.ensureVIP(s.VIP.Addr()); err != nil {
+			return err
+		}
+		if err := b.pipe.SetService(svc.id, s.VIP); err != nil {
+			return err
+		}
+		b.services[s.VIP] = svc
+		b.log.Info("service added", "vip", s.VIP.String(), "policy", s.Policy, "backends", len(s.Backends))
+	}
+	return nil
+}
+
+func (b *Balancer) state(svc *service) ServiceState {
+	st := ServiceState{VIP: svc.spec.VIP, Policy: svc.spec.Policy}
+	for _, bk := range svc.backends {
+		stats, _ := b.pipe.BackendStats(bk.id)
+		st.Backends = append(st.Backends, BackendState{
+			Backend: bk.spec, ID: bk.id, Active: stats.Active, NewPerSec: bk.rate,
+		})
+	}
+	return st
+}
+
+func (b *Balancer) installSelection(ctx context.Context, svc *service) error {
+	st := b.state(svc)
+	sel, err := b.opts.Selector.Select(ctx, st)
+	if err != nil {
+		return fmt.Errorf("select with policy %s: %w", svc.spec.Policy, err)
+	}
+	ids := make([]uint32, len(sel.Table))
+	for i, idx := range sel.Table {
+		if idx < 0 || idx >= len(st.Backends) {
+			return fmt.Errorf("policy %s: table entry %d names backend %d of %d", svc.spec.Policy, i, idx, len(st.Backends))
+		}
+		if st.Backends[idx].Weight == 0 {
+			return fmt.Errorf("policy %s: table entry %d names backend %s of weight 0", svc.spec.Policy, i, st.Backends[idx].Address)
+		}
+		ids[i] = st.Backends[idx].ID
+	}
+	return b.pipe.SetSelection(svc.id, sel.Mode, ids)
+}
+
+// Refresh recomputes every service's selection from current load, for
+// policies that use it.
+func (b *Balancer) Refresh(ctx context.Context) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var errs []error
+	for _, svc := range b.services {
+		if err := b.installSelection(ctx, svc); err != nil {
+			errs = append(errs, fmt.Errorf("service %s: %w", svc.spec.VIP, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Services returns the services with their live backend state.
+func (b *Balancer) Services() []ServiceState {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := make([]ServiceState, 0, len(b.services))
+	for _, svc := range b.services {
+		out = append(out, b.state(svc))
+	}
+	slices.SortFunc(out, func(x, y ServiceState) int { return x.VIP.Compare(y.VIP) })
+	return out
+}
+
+// Run sweeps conntrack, keeps backend neighbour entries resolved, samples
+// load and frees retired backend ids, until ctx ends.
+func (b *Balancer) Run(ctx context.Context) error {
+	gc := time.NewTicker(b.opts.GCInterval)
+	defer gc.Stop()
+	neigh := time.NewTicker(5 * time.Second)
+	defer neigh.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-gc.C:
+			res, err := b.pipe.GC(b.opts.Timeouts)
+			if err != nil {
+				b.log.Warn("conntrack sweep", "err", err)
+			} else if res.Expired+res.Orphans > 0 {
+				b.log.Debug("conntrack sweep", "scanned", res.Scanned, "expired", res.Expired, "orphans", res.Orphans)
+			}
+			b.sample()
+		case <-neigh.C:
+			b.mu.Lock()
+			for _, svc := range b.services {
+				b.ensureNeighbours(svc.spec)
+			}
+			b.mu.Unlock()
+		}
+	}
+}
+
+// sample updates new-connections-per-second figures and frees retired
+// backend ids whose connections have all ended.
+func (b *Balancer) sample() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := time.Now()
+	for _, svc := range b.services {
+		for _, bk := range svc.backends {
+			st, err := b.pipe.BackendStats(bk.id)
+			if err != nil {
+				continue
+			}
+			if dt := now.Sub(bk.lastAt).Seconds(); dt > 0 {
+				bk.rate = float64(st.NewConns-bk.lastNew) / dt
+			}
+			bk.lastNew, bk.lastAt = st.NewConns, now
+		}
+	}
+	kept := b.retired[:0]
+	for _, id := range b.retired {
+		if st, err := b.pipe.BackendStats(id); err == nil && st.Active <= 0 {
+			b.bkIDs.free(id)
+			continue
+		}
+		kept = append(kept, id)
+	}
+	b.retired = kept
+}
+
+// ensureVIP makes the host answer ARP for a VIP that is not already one
+// of its addresses, by adding it to the interface as a /32.
+func (b *Balancer) ensureVIP(a netip.Addr) error {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list addresses: %w", err)
+	}
+	for _, x := range addrs {
+		if ip, ok := netip.AddrFromSlice(x.IP.To4()); ok && ip == a {
+			return nil
+		}
+	}
+	if err := netlink.AddrAdd(b.link, hostAddr(a)); err != nil {
+		return fmt.Errorf("add vip %s to %s: %w", a, b.opts.Iface, err)
+	}
+	b.addedVIPs = append(b.addedVIPs, a)
+	b.log.Info("vip address added", "vip", a.String(), "iface", b.opts.Iface)
+	return nil
+}
+
+// ensureNeighbours asks the kernel to resolve the next hop of every
+// backend that has no valid neighbour entry, so bpf_fib_lookup finds one.
+func (b *Balancer) ensureNeighbours(s Service) {
+	for _, bk := range s.Backends {
+		dst := net.IP(bk.Address.Addr().AsSlice())
+		routes, err := netlink.RouteGet(dst)
+		if err != nil || len(routes) == 0 {
+			b.log.Warn("no route to backend", "backend", bk.Address.String(), "err", err)
+			continue
+		}
+		hop := dst
+		if routes[0].Gw != nil {
+			hop = routes[0].Gw
+		}
+		if neighValid(routes[0].LinkIndex, hop) {
+			continue
+		}
+		err = netlink.NeighSet(&netlink.Neigh{
+			LinkIndex: routes[0].LinkIndex,
+			Family:    netlink.FAMILY_V4,
+			IP:        hop,
+			State:     netlink.NUD_PERMANENT,
+			Flags:     netlink.NTF_USE,
+		})
+		if err != nil {
+			b.log.Warn("resolve backend neighbour", "backend", bk.Address.String(), "next_hop", hop.String(), "err", err)
+		}
+	}
+}
+
+func neighValid(ifindex int, ip net.IP) bool {
+	neighs, err := netlink.NeighList(ifindex, netlink.FAMILY_V4)
+	if err != nil {
+		return false
+	}
+	const valid = netlink.NUD_REACHABLE | netlink.NUD_STALE | netlink.NUD_DELAY | netlink.NUD_PROBE | netlink.NUD_PERMANENT
+	for _, n := range neighs {
+		if n.IP.Equal(ip) && n.State&valid != 0 && len(n.HardwareAddr) == 6 {
+			return true
+		}
+	}
+	return false
+}
+
+func hostAddr(a netip.Addr) *netlink.Addr {
+	return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(32, 32)}}
+}
+
+func primaryIPv4(l netlink.Link) (netip.Addr, error) {
+	addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && a.Flags&unix.IFA_F_SECONDARY == 0 {
+			return ip, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("%s: %w", l.Attrs().Name, ErrNoIPv4)
+}
+
+// checkPortRange refuses a source port range that the kernel could also
+// hand out to the host's own connections from the same address: replies
+// to those would be taken for load-balanced ones.
+func checkPortRange(src netip.Addr, l netlink.Link, lo, hi uint16) error {
+	local, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list addresses: %w", err)
+	}
+	isLocal := false
+	for _, a := range local {
+		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && ip == src {
+			isLocal = true
+		}
+	}
+	if !isLocal {
+		return nil
+	}
+	raw, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return fmt.Errorf("read ephemeral port range: %w", err)
+	}
+	f := strings.Fields(string(raw))
+	if len(f) != 2 {
+		return fmt.Errorf("read ephemeral port range: unexpected %q", raw)
+	}
+	elo, err1 := strconv.Atoi(f[0])
+	ehi, err2 := strconv.Atoi(f[1])
+	if err1 != nil || err2 != nil {
+		return fmt.Errorf("read ephemeral port range: unexpected %q", raw)
+	}
+	if int(lo) <= ehi && int(hi) >= elo {
+		return fmt.Errorf("%w: source-ports %d-%d on %s, ephemeral %d-%d (net.ipv4.ip_local_port_range)", ErrPortOverlap, lo, hi, src, elo, ehi)
+	}
+	return nil
+}
+
+// enableForwarding turns on IPv4 forwarding for the interface, which
+// bpf_fib_lookup requires, and returns a function that restores it.
+func enableForwarding(iface string) (func(), error) {
+	path := "/proc/sys/net/ipv4/conf/" + iface + "/forwarding"
+	old, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read forwarding of %s: %w", iface, err)
+	}
+	if strings.TrimSpace(string(old)) == "1" {
+		return func() {}, nil
+	}
+	if err := os.WriteFile(path, []byte("1"), 0o644); err != nil {
+		return nil, fmt.Errorf("enable forwarding on %s: %w", iface, err)
+	}
+	return func() { _ = os.WriteFile(path, old, 0o644) }, nil
+}
+
+type idAllocator struct {
+	free_ []uint32
+	next  uint32
+	max   uint32
+}
+
+func newIDAllocator(max uint32) idAllocator { return idAllocator{max: max} }
+
+func (a *idAllocator) alloc() (uint32, bool) {
+	if n := len(a.free_); n > 0 {
+		id := a.free_[n-1]
+		a.free_ = a.free_[:n-1]
+		return id, true
+	}
+	if a.next >= a.max {
+		return 0, false
+	}
+	a.next++
+	return a.next - 1, true
+}
+
+func (a *idAllocator) free(id uint32) { a.free_ = append(a.free_, id) }

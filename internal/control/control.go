@@ -1,0 +1,270 @@
+// Package control is the protocol between xlbd and xlbctl: JSON over
+// HTTP on a unix socket. The server is a thin layer over a Handler.
+package control
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// Backend is one backend in a status report.
+type Backend struct {
+	Address   string  `json:"address"`
+	Weight    uint32  `json:"weight"`
+	ID        uint32  `json:"id"`
+	Active    int64   `json:"active"`
+	NewPerSec float64 `json:"new_per_sec"`
+}
+
+// Service is one service in a status report.
+type Service struct {
+	VIP      string    `json:"vip"`
+	Policy   string    `json:"policy"`
+	Backends []Backend `json:"backends"`
+}
+
+// Status is xlbd's state.
+type Status struct {
+	Iface         string            `json:"iface"`
+	XDPMode       string            `json:"xdp_mode"`
+	SourceAddress string            `json:"source_address"`
+	Services      []Service         `json:"services"`
+	Counters      map[string]uint64 `json:"counters"`
+}
+
+// Conn is one tracked connection.
+type Conn struct {
+	Client  string `json:"client"`
+	VIP     string `json:"vip"`
+	Backend string `json:"backend"`
+	Source  string `json:"source"`
+	State   string `json:"state"`
+	IdleMS  int64  `json:"idle_ms"`
+}
+
+// PolicyRequest asks for a service's policy (all services if Service is
+// empty) to be swapped.
+type PolicyRequest struct {
+	Policy  string `json:"policy"`
+	Service string `json:"service,omitempty"`
+}
+
+// PolicyResult reports a swap.
+type PolicyResult struct {
+	Services []string `json:"services"`
+	Took     string   `json:"took"` // command to new state in force
+}
+
+// ChainMember is one member of the XDP chain.
+type ChainMember struct {
+	Name       string   `json:"name"`
+	Object     string   `json:"object,omitempty"`
+	Program    string   `json:"program,omitempty"`
+	Priority   int      `json:"priority"`
+	ContinueOn []string `json:"continue_on"`
+	Builtin    bool     `json:"builtin,omitempty"` // xlb's own pipeline
+	PinPath    string   `json:"pin_path,omitempty"`
+}
+
+// Handler is what the server exposes. Methods return errors meant for
+// the operator.
+type Handler interface {
+	Status(ctx context.Context) (Status, error)
+	Conns(ctx context.Context) ([]Conn, error)
+	SetPolicy(ctx context.Context, req PolicyRequest) (PolicyResult, error)
+	ChainList(ctx context.Context) ([]ChainMember, error)
+	ChainAdd(ctx context.Context, m ChainMember) error
+	ChainRemove(ctx context.Context, name string) error
+}
+
+// ErrNotSupported is returned by handlers for features not built in.
+var ErrNotSupported = errors.New("not supported by this xlbd")
+
+type errorBody struct {
+	Error string `json:"error"`
+}
+
+// Serve answers requests on the unix socket at path until ctx ends. It
+// replaces a stale socket file and removes it on return.
+func Serve(ctx context.Context, path string, h Handler) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("create socket directory: %w", err)
+	}
+	if c, err := net.Dial("unix", path); err == nil {
+		c.Close()
+		return fmt.Errorf("listen on %s: another xlbd answers there", path)
+	}
+	_ = os.Remove(path)
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return fmt.Errorf("restrict %s: %w", path, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		v, err := h.Status(r.Context())
+		send(w, v, err)
+	})
+	mux.HandleFunc("GET /v1/conns", func(w http.ResponseWriter, r *http.Request) {
+		v, err := h.Conns(r.Context())
+		send(w, v, err)
+	})
+	mux.HandleFunc("POST /v1/policy", func(w http.ResponseWriter, r *http.Request) {
+		var req PolicyRequest
+		if !decode(w, r, &req) {
+			return
+		}
+		v, err := h.SetPolicy(r.Context(), req)
+		send(w, v, err)
+	})
+	mux.HandleFunc("GET /v1/chain", func(w http.ResponseWriter, r *http.Request) {
+		v, err := h.ChainList(r.Context())
+		send(w, v, err)
+	})
+	mux.HandleFunc("POST /v1/chain", func(w http.ResponseWriter, r *http.Request) {
+		var m ChainMember
+		if !decode(w, r, &m) {
+			return
+		}
+		send(w, struct{}{}, h.ChainAdd(r.Context(), m))
+	})
+	mux.HandleFunc("DELETE /v1/chain/{name}", func(w http.ResponseWriter, r *http.Request) {
+		send(w, struct{}{}, h.ChainRemove(r.Context(), r.PathValue("name")))
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	err = srv.Serve(l)
+	<-done
+	_ = os.Remove(path)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeJSON(w, http.StatusBadRequest, errorBody{Error: "decode request: " + err.Error()})
+		return false
+	}
+	return true
+}
+
+func send(w http.ResponseWriter, v any, err error) {
+	if err != nil {
+		code := http.StatusUnprocessableEntity
+		if errors.Is(err, ErrNotSupported) {
+			code = http.StatusNotImplemented
+		}
+		writeJSON(w, code, errorBody{Error: err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// Client talks to xlbd.
+type Client struct {
+	hc *http.Client
+}
+
+// NewClient returns a client for the socket at path.
+func NewClient(path string) *Client {
+	return &Client{hc: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+	}}}
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://xlbd"+path, body)
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("reach xlbd: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e errorBody
+		if json.NewDecoder(resp.Body).Decode(&e) == nil && e.Error != "" {
+			return errors.New(e.Error)
+		}
+		return fmt.Errorf("xlbd answered %s", resp.Status)
+	}
+	if out == nil {
+		return nil
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+// Status fetches xlbd's state.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var s Status
+	return s, c.do(ctx, http.MethodGet, "/v1/status", nil, &s)
+}
+
+// Conns lists tracked connections.
+func (c *Client) Conns(ctx context.Context) ([]Conn, error) {
+	var cs []Conn
+	return cs, c.do(ctx, http.MethodGet, "/v1/conns", nil, &cs)
+}
+
+// SetPolicy swaps a policy.
+func (c *Client) SetPolicy(ctx context.Context, req PolicyRequest) (PolicyResult, error) {
+	var r PolicyResult
+	return r, c.do(ctx, http.MethodPost, "/v1/policy", req, &r)
+}
+
+// ChainList lists the chain.
+func (c *Client) ChainList(ctx context.Context) ([]ChainMember, error) {
+	var ms []ChainMember
+	return ms, c.do(ctx, http.MethodGet, "/v1/chain", nil, &ms)
+}
+
+// ChainAdd adds a member.
+func (c *Client) ChainAdd(ctx context.Context, m ChainMember) error {
+	return c.do(ctx, http.MethodPost, "/v1/chain", m, nil)
+}
+
+// ChainRemove removes a member.
+func (c *Client) ChainRemove(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/chain/"+name, nil, nil)
+}

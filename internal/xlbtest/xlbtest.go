@@ -1,0 +1,241 @@
+// Package xlbtest starts the real xlbd (and its plugins) for end-to-end
+// tests and the demo: binaries built from this module, run as processes
+// inside a network namespace, stopped by their own pid at cleanup.
+package xlbtest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/xlb-project/xlb/internal/control"
+	"github.com/xlb-project/xlb/internal/testnet"
+)
+
+// Binaries are the commands Build makes, by output name and package.
+var Binaries = map[string]string{
+	"xlbd":   "./cmd/xlbd",
+	"xlbctl": "./cmd/xlbctl",
+}
+
+var (
+	buildOnce sync.Once
+	buildDir  string
+	buildErr  error
+)
+
+// ModuleRoot finds the directory holding go.mod, from the working directory up.
+func ModuleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("find module root: no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// Build compiles every entry of Binaries into one directory (once per
+// process) and returns it. The directory is removed by Cleanup.
+func Build() (string, error) {
+	buildOnce.Do(func() {
+		root, err := ModuleRoot()
+		if err != nil {
+			buildErr = err
+			return
+		}
+		buildDir, buildErr = os.MkdirTemp("", "xlb-bin-")
+		if buildErr != nil {
+			return
+		}
+		for name, pkg := range Binaries {
+			if _, err := os.Stat(filepath.Join(root, pkg)); err != nil {
+				continue // not in this tree yet
+			}
+			cmd := exec.Command("go", "build", "-o", filepath.Join(buildDir, name), pkg)
+			cmd.Dir = root
+			if out, err := cmd.CombinedOutput(); err != nil {
+				buildErr = fmt.Errorf("build %s: %v\n%s", pkg, err, out)
+				return
+			}
+		}
+	})
+	return buildDir, buildErr
+}
+
+// Cleanup removes the build directory; call it from TestMain.
+func Cleanup() {
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
+	}
+}
+
+// Daemon is a running xlbd.
+type Daemon struct {
+	Socket string
+	Dir    string // the binaries' directory (xlbd's default plugin dir)
+	cmd    *exec.Cmd
+	log    *syncBuffer
+	done   chan struct{}
+	err    error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// Start runs xlbd with args inside ns (a --socket in a fresh directory is
+// added unless args has one) and waits until its control socket answers.
+// Cleanup stops it with SIGTERM (SIGKILL after 5 s) and logs its output
+// if the test failed.
+func Start(t testnet.TB, ns *testnet.NS, args ...string) *Daemon {
+	t.Helper()
+	dir, err := Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &Daemon{Dir: dir, log: &syncBuffer{}, done: make(chan struct{})}
+	if !hasFlag(args, "--socket") {
+		sockDir, err := os.MkdirTemp("", "xlbd-sock-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(sockDir) })
+		d.Socket = filepath.Join(sockDir, "xlbd.sock")
+		args = append(args, "--socket", d.Socket)
+	} else {
+		d.Socket = flagValue(args, "--socket")
+	}
+	d.cmd = exec.Command("nsenter", append([]string{"--net=" + ns.Path, "--", filepath.Join(dir, "xlbd")}, args...)...)
+	d.cmd.Stdout = d.log
+	d.cmd.Stderr = d.log
+	if err := d.cmd.Start(); err != nil {
+		t.Fatalf("start xlbd: %v", err)
+	}
+	go func() {
+		d.err = d.cmd.Wait()
+		close(d.done)
+	}()
+	t.Cleanup(func() {
+		d.Stop()
+		if f, ok := t.(interface{ Failed() bool }); ok && f.Failed() {
+			if l, ok := t.(interface{ Logf(string, ...any) }); ok {
+				l.Logf("xlbd output:\n%s", d.log.String())
+			}
+		}
+	})
+	if err := d.waitReady(15 * time.Second); err != nil {
+		t.Fatalf("xlbd did not become ready: %v\noutput:\n%s", err, d.log.String())
+	}
+	return d
+}
+
+func (d *Daemon) waitReady(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	c := d.Client()
+	for {
+		select {
+		case <-d.done:
+			return fmt.Errorf("exited: %v", d.err)
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := c.Status(ctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Client returns a control client for the daemon.
+func (d *Daemon) Client() *control.Client { return control.NewClient(d.Socket) }
+
+// Pid is xlbd's process id (of nsenter, which execs xlbd in place).
+func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
+
+// Signal sends sig to xlbd.
+func (d *Daemon) Signal(sig os.Signal) error { return d.cmd.Process.Signal(sig) }
+
+// Output is what xlbd logged so far.
+func (d *Daemon) Output() string { return d.log.String() }
+
+// Exited reports whether xlbd has exited, and its error.
+func (d *Daemon) Exited() (bool, error) {
+	select {
+	case <-d.done:
+		return true, d.err
+	default:
+		return false, nil
+	}
+}
+
+// Stop ends xlbd: SIGTERM, then SIGKILL after 5 s. It returns the exit error.
+func (d *Daemon) Stop() error {
+	select {
+	case <-d.done:
+		return d.err
+	default:
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+	case <-time.After(5 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-d.done
+	}
+	return d.err
+}
+
+func hasFlag(args []string, name string) bool {
+	for _, a := range args {
+		if a == name || strings.HasPrefix(a, name+"=") {
+			return true
+		}
+	}
+	return false
+}
+
+func flagValue(args []string, name string) string {
+	for i, a := range args {
+		if a == name && i+1 < len(args) {
+			return args[i+1]
+		}
+		if v, ok := strings.CutPrefix(a, name+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
