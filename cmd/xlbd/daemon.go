@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"os"
 	"time"
@@ -158,26 +157,6 @@ func (d *daemon) Conns(context.Context) ([]control.Conn, error) {
 		})
 	}
 	return out, nil
-}
-
-// SetPolicy implements control.Handler.
-func (d *daemon) SetPolicy(ctx context.Context, req control.PolicyRequest) (control.PolicyResult, error) {
-	return control.PolicyResult{}, fmt.Errorf("policy swap: %w", control.ErrNotSupported)
-}
-
-// ChainList implements control.Handler.
-func (d *daemon) ChainList(context.Context) ([]control.ChainMember, error) {
-	return nil, fmt.Errorf("chain: %w", control.ErrNotSupported)
-}
-
-// ChainAdd implements control.Handler.
-func (d *daemon) ChainAdd(context.Context, control.ChainMember) error {
-	return fmt.Errorf("chain: %w", control.ErrNotSupported)
-}
-
-// ChainRemove implements control.Handler.
-func (d *daemon) ChainRemove(context.Context, string) error {
-	return fmt.Errorf("chain: %w", control.ErrNotSupported)
 }
 
 var errUnknownPolicy = errors.New("unknown policy")

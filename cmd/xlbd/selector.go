@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 
+	"github.com/xlb-project/xlb/internal/control"
+
 	"github.com/xlb-project/xlb/internal/balancer"
 	"github.com/xlb-project/xlb/internal/config"
 )
@@ -33,3 +35,8 @@ func (s *selector) Select(ctx context.Context, svc balancer.ServiceState) (balan
 }
 
 func (s *selector) Close() {}
+
+// SetPolicy implements control.Handler.
+func (d *daemon) SetPolicy(ctx context.Context, req control.PolicyRequest) (control.PolicyResult, error) {
+	return control.PolicyResult{}, fmt.Errorf("policy swap: %w", control.ErrNotSupported)
+}
