@@ -50,6 +50,15 @@ func ModuleRoot() (string, error) {
 	}
 }
 
+// UseBinaries makes Build return dir, holding already built binaries,
+// instead of compiling them (the demo runs what `make build` made).
+func UseBinaries(dir string) {
+	buildOnce.Do(func() { buildDir = dir })
+	prebuilt = true
+}
+
+var prebuilt bool
+
 // Build compiles every entry of Binaries into one directory (once per
 // process) and returns it. The directory is removed by Cleanup.
 func Build() (string, error) {
@@ -80,7 +89,7 @@ func Build() (string, error) {
 
 // Cleanup removes the build directory; call it from TestMain.
 func Cleanup() {
-	if buildDir != "" {
+	if buildDir != "" && !prebuilt {
 		os.RemoveAll(buildDir)
 	}
 }
