@@ -6,7 +6,7 @@
 // therefore follows bursts between two plugin calls; the plugin only decides
 // who competes.
 //
-// The library is pure and is served by cmd/xlb-policy-leastconn.
+// The library is pure and is served by cmd/xlb-policy-least-conn.
 package leastconn
 
 import (

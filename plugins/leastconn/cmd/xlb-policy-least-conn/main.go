@@ -1,4 +1,4 @@
-// Command xlb-policy-leastconn serves the least-connections policy
+// Command xlb-policy-least-conn serves the least-connections policy
 // (package leastconn) as an xlb policy plugin. xlbd starts it; run by hand
 // it only says so.
 package main
