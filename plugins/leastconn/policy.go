@@ -20,7 +20,7 @@ import (
 
 // Name and Version of the policy, as reported by Info.
 const (
-	Name    = "leastconn"
+	Name    = "least-conn"
 	Version = "1.0.0"
 )
 
