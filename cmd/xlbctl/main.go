@@ -160,6 +160,13 @@ func printStatus(w io.Writer, st control.Status) {
 			fmt.Fprintf(tw, "  backend %s\tweight %d\tactive %d\tnew/s %.1f\n", b.Address, b.Weight, b.Active, b.NewPerSec)
 		}
 	}
+	for _, p := range st.Policies {
+		pid := "down"
+		if p.Pid > 0 {
+			pid = fmt.Sprintf("pid %d", p.Pid)
+		}
+		fmt.Fprintf(tw, "policy plugin %s\t%s\trestarts %d\t%s\n", p.Name, pid, p.Restarts, p.Path)
+	}
 	tw.Flush()
 	names := make([]string, 0, len(st.Counters))
 	for n, v := range st.Counters {

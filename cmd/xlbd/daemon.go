@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"os"
 	"time"
@@ -13,6 +12,7 @@ import (
 	"github.com/xlb-project/xlb/internal/balancer"
 	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/control"
+	"github.com/xlb-project/xlb/internal/policy"
 )
 
 // daemon ties the configuration, the balancer and the control socket.
@@ -21,13 +21,12 @@ type daemon struct {
 	args []string
 	log  *slog.Logger
 	bal  *balancer.Balancer
-	sel  *selector
+	pol  *policy.Manager
 }
 
 func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog.Logger) (_ *daemon, err error) {
 	d := &daemon{cfg: cfg, args: args, log: log}
-	d.sel = newSelector(cfg, log)
-	if err := d.sel.check(cfg.Services); err != nil {
+	if d.pol, err = newPolicies(cfg, d); err != nil {
 		return nil, configError{err}
 	}
 	d.bal, err = balancer.New(balancer.Options{
@@ -40,10 +39,10 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		Timeouts:      timeouts(cfg.Conntrack.Timeouts),
 		GCInterval:    cfg.Conntrack.GCInterval,
 		Logger:        log,
-		Selector:      d.sel,
+		Selector:      d.pol,
 	})
 	if err != nil {
-		d.sel.Close()
+		d.pol.Close()
 		return nil, err
 	}
 	if err := d.bal.SetServices(ctx, services(cfg)); err != nil {
@@ -55,7 +54,7 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 
 func (d *daemon) Close() error {
 	err := d.bal.Close()
-	d.sel.Close()
+	d.pol.Close()
 	return err
 }
 
@@ -63,6 +62,19 @@ func (d *daemon) Close() error {
 func (d *daemon) Run(ctx context.Context, hup <-chan os.Signal) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return d.bal.Run(ctx) })
+	g.Go(func() error { return d.pol.Watch(ctx, 200*time.Millisecond, d.refresh) })
+	g.Go(func() error {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-t.C:
+				d.refresh(ctx)
+			}
+		}
+	})
 	g.Go(func() error { return control.Serve(ctx, d.cfg.Socket, d) })
 	g.Go(func() error {
 		for {
@@ -91,11 +103,13 @@ func (d *daemon) reload(ctx context.Context) error {
 		cfg.SourcePorts != d.cfg.SourcePorts || cfg.Conntrack.MaxEntries != d.cfg.Conntrack.MaxEntries {
 		d.log.Warn("reload: iface, xdp-mode, source-address, source-ports and conntrack.max-entries need a restart; kept")
 	}
-	if err := d.sel.check(cfg.Services); err != nil {
+	if err := checkPolicies(d.pol, cfg.Services); err != nil {
 		return err
 	}
 	start := time.Now()
-	if err := d.bal.SetServices(ctx, services(cfg)); err != nil {
+	err = d.bal.SetServices(ctx, services(cfg))
+	d.pol.Prune(d.bal.Policies())
+	if err != nil {
 		return err
 	}
 	d.cfg.Services = cfg.Services
@@ -140,6 +154,9 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 		}
 		st.Services = append(st.Services, cs)
 	}
+	for _, p := range d.pol.Statuses() {
+		st.Policies = append(st.Policies, control.PolicyStatus{Name: p.Name, Path: p.Path, Pid: p.Pid, Restarts: p.Restarts})
+	}
 	return st, nil
 }
 
@@ -158,5 +175,3 @@ func (d *daemon) Conns(context.Context) ([]control.Conn, error) {
 	}
 	return out, nil
 }
-
-var errUnknownPolicy = errors.New("unknown policy")

@@ -2,41 +2,91 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"time"
 
-	"github.com/xlb-project/xlb/internal/control"
-
-	"github.com/xlb-project/xlb/internal/balancer"
 	"github.com/xlb-project/xlb/internal/config"
+	"github.com/xlb-project/xlb/internal/control"
+	"github.com/xlb-project/xlb/internal/policy"
 )
 
-// selector gives each service the selection of its policy.
-type selector struct {
-	log *slog.Logger
+// pluginDir is where policy names are looked up: the configured
+// directory, or the one holding the xlbd binary.
+func pluginDir(cfg *config.Config) (string, error) {
+	if cfg.PluginDir != "" {
+		return cfg.PluginDir, nil
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return "", fmt.Errorf("find plugin directory: %w", err)
+	}
+	return filepath.Dir(exe), nil
 }
 
-func newSelector(_ *config.Config, log *slog.Logger) *selector {
-	return &selector{log: log}
+func newPolicies(cfg *config.Config, d *daemon) (*policy.Manager, error) {
+	dir, err := pluginDir(cfg)
+	if err != nil {
+		return nil, err
+	}
+	m := policy.NewManager(policy.Options{Dir: dir, SHA256: cfg.PluginSHA256, Logger: d.log})
+	if err := checkPolicies(m, cfg.Services); err != nil {
+		return nil, err
+	}
+	return m, nil
 }
 
-// check refuses services whose policy cannot be served.
-func (s *selector) check(svcs []config.Service) error {
+// checkPolicies refuses services whose policy plugin cannot be found or
+// fails its pin, before anything is touched.
+func checkPolicies(m *policy.Manager, svcs []config.Service) error {
 	for i, svc := range svcs {
-		if svc.Policy != "random" {
-			return fmt.Errorf("services[%d]: policy %q: %w (built in: random)", i, svc.Policy, errUnknownPolicy)
+		if err := m.Check(svc.Policy); err != nil {
+			return fmt.Errorf("services[%d].policy: %w", i, err)
 		}
 	}
 	return nil
 }
 
-func (s *selector) Select(ctx context.Context, svc balancer.ServiceState) (balancer.Selection, error) {
-	return balancer.Uniform{}.Select(ctx, svc)
+// refresh recomputes selection tables (live load for least-conn and
+// friends). A policy that is down keeps its last table in force.
+func (d *daemon) refresh(ctx context.Context) {
+	if err := d.bal.Refresh(ctx); err != nil {
+		level := d.log.Warn
+		if errors.Is(err, policy.ErrBackoff) {
+			level = d.log.Debug
+		}
+		level("refresh selection, last tables kept", "err", err)
+	}
 }
 
-func (s *selector) Close() {}
-
-// SetPolicy implements control.Handler.
+// SetPolicy implements control.Handler: start the new policy's plugin,
+// install its tables, then stop plugins no longer in use.
 func (d *daemon) SetPolicy(ctx context.Context, req control.PolicyRequest) (control.PolicyResult, error) {
-	return control.PolicyResult{}, fmt.Errorf("policy swap: %w", control.ErrNotSupported)
+	start := time.Now()
+	var vip netip.AddrPort
+	if req.Service != "" {
+		var err error
+		if vip, err = netip.ParseAddrPort(req.Service); err != nil {
+			return control.PolicyResult{}, fmt.Errorf("service %q: %w", req.Service, err)
+		}
+	}
+	if err := d.pol.Check(req.Policy); err != nil {
+		return control.PolicyResult{}, err
+	}
+	vips, err := d.bal.SetPolicy(ctx, vip, req.Policy)
+	if err != nil {
+		d.pol.Prune(d.bal.Policies())
+		return control.PolicyResult{}, fmt.Errorf("set policy %s: %w", req.Policy, err)
+	}
+	took := time.Since(start)
+	d.pol.Prune(d.bal.Policies())
+	res := control.PolicyResult{Took: took.String()}
+	for _, v := range vips {
+		res.Services = append(res.Services, v.String())
+	}
+	d.log.Info("policy swapped", "policy", req.Policy, "services", res.Services, "took", res.Took)
+	return res, nil
 }

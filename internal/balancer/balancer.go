@@ -92,6 +92,8 @@ type service struct {
 	id       uint32
 	spec     Service
 	backends []*backend // in spec order
+	mode     dispatcher.Mode
+	table    []uint32 // backend ids in force
 }
 
 type backend struct {
@@ -342,23 +344,100 @@ func (b *Balancer) state(svc *service) ServiceState {
 	return st
 }
 
-func (b *Balancer) installSelection(ctx context.Context, svc *service) error {
+// selection asks the Selector for a service's table and checks it; it
+// changes nothing.
+func (b *Balancer) selection(ctx context.Context, svc *service, policy string) (dispatcher.Mode, []uint32, error) {
 	st := b.state(svc)
+	st.Policy = policy
 	sel, err := b.opts.Selector.Select(ctx, st)
 	if err != nil {
-		return fmt.Errorf("select with policy %s: %w", svc.spec.Policy, err)
+		return 0, nil, fmt.Errorf("select with policy %s: %w", policy, err)
+	}
+	if len(sel.Table) == 0 {
+		return 0, nil, fmt.Errorf("policy %s: empty table", policy)
 	}
 	ids := make([]uint32, len(sel.Table))
 	for i, idx := range sel.Table {
 		if idx < 0 || idx >= len(st.Backends) {
-			return fmt.Errorf("policy %s: table entry %d names backend %d of %d", svc.spec.Policy, i, idx, len(st.Backends))
+			return 0, nil, fmt.Errorf("policy %s: table entry %d names backend %d of %d", policy, i, idx, len(st.Backends))
 		}
 		if st.Backends[idx].Weight == 0 {
-			return fmt.Errorf("policy %s: table entry %d names backend %s of weight 0", svc.spec.Policy, i, st.Backends[idx].Address)
+			return 0, nil, fmt.Errorf("policy %s: table entry %d names backend %s of weight 0", policy, i, st.Backends[idx].Address)
 		}
 		ids[i] = st.Backends[idx].ID
 	}
-	return b.pipe.SetSelection(svc.id, sel.Mode, ids)
+	return sel.Mode, ids, nil
+}
+
+// install puts a table in force, unless it is the one already in force.
+func (b *Balancer) install(svc *service, mode dispatcher.Mode, ids []uint32) error {
+	if mode == svc.mode && slices.Equal(ids, svc.table) {
+		return nil
+	}
+	if err := b.pipe.SetSelection(svc.id, mode, ids); err != nil {
+		return err
+	}
+	svc.mode, svc.table = mode, ids
+	return nil
+}
+
+func (b *Balancer) installSelection(ctx context.Context, svc *service) error {
+	mode, ids, err := b.selection(ctx, svc, svc.spec.Policy)
+	if err != nil {
+		return err
+	}
+	return b.install(svc, mode, ids)
+}
+
+// SetPolicy switches the policy of one service (vip valid) or of all. The
+// new tables are all computed before any is installed; if one fails,
+// nothing changes. Established connections keep their backends.
+func (b *Balancer) SetPolicy(ctx context.Context, vip netip.AddrPort, policy string) ([]netip.AddrPort, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	type pending struct {
+		svc  *service
+		mode dispatcher.Mode
+		ids  []uint32
+	}
+	var todo []pending
+	for _, svc := range b.services {
+		if vip.IsValid() && svc.spec.VIP != vip {
+			continue
+		}
+		mode, ids, err := b.selection(ctx, svc, policy)
+		if err != nil {
+			return nil, fmt.Errorf("service %s: %w", svc.spec.VIP, err)
+		}
+		todo = append(todo, pending{svc, mode, ids})
+	}
+	if len(todo) == 0 {
+		return nil, fmt.Errorf("%w: %s", ErrNoService, vip)
+	}
+	var done []netip.AddrPort
+	for _, p := range todo {
+		if err := b.install(p.svc, p.mode, p.ids); err != nil {
+			return done, fmt.Errorf("service %s: %w", p.svc.spec.VIP, err)
+		}
+		p.svc.spec.Policy = policy
+		done = append(done, p.svc.spec.VIP)
+	}
+	slices.SortFunc(done, func(x, y netip.AddrPort) int { return x.Compare(y) })
+	return done, nil
+}
+
+// Policies lists the policies in use.
+func (b *Balancer) Policies() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []string
+	for _, svc := range b.services {
+		if !slices.Contains(out, svc.spec.Policy) {
+			out = append(out, svc.spec.Policy)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Refresh recomputes every service's selection from current load, for

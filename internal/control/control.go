@@ -38,7 +38,16 @@ type Status struct {
 	XDPMode       string            `json:"xdp_mode"`
 	SourceAddress string            `json:"source_address"`
 	Services      []Service         `json:"services"`
+	Policies      []PolicyStatus    `json:"policies"`
 	Counters      map[string]uint64 `json:"counters"`
+}
+
+// PolicyStatus is a policy plugin's process.
+type PolicyStatus struct {
+	Name     string `json:"name"`
+	Path     string `json:"path"`
+	Pid      int    `json:"pid"` // 0 while down
+	Restarts int    `json:"restarts"`
 }
 
 // Conn is one tracked connection.

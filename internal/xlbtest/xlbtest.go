@@ -22,8 +22,11 @@ import (
 
 // Binaries are the commands Build makes, by output name and package.
 var Binaries = map[string]string{
-	"xlbd":   "./cmd/xlbd",
-	"xlbctl": "./cmd/xlbctl",
+	"xlbd":                  "./cmd/xlbd",
+	"xlbctl":                "./cmd/xlbctl",
+	"xlb-policy-random":     "./plugins/random/cmd/xlb-policy-random",
+	"xlb-policy-hash":       "./plugins/hash/cmd/xlb-policy-hash",
+	"xlb-policy-least-conn": "./plugins/leastconn/cmd/xlb-policy-least-conn",
 }
 
 var (
