@@ -62,12 +62,8 @@ func Launch(ctx context.Context, cfg LaunchConfig) (_ *Client, err error) {
 		if len(cfg.SHA256) != sha256.Size {
 			return nil, fmt.Errorf("launch policy %s: pinned sha256 has %d bytes, want %d", cfg.Path, len(cfg.SHA256), sha256.Size)
 		}
-		sum, err := fileSHA256(cfg.Path)
-		if err != nil {
-			return nil, fmt.Errorf("launch policy %s: %w", cfg.Path, err)
-		}
-		if !bytes.Equal(sum, cfg.SHA256) {
-			return nil, checksumError(cfg.Path, cfg.SHA256, sum)
+		if err := VerifySHA256(cfg.Path, cfg.SHA256); err != nil {
+			return nil, err
 		}
 		secure = &plugin.SecureConfig{Checksum: cfg.SHA256, Hash: sha256.New()}
 	}
@@ -151,6 +147,19 @@ func (c *Client) handshake(ctx context.Context) error {
 		return errors.New("info: plugin has no name")
 	}
 	c.name = info.Name
+	return nil
+}
+
+// VerifySHA256 checks a plugin binary against its pinned SHA-256, so a
+// host can refuse a bad pin before it starts anything.
+func VerifySHA256(path string, want []byte) error {
+	sum, err := fileSHA256(path)
+	if err != nil {
+		return fmt.Errorf("launch policy %s: %w", path, err)
+	}
+	if !bytes.Equal(sum, want) {
+		return checksumError(path, want, sum)
+	}
 	return nil
 }
 

@@ -89,8 +89,11 @@ func (m *Manager) Check(name string) error {
 	if err != nil {
 		return err
 	}
-	_, err = m.pin(name, path)
-	return err
+	sum, err := m.pin(name, path)
+	if err != nil || sum == nil {
+		return err
+	}
+	return plugins.VerifySHA256(path, sum)
 }
 
 func (m *Manager) pin(name, path string) ([]byte, error) {
