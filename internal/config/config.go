@@ -57,6 +57,9 @@ type Config struct {
 	Services []Service `mapstructure:"services"`
 	// Chain are the XDP programs chained with xlb on the interface.
 	Chain []ChainMember `mapstructure:"chain"`
+	// XLBPriority is the place of xlb's own pipeline in the chain,
+	// 0 to 1000, lower runs first.
+	XLBPriority int `mapstructure:"xlb-priority"`
 }
 
 // PortRange is an inclusive range of ports, written "LO-HI".
@@ -130,6 +133,7 @@ const (
 	DefaultPolicy     = "random"
 	DefaultSocket     = "/run/xlb/xlbd.sock"
 	DefaultPinPath    = "/sys/fs/bpf/xlb"
+	DefaultPriority   = 50 // a chain member's, as libxdp's XDP_DEFAULT_RUN_PRIO
 	DefaultLogLevel   = "info"
 	DefaultMaxEntries = 262144
 )
@@ -143,6 +147,7 @@ func Default() *Config {
 		DefaultPolicy: DefaultPolicy,
 		Socket:        DefaultSocket,
 		PinPath:       DefaultPinPath,
+		XLBPriority:   DefaultPriority,
 		LogLevel:      DefaultLogLevel,
 		Conntrack: Conntrack{
 			MaxEntries: DefaultMaxEntries,
@@ -169,6 +174,7 @@ var envKeys = []string{
 	"socket",
 	"pin-path",
 	"log-level",
+	"xlb-priority",
 	"conntrack.max-entries",
 	"conntrack.gc-interval",
 	"conntrack.timeouts.syn",
@@ -316,6 +322,7 @@ func setDefaults(v *viper.Viper, d *Config) {
 	v.SetDefault("conntrack.timeouts.closed", d.Conntrack.Timeouts.Closed)
 	v.SetDefault("services", nil)
 	v.SetDefault("chain", nil)
+	v.SetDefault("xlb-priority", d.XLBPriority)
 }
 
 // readFile reads the YAML file at path and checks that it holds only known

@@ -277,6 +277,7 @@ services:
 		{
 			name: "chain",
 			file: oneService + `
+xlb-priority: 40
 chain:
   - name: fw
     object: {{dir}}/prog.o
@@ -290,6 +291,7 @@ chain:
 				c.Iface = "eth0"
 				c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:8080")}
 				ten := 10
+				c.XLBPriority = 40
 				c.Chain = []ChainMember{
 					{Name: "fw", Object: "{{dir}}/prog.o", Priority: &ten, ContinueOn: []string{"pass", "tx"}},
 					{Name: "metrics-1", Object: "{{dir}}/prog.o", Program: "count"},
@@ -448,6 +450,7 @@ chain:
 			wantErr: `services[0].policy: "plugins/hash" is not a name [a-z0-9-]+ or an absolute path`,
 		},
 		{name: "bad default policy", file: oneService, args: []string{"--policy", "Round Robin"}, wantErr: `policy: "Round Robin" is not a name [a-z0-9-]+ or an absolute path`},
+		{name: "bad xlb-priority", file: oneService, env: map[string]string{"XLB_XLB_PRIORITY": "2000"}, wantErr: "xlb-priority: 2000 out of range 0..1000"},
 		{name: "bad log-level", file: oneService, env: map[string]string{"XLB_LOG_LEVEL": "verbose"}, wantErr: `log-level: "verbose" is not debug, info, warn or error`},
 		{name: "max-entries too small", file: oneService + "conntrack: {max-entries: 100}\n", wantErr: "conntrack.max-entries: 100 out of range 1024..16777216"},
 		{name: "gc-interval too short", file: oneService + "conntrack: {gc-interval: 10ms}\n", wantErr: "conntrack.gc-interval: 10ms out of range 100ms..1m0s"},
@@ -607,6 +610,9 @@ func TestValidate(t *testing.T) {
 			c.Chain = []ChainMember{{Name: "fw", Object: obj, Priority: intp(0)}, {Name: "ids", Object: obj, Priority: intp(1000), ContinueOn: Verdicts}}
 		}},
 		{name: "chain name too long", edit: func(c *Config) { c.Chain = []ChainMember{{Name: "a-sixteen-chars!", Object: obj}} }, wantErr: `chain[0].name: "a-sixteen-chars!" is not [a-z0-9-]{1,15}`},
+		{name: "chain member named xlb", edit: func(c *Config) { c.Chain = []ChainMember{{Name: "xlb", Object: obj}} }, wantErr: `chain[0].name: "xlb" is xlb's own pipeline`},
+		{name: "xlb priority", edit: func(c *Config) { c.XLBPriority = 1001 }, wantErr: "xlb-priority: 1001 out of range 0..1000"},
+		{name: "xlb priority negative", edit: func(c *Config) { c.XLBPriority = -1 }, wantErr: "xlb-priority: -1 out of range 0..1000"},
 		{name: "chain name empty", edit: func(c *Config) { c.Chain = []ChainMember{{Object: obj}} }, wantErr: `chain[0].name: "" is not [a-z0-9-]{1,15}`},
 		{name: "chain duplicate name", edit: func(c *Config) { c.Chain = []ChainMember{{Name: "fw", Object: obj}, {Name: "fw", Object: obj}} }, wantErr: `chain[1]: duplicate name "fw" (also chain[0])`},
 		{name: "chain without object", edit: func(c *Config) { c.Chain = []ChainMember{{Name: "fw"}} }, wantErr: "chain[0].object: required"},

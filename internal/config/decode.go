@@ -223,6 +223,7 @@ var (
 		"socket":         leaf,
 		"pin-path":       leaf,
 		"log-level":      leaf,
+		"xlb-priority":   leaf,
 		"conntrack": {fields: map[string]*schema{
 			"max-entries": leaf,
 			"gc-interval": leaf,

@@ -89,6 +89,9 @@ func (c *Config) Validate() error {
 	if err := validateServices(c.Services); err != nil {
 		return err
 	}
+	if c.XLBPriority < 0 || c.XLBPriority > MaxPriority {
+		return fmt.Errorf("xlb-priority: %d out of range 0..%d", c.XLBPriority, MaxPriority)
+	}
 	return validateChain(c.Chain)
 }
 
@@ -210,6 +213,9 @@ func validateChain(chain []ChainMember) error {
 		key := fmt.Sprintf("chain[%d]", i)
 		if !memberName.MatchString(m.Name) {
 			return fmt.Errorf("%s.name: %q is not [a-z0-9-]{1,%d}", key, m.Name, maxChainMemberLen)
+		}
+		if m.Name == "xlb" {
+			return fmt.Errorf("%s.name: \"xlb\" is xlb's own pipeline", key)
 		}
 		if first, ok := names[m.Name]; ok {
 			return fmt.Errorf("%s: duplicate name %q (also chain[%d])", key, m.Name, first)
