@@ -10,7 +10,7 @@ PLUGINS := xlb-policy-random:./plugins/random/cmd/xlb-policy-random \
 	xlb-policy-least-conn:./plugins/leastconn/cmd/xlb-policy-least-conn
 TESTLOG ?= $(BIN)/test.log
 
-.PHONY: all build generate check-generated test bench demo clean
+.PHONY: all deps build generate check-generated test bench demo clean
 
 all: build
 
@@ -21,8 +21,13 @@ build:
 		if [ -d "$$pkg" ]; then echo "go build -o $(BIN)/$$name $$pkg"; $(GO) build -o $(BIN)/$$name $$pkg; fi; \
 	done
 
+# Packages the tests and `make generate` need (clang, libbpf-dev, protoc,
+# libxdp-dev, xdp-tools, ...), installed when missing; bpffs mounted.
+deps:
+	@.ci/install-deps
+
 # Regenerate the committed bpf2go and protobuf output (needs clang, libbpf-dev, protoc).
-generate:
+generate: deps
 	$(GO) generate ./dispatcher/ ./plugins/...
 
 # CI: the committed generated code must be what `make generate` makes.
@@ -34,7 +39,7 @@ check-generated: generate
 # the cost checks want the machine's two cores to themselves). Privileged
 # suites fail instead of skipping when CI is set; .ci/required-tests lists
 # suites that must have run and passed.
-test: build
+test: deps build
 	@mkdir -p $(BIN)
 	@set -o pipefail; $(GO) test -count=1 -p 1 -v ./... 2>&1 | tee $(TESTLOG) | grep -E '^(=== RUN|--- |ok |FAIL|PASS|panic:)' | grep -v '^=== RUN'; \
 		status=$$?; \
