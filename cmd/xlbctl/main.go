@@ -108,7 +108,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			if m.Builtin {
 				obj = "(xlb pipeline)"
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", m.Priority, m.Name, m.Program, strings.Join(m.ContinueOn, ","), obj, m.PinPath)
+			maps := m.PinPath
+			if len(m.Maps) > 0 {
+				maps += "/{" + strings.Join(m.Maps, ",") + "}"
+			}
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", m.Priority, m.Name, m.Program, strings.Join(m.ContinueOn, ","), obj, maps)
 		}
 		return tw.Flush()
 	case len(a) == 3 && a[0] == "chain" && a[1] == "add":

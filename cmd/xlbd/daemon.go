@@ -17,11 +17,12 @@ import (
 
 // daemon ties the configuration, the balancer and the control socket.
 type daemon struct {
-	cfg  *config.Config
-	args []string
-	log  *slog.Logger
-	bal  *balancer.Balancer
-	pol  *policy.Manager
+	cfg   *config.Config
+	args  []string
+	log   *slog.Logger
+	bal   *balancer.Balancer
+	pol   *policy.Manager
+	chain *chain
 }
 
 func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog.Logger) (_ *daemon, err error) {
@@ -49,12 +50,19 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		d.Close()
 		return nil, err
 	}
+	if d.chain, err = newChain(cfg, d.bal, log); err != nil {
+		d.Close()
+		return nil, err
+	}
 	return d, nil
 }
 
 func (d *daemon) Close() error {
 	err := d.bal.Close()
 	d.pol.Close()
+	if cerr := d.chain.Close(); err == nil {
+		err = cerr
+	}
 	return err
 }
 

@@ -82,6 +82,7 @@ type ChainMember struct {
 	ContinueOn []string `json:"continue_on"`
 	Builtin    bool     `json:"builtin,omitempty"` // xlb's own pipeline
 	PinPath    string   `json:"pin_path,omitempty"`
+	Maps       []string `json:"maps,omitempty"` // pinned in PinPath
 }
 
 // Handler is what the server exposes. Methods return errors meant for
