@@ -124,3 +124,10 @@ int not_xdp(struct __sk_buff *skb)
 {
 	return 0;
 }
+
+/* pass_only is the cheapest member, for the chain benchmark. */
+SEC("xdp")
+int pass_only(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
