@@ -113,10 +113,14 @@ type GCResult struct {
 	Scanned, Expired, Orphans int
 }
 
-// GC removes connections idle for longer than their state's timeout
-// (both table entries, freeing the source port) and uncounts them from
-// their backend if the data path had not already (on FIN/RST). It also
-// removes return entries whose forward entry is gone.
+// GC removes connections idle for longer than their state's timeout and
+// uncounts them from their backend if the data path had not already (on
+// FIN/RST). The return entry goes too, freeing the source port, unless
+// the backend closed first: then it is kept, marked as a hold, until
+// Timeouts.TimeWait has passed, so the port is not given to another
+// client while the backend's TIME_WAIT would refuse it. Return entries
+// whose forward entry is gone are removed after Closed (or TimeWait for
+// holds).
 func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 	var res GCResult
 	now := monoNow()
@@ -153,7 +157,14 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 		if err := p.objs.XlbFwd.Delete(&v.fk); err != nil {
 			continue
 		}
-		_ = p.objs.XlbRet.Delete(&rk)
+		if cur.Flags&uint32(xlbXlbConnFlagXLB_CF_TW) != 0 {
+			if err := p.objs.XlbRet.Lookup(&rk, &r); err == nil {
+				r.Flags |= uint32(xlbXlbRconnFlagXLB_RF_TW_HOLD)
+				_ = p.objs.XlbRet.Update(&rk, &r, ebpf.UpdateExist)
+			}
+		} else {
+			_ = p.objs.XlbRet.Delete(&rk)
+		}
 		if connState(cur.Flags) != uint32(xlbXlbCtStateXLB_CT_CLOSED) {
 			p.uncount(cur.BackendId)
 		}
@@ -163,7 +174,11 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 	// Return entries left behind by an LRU eviction of their forward entry.
 	var orphans []xlbXlbFlow
 	err = walk(p.objs.XlbRet, func(k *xlbXlbFlow, r *xlbXlbRconn) {
-		if idle(now, r.LastSeenNs) <= t.Closed {
+		keep := t.Closed
+		if r.Flags&uint32(xlbXlbRconnFlagXLB_RF_TW_HOLD) != 0 {
+			keep = t.timeWait()
+		}
+		if idle(now, r.LastSeenNs) <= keep {
 			return
 		}
 		fk := xlbXlbFlow{Saddr: r.Caddr, Daddr: r.Vaddr, Sport: r.Cport, Dport: r.Vport, Proto: unix.IPPROTO_TCP}

@@ -163,9 +163,20 @@ func (p *Pipeline) Stage(s Stage) *ebpf.Program {
 // ProgArray is the stage program array, for chaining and tests.
 func (p *Pipeline) ProgArray() *ebpf.Map { return p.objs.XlbProgs }
 
-// Timeouts are the idle timeouts per TCP state.
+// Timeouts are the idle timeouts per TCP state. TimeWait is how long a
+// source port stays reserved after a connection whose backend closed
+// first (and so holds TIME_WAIT for it) ended; 0 means 60s, Linux's
+// TIME_WAIT.
 type Timeouts struct {
 	SYN, Established, FIN, Closed time.Duration
+	TimeWait                      time.Duration
+}
+
+func (t Timeouts) timeWait() time.Duration {
+	if t.TimeWait <= 0 {
+		return 60 * time.Second
+	}
+	return max(t.TimeWait, t.Closed)
 }
 
 func (t Timeouts) byState(s uint32) time.Duration {
@@ -304,6 +315,7 @@ func (p *Pipeline) ResetBackendStats(id uint32) error {
 	s := p.bkStat(id)
 	atomic.StoreInt64(&s.Active, 0)
 	atomic.StoreUint64(&s.NewConns, 0)
+	atomic.StoreUint64(&s.PortSeq, 0)
 	return nil
 }
 

@@ -24,6 +24,7 @@ type xlbXlbBackendStats struct {
 	_        structs.HostLayout
 	Active   int64
 	NewConns uint64
+	PortSeq  uint64
 }
 
 type xlbXlbCfg struct {
@@ -57,6 +58,7 @@ const (
 	xlbXlbConnFlagXLB_CF_FIN_C xlbXlbConnFlag = 4
 	xlbXlbConnFlagXLB_CF_FIN_B xlbXlbConnFlag = 8
 	xlbXlbConnFlagXLB_CF_RST   xlbXlbConnFlag = 16
+	xlbXlbConnFlagXLB_CF_TW    xlbXlbConnFlag = 32
 )
 
 type xlbXlbCtState uint32
@@ -112,11 +114,17 @@ type xlbXlbRconn struct {
 	Vaddr      uint32
 	Cport      uint16
 	Vport      uint16
-	Pad        uint32
+	Flags      uint32
 	LastSeenNs uint64
 	NhNs       uint64
 	Nh         xlbXlbNh
 }
+
+type xlbXlbRconnFlag uint32
+
+const (
+	xlbXlbRconnFlagXLB_RF_TW_HOLD xlbXlbRconnFlag = 1
+)
 
 type xlbXlbSelMode uint32
 
@@ -206,6 +214,7 @@ const (
 	xlbVarUnusedFlag    = "unused_flag"
 	xlbVarUnusedMode    = "unused_mode"
 	xlbVarUnusedPkt     = "unused_pkt"
+	xlbVarUnusedRflag   = "unused_rflag"
 	xlbVarUnusedStage   = "unused_stage"
 	xlbVarUnusedStat    = "unused_stat"
 )
@@ -286,6 +295,7 @@ type xlbVariableSpecs struct {
 	UnusedFlag  *ebpf.VariableSpec `ebpf:"unused_flag"`
 	UnusedMode  *ebpf.VariableSpec `ebpf:"unused_mode"`
 	UnusedPkt   *ebpf.VariableSpec `ebpf:"unused_pkt"`
+	UnusedRflag *ebpf.VariableSpec `ebpf:"unused_rflag"`
 	UnusedStage *ebpf.VariableSpec `ebpf:"unused_stage"`
 	UnusedStat  *ebpf.VariableSpec `ebpf:"unused_stat"`
 }
@@ -350,6 +360,7 @@ type xlbVariables struct {
 	UnusedFlag  *ebpf.Variable `ebpf:"unused_flag"`
 	UnusedMode  *ebpf.Variable `ebpf:"unused_mode"`
 	UnusedPkt   *ebpf.Variable `ebpf:"unused_pkt"`
+	UnusedRflag *ebpf.Variable `ebpf:"unused_rflag"`
 	UnusedStage *ebpf.Variable `ebpf:"unused_stage"`
 	UnusedStat  *ebpf.Variable `ebpf:"unused_stat"`
 }

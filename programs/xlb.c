@@ -31,6 +31,7 @@ const enum xlb_conn_flag *unused_flag __attribute__((unused));
 const enum xlb_dir *unused_dir __attribute__((unused));
 const enum xlb_ct_state *unused_ct __attribute__((unused));
 const struct xlb_pkt *unused_pkt __attribute__((unused));
+const enum xlb_rconn_flag *unused_rflag __attribute__((unused));
 
 /* xlb_dispatch is the entry point attached to the interface. */
 SEC("xdp")
@@ -139,7 +140,16 @@ static __always_inline void conntrack_recycle(struct xlb_conn *c, struct xlb_flo
 
 	if (!conn_closed(c->flags))
 		backend_uncount(c->backend_id);
-	bpf_map_delete_elem(&xlb_ret, &rk);
+	if (c->flags & XLB_CF_TW) {
+		/* Keep the port from reuse until the daemon's time-wait
+		 * sweep frees it: the backend may hold TIME_WAIT for it. */
+		struct xlb_rconn *r = bpf_map_lookup_elem(&xlb_ret, &rk);
+
+		if (r)
+			r->flags |= XLB_RF_TW_HOLD;
+	} else {
+		bpf_map_delete_elem(&xlb_ret, &rk);
+	}
 	bpf_map_delete_elem(&xlb_fwd, key);
 	count(XLB_STAT_RECYCLED);
 }
@@ -202,6 +212,9 @@ static __always_inline int conntrack_ret(struct xdp_md *ctx, struct xlb_pkt *p, 
 		if (c) {
 			__u32 bits = tcp_conn_bits(fl, XLB_CF_FIN_B);
 
+			/* A backend that closes first holds TIME_WAIT. */
+			if ((bits & XLB_CF_FIN_B) && !(c->flags & XLB_CF_FIN_C))
+				bits |= XLB_CF_TW;
 			if ((fl & (TCP_FL_SYN | TCP_FL_ACK)) == (TCP_FL_SYN | TCP_FL_ACK))
 				bits |= XLB_CF_ESTAB;
 			conn_mark(c, bits);
@@ -388,12 +401,16 @@ int xlb_select(struct xdp_md *ctx)
 	range = (__u32)cfg->port_hi - cfg->port_lo + 1;
 	if (cfg->port_hi < cfg->port_lo)
 		return drop(XLB_STAT_DROP_INTERNAL);
-	start = pick(bpf_get_prandom_u32(), range);
+	bs = bpf_map_lookup_elem(&xlb_bk_stats, &bid);
+	if (!bs)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	/* Walk the range per backend, as connect() does: a port comes back
+	 * only after the whole range was used, long after the backend's
+	 * TIME_WAIT for it, in all but the busiest cases. */
+	start = (__u32)(__sync_fetch_and_add(&bs->port_seq, 1) % range);
 	for (i = 0; i < XLB_PORT_TRIES; i++) {
-		__u32 off = start + i;
+		__u32 off = (start + i) % range;
 
-		if (off >= range)
-			off -= range;
 		rk.dport = bpf_htons(cfg->port_lo + off);
 		if (bpf_map_update_elem(&xlb_ret, &rk, &r, BPF_NOEXIST) == 0)
 			break;
@@ -406,11 +423,8 @@ int xlb_select(struct xdp_md *ctx)
 		bpf_map_delete_elem(&xlb_ret, &rk);
 		return drop(XLB_STAT_DROP_SYN_RACE);
 	}
-	bs = bpf_map_lookup_elem(&xlb_bk_stats, &bid);
-	if (bs) {
-		__sync_fetch_and_add(&bs->active, 1);
-		__sync_fetch_and_add(&bs->new_conns, 1);
-	}
+	__sync_fetch_and_add(&bs->active, 1);
+	__sync_fetch_and_add(&bs->new_conns, 1);
 	count(XLB_STAT_NEW_CONN);
 
 	p->new_saddr = c.laddr;

@@ -126,7 +126,7 @@ func (d *daemon) reload(ctx context.Context) error {
 }
 
 func timeouts(t config.Timeouts) dispatcher.Timeouts {
-	return dispatcher.Timeouts{SYN: t.SYN, Established: t.Established, FIN: t.FIN, Closed: t.Closed}
+	return dispatcher.Timeouts{SYN: t.SYN, Established: t.Established, FIN: t.FIN, Closed: t.Closed, TimeWait: t.TimeWait}
 }
 
 func services(cfg *config.Config) []balancer.Service {

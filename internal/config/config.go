@@ -88,6 +88,9 @@ type Timeouts struct {
 	FIN time.Duration `mapstructure:"fin"`
 	// Closed applies after a RST, or FINs in both directions.
 	Closed time.Duration `mapstructure:"closed"`
+	// TimeWait keeps a source port reserved after a connection whose
+	// backend closed first, while the backend holds TIME_WAIT for it.
+	TimeWait time.Duration `mapstructure:"time-wait"`
 }
 
 // Service is a virtual IPv4 service and its backends.
@@ -143,7 +146,7 @@ const (
 func Default() *Config {
 	return &Config{
 		XDPMode:       DefaultXDPMode,
-		SourcePorts:   PortRange{Lo: 20000, Hi: 29999},
+		SourcePorts:   PortRange{Lo: 10000, Hi: 32767},
 		DefaultPolicy: DefaultPolicy,
 		Socket:        DefaultSocket,
 		PinPath:       DefaultPinPath,
@@ -157,6 +160,7 @@ func Default() *Config {
 				Established: 900 * time.Second,
 				FIN:         120 * time.Second,
 				Closed:      10 * time.Second,
+				TimeWait:    60 * time.Second,
 			},
 		},
 	}
@@ -181,6 +185,7 @@ var envKeys = []string{
 	"conntrack.timeouts.established",
 	"conntrack.timeouts.fin",
 	"conntrack.timeouts.closed",
+	"conntrack.timeouts.time-wait",
 }
 
 // fileOnlyKeys are the keys that only the configuration file may set.
@@ -320,6 +325,7 @@ func setDefaults(v *viper.Viper, d *Config) {
 	v.SetDefault("conntrack.timeouts.established", d.Conntrack.Timeouts.Established)
 	v.SetDefault("conntrack.timeouts.fin", d.Conntrack.Timeouts.FIN)
 	v.SetDefault("conntrack.timeouts.closed", d.Conntrack.Timeouts.Closed)
+	v.SetDefault("conntrack.timeouts.time-wait", d.Conntrack.Timeouts.TimeWait)
 	v.SetDefault("services", nil)
 	v.SetDefault("chain", nil)
 	v.SetDefault("xlb-priority", d.XLBPriority)

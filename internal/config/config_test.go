@@ -18,7 +18,7 @@ import (
 const exampleFile = `
 iface: eth0
 xdp-mode: native
-source-ports: 20000-29999
+source-ports: 10000-32767
 conntrack:
   max-entries: 65536
   timeouts: {established: 15m}
@@ -101,7 +101,7 @@ log-level: debug
 conntrack:
   max-entries: 1024
   gc-interval: 250ms
-  timeouts: {syn: 5s, established: 1h, fin: 30s, closed: 1s}
+  timeouts: {syn: 5s, established: 1h, fin: 30s, closed: 1s, time-wait: 2m}
 services:
   - vip: 10.0.0.10:80
     backends: [10.0.0.2:80]
@@ -123,7 +123,7 @@ services:
 				c.Conntrack = Conntrack{
 					MaxEntries: 1024,
 					GCInterval: 250 * time.Millisecond,
-					Timeouts:   Timeouts{SYN: 5 * time.Second, Established: time.Hour, FIN: 30 * time.Second, Closed: time.Second},
+					Timeouts:   Timeouts{SYN: 5 * time.Second, Established: time.Hour, FIN: 30 * time.Second, Closed: time.Second, TimeWait: 2 * time.Minute},
 				}
 				c.Services = []Service{svc("10.0.0.10:80", "/usr/lib/xlb/policy-maglev", "10.0.0.2:80")}
 			},
@@ -330,7 +330,7 @@ chain:
 		{name: "unknown top-level key", file: oneService + "conntrak: {max-entries: 1024}\n", wantErr: `unknown key "conntrak" in {{file}}`},
 		{name: "upper-case key", file: oneService + "Log-Level: debug\n", wantErr: `unknown key "Log-Level" in {{file}}`},
 		{name: "unknown conntrack key", file: oneService + "conntrack: {max-entry: 1024}\n", wantErr: `unknown key "conntrack.max-entry" in {{file}}`},
-		{name: "unknown timeout", file: oneService + "conntrack: {timeouts: {time-wait: 1s}}\n", wantErr: `unknown key "conntrack.timeouts.time-wait" in {{file}}`},
+		{name: "unknown timeout", file: oneService + "conntrack: {timeouts: {linger: 1s}}\n", wantErr: `unknown key "conntrack.timeouts.linger" in {{file}}`},
 		{
 			name:    "unknown service key",
 			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    polcy: hash\n    backends: [10.0.0.2:80]\n",

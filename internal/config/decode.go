@@ -232,6 +232,7 @@ var (
 				"established": leaf,
 				"fin":         leaf,
 				"closed":      leaf,
+				"time-wait":   leaf,
 			}},
 		}},
 		"services": {elem: &schema{fields: map[string]*schema{

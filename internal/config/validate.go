@@ -136,6 +136,7 @@ func (ct *Conntrack) validate() error {
 		{"established", ct.Timeouts.Established},
 		{"fin", ct.Timeouts.FIN},
 		{"closed", ct.Timeouts.Closed},
+		{"time-wait", ct.Timeouts.TimeWait},
 	} {
 		if t.d < MinTimeout {
 			return fmt.Errorf("timeouts.%s: %s below %s", t.key, t.d, MinTimeout)

@@ -35,6 +35,14 @@ enum xlb_conn_flag {
 	XLB_CF_FIN_C = 1 << 2, /* FIN from the client */
 	XLB_CF_FIN_B = 1 << 3, /* FIN from the backend */
 	XLB_CF_RST = 1 << 4,   /* RST from either side */
+	XLB_CF_TW = 1 << 5,    /* the backend closed first: it holds TIME_WAIT */
+};
+
+/* Return entry flags (struct xlb_rconn.flags). */
+enum xlb_rconn_flag {
+	/* The connection is gone; the entry only keeps its source port from
+	 * being reused while the backend may still hold TIME_WAIT for it. */
+	XLB_RF_TW_HOLD = 1 << 0,
 };
 
 /* Per-CPU counters, indexes into xlb_stats. */

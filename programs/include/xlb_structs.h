@@ -40,6 +40,7 @@ struct xlb_backend {
 struct xlb_backend_stats {
 	__s64 active;    /* open connections: +1 on create, -1 on close or expiry */
 	__u64 new_conns; /* connections created, ever */
+	__u64 port_seq;  /* source-port cursor: allocations walk the range */
 };
 
 /* A cached next hop, filled from bpf_fib_lookup. */
@@ -71,7 +72,7 @@ struct xlb_rconn {
 	__be32 vaddr; /* VIP */
 	__be16 cport;
 	__be16 vport;
-	__u32 pad;
+	__u32 flags;        /* enum xlb_rconn_flag */
 	__u64 last_seen_ns; /* last backend packet */
 	__u64 nh_ns;
 	struct xlb_nh nh; /* towards the client */
