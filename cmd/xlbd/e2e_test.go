@@ -34,7 +34,7 @@ type topo struct {
 
 const backendPort = 8080
 
-func newTopo(t *testing.T, mode string, extra ...string) *topo {
+func newTopo(t testing.TB, mode string, extra ...string) *topo {
 	t.Helper()
 	testnet.RequirePrivileged(t)
 	lan := testnet.NewLAN(t, testnet.LANOptions{
