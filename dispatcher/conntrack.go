@@ -46,18 +46,12 @@ func connState(flags uint32) uint32 {
 	return uint32(xlbXlbCtStateXLB_CT_SYN)
 }
 
-// monoNow is the clock of bpf_ktime_get_coarse_ns.
-func monoNow() uint64 {
-	var ts unix.Timespec
-	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC_COARSE, &ts)
-	return uint64(ts.Nano())
-}
-
-func idle(now, last uint64) time.Duration {
+// idle converts a jiffies difference to a duration.
+func (p *Pipeline) idle(now, last uint64) time.Duration {
 	if last >= now {
 		return 0
 	}
-	return time.Duration(now - last)
+	return time.Duration(now-last) * p.tick
 }
 
 func addrPort(a uint32, p uint16) netip.AddrPort {
@@ -91,9 +85,12 @@ func walk[K, V any](m *ebpf.Map, fn func(k *K, v *V)) error {
 
 // Conns lists the tracked connections.
 func (p *Pipeline) Conns() ([]Conn, error) {
-	now := monoNow()
+	now, err := p.now()
+	if err != nil {
+		return nil, err
+	}
 	var out []Conn
-	err := walk(p.objs.XlbFwd, func(k *xlbXlbFlow, c *xlbXlbConn) {
+	err = walk(p.objs.XlbFwd, func(k *xlbXlbFlow, c *xlbXlbConn) {
 		out = append(out, Conn{
 			Client:    addrPort(k.Saddr, k.Sport),
 			VIP:       addrPort(k.Daddr, k.Dport),
@@ -102,7 +99,7 @@ func (p *Pipeline) Conns() ([]Conn, error) {
 			BackendID: c.BackendId,
 			Service:   c.SvcId,
 			State:     stateName(connState(c.Flags)),
-			Idle:      idle(now, c.LastSeenNs),
+			Idle:      p.idle(now, c.LastSeenJ),
 		})
 	})
 	return out, err
@@ -123,15 +120,18 @@ type GCResult struct {
 // holds).
 func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 	var res GCResult
-	now := monoNow()
+	now, err := p.now()
+	if err != nil {
+		return res, err
+	}
 	type victim struct {
 		fk xlbXlbFlow
 		c  xlbXlbConn
 	}
 	var victims []victim
-	err := walk(p.objs.XlbFwd, func(k *xlbXlbFlow, c *xlbXlbConn) {
+	err = walk(p.objs.XlbFwd, func(k *xlbXlbFlow, c *xlbXlbConn) {
 		res.Scanned++
-		if idle(now, c.LastSeenNs) > t.byState(connState(c.Flags)) {
+		if p.idle(now, c.LastSeenJ) > t.byState(connState(c.Flags)) {
 			victims = append(victims, victim{*k, *c})
 		}
 	})
@@ -142,7 +142,7 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 		rk := retKey(&v.c)
 		var r xlbXlbRconn
 		if err := p.objs.XlbRet.Lookup(&rk, &r); err == nil {
-			if idle(now, r.LastSeenNs) <= t.byState(connState(v.c.Flags)) {
+			if p.idle(now, r.LastSeenJ) <= t.byState(connState(v.c.Flags)) {
 				continue // the backend side is still talking
 			}
 		}
@@ -151,7 +151,7 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 		if err := p.objs.XlbFwd.Lookup(&v.fk, &cur); err != nil {
 			continue
 		}
-		if cur.Lport != v.c.Lport || cur.Baddr != v.c.Baddr || cur.LastSeenNs != v.c.LastSeenNs {
+		if cur.Lport != v.c.Lport || cur.Baddr != v.c.Baddr || cur.LastSeenJ != v.c.LastSeenJ {
 			continue
 		}
 		if err := p.objs.XlbFwd.Delete(&v.fk); err != nil {
@@ -178,7 +178,7 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 		if r.Flags&uint32(xlbXlbRconnFlagXLB_RF_TW_HOLD) != 0 {
 			keep = t.timeWait()
 		}
-		if idle(now, r.LastSeenNs) <= keep {
+		if p.idle(now, r.LastSeenJ) <= keep {
 			return
 		}
 		fk := xlbXlbFlow{Saddr: r.Caddr, Daddr: r.Vaddr, Sport: r.Cport, Dport: r.Vport, Proto: unix.IPPROTO_TCP}

@@ -84,6 +84,7 @@ type Pipeline struct {
 	objs      xlbObjects
 	bkStats   []byte // mmap of xlb_bk_stats
 	statNames []string
+	tick      time.Duration // one jiffy: the data path's clock unit
 }
 
 // Load loads the pipeline into the kernel and fills its program array.
@@ -100,7 +101,11 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Pipeline{statNames: names}
+	tick, err := jiffy()
+	if err != nil {
+		return nil, err
+	}
+	p := &Pipeline{statNames: names, tick: tick}
 	if err := spec.LoadAndAssign(&p.objs, nil); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -198,6 +203,41 @@ type Settings struct {
 	ConntrackTimeout Timeouts
 }
 
+// NextHopTTL is how long a next hop from bpf_fib_lookup is used before
+// the data path asks the FIB again.
+const NextHopTTL = time.Second
+
+// jiffy returns the kernel's tick, the unit of bpf_jiffies64: the
+// resolution of the coarse clocks is exactly one tick.
+func jiffy() (time.Duration, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGetres(unix.CLOCK_MONOTONIC_COARSE, &ts); err != nil {
+		return 0, fmt.Errorf("read the kernel tick: %w", err)
+	}
+	d := time.Duration(ts.Nano())
+	if d <= 0 || d > 100*time.Millisecond {
+		return 0, fmt.Errorf("read the kernel tick: implausible %v", d)
+	}
+	return d, nil
+}
+
+// jiffies converts a duration to ticks, rounding up.
+func (p *Pipeline) jiffies(d time.Duration) uint64 {
+	return uint64((d + p.tick - 1) / p.tick)
+}
+
+// now reads the data path's clock (bpf_jiffies64) by running xlb_clock.
+func (p *Pipeline) now() (uint64, error) {
+	if _, err := p.objs.XlbClock.Run(&ebpf.RunOptions{Data: make([]byte, 64)}); err != nil {
+		return 0, fmt.Errorf("read data path clock: %w", err)
+	}
+	var j uint64
+	if err := p.objs.XlbNow.Lookup(uint32(0), &j); err != nil {
+		return 0, fmt.Errorf("read data path clock: %w", err)
+	}
+	return j, nil
+}
+
 // SetSettings writes the runtime settings.
 func (p *Pipeline) SetSettings(s Settings) error {
 	if !s.SourceAddress.Is4() {
@@ -210,9 +250,10 @@ func (p *Pipeline) SetSettings(s Settings) error {
 		SnatAddr: addrBE(s.SourceAddress),
 		PortLo:   s.PortLo,
 		PortHi:   s.PortHi,
+		NhTtlJ:   p.jiffies(NextHopTTL),
 	}
-	for st := range v.TimeoutNs {
-		v.TimeoutNs[st] = uint64(s.ConntrackTimeout.byState(uint32(st)))
+	for st := range v.TimeoutJ {
+		v.TimeoutJ[st] = p.jiffies(s.ConntrackTimeout.byState(uint32(st)))
 	}
 	if err := p.objs.XlbSettings.Put(uint32(0), &v); err != nil {
 		return fmt.Errorf("write settings: %w", err)
@@ -316,6 +357,7 @@ func (p *Pipeline) ResetBackendStats(id uint32) error {
 	atomic.StoreInt64(&s.Active, 0)
 	atomic.StoreUint64(&s.NewConns, 0)
 	atomic.StoreUint64(&s.PortSeq, 0)
+	atomic.StoreUint64(&s.NhJ, 0)
 	return nil
 }
 

@@ -25,29 +25,31 @@ type xlbXlbBackendStats struct {
 	Active   int64
 	NewConns uint64
 	PortSeq  uint64
+	NhJ      uint64
+	Nh       xlbXlbNh
 }
 
 type xlbXlbCfg struct {
-	_         structs.HostLayout
-	SnatAddr  uint32
-	PortLo    uint16
-	PortHi    uint16
-	TimeoutNs [4]uint64
+	_        structs.HostLayout
+	SnatAddr uint32
+	PortLo   uint16
+	PortHi   uint16
+	NhTtlJ   uint64
+	TimeoutJ [4]uint64
 }
 
 type xlbXlbConn struct {
-	_          structs.HostLayout
-	Baddr      uint32
-	Laddr      uint32
-	Bport      uint16
-	Lport      uint16
-	BackendId  uint32
-	Flags      uint32
-	SvcId      uint32
-	CreatedNs  uint64
-	LastSeenNs uint64
-	NhNs       uint64
-	Nh         xlbXlbNh
+	_         structs.HostLayout
+	Baddr     uint32
+	Laddr     uint32
+	Bport     uint16
+	Lport     uint16
+	BackendId uint32
+	Flags     uint32
+	SvcId     uint32
+	LastSeenJ uint64
+	NhJ       uint64
+	Nh        xlbXlbNh
 }
 
 type xlbXlbConnFlag uint32
@@ -109,15 +111,15 @@ type xlbXlbPkt struct {
 }
 
 type xlbXlbRconn struct {
-	_          structs.HostLayout
-	Caddr      uint32
-	Vaddr      uint32
-	Cport      uint16
-	Vport      uint16
-	Flags      uint32
-	LastSeenNs uint64
-	NhNs       uint64
-	Nh         xlbXlbNh
+	_         structs.HostLayout
+	Caddr     uint32
+	Vaddr     uint32
+	Cport     uint16
+	Vport     uint16
+	Flags     uint32
+	LastSeenJ uint64
+	NhJ       uint64
+	Nh        xlbXlbNh
 }
 
 type xlbXlbRconnFlag uint32
@@ -176,8 +178,7 @@ const (
 	xlbXlbStatXLB_STAT_DROP_SYN_RACE   xlbXlbStat = 19
 	xlbXlbStatXLB_STAT_DROP_INTERNAL   xlbXlbStat = 20
 	xlbXlbStatXLB_STAT_TAILCALL_FAIL   xlbXlbStat = 21
-	xlbXlbStatXLB_STAT_NH_LEARNED      xlbXlbStat = 22
-	xlbXlbStatXLB_STAT_MAX             xlbXlbStat = 23
+	xlbXlbStatXLB_STAT_MAX             xlbXlbStat = 22
 )
 
 type xlbXlbVip struct {
@@ -195,8 +196,10 @@ const (
 	xlbMapXlbBackends   = "xlb_backends"
 	xlbMapXlbBkStats    = "xlb_bk_stats"
 	xlbMapXlbFwd        = "xlb_fwd"
+	xlbMapXlbNow        = "xlb_now"
 	xlbMapXlbProgs      = "xlb_progs"
 	xlbMapXlbRet        = "xlb_ret"
+	xlbMapXlbRng        = "xlb_rng"
 	xlbMapXlbRr         = "xlb_rr"
 	xlbMapXlbScratch    = "xlb_scratch"
 	xlbMapXlbSel        = "xlb_sel"
@@ -204,6 +207,7 @@ const (
 	xlbMapXlbSettings   = "xlb_settings"
 	xlbMapXlbStats      = "xlb_stats"
 	xlbMapXlbVipPorts   = "xlb_vip_ports"
+	xlbProgXlbClock     = "xlb_clock"
 	xlbProgXlbConntrack = "xlb_conntrack"
 	xlbProgXlbDispatch  = "xlb_dispatch"
 	xlbProgXlbParse     = "xlb_parse"
@@ -261,6 +265,7 @@ type xlbSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type xlbProgramSpecs struct {
+	XlbClock     *ebpf.ProgramSpec `ebpf:"xlb_clock"`
 	XlbConntrack *ebpf.ProgramSpec `ebpf:"xlb_conntrack"`
 	XlbDispatch  *ebpf.ProgramSpec `ebpf:"xlb_dispatch"`
 	XlbParse     *ebpf.ProgramSpec `ebpf:"xlb_parse"`
@@ -275,8 +280,10 @@ type xlbMapSpecs struct {
 	XlbBackends *ebpf.MapSpec `ebpf:"xlb_backends"`
 	XlbBkStats  *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
 	XlbFwd      *ebpf.MapSpec `ebpf:"xlb_fwd"`
+	XlbNow      *ebpf.MapSpec `ebpf:"xlb_now"`
 	XlbProgs    *ebpf.MapSpec `ebpf:"xlb_progs"`
 	XlbRet      *ebpf.MapSpec `ebpf:"xlb_ret"`
+	XlbRng      *ebpf.MapSpec `ebpf:"xlb_rng"`
 	XlbRr       *ebpf.MapSpec `ebpf:"xlb_rr"`
 	XlbScratch  *ebpf.MapSpec `ebpf:"xlb_scratch"`
 	XlbSel      *ebpf.MapSpec `ebpf:"xlb_sel"`
@@ -323,8 +330,10 @@ type xlbMaps struct {
 	XlbBackends *ebpf.Map `ebpf:"xlb_backends"`
 	XlbBkStats  *ebpf.Map `ebpf:"xlb_bk_stats"`
 	XlbFwd      *ebpf.Map `ebpf:"xlb_fwd"`
+	XlbNow      *ebpf.Map `ebpf:"xlb_now"`
 	XlbProgs    *ebpf.Map `ebpf:"xlb_progs"`
 	XlbRet      *ebpf.Map `ebpf:"xlb_ret"`
+	XlbRng      *ebpf.Map `ebpf:"xlb_rng"`
 	XlbRr       *ebpf.Map `ebpf:"xlb_rr"`
 	XlbScratch  *ebpf.Map `ebpf:"xlb_scratch"`
 	XlbSel      *ebpf.Map `ebpf:"xlb_sel"`
@@ -339,8 +348,10 @@ func (m *xlbMaps) Close() error {
 		m.XlbBackends,
 		m.XlbBkStats,
 		m.XlbFwd,
+		m.XlbNow,
 		m.XlbProgs,
 		m.XlbRet,
+		m.XlbRng,
 		m.XlbRr,
 		m.XlbScratch,
 		m.XlbSel,
@@ -369,6 +380,7 @@ type xlbVariables struct {
 //
 // It can be passed to loadXlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type xlbPrograms struct {
+	XlbClock     *ebpf.Program `ebpf:"xlb_clock"`
 	XlbConntrack *ebpf.Program `ebpf:"xlb_conntrack"`
 	XlbDispatch  *ebpf.Program `ebpf:"xlb_dispatch"`
 	XlbParse     *ebpf.Program `ebpf:"xlb_parse"`
@@ -378,6 +390,7 @@ type xlbPrograms struct {
 
 func (p *xlbPrograms) Close() error {
 	return _XlbClose(
+		p.XlbClock,
 		p.XlbConntrack,
 		p.XlbDispatch,
 		p.XlbParse,

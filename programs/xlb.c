@@ -33,6 +33,19 @@ const enum xlb_ct_state *unused_ct __attribute__((unused));
 const struct xlb_pkt *unused_pkt __attribute__((unused));
 const enum xlb_rconn_flag *unused_rflag __attribute__((unused));
 
+/* xlb_clock publishes the data path's clock (jiffies) in xlb_now; the
+ * daemon runs it with BPF_PROG_TEST_RUN to age connections. */
+SEC("xdp")
+int xlb_clock(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	__u64 *now = bpf_map_lookup_elem(&xlb_now, &zero);
+
+	if (now)
+		*now = bpf_jiffies64();
+	return XDP_PASS;
+}
+
 /* xlb_dispatch is the entry point attached to the interface. */
 SEC("xdp")
 int xlb_dispatch(struct xdp_md *ctx)
@@ -90,27 +103,19 @@ int xlb_parse(struct xdp_md *ctx)
 	p->tcp_flags = ((__u8 *)tcp)[13];
 
 	dport = bpf_ntohs(tcp->dest);
-	__u32 word = dport >> 6;
-	__u64 *bits = bpf_map_lookup_elem(&xlb_vip_ports, &word);
-	if (bits && (*bits & (1ULL << (dport & 63)))) {
-		struct xlb_vip vip = {
-			.addr = ip->daddr,
-			.port = tcp->dest,
-			.proto = IPPROTO_TCP,
-		};
-		struct xlb_service *svc = bpf_map_lookup_elem(&xlb_services, &vip);
-
-		if (svc) {
-			p->dir = XLB_DIR_FWD;
-			p->svc_id = svc->id;
-			bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_CONNTRACK);
-			return pass(XLB_STAT_TAILCALL_FAIL);
-		}
-	}
-
 	struct xlb_cfg *cfg = config();
 	if (cfg && ip->daddr == cfg->snat_addr && dport >= cfg->port_lo && dport <= cfg->port_hi) {
 		p->dir = XLB_DIR_RET;
+		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_CONNTRACK);
+		return pass(XLB_STAT_TAILCALL_FAIL);
+	}
+	/* A port some VIP uses: conntrack looks the flow up first, and the
+	 * service only when there is no connection, so established
+	 * traffic pays for one hash lookup. */
+	__u32 word = dport >> 6;
+	__u64 *bits = bpf_map_lookup_elem(&xlb_vip_ports, &word);
+	if (bits && (*bits & (1ULL << (dport & 63)))) {
+		p->dir = XLB_DIR_FWD;
 		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_CONNTRACK);
 		return pass(XLB_STAT_TAILCALL_FAIL);
 	}
@@ -125,7 +130,7 @@ static __always_inline int conn_expired(__u32 flags, __u64 last, __u64 now)
 
 	if (!cfg || st > XLB_CT_CLOSED)
 		return 0;
-	return now - last > cfg->timeout_ns[st];
+	return now - last > cfg->timeout_j[st];
 }
 
 static __always_inline void conntrack_recycle(struct xlb_conn *c, struct xlb_flow *key)
@@ -154,33 +159,56 @@ static __always_inline void conntrack_recycle(struct xlb_conn *c, struct xlb_flo
 	count(XLB_STAT_RECYCLED);
 }
 
+/* service_of finds the service of a VIP flow, for a packet without a
+ * connection; it stores its id for select. */
+static __always_inline int service_of(struct xlb_pkt *p)
+{
+	struct xlb_vip vip = {
+		.addr = p->flow.daddr,
+		.port = p->flow.dport,
+		.proto = IPPROTO_TCP,
+	};
+	struct xlb_service *svc = bpf_map_lookup_elem(&xlb_services, &vip);
+
+	if (!svc)
+		return 0;
+	p->svc_id = svc->id;
+	return 1;
+}
+
 static __always_inline int conntrack_fwd(struct xdp_md *ctx, struct xlb_pkt *p, __u64 now)
 {
 	struct xlb_conn *c = bpf_map_lookup_elem(&xlb_fwd, &p->flow);
 	__u8 fl = p->tcp_flags;
+	int syn = (fl & (TCP_FL_SYN | TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_SYN;
+	struct xlb_cfg *cfg;
 
 	if (!c) {
-		if ((fl & (TCP_FL_SYN | TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_SYN)
+		if (!service_of(p))
+			return pass(XLB_STAT_PASS_NOT_OURS);
+		if (syn)
 			bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_SELECT);
 		return drop(XLB_STAT_DROP_NO_CONN);
 	}
-	if ((fl & (TCP_FL_SYN | TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_SYN &&
-	    (conn_closed(c->flags) || conn_expired(c->flags, c->last_seen_ns, now))) {
+	if (syn && (conn_closed(c->flags) || conn_expired(c->flags, c->last_seen_j, now))) {
 		/* The client reuses its port after the earlier connection
 		 * ended: a new connection, a new selection. */
 		conntrack_recycle(c, &p->flow);
+		if (!service_of(p))
+			return pass(XLB_STAT_PASS_NOT_OURS);
 		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_SELECT);
 		return drop(XLB_STAT_DROP_INTERNAL);
 	}
 	if (fl & (TCP_FL_FIN | TCP_FL_RST))
 		conn_mark(c, tcp_conn_bits(fl, XLB_CF_FIN_C));
-	c->last_seen_ns = now;
-	if (now - c->nh_ns > XLB_NH_TTL_NS) {
+	c->last_seen_j = now;
+	cfg = config();
+	if (cfg && now - c->nh_j > cfg->nh_ttl_j) {
 		struct xlb_nh nh;
 
 		if (fib_nexthop(ctx, c->laddr, c->baddr, &nh) == BPF_FIB_LKUP_RET_SUCCESS)
 			c->nh = nh;
-		c->nh_ns = now;
+		c->nh_j = now;
 	}
 	p->new_saddr = c->laddr;
 	p->new_daddr = c->baddr;
@@ -220,13 +248,14 @@ static __always_inline int conntrack_ret(struct xdp_md *ctx, struct xlb_pkt *p, 
 			conn_mark(c, bits);
 		}
 	}
-	r->last_seen_ns = now;
-	if (now - r->nh_ns > XLB_NH_TTL_NS) {
+	r->last_seen_j = now;
+	struct xlb_cfg *cfg = config();
+	if (cfg && now - r->nh_j > cfg->nh_ttl_j) {
 		struct xlb_nh nh;
 
 		if (fib_nexthop(ctx, r->vaddr, r->caddr, &nh) == BPF_FIB_LKUP_RET_SUCCESS)
 			r->nh = nh;
-		r->nh_ns = now;
+		r->nh_j = now;
 	}
 	p->new_saddr = r->vaddr;
 	p->new_daddr = r->caddr;
@@ -244,7 +273,7 @@ SEC("xdp")
 int xlb_conntrack(struct xdp_md *ctx)
 {
 	struct xlb_pkt *p = scratch();
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = bpf_jiffies64();
 
 	if (!p)
 		return drop(XLB_STAT_DROP_INTERNAL);
@@ -274,7 +303,7 @@ static __always_inline __s64 select_backend(struct xlb_pkt *p)
 
 	switch (mode) {
 	case XLB_SEL_RANDOM:
-		key = 1 + pick(bpf_get_prandom_u32(), n);
+		key = 1 + pick(rand32(), n);
 		break;
 	case XLB_SEL_HASH:
 		key = 1 + pick(flow_hash(&p->flow), n);
@@ -342,10 +371,9 @@ int xlb_select(struct xdp_md *ctx)
 	struct xlb_backend_stats *bs;
 	struct xlb_backend *b;
 	struct xlb_cfg *cfg;
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = bpf_jiffies64();
 	__u32 bid, range, start, i;
 	__s64 sel;
-	long rc;
 
 	if (!p || (void *)(eth + 1) > end)
 		return drop(XLB_STAT_DROP_INTERNAL);
@@ -359,6 +387,22 @@ int xlb_select(struct xdp_md *ctx)
 	b = bpf_map_lookup_elem(&xlb_backends, &bid);
 	if (!b || !b->weight)
 		return drop(XLB_STAT_DROP_NO_BACKEND);
+	bs = bpf_map_lookup_elem(&xlb_bk_stats, &bid);
+	if (!bs)
+		return drop(XLB_STAT_DROP_INTERNAL);
+
+	/* The next hop towards a backend is shared by its new connections
+	 * and looked up in the FIB at most once per nh_ttl. */
+	if (!bs->nh_j || now - bs->nh_j > cfg->nh_ttl_j) {
+		struct xlb_nh nh;
+
+		if (fib_nexthop(ctx, cfg->snat_addr, b->addr, &nh) == BPF_FIB_LKUP_RET_SUCCESS) {
+			bs->nh = nh;
+			bs->nh_j = now;
+		} else if (!bs->nh_j) {
+			return drop(XLB_STAT_DROP_FIB);
+		}
+	}
 
 	struct xlb_conn c = {
 		.baddr = b->addr,
@@ -367,30 +411,23 @@ int xlb_select(struct xdp_md *ctx)
 		.backend_id = bid,
 		.flags = XLB_CF_SYN,
 		.svc_id = p->svc_id,
-		.created_ns = now,
-		.last_seen_ns = now,
-		.nh_ns = now,
+		.last_seen_j = now,
+		.nh_j = bs->nh_j,
+		.nh = bs->nh,
 	};
+	/* Replies go back the way the SYN came (its MACs and interface)
+	 * until the return path asks the FIB, nh_ttl later. */
 	struct xlb_rconn r = {
 		.caddr = p->flow.saddr,
 		.vaddr = p->flow.daddr,
 		.cport = p->flow.sport,
 		.vport = p->flow.dport,
-		.last_seen_ns = now,
-		.nh_ns = now,
+		.last_seen_j = now,
+		.nh_j = now,
+		.nh.ifindex = ctx->ingress_ifindex,
 	};
-
-	if (fib_nexthop(ctx, c.laddr, c.baddr, &c.nh) != BPF_FIB_LKUP_RET_SUCCESS)
-		return drop(XLB_STAT_DROP_FIB);
-	rc = fib_nexthop(ctx, r.vaddr, r.caddr, &r.nh);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-		/* No neighbour entry for the client (XDP consumed its ARP
-		 * traffic's effect): answer the way its SYN came in. */
-		r.nh.ifindex = ctx->ingress_ifindex;
-		__builtin_memcpy(r.nh.dmac, eth->h_source, ETH_ALEN);
-		__builtin_memcpy(r.nh.smac, eth->h_dest, ETH_ALEN);
-		count(XLB_STAT_NH_LEARNED);
-	}
+	__builtin_memcpy(r.nh.dmac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(r.nh.smac, eth->h_dest, ETH_ALEN);
 
 	struct xlb_flow rk = {
 		.saddr = c.baddr,
@@ -400,9 +437,6 @@ int xlb_select(struct xdp_md *ctx)
 	};
 	range = (__u32)cfg->port_hi - cfg->port_lo + 1;
 	if (cfg->port_hi < cfg->port_lo)
-		return drop(XLB_STAT_DROP_INTERNAL);
-	bs = bpf_map_lookup_elem(&xlb_bk_stats, &bid);
-	if (!bs)
 		return drop(XLB_STAT_DROP_INTERNAL);
 	/* Walk the range per backend, as connect() does: a port comes back
 	 * only after the whole range was used, long after the backend's

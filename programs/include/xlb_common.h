@@ -80,6 +80,26 @@ static __always_inline __u32 flow_hash(const struct xlb_flow *f)
 	return c;
 }
 
+/* rand32 returns a pseudo-random value from the per-CPU xorshift32 state,
+ * seeded from the kernel's generator on first use. */
+static __always_inline __u32 rand32(void)
+{
+	__u32 zero = 0;
+	__u32 *s = bpf_map_lookup_elem(&xlb_rng, &zero);
+	__u32 x;
+
+	if (!s)
+		return bpf_get_prandom_u32();
+	x = *s;
+	if (!x)
+		x = bpf_get_prandom_u32() | 1;
+	x ^= x << 13;
+	x ^= x >> 17;
+	x ^= x << 5;
+	*s = x;
+	return x;
+}
+
 /* pick scales a 32-bit value into [0, n) without a division. */
 static __always_inline __u32 pick(__u32 v, __u32 n)
 {

@@ -69,7 +69,6 @@ enum xlb_stat {
 	XLB_STAT_DROP_SYN_RACE,     /* dropped: a copy of the SYN made the entry on another CPU */
 	XLB_STAT_DROP_INTERNAL,     /* dropped: a stage's internal state was missing */
 	XLB_STAT_TAILCALL_FAIL,     /* passed: a stage slot was empty */
-	XLB_STAT_NH_LEARNED,        /* client next hop taken from the SYN (no neighbour entry) */
 	XLB_STAT_MAX,
 };
 
@@ -78,7 +77,6 @@ enum xlb_stat {
 #define XLB_MAX_SEL_TABLE 65537 /* entries after the header */
 #define XLB_MAX_CANDIDATES 64   /* least-conn candidate set */
 #define XLB_PORT_TRIES 16       /* source-port probes per new connection */
-#define XLB_NH_TTL_NS 1000000000ULL /* next hop refreshed from the FIB each second */
 
 #define TCP_FL_FIN 0x01
 #define TCP_FL_SYN 0x02

@@ -36,18 +36,21 @@ struct xlb_backend {
 	__u16 weight; /* 0: not selectable */
 };
 
-/* Shared (not per-CPU) so least-conn sees one figure; updated atomically. */
-struct xlb_backend_stats {
-	__s64 active;    /* open connections: +1 on create, -1 on close or expiry */
-	__u64 new_conns; /* connections created, ever */
-	__u64 port_seq;  /* source-port cursor: allocations walk the range */
-};
-
 /* A cached next hop, filled from bpf_fib_lookup. */
 struct xlb_nh {
 	__u32 ifindex;
 	__u8 smac[6];
 	__u8 dmac[6];
+};
+
+/* A backend's runtime state, shared (not per-CPU) so least-conn sees one
+ * figure; counters updated atomically. */
+struct xlb_backend_stats {
+	__s64 active;    /* open connections: +1 on create, -1 on close or expiry */
+	__u64 new_conns; /* connections created, ever */
+	__u64 port_seq;  /* source-port cursor: allocations walk the range */
+	__u64 nh_j;      /* when nh was looked up (jiffies); 0: never */
+	struct xlb_nh nh; /* towards the backend, shared by its new connections */
 };
 
 /* Value of xlb_fwd: how to rewrite client -> VIP packets, and the
@@ -60,10 +63,9 @@ struct xlb_conn {
 	__u32 backend_id;
 	__u32 flags; /* enum xlb_conn_flag, set with atomic or */
 	__u32 svc_id;
-	__u64 created_ns;   /* bpf_ktime_get_coarse_ns (CLOCK_MONOTONIC) */
-	__u64 last_seen_ns; /* last client packet */
-	__u64 nh_ns;        /* when nh was looked up */
-	struct xlb_nh nh;   /* towards the backend */
+	__u64 last_seen_j; /* last client packet, jiffies */
+	__u64 nh_j;        /* when nh was looked up, jiffies */
+	struct xlb_nh nh;  /* towards the backend */
 };
 
 /* Value of xlb_ret: how to rewrite backend replies. */
@@ -73,8 +75,8 @@ struct xlb_rconn {
 	__be16 cport;
 	__be16 vport;
 	__u32 flags;        /* enum xlb_rconn_flag */
-	__u64 last_seen_ns; /* last backend packet */
-	__u64 nh_ns;
+	__u64 last_seen_j; /* last backend packet, jiffies */
+	__u64 nh_j;
 	struct xlb_nh nh; /* towards the client */
 };
 
@@ -83,7 +85,8 @@ struct xlb_cfg {
 	__be32 snat_addr; /* source address towards backends */
 	__u16 port_lo;    /* source port range, host order, inclusive */
 	__u16 port_hi;
-	__u64 timeout_ns[4]; /* enum xlb_ct_state: syn, established, fin, closed */
+	__u64 nh_ttl_j;     /* next hops are refreshed from the FIB after this */
+	__u64 timeout_j[4]; /* enum xlb_ct_state: syn, established, fin, closed */
 };
 
 enum xlb_ct_state {
