@@ -1,0 +1,204 @@
+package dispatcher
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"testing"
+)
+
+// Datapath cost is measured the way katran_tester's perf mode does it:
+// one BPF_PROG_TEST_RUN per packet (repeat 1), so a rewritten packet is
+// never fed back in, each run on fresh copies of the case's own packet
+// bytes. The time is the kernel's duration of each run as reported by
+// BPF_PROG_TEST_RUN itself (see testRun): the kernel's own clock around the
+// program, without the syscall or Go overhead. ebpf.EnableStats with
+// Info().Runtime() deltas would need a second syscall per packet to get
+// per-run figures and slows every BPF program on the machine while enabled.
+// The floor (xlb_floor, returning XDP_TX) runs interleaved in the same loop,
+// one floor run per case run, so the harness's fixed cost (timer reads,
+// bottom-half toggling) can be subtracted.
+
+// Cost targets in kernel ns above the floor, per packet.
+var costTargets = map[string]float64{
+	"established-forward": 60,
+	"return":              60,
+	"syn-new-flow":        250,
+	"pass-through":        30,
+}
+
+type benchCase struct {
+	name        string
+	pkts        [][]byte // cycled through
+	wantVerdict uint32
+	// reset is called, outside the measurement, before pkts[0] is used
+	// again (syn-new-flow empties the conntrack tables there).
+	reset func()
+}
+
+// benchSetup builds the environment and the cases; the floor is returned
+// separately.
+func benchSetup(tb testing.TB) (*env, *testRun, []benchCase) {
+	e := newEnv(tb, 65536)
+	// A wide source-port range for a stream of new flows.
+	e.opts.PortLo, e.opts.PortHi = 1024, 65535
+	e.must(e.p.SetSettings(e.opts))
+
+	var floor floorObjects
+	if err := loadFloorObjects(&floor, nil); err != nil {
+		tb.Fatalf("load floor: %v", err)
+	}
+	tb.Cleanup(func() { floor.Close() })
+
+	// Distinct SYNs; the tables are emptied each time they were all used
+	// (20000 connections: far from the table size and the port range).
+	const synFlows = 20000
+	syns := make([][]byte, synFlows)
+	for i := range syns {
+		a := netip.AddrFrom4([4]byte{11, byte(i >> 16), byte(i >> 8), byte(i)})
+		syns[i] = fromClient(netip.AddrPortFrom(a, uint16(1024+i%50000)), vip, seg{flags: "S", seq: uint32(i)})
+	}
+	// One connection, kept across resets, for the forward and return
+	// cases (a SYN of a known flow lands on the same backend only by
+	// chance, so the return case runs before syn-new-flow resets).
+	cl := netip.AddrPortFrom(client1, 40000)
+	keep := func() {
+		e.clearConntrack()
+		if v, _ := e.run(e.p.Entry(), fromClient(cl, vip, seg{flags: "S", seq: 1})); v != xdpTX {
+			tb.Fatalf("syn: %s", verdictName(v))
+		}
+	}
+	keep()
+	c := e.mustConn(cl, vip)
+	if v, _ := e.run(e.p.Entry(), fromBackend(c.Backend, c.Source.Port(), seg{flags: "SA", seq: 9, ack: 2})); v != xdpTX {
+		tb.Fatalf("syn-ack: %s", verdictName(v))
+	}
+	payload := []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	fwd := fromClient(cl, vip, seg{flags: "PA", seq: 2, ack: 10, payload: payload})
+	ret := fromBackend(c.Backend, c.Source.Port(), seg{flags: "PA", seq: 10, ack: 2 + uint32(len(payload)), payload: payload})
+
+	cases := []benchCase{
+		{name: "established-forward", pkts: [][]byte{fwd}, wantVerdict: xdpTX},
+		{name: "return", pkts: [][]byte{ret}, wantVerdict: xdpTX},
+		{name: "syn-new-flow", pkts: syns, wantVerdict: xdpTX, reset: keep},
+		{name: "pass-through", pkts: [][]byte{fromClient(cl, netip.AddrPortFrom(lbAddr, 22), seg{flags: "PA", seq: 5, payload: payload})}, wantVerdict: xdpPass},
+	}
+	fl := newTestRun(floor.XlbFloor, e.lb0, 2048)
+	tb.Cleanup(fl.close)
+	return e, fl, cases
+}
+
+// measure runs n packets of a case, each followed by one floor run, on
+// the namespace's thread, and returns the per-run kernel durations.
+func measure(e *env, fl *testRun, bc benchCase, n int, pause, resume func()) (caseNs, floorNs []uint32, err error) {
+	prog := e.p.Entry()
+	floorPkt := bc.pkts[0]
+	if bc.name == "floor" {
+		prog = nil
+	}
+	caseNs = make([]uint32, 0, n)
+	floorNs = make([]uint32, 0, n)
+	var tr *testRun
+	if prog != nil {
+		tr = newTestRun(prog, e.lb0, 2048)
+		defer tr.close()
+	}
+	// All runs in one go on the namespace's thread, or, for a case with a
+	// reset, chunks of len(pkts) runs with the reset between them.
+	for done := 0; done < n && err == nil; {
+		if done > 0 && bc.reset != nil {
+			pause()
+			bc.reset()
+			resume()
+		}
+		chunk := n - done
+		if bc.reset != nil {
+			chunk = min(chunk, len(bc.pkts))
+		}
+		e.ns.Do(func() {
+			for j := 0; j < chunk; j++ {
+				v, d, rerr := fl.run(floorPkt)
+				if rerr != nil || v != xdpTX {
+					err = fmt.Errorf("floor run %d: verdict %s, %v", done+j, verdictName(v), rerr)
+					return
+				}
+				floorNs = append(floorNs, d)
+				if tr == nil {
+					caseNs = append(caseNs, d)
+					continue
+				}
+				v, d, rerr = tr.run(bc.pkts[j%len(bc.pkts)])
+				if rerr != nil || v != bc.wantVerdict {
+					err = fmt.Errorf("%s run %d: verdict %s, want %s, %v", bc.name, done+j, verdictName(v), verdictName(bc.wantVerdict), rerr)
+					return
+				}
+				caseNs = append(caseNs, d)
+			}
+		})
+		done += chunk
+	}
+	return caseNs, floorNs, err
+}
+
+func mean(d []uint32) float64 {
+	var s float64
+	for _, v := range d {
+		s += float64(v)
+	}
+	return s / float64(len(d))
+}
+
+func median(d []uint32) float64 {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return float64(s[len(s)/2])
+}
+
+// BenchmarkDatapath reports the kernel's time per packet of each case
+// (bpf_ns/pkt) and that time above the floor measured in the same loop.
+func BenchmarkDatapath(b *testing.B) {
+	e, fl, cases := benchSetup(b)
+	all := append([]benchCase{{name: "floor", pkts: cases[0].pkts, wantVerdict: xdpTX}}, cases...)
+	for _, bc := range all {
+		b.Run(bc.name, func(b *testing.B) {
+			if bc.reset != nil {
+				bc.reset()
+			}
+			b.ResetTimer()
+			caseNs, floorNs, err := measure(e, fl, bc, b.N, b.StopTimer, b.StartTimer)
+			b.StopTimer()
+			if err != nil {
+				b.Fatal(err)
+			}
+			c, f := mean(caseNs), mean(floorNs)
+			b.ReportMetric(c, "bpf_ns/pkt")
+			b.ReportMetric(c-f, "ns_above_floor/pkt")
+		})
+	}
+}
+
+// TestDatapathCostTargets fails when a case costs more than twice its
+// target (median kernel ns above the floor's median, 20000 runs), which
+// catches gross regressions without flaking on a noisy machine.
+func TestDatapathCostTargets(t *testing.T) {
+	if testing.Short() {
+		t.Skip("cost measurement skipped in -short mode")
+	}
+	e, fl, cases := benchSetup(t)
+	const runs = 20000
+	for _, bc := range cases {
+		if bc.reset != nil {
+			bc.reset()
+		}
+		caseNs, floorNs, err := measure(e, fl, bc, runs, func() {}, func() {})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, f := median(caseNs), median(floorNs)
+		target := costTargets[bc.name]
+		t.Logf("%-20s median %5.0f ns, floor %3.0f ns, above floor %5.0f ns (target %3.0f)", bc.name, c, f, c-f, target)
+		if c-f > 2*target {
+			t.Errorf("%s: %.0f ns above floor, more than twice the %.0f ns target", bc.name, c-f, target)
+		}
+	}
+}
