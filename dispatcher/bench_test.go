@@ -39,10 +39,8 @@ type benchCase struct {
 // benchSetup builds the environment and the cases; the floor is returned
 // separately.
 func benchSetup(tb testing.TB) (*env, *testRun, []benchCase) {
-	e := newEnv(tb, 65536)
 	// A wide source-port range for a stream of new flows.
-	e.opts.PortLo, e.opts.PortHi = 1024, 65535
-	e.must(e.p.SetSettings(e.opts))
+	e := newEnvPorts(tb, 65536, 1024, 65535)
 
 	var floor floorObjects
 	if err := loadFloorObjects(&floor, nil); err != nil {

@@ -27,7 +27,7 @@ func ipCsum(b []byte) uint16  { return binary.BigEndian.Uint16(b[14+10:]) }
 // checksum in the input or the output is 0x0000, where an incremental
 // update that yields 0xffff is wrong.
 func TestChecksumProperty(t *testing.T) {
-	e := newEnv(t, 8192)
+	e := newEnvPorts(t, 8192, 1, 65535)
 	rng := rand.New(rand.NewPCG(1, 2))
 	randAddr := func(first byte) netip.Addr {
 		return netip.AddrFrom4([4]byte{first, byte(rng.UintN(256)), byte(rng.UintN(256)), byte(1 + rng.UintN(254))})
@@ -44,8 +44,6 @@ func TestChecksumProperty(t *testing.T) {
 		e.must(e.p.SetService(uint32(10+i), vips[i]))
 		e.must(e.p.SetSelection(uint32(10+i), ModeRandom, backends))
 	}
-	e.opts.PortLo, e.opts.PortHi = 1, 65535
-	e.must(e.p.SetSettings(e.opts))
 
 	payload := func() []byte {
 		b := make([]byte, rng.UintN(300))
@@ -98,9 +96,11 @@ func TestChecksumProperty(t *testing.T) {
 			o.SrcMAC, o.DstMAC, o.Src, o.Dst = lbMAC, macFor(cl.Addr()), to, cl
 			return o
 		}
+		before := e.stats()
 		verdict, out := e.run(e.p.Entry(), packet.TCP(syn))
 		if verdict != xdpTX {
-			t.Fatalf("flow %d syn %s -> %s: verdict %s", i, cl, to, verdictName(verdict))
+			u, h := e.p.PortsInUse()
+			t.Fatalf("flow %d syn %s -> %s: verdict %s, counters %v used %d held %d max %d", i, cl, to, verdictName(verdict), statsDelta(before, e.stats()), u, h, e.p.objs.XlbPorts.MaxEntries())
 		}
 		c = e.mustConn(cl, to)
 		if want := packet.TCP(fwd(syn)); !bytes.Equal(out, want) {

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -58,8 +60,44 @@ func addrPort(a uint32, p uint16) netip.AddrPort {
 	return netip.AddrPortFrom(addrFromBE(a), portBE(p))
 }
 
-func retKey(c *xlbXlbConn) xlbXlbFlow {
-	return xlbXlbFlow{Saddr: c.Baddr, Daddr: c.Laddr, Sport: c.Bport, Dport: c.Lport, Proto: unix.IPPROTO_TCP}
+// portWay mirrors port_way() in programs/include/xlb_common.h.
+func portWay(baddr uint32, bport uint16) uint32 {
+	return ((baddr ^ (uint32(bport)<<16 | uint32(bport))) * 0x9e3779b1) >> (32 - xlbPortWaysLog2)
+}
+
+// portEntry returns the way of source port lport (network order) that a
+// backend uses, in the mapped return table, or nil outside the range.
+func (p *Pipeline) portEntry(lport uint16, baddr uint32, bport uint16) *xlbXlbRconn {
+	host := portBE(lport)
+	if host < p.portLo || uint32(host-p.portLo) >= p.nports {
+		return nil
+	}
+	return p.portAt(uint32(host-p.portLo)*PortWays + portWay(baddr, bport))
+}
+
+func (p *Pipeline) portAt(idx uint32) *xlbXlbRconn {
+	off := uintptr(idx) * unsafe.Sizeof(xlbXlbRconn{})
+	return (*xlbXlbRconn)(unsafe.Pointer(&p.ports[off]))
+}
+
+const (
+	portFree   = uint32(xlbXlbPortStateXLB_PS_FREE)
+	portUsed   = uint32(xlbXlbPortStateXLB_PS_USED)
+	portTWHold = uint32(xlbXlbPortStateXLB_PS_TW_HOLD)
+)
+
+// PortsInUse counts source-port ways taken by connections and by holds
+// for backends' TIME_WAIT.
+func (p *Pipeline) PortsInUse() (used, held int) {
+	for i := uint32(0); i < p.nports*PortWays; i++ {
+		switch atomic.LoadUint32(&p.portAt(i).State) {
+		case portUsed:
+			used++
+		case portTWHold:
+			held++
+		}
+	}
+	return used, held
 }
 
 const batchSize = 4096
@@ -107,7 +145,10 @@ func (p *Pipeline) Conns() ([]Conn, error) {
 
 // GCResult says what a sweep did.
 type GCResult struct {
-	Scanned, Expired, Orphans int
+	Scanned  int // forward entries looked at
+	Expired  int // connections removed for idleness
+	Orphans  int // source ports freed whose connection was gone
+	Released int // source ports freed after their TIME_WAIT hold
 }
 
 // GC removes connections idle for longer than their state's timeout and
@@ -125,8 +166,8 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 		return res, err
 	}
 	type victim struct {
-		fk xlbXlbFlow
-		c  xlbXlbConn
+		k xlbXlbFlow
+		c xlbXlbConn
 	}
 	var victims []victim
 	err = walk(p.objs.XlbFwd, func(k *xlbXlbFlow, c *xlbXlbConn) {
@@ -139,31 +180,31 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 		return res, err
 	}
 	for _, v := range victims {
-		rk := retKey(&v.c)
-		var r xlbXlbRconn
-		if err := p.objs.XlbRet.Lookup(&rk, &r); err == nil {
-			if p.idle(now, r.LastSeenJ) <= t.byState(connState(v.c.Flags)) {
-				continue // the backend side is still talking
-			}
+		r := p.portEntry(v.c.Lport, v.c.Baddr, v.c.Bport)
+		mine := r != nil && r.Baddr == v.c.Baddr && r.Bport == v.c.Bport && r.Caddr == v.k.Saddr && r.Cport == v.k.Sport
+		if mine && atomic.LoadUint32(&r.State) == portUsed &&
+			p.idle(now, atomic.LoadUint64(&r.LastSeenJ)) <= t.byState(connState(v.c.Flags)) {
+			continue // the backend side is still talking
 		}
 		// Re-read: the data path may have closed it since the walk.
 		var cur xlbXlbConn
-		if err := p.objs.XlbFwd.Lookup(&v.fk, &cur); err != nil {
+		if err := p.objs.XlbFwd.Lookup(&v.k, &cur); err != nil {
 			continue
 		}
 		if cur.Lport != v.c.Lport || cur.Baddr != v.c.Baddr || cur.LastSeenJ != v.c.LastSeenJ {
 			continue
 		}
-		if err := p.objs.XlbFwd.Delete(&v.fk); err != nil {
+		if err := p.objs.XlbFwd.Delete(&v.k); err != nil {
 			continue
 		}
-		if cur.Flags&uint32(xlbXlbConnFlagXLB_CF_TW) != 0 {
-			if err := p.objs.XlbRet.Lookup(&rk, &r); err == nil {
-				r.Flags |= uint32(xlbXlbRconnFlagXLB_RF_TW_HOLD)
-				_ = p.objs.XlbRet.Update(&rk, &r, ebpf.UpdateExist)
+		if mine {
+			// A backend that closed first may hold TIME_WAIT: keep
+			// the port from reuse until Timeouts.TimeWait.
+			next := portFree
+			if cur.Flags&uint32(xlbXlbConnFlagXLB_CF_TW) != 0 {
+				next = portTWHold
 			}
-		} else {
-			_ = p.objs.XlbRet.Delete(&rk)
+			atomic.CompareAndSwapUint32(&r.State, portUsed, next)
 		}
 		if connState(cur.Flags) != uint32(xlbXlbCtStateXLB_CT_CLOSED) {
 			p.uncount(cur.BackendId)
@@ -171,28 +212,31 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 		res.Expired++
 	}
 
-	// Return entries left behind by an LRU eviction of their forward entry.
-	var orphans []xlbXlbFlow
-	err = walk(p.objs.XlbRet, func(k *xlbXlbFlow, r *xlbXlbRconn) {
-		keep := t.Closed
-		if r.Flags&uint32(xlbXlbRconnFlagXLB_RF_TW_HOLD) != 0 {
-			keep = t.timeWait()
+	// Ways whose connection is gone: holds past TimeWait, and ways left
+	// by an LRU eviction (or a sweep race) of their forward entry.
+	for i := uint32(0); i < p.nports*PortWays; i++ {
+		r := p.portAt(i)
+		state := atomic.LoadUint32(&r.State)
+		if state == portFree {
+			continue
 		}
-		if p.idle(now, r.LastSeenJ) <= keep {
-			return
+		age := p.idle(now, atomic.LoadUint64(&r.LastSeenJ))
+		if state == portTWHold {
+			if age > t.timeWait() && atomic.CompareAndSwapUint32(&r.State, portTWHold, portFree) {
+				res.Released++
+			}
+			continue
+		}
+		if age <= t.Closed {
+			continue
 		}
 		fk := xlbXlbFlow{Saddr: r.Caddr, Daddr: r.Vaddr, Sport: r.Cport, Dport: r.Vport, Proto: unix.IPPROTO_TCP}
+		lport := portBE(p.portLo + uint16(i/PortWays))
 		var c xlbXlbConn
-		if err := p.objs.XlbFwd.Lookup(&fk, &c); err == nil && c.Lport == k.Dport && c.Baddr == k.Saddr {
-			return
+		if err := p.objs.XlbFwd.Lookup(&fk, &c); err == nil && c.Lport == lport && c.Baddr == r.Baddr && c.Bport == r.Bport {
+			continue
 		}
-		orphans = append(orphans, *k)
-	})
-	if err != nil {
-		return res, err
-	}
-	for i := range orphans {
-		if p.objs.XlbRet.Delete(&orphans[i]) == nil {
+		if atomic.CompareAndSwapUint32(&r.State, portUsed, portFree) {
 			res.Orphans++
 		}
 	}

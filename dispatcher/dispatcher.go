@@ -71,11 +71,21 @@ var (
 	ErrOutOfRange = errors.New("id out of range")
 )
 
+// PortWays is how many backends can hold the same source port at once
+// (XLB_PORT_WAYS): a backend always uses the way its hash picks.
+const PortWays = 1 << xlbPortWaysLog2
+
+const xlbPortWaysLog2 = 3 // XLB_PORT_WAYS_LOG2 in programs/include/xlb_consts.h
+
 // Options tune Load.
 type Options struct {
-	// ConntrackSize is the capacity of each of the forward and return
-	// tables; 0 keeps the compiled-in default (262144).
+	// ConntrackSize is the capacity of the forward table; 0 keeps the
+	// compiled-in default (262144).
 	ConntrackSize uint32
+	// PortLo and PortHi are the source-port range the return table is
+	// sized for (PortWays entries per port); zero keeps the compiled-in
+	// 10000-32767. SetSettings must use the same range.
+	PortLo, PortHi uint16
 }
 
 // Pipeline holds the loaded programs and maps. The program array is held
@@ -83,6 +93,9 @@ type Options struct {
 type Pipeline struct {
 	objs      xlbObjects
 	bkStats   []byte // mmap of xlb_bk_stats
+	ports     []byte // mmap of xlb_ports
+	portLo    uint16
+	nports    uint32
 	statNames []string
 	tick      time.Duration // one jiffy: the data path's clock unit
 }
@@ -95,8 +108,15 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	}
 	if opts.ConntrackSize > 0 {
 		spec.Maps["xlb_fwd"].MaxEntries = opts.ConntrackSize
-		spec.Maps["xlb_ret"].MaxEntries = opts.ConntrackSize
 	}
+	if opts.PortLo == 0 && opts.PortHi == 0 {
+		opts.PortLo, opts.PortHi = 10000, 32767
+	}
+	if opts.PortLo == 0 || opts.PortHi < opts.PortLo {
+		return nil, fmt.Errorf("source ports %d-%d: bad range", opts.PortLo, opts.PortHi)
+	}
+	nports := uint32(opts.PortHi) - uint32(opts.PortLo) + 1
+	spec.Maps["xlb_ports"].MaxEntries = nports * PortWays
 	names, err := statNames(spec.Types)
 	if err != nil {
 		return nil, err
@@ -105,7 +125,7 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Pipeline{statNames: names, tick: tick}
+	p := &Pipeline{statNames: names, tick: tick, portLo: opts.PortLo, nports: nports}
 	if err := spec.LoadAndAssign(&p.objs, nil); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -134,15 +154,22 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("mmap backend stats: %w", err)
 	}
+	size = int(p.objs.XlbPorts.MaxEntries()) * int(unsafe.Sizeof(xlbXlbRconn{}))
+	p.ports, err = unix.Mmap(p.objs.XlbPorts.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mmap source ports: %w", err)
+	}
 	return p, nil
 }
 
 // Close releases the programs and maps. An attachment made from the
 // pipeline must be closed first or it keeps the programs alive.
 func (p *Pipeline) Close() error {
-	if p.bkStats != nil {
-		unix.Munmap(p.bkStats)
-		p.bkStats = nil
+	for _, m := range []*[]byte{&p.bkStats, &p.ports} {
+		if *m != nil {
+			unix.Munmap(*m)
+			*m = nil
+		}
 	}
 	return p.objs.Close()
 }
@@ -243,8 +270,9 @@ func (p *Pipeline) SetSettings(s Settings) error {
 	if !s.SourceAddress.Is4() {
 		return fmt.Errorf("source address %s: not IPv4", s.SourceAddress)
 	}
-	if s.PortLo == 0 || s.PortHi < s.PortLo {
-		return fmt.Errorf("source ports %d-%d: bad range", s.PortLo, s.PortHi)
+	if s.PortLo != p.portLo || uint32(s.PortHi)-uint32(s.PortLo)+1 != p.nports || s.PortHi < s.PortLo {
+		return fmt.Errorf("source ports %d-%d: the pipeline was loaded for %d-%d", s.PortLo, s.PortHi,
+			p.portLo, uint32(p.portLo)+p.nports-1)
 	}
 	v := xlbXlbCfg{
 		SnatAddr: addrBE(s.SourceAddress),
@@ -269,45 +297,53 @@ func (p *Pipeline) SetService(id uint32, vip netip.AddrPort) error {
 	if !vip.Addr().Is4() {
 		return fmt.Errorf("vip %s: not IPv4", vip)
 	}
-	if err := p.setVIPPort(vip.Port(), true); err != nil {
-		return err
-	}
 	k := vipKey(vip)
 	if err := p.objs.XlbServices.Put(&k, &xlbXlbService{Id: id}); err != nil {
 		return fmt.Errorf("write service %s: %w", vip, err)
 	}
-	return nil
+	return p.syncVIPPort(vip.Port())
 }
 
 // DeleteService removes a VIP. Existing connections keep flowing.
-// keepPort tells whether another service still uses the VIP's port.
-func (p *Pipeline) DeleteService(vip netip.AddrPort, keepPort bool) error {
+func (p *Pipeline) DeleteService(vip netip.AddrPort) error {
 	k := vipKey(vip)
 	if err := p.objs.XlbServices.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service %s: %w", vip, err)
 	}
-	if keepPort {
-		return nil
-	}
-	return p.setVIPPort(vip.Port(), false)
+	return p.syncVIPPort(vip.Port())
 }
 
-func (p *Pipeline) setVIPPort(port uint16, on bool) error {
-	word := uint32(port) >> 6
-	var bits uint64
-	if err := p.objs.XlbVipPorts.Lookup(word, &bits); err != nil {
-		return fmt.Errorf("read vip ports: %w", err)
+// syncVIPPort rewrites a port's xlb_vip_ports entry from xlb_services:
+// none, the one VIP using it (its service found without a hash lookup),
+// or XLB_VIP_MULTI.
+func (p *Pipeline) syncVIPPort(port uint16) error {
+	var (
+		k     xlbXlbVip
+		v     xlbXlbService
+		entry xlbXlbVipPort
+		n     int
+	)
+	it := p.objs.XlbServices.Iterate()
+	for it.Next(&k, &v) {
+		if k.Port != portBE(port) {
+			continue
+		}
+		n++
+		entry = xlbXlbVipPort{Addr: k.Addr, Svc: v.Id + 1}
 	}
-	if on {
-		bits |= 1 << (port & 63)
-	} else {
-		bits &^= 1 << (port & 63)
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read services: %w", err)
 	}
-	if err := p.objs.XlbVipPorts.Put(word, bits); err != nil {
-		return fmt.Errorf("write vip ports: %w", err)
+	if n > 1 {
+		entry = xlbXlbVipPort{Svc: xlbVipMulti}
+	}
+	if err := p.objs.XlbVipPorts.Put(uint32(port), &entry); err != nil {
+		return fmt.Errorf("write vip port %d: %w", port, err)
 	}
 	return nil
 }
+
+const xlbVipMulti = 0xffffffff // XLB_VIP_MULTI
 
 // SetBackend writes a backend's address and weight. Weight 0 makes it
 // unselectable; its established connections keep flowing.

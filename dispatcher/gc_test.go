@@ -10,13 +10,12 @@ import (
 // SYN reusing an expired flow) and in the control plane (GC), and checks
 // that ports are freed and backends uncounted exactly once.
 func TestGC(t *testing.T) {
-	e := newEnv(t, 1024)
+	// 16 source ports (XLB_PORT_TRIES, so the port search covers the
+	// range): the 17th connection to A must wait for a free one.
+	const ports = 16
+	e := newEnvPorts(t, 1024, portLo, portLo+ports-1)
 	short := Timeouts{SYN: time.Second, Established: time.Second, FIN: time.Second, Closed: time.Second}
 	e.opts.ConntrackTimeout = short
-	// 16 source ports (XLB_PORT_TRIES, so the port search stays inside
-	// the range): the 17th connection to A must wait for a free one.
-	const ports = 16
-	e.opts.PortLo, e.opts.PortHi = portLo, portLo+ports-1
 	e.must(e.p.SetSettings(e.opts))
 	e.must(e.p.SetSelection(1, ModeRandom, []uint32{idA}))
 	s := seg{flags: "S", seq: 1}

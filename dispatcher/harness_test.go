@@ -178,8 +178,15 @@ var defaultTimeouts = Timeouts{SYN: time.Minute, Established: time.Hour, FIN: ti
 // (service 2, no selection table yet). Everything is released in cleanup.
 func newEnv(t testing.TB, ctSize uint32) *env {
 	t.Helper()
+	return newEnvPorts(t, ctSize, portLo, portHi)
+}
+
+// newEnvPorts is newEnv with another source-port range (the return table
+// is sized for it at load).
+func newEnvPorts(t testing.TB, ctSize uint32, lo, hi uint16) *env {
+	t.Helper()
 	testnet.RequirePrivileged(t)
-	p, err := Load(Options{ConntrackSize: ctSize})
+	p, err := Load(Options{ConntrackSize: ctSize, PortLo: lo, PortHi: hi})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -194,7 +201,7 @@ func newEnv(t testing.TB, ctSize uint32) *env {
 	if nerr != nil {
 		t.Fatalf("set up test network: %v", nerr)
 	}
-	e.opts = Settings{SourceAddress: lbAddr, PortLo: portLo, PortHi: portHi, ConntrackTimeout: defaultTimeouts}
+	e.opts = Settings{SourceAddress: lbAddr, PortLo: lo, PortHi: hi, ConntrackTimeout: defaultTimeouts}
 	e.must(p.SetSettings(e.opts))
 	for _, b := range []struct {
 		id   uint32
@@ -381,33 +388,26 @@ func (e *env) backendStats(id uint32) BackendStats {
 	return s
 }
 
-// retEntries counts the return table's entries.
+// retEntries counts the source-port ways held by connections (not the
+// holds kept for a backend's TIME_WAIT).
 func (e *env) retEntries() int {
 	e.t.Helper()
-	n := 0
-	err := walk(e.p.objs.XlbRet, func(*xlbXlbFlow, *xlbXlbRconn) { n++ })
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return n
+	used, _ := e.p.PortsInUse()
+	return used
 }
 
-// clearConntrack empties both conntrack tables and the backends' counts.
+// clearConntrack empties the forward table, every source-port way and
+// the backends' counts.
 func (e *env) clearConntrack() {
 	e.t.Helper()
-	for _, m := range []*ebpf.Map{e.p.objs.XlbFwd, e.p.objs.XlbRet} {
-		var keys []xlbXlbFlow
-		if m == e.p.objs.XlbFwd {
-			e.must(walk(m, func(k *xlbXlbFlow, _ *xlbXlbConn) { keys = append(keys, *k) }))
-		} else {
-			e.must(walk(m, func(k *xlbXlbFlow, _ *xlbXlbRconn) { keys = append(keys, *k) }))
-		}
-		if len(keys) > 0 {
-			if _, err := m.BatchDelete(keys, nil); err != nil {
-				e.t.Fatalf("clear %s: %v", m, err)
-			}
+	var keys []xlbXlbFlow
+	e.must(walk(e.p.objs.XlbFwd, func(k *xlbXlbFlow, _ *xlbXlbConn) { keys = append(keys, *k) }))
+	if len(keys) > 0 {
+		if _, err := e.p.objs.XlbFwd.BatchDelete(keys, nil); err != nil {
+			e.t.Fatalf("clear forward table: %v", err)
 		}
 	}
+	clear(e.p.ports)
 	for _, id := range []uint32{idA, idB, idC, idNoN, idL1} {
 		e.must(e.p.ResetBackendStats(id))
 	}

@@ -177,9 +177,7 @@ func TestPipelineNewConnections(t *testing.T) {
 			map[string]uint64{"ret": 1})
 	})
 	t.Run("source ports run out", func(t *testing.T) {
-		e := newEnv(t, 1024)
-		e.opts.PortLo, e.opts.PortHi = portLo, portLo+1
-		e.must(e.p.SetSettings(e.opts))
+		e := newEnvPorts(t, 1024, portLo, portLo+1)
 		e.must(e.p.SetSelection(1, ModeRandom, []uint32{idA}))
 		seen := map[uint16]bool{}
 		for i := range 2 {

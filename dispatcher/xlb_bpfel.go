@@ -99,6 +99,7 @@ type xlbXlbNh struct {
 type xlbXlbPkt struct {
 	_        structs.HostLayout
 	Flow     xlbXlbFlow
+	Vip      xlbXlbVipPort
 	SvcId    uint32
 	Dir      uint8
 	TcpFlags uint8
@@ -110,23 +111,28 @@ type xlbXlbPkt struct {
 	Nh       xlbXlbNh
 }
 
+type xlbXlbPortState uint32
+
+const (
+	xlbXlbPortStateXLB_PS_FREE    xlbXlbPortState = 0
+	xlbXlbPortStateXLB_PS_USED    xlbXlbPortState = 1
+	xlbXlbPortStateXLB_PS_TW_HOLD xlbXlbPortState = 2
+)
+
 type xlbXlbRconn struct {
 	_         structs.HostLayout
+	State     uint32
+	Baddr     uint32
+	Bport     uint16
+	Cport     uint16
 	Caddr     uint32
 	Vaddr     uint32
-	Cport     uint16
 	Vport     uint16
-	Flags     uint32
+	Pad       uint16
 	LastSeenJ uint64
 	NhJ       uint64
 	Nh        xlbXlbNh
 }
-
-type xlbXlbRconnFlag uint32
-
-const (
-	xlbXlbRconnFlagXLB_RF_TW_HOLD xlbXlbRconnFlag = 1
-)
 
 type xlbXlbSelMode uint32
 
@@ -189,6 +195,12 @@ type xlbXlbVip struct {
 	Pad   uint8
 }
 
+type xlbXlbVipPort struct {
+	_    structs.HostLayout
+	Addr uint32
+	Svc  uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -197,8 +209,8 @@ const (
 	xlbMapXlbBkStats    = "xlb_bk_stats"
 	xlbMapXlbFwd        = "xlb_fwd"
 	xlbMapXlbNow        = "xlb_now"
+	xlbMapXlbPorts      = "xlb_ports"
 	xlbMapXlbProgs      = "xlb_progs"
-	xlbMapXlbRet        = "xlb_ret"
 	xlbMapXlbRng        = "xlb_rng"
 	xlbMapXlbRr         = "xlb_rr"
 	xlbMapXlbScratch    = "xlb_scratch"
@@ -218,9 +230,10 @@ const (
 	xlbVarUnusedFlag    = "unused_flag"
 	xlbVarUnusedMode    = "unused_mode"
 	xlbVarUnusedPkt     = "unused_pkt"
-	xlbVarUnusedRflag   = "unused_rflag"
+	xlbVarUnusedPstate  = "unused_pstate"
 	xlbVarUnusedStage   = "unused_stage"
 	xlbVarUnusedStat    = "unused_stat"
+	xlbVarUnusedVport   = "unused_vport"
 )
 
 // loadXlb returns the embedded CollectionSpec for xlb.
@@ -281,8 +294,8 @@ type xlbMapSpecs struct {
 	XlbBkStats  *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
 	XlbFwd      *ebpf.MapSpec `ebpf:"xlb_fwd"`
 	XlbNow      *ebpf.MapSpec `ebpf:"xlb_now"`
+	XlbPorts    *ebpf.MapSpec `ebpf:"xlb_ports"`
 	XlbProgs    *ebpf.MapSpec `ebpf:"xlb_progs"`
-	XlbRet      *ebpf.MapSpec `ebpf:"xlb_ret"`
 	XlbRng      *ebpf.MapSpec `ebpf:"xlb_rng"`
 	XlbRr       *ebpf.MapSpec `ebpf:"xlb_rr"`
 	XlbScratch  *ebpf.MapSpec `ebpf:"xlb_scratch"`
@@ -297,14 +310,15 @@ type xlbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type xlbVariableSpecs struct {
-	UnusedCt    *ebpf.VariableSpec `ebpf:"unused_ct"`
-	UnusedDir   *ebpf.VariableSpec `ebpf:"unused_dir"`
-	UnusedFlag  *ebpf.VariableSpec `ebpf:"unused_flag"`
-	UnusedMode  *ebpf.VariableSpec `ebpf:"unused_mode"`
-	UnusedPkt   *ebpf.VariableSpec `ebpf:"unused_pkt"`
-	UnusedRflag *ebpf.VariableSpec `ebpf:"unused_rflag"`
-	UnusedStage *ebpf.VariableSpec `ebpf:"unused_stage"`
-	UnusedStat  *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedCt     *ebpf.VariableSpec `ebpf:"unused_ct"`
+	UnusedDir    *ebpf.VariableSpec `ebpf:"unused_dir"`
+	UnusedFlag   *ebpf.VariableSpec `ebpf:"unused_flag"`
+	UnusedMode   *ebpf.VariableSpec `ebpf:"unused_mode"`
+	UnusedPkt    *ebpf.VariableSpec `ebpf:"unused_pkt"`
+	UnusedPstate *ebpf.VariableSpec `ebpf:"unused_pstate"`
+	UnusedStage  *ebpf.VariableSpec `ebpf:"unused_stage"`
+	UnusedStat   *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedVport  *ebpf.VariableSpec `ebpf:"unused_vport"`
 }
 
 // xlbObjects contains all objects after they have been loaded into the kernel.
@@ -331,8 +345,8 @@ type xlbMaps struct {
 	XlbBkStats  *ebpf.Map `ebpf:"xlb_bk_stats"`
 	XlbFwd      *ebpf.Map `ebpf:"xlb_fwd"`
 	XlbNow      *ebpf.Map `ebpf:"xlb_now"`
+	XlbPorts    *ebpf.Map `ebpf:"xlb_ports"`
 	XlbProgs    *ebpf.Map `ebpf:"xlb_progs"`
-	XlbRet      *ebpf.Map `ebpf:"xlb_ret"`
 	XlbRng      *ebpf.Map `ebpf:"xlb_rng"`
 	XlbRr       *ebpf.Map `ebpf:"xlb_rr"`
 	XlbScratch  *ebpf.Map `ebpf:"xlb_scratch"`
@@ -349,8 +363,8 @@ func (m *xlbMaps) Close() error {
 		m.XlbBkStats,
 		m.XlbFwd,
 		m.XlbNow,
+		m.XlbPorts,
 		m.XlbProgs,
-		m.XlbRet,
 		m.XlbRng,
 		m.XlbRr,
 		m.XlbScratch,
@@ -366,14 +380,15 @@ func (m *xlbMaps) Close() error {
 //
 // It can be passed to loadXlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type xlbVariables struct {
-	UnusedCt    *ebpf.Variable `ebpf:"unused_ct"`
-	UnusedDir   *ebpf.Variable `ebpf:"unused_dir"`
-	UnusedFlag  *ebpf.Variable `ebpf:"unused_flag"`
-	UnusedMode  *ebpf.Variable `ebpf:"unused_mode"`
-	UnusedPkt   *ebpf.Variable `ebpf:"unused_pkt"`
-	UnusedRflag *ebpf.Variable `ebpf:"unused_rflag"`
-	UnusedStage *ebpf.Variable `ebpf:"unused_stage"`
-	UnusedStat  *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedCt     *ebpf.Variable `ebpf:"unused_ct"`
+	UnusedDir    *ebpf.Variable `ebpf:"unused_dir"`
+	UnusedFlag   *ebpf.Variable `ebpf:"unused_flag"`
+	UnusedMode   *ebpf.Variable `ebpf:"unused_mode"`
+	UnusedPkt    *ebpf.Variable `ebpf:"unused_pkt"`
+	UnusedPstate *ebpf.Variable `ebpf:"unused_pstate"`
+	UnusedStage  *ebpf.Variable `ebpf:"unused_stage"`
+	UnusedStat   *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedVport  *ebpf.Variable `ebpf:"unused_vport"`
 }
 
 // xlbPrograms contains all programs after they have been loaded into the kernel.

@@ -31,7 +31,8 @@ const enum xlb_conn_flag *unused_flag __attribute__((unused));
 const enum xlb_dir *unused_dir __attribute__((unused));
 const enum xlb_ct_state *unused_ct __attribute__((unused));
 const struct xlb_pkt *unused_pkt __attribute__((unused));
-const enum xlb_rconn_flag *unused_rflag __attribute__((unused));
+const enum xlb_port_state *unused_pstate __attribute__((unused));
+const struct xlb_vip_port *unused_vport __attribute__((unused));
 
 /* xlb_clock publishes the data path's clock (jiffies) in xlb_now; the
  * daemon runs it with BPF_PROG_TEST_RUN to age connections. */
@@ -112,9 +113,10 @@ int xlb_parse(struct xdp_md *ctx)
 	/* A port some VIP uses: conntrack looks the flow up first, and the
 	 * service only when there is no connection, so established
 	 * traffic pays for one hash lookup. */
-	__u32 word = dport >> 6;
-	__u64 *bits = bpf_map_lookup_elem(&xlb_vip_ports, &word);
-	if (bits && (*bits & (1ULL << (dport & 63)))) {
+	__u32 port = dport;
+	struct xlb_vip_port *vp = bpf_map_lookup_elem(&xlb_vip_ports, &port);
+	if (vp && vp->svc) {
+		p->vip = *vp;
 		p->dir = XLB_DIR_FWD;
 		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_CONNTRACK);
 		return pass(XLB_STAT_TAILCALL_FAIL);
@@ -133,36 +135,45 @@ static __always_inline int conn_expired(__u32 flags, __u64 last, __u64 now)
 	return now - last > cfg->timeout_j[st];
 }
 
+/* port_release frees, or holds for the backend's TIME_WAIT, the source
+ * port of a connection that ends, if its way still belongs to it. */
+static __always_inline void port_release(const struct xlb_conn *c)
+{
+	struct xlb_cfg *cfg = config();
+	struct xlb_rconn *r;
+
+	if (!cfg)
+		return;
+	r = port_entry(cfg, bpf_ntohs(c->lport), c->baddr, c->bport);
+	if (!r || r->baddr != c->baddr || r->bport != c->bport)
+		return;
+	/* Keep the port from reuse until the daemon's time-wait sweep
+	 * frees it when the backend may hold TIME_WAIT for it. */
+	r->state = (c->flags & XLB_CF_TW) ? XLB_PS_TW_HOLD : XLB_PS_FREE;
+}
+
+/* conntrack_recycle ends a closed or expired connection whose client
+ * port starts a new one. */
 static __always_inline void conntrack_recycle(struct xlb_conn *c, struct xlb_flow *key)
 {
-	struct xlb_flow rk = {
-		.saddr = c->baddr,
-		.daddr = c->laddr,
-		.sport = c->bport,
-		.dport = c->lport,
-		.proto = IPPROTO_TCP,
-	};
-
 	if (!conn_closed(c->flags))
 		backend_uncount(c->backend_id);
-	if (c->flags & XLB_CF_TW) {
-		/* Keep the port from reuse until the daemon's time-wait
-		 * sweep frees it: the backend may hold TIME_WAIT for it. */
-		struct xlb_rconn *r = bpf_map_lookup_elem(&xlb_ret, &rk);
-
-		if (r)
-			r->flags |= XLB_RF_TW_HOLD;
-	} else {
-		bpf_map_delete_elem(&xlb_ret, &rk);
-	}
+	port_release(c);
 	bpf_map_delete_elem(&xlb_fwd, key);
 	count(XLB_STAT_RECYCLED);
 }
 
-/* service_of finds the service of a VIP flow, for a packet without a
- * connection; it stores its id for select. */
+/* service_of finds the service of a VIP flow for a packet without a
+ * connection and stores its id for select: from the port's entry when
+ * one VIP uses the port, from xlb_services when several do. */
 static __always_inline int service_of(struct xlb_pkt *p)
 {
+	if (p->vip.svc != XLB_VIP_MULTI) {
+		if (!p->vip.svc || p->vip.addr != p->flow.daddr)
+			return 0;
+		p->svc_id = p->vip.svc - 1;
+		return 1;
+	}
 	struct xlb_vip vip = {
 		.addr = p->flow.daddr,
 		.port = p->flow.dport,
@@ -176,33 +187,13 @@ static __always_inline int service_of(struct xlb_pkt *p)
 	return 1;
 }
 
-static __always_inline int conntrack_fwd(struct xdp_md *ctx, struct xlb_pkt *p, __u64 now)
+/* forward_along hands an existing connection's rewrite to rewrite. */
+static __always_inline int forward_along(struct xdp_md *ctx, struct xlb_pkt *p, struct xlb_conn *c,
+					 __u64 now)
 {
-	struct xlb_conn *c = bpf_map_lookup_elem(&xlb_fwd, &p->flow);
-	__u8 fl = p->tcp_flags;
-	int syn = (fl & (TCP_FL_SYN | TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_SYN;
-	struct xlb_cfg *cfg;
+	struct xlb_cfg *cfg = config();
 
-	if (!c) {
-		if (!service_of(p))
-			return pass(XLB_STAT_PASS_NOT_OURS);
-		if (syn)
-			bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_SELECT);
-		return drop(XLB_STAT_DROP_NO_CONN);
-	}
-	if (syn && (conn_closed(c->flags) || conn_expired(c->flags, c->last_seen_j, now))) {
-		/* The client reuses its port after the earlier connection
-		 * ended: a new connection, a new selection. */
-		conntrack_recycle(c, &p->flow);
-		if (!service_of(p))
-			return pass(XLB_STAT_PASS_NOT_OURS);
-		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_SELECT);
-		return drop(XLB_STAT_DROP_INTERNAL);
-	}
-	if (fl & (TCP_FL_FIN | TCP_FL_RST))
-		conn_mark(c, tcp_conn_bits(fl, XLB_CF_FIN_C));
 	c->last_seen_j = now;
-	cfg = config();
 	if (cfg && now - c->nh_j > cfg->nh_ttl_j) {
 		struct xlb_nh nh;
 
@@ -219,12 +210,40 @@ static __always_inline int conntrack_fwd(struct xdp_md *ctx, struct xlb_pkt *p, 
 	return pass(XLB_STAT_TAILCALL_FAIL);
 }
 
+static __always_inline int conntrack_fwd(struct xdp_md *ctx, struct xlb_pkt *p, __u64 now)
+{
+	__u8 fl = p->tcp_flags;
+	struct xlb_conn *c;
+
+	/* A SYN goes straight to select, which inserts its connection
+	 * optimistically: a flow that exists (a retransmitted SYN, a reused
+	 * client port) is found by the failed insert, so new flows pay for
+	 * no lookup here. */
+	if ((fl & (TCP_FL_SYN | TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_SYN) {
+		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_SELECT);
+		return pass(XLB_STAT_TAILCALL_FAIL);
+	}
+	c = bpf_map_lookup_elem(&xlb_fwd, &p->flow);
+	if (!c) {
+		if (!service_of(p))
+			return pass(XLB_STAT_PASS_NOT_OURS);
+		return drop(XLB_STAT_DROP_NO_CONN);
+	}
+	if (fl & (TCP_FL_FIN | TCP_FL_RST))
+		conn_mark(c, tcp_conn_bits(fl, XLB_CF_FIN_C));
+	return forward_along(ctx, p, c, now);
+}
+
 static __always_inline int conntrack_ret(struct xdp_md *ctx, struct xlb_pkt *p, __u64 now)
 {
-	struct xlb_rconn *r = bpf_map_lookup_elem(&xlb_ret, &p->flow);
+	struct xlb_cfg *cfg = config();
 	__u8 fl = p->tcp_flags;
+	struct xlb_rconn *r;
 
-	if (!r)
+	if (!cfg)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	r = port_entry(cfg, bpf_ntohs(p->flow.dport), p->flow.saddr, p->flow.sport);
+	if (!r || r->state == XLB_PS_FREE || r->baddr != p->flow.saddr || r->bport != p->flow.sport)
 		return pass(XLB_STAT_PASS_NOT_OURS);
 	if (fl & (TCP_FL_SYN | TCP_FL_FIN | TCP_FL_RST)) {
 		/* State changes live in the forward entry. */
@@ -249,8 +268,7 @@ static __always_inline int conntrack_ret(struct xdp_md *ctx, struct xlb_pkt *p, 
 		}
 	}
 	r->last_seen_j = now;
-	struct xlb_cfg *cfg = config();
-	if (cfg && now - r->nh_j > cfg->nh_ttl_j) {
+	if (now - r->nh_j > cfg->nh_ttl_j) {
 		struct xlb_nh nh;
 
 		if (fib_nexthop(ctx, r->vaddr, r->caddr, &nh) == BPF_FIB_LKUP_RET_SUCCESS)
@@ -358,9 +376,63 @@ static __always_inline __s64 select_backend(struct xlb_pkt *p)
 	return *id;
 }
 
-/* xlb_select creates the connection of a new flow: it chooses a backend,
- * finds next hops, allocates a source port unique for that backend and
- * inserts the forward and return entries. */
+/* claim_port claims the backend's way of a free source port, walking
+ * the range per backend as connect() does: a port comes back only after
+ * the whole range was used, long after the backend's TIME_WAIT for it in
+ * all but the busiest cases. One compare-and-swap per probe, so two CPUs
+ * never share a way. Returns the way and its offset in the range. */
+static __always_inline struct xlb_rconn *claim_port(const struct xlb_cfg *cfg, struct xlb_backend_stats *bs,
+						    const struct xlb_backend *b, __u32 *off)
+{
+	__u32 range = (__u32)cfg->port_hi - cfg->port_lo + 1;
+	__u32 way = port_way(b->addr, b->port);
+	__u32 start, i;
+
+	if (cfg->port_hi < cfg->port_lo)
+		return NULL;
+	/* Backends sharing a way start their walks far apart (their own
+	 * hash), and a walk resumes after the port it last claimed. */
+	start = (__u32)((__sync_fetch_and_add(&bs->port_seq, 1) + port_hash(b->addr, b->port)) % range);
+	for (i = 0; i < XLB_PORT_TRIES; i++) {
+		__u32 idx;
+		struct xlb_rconn *r;
+
+		*off = (start + i) % range;
+		idx = *off * XLB_PORT_WAYS + way;
+		r = bpf_map_lookup_elem(&xlb_ports, &idx);
+		if (!r)
+			return NULL;
+		if (__sync_val_compare_and_swap(&r->state, XLB_PS_FREE, XLB_PS_USED) == XLB_PS_FREE) {
+			if (i)
+				__sync_fetch_and_add(&bs->port_seq, i);
+			return r;
+		}
+	}
+	return NULL;
+}
+
+/* existing_live finds the connection a SYN's flow already has and, if it
+ * ended (closed, or idle past its timeout), recycles it: the client
+ * reuses its port for a new connection. It returns the live connection
+ * otherwise, NULL when there is none or it was recycled. */
+static __always_inline struct xlb_conn *existing_live(struct xlb_pkt *p, __u64 now, int *recycled)
+{
+	struct xlb_conn *c = bpf_map_lookup_elem(&xlb_fwd, &p->flow);
+
+	*recycled = 0;
+	if (!c)
+		return NULL;
+	if (conn_closed(c->flags) || conn_expired(c->flags, c->last_seen_j, now)) {
+		conntrack_recycle(c, &p->flow);
+		*recycled = 1;
+		return NULL;
+	}
+	return c;
+}
+
+/* xlb_select creates the connection of a SYN: it finds the service,
+ * chooses a backend, claims a source port unique for that backend and
+ * inserts the forward entry. */
 SEC("xdp")
 int xlb_select(struct xdp_md *ctx)
 {
@@ -369,10 +441,12 @@ int xlb_select(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	struct xlb_pkt *p = scratch();
 	struct xlb_backend_stats *bs;
+	struct xlb_rconn *r;
 	struct xlb_backend *b;
 	struct xlb_cfg *cfg;
 	__u64 now = bpf_jiffies64();
-	__u32 bid, range, start, i;
+	__u32 bid, off = 0;
+	int recycled;
 	__s64 sel;
 
 	if (!p || (void *)(eth + 1) > end)
@@ -380,6 +454,8 @@ int xlb_select(struct xdp_md *ctx)
 	cfg = config();
 	if (!cfg)
 		return drop(XLB_STAT_DROP_INTERNAL);
+	if (!service_of(p))
+		return pass(XLB_STAT_PASS_NOT_OURS);
 	sel = select_backend(p);
 	if (sel < 0)
 		return drop(XLB_STAT_DROP_NO_BACKEND);
@@ -404,10 +480,39 @@ int xlb_select(struct xdp_md *ctx)
 		}
 	}
 
+	r = claim_port(cfg, bs, b, &off);
+	if (!r) {
+		/* No free port: unless this SYN ends a finished connection of
+		 * its flow, which frees one, or retransmits a live one. */
+		struct xlb_conn *old = existing_live(p, now, &recycled);
+
+		if (old)
+			return forward_along(ctx, p, old, now);
+		if (recycled)
+			r = claim_port(cfg, bs, b, &off);
+		if (!r)
+			return drop(XLB_STAT_DROP_NO_PORT);
+	}
+
+	/* Replies go back the way the SYN came (its MACs and interface)
+	 * until the return path asks the FIB, nh_ttl later. */
+	r->baddr = b->addr;
+	r->bport = b->port;
+	r->caddr = p->flow.saddr;
+	r->cport = p->flow.sport;
+	r->vaddr = p->flow.daddr;
+	r->vport = p->flow.dport;
+	r->last_seen_j = now;
+	r->nh_j = now;
+	r->nh.ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(r->nh.dmac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(r->nh.smac, eth->h_dest, ETH_ALEN);
+
 	struct xlb_conn c = {
 		.baddr = b->addr,
 		.laddr = cfg->snat_addr,
 		.bport = b->port,
+		.lport = bpf_htons(cfg->port_lo + off),
 		.backend_id = bid,
 		.flags = XLB_CF_SYN,
 		.svc_id = p->svc_id,
@@ -415,47 +520,20 @@ int xlb_select(struct xdp_md *ctx)
 		.nh_j = bs->nh_j,
 		.nh = bs->nh,
 	};
-	/* Replies go back the way the SYN came (its MACs and interface)
-	 * until the return path asks the FIB, nh_ttl later. */
-	struct xlb_rconn r = {
-		.caddr = p->flow.saddr,
-		.vaddr = p->flow.daddr,
-		.cport = p->flow.sport,
-		.vport = p->flow.dport,
-		.last_seen_j = now,
-		.nh_j = now,
-		.nh.ifindex = ctx->ingress_ifindex,
-	};
-	__builtin_memcpy(r.nh.dmac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(r.nh.smac, eth->h_dest, ETH_ALEN);
-
-	struct xlb_flow rk = {
-		.saddr = c.baddr,
-		.daddr = c.laddr,
-		.sport = c.bport,
-		.proto = IPPROTO_TCP,
-	};
-	range = (__u32)cfg->port_hi - cfg->port_lo + 1;
-	if (cfg->port_hi < cfg->port_lo)
-		return drop(XLB_STAT_DROP_INTERNAL);
-	/* Walk the range per backend, as connect() does: a port comes back
-	 * only after the whole range was used, long after the backend's
-	 * TIME_WAIT for it, in all but the busiest cases. */
-	start = (__u32)(__sync_fetch_and_add(&bs->port_seq, 1) % range);
-	for (i = 0; i < XLB_PORT_TRIES; i++) {
-		__u32 off = (start + i) % range;
-
-		rk.dport = bpf_htons(cfg->port_lo + off);
-		if (bpf_map_update_elem(&xlb_ret, &rk, &r, BPF_NOEXIST) == 0)
-			break;
-	}
-	if (i == XLB_PORT_TRIES)
-		return drop(XLB_STAT_DROP_NO_PORT);
-	c.lport = rk.dport;
 	if (bpf_map_update_elem(&xlb_fwd, &p->flow, &c, BPF_NOEXIST) != 0) {
-		/* A copy of this SYN won the race on another CPU. */
-		bpf_map_delete_elem(&xlb_ret, &rk);
-		return drop(XLB_STAT_DROP_SYN_RACE);
+		/* The flow has a connection: a retransmitted SYN of a live
+		 * one goes along it; an ended one is recycled and this SYN
+		 * takes its place with the selection just made. */
+		struct xlb_conn *old = existing_live(p, now, &recycled);
+
+		if (old) {
+			r->state = XLB_PS_FREE;
+			return forward_along(ctx, p, old, now);
+		}
+		if (!recycled || bpf_map_update_elem(&xlb_fwd, &p->flow, &c, BPF_NOEXIST) != 0) {
+			r->state = XLB_PS_FREE;
+			return drop(XLB_STAT_DROP_SYN_RACE);
+		}
 	}
 	__sync_fetch_and_add(&bs->active, 1);
 	__sync_fetch_and_add(&bs->new_conns, 1);

@@ -28,6 +28,7 @@ import (
 var (
 	ErrNoIPv4      = errors.New("interface has no IPv4 address")
 	ErrPortOverlap = errors.New("source ports overlap the kernel's ephemeral ports")
+	ErrVIPInPorts  = errors.New("vip port inside the source-port range")
 	ErrTooMany     = errors.New("too many services or backends")
 	ErrNoService   = errors.New("no such service")
 )
@@ -160,7 +161,7 @@ func New(opts Options) (_ *Balancer, err error) {
 	if err := checkPortRange(b.source, b.link, opts.PortLo, opts.PortHi); err != nil {
 		return nil, err
 	}
-	b.pipe, err = dispatcher.Load(dispatcher.Options{ConntrackSize: opts.ConntrackSize})
+	b.pipe, err = dispatcher.Load(dispatcher.Options{ConntrackSize: opts.ConntrackSize, PortLo: opts.PortLo, PortHi: opts.PortHi})
 	if err != nil {
 		return nil, err
 	}
@@ -230,7 +231,7 @@ func (b *Balancer) SetServices(ctx context.Context, specs []Service) error {
 	}
 	for vip, svc := range b.services {
 		if _, ok := want[vip]; !ok {
-			if err := b.removeService(vip, svc, want); err != nil {
+			if err := b.removeService(vip, svc); err != nil {
 				return err
 			}
 		}
@@ -243,14 +244,8 @@ func (b *Balancer) SetServices(ctx context.Context, specs []Service) error {
 	return nil
 }
 
-func (b *Balancer) removeService(vip netip.AddrPort, svc *service, keep map[netip.AddrPort]Service) error {
-	portInUse := false
-	for other := range keep {
-		if other.Port() == vip.Port() {
-			portInUse = true
-		}
-	}
-	if err := b.pipe.DeleteService(vip, portInUse); err != nil {
+func (b *Balancer) removeService(vip netip.AddrPort, svc *service) error {
+	if err := b.pipe.DeleteService(vip); err != nil {
 		return err
 	}
 	if err := b.pipe.ClearSelection(svc.id); err != nil {
@@ -273,6 +268,9 @@ func (b *Balancer) retire(bk *backend) {
 func (b *Balancer) upsertService(ctx context.Context, s Service) error {
 	if len(s.Backends) == 0 {
 		return errors.New("no backends")
+	}
+	if s.VIP.Addr() == b.source && s.VIP.Port() >= b.opts.PortLo && s.VIP.Port() <= b.opts.PortHi {
+		return fmt.Errorf("%w: vip %s is on the source address, source-ports %d-%d", ErrVIPInPorts, s.VIP, b.opts.PortLo, b.opts.PortHi)
 	}
 	svc := b.services[s.VIP]
 	isNew := svc == nil

@@ -213,6 +213,7 @@ func (m *Manager) Select(ctx context.Context, svc balancer.ServiceState) (balanc
 				r.backoff(m.opts.MaxBackoff)
 			}
 			r.mu.Unlock()
+			return balancer.Selection{}, fmt.Errorf("policy %s: no answer within %s, plugin killed: %w", r.name, m.opts.CallTimeout, context.DeadlineExceeded)
 		}
 		return balancer.Selection{}, err
 	}

@@ -128,6 +128,31 @@ static __always_inline long fib_nexthop(struct xdp_md *ctx, __be32 src, __be32 d
 	return rc;
 }
 
+/* port_hash mixes a backend's address and port. */
+static __always_inline __u32 port_hash(__be32 baddr, __be16 bport)
+{
+	return (baddr ^ ((__u32)bport << 16 | bport)) * 0x9e3779b1;
+}
+
+/* port_way picks a backend's way in every source port. */
+static __always_inline __u32 port_way(__be32 baddr, __be16 bport)
+{
+	return port_hash(baddr, bport) >> (32 - XLB_PORT_WAYS_LOG2);
+}
+
+/* port_entry returns the way of source port lport (host order) that
+ * backend baddr:bport uses, or NULL outside the range. */
+static __always_inline struct xlb_rconn *port_entry(const struct xlb_cfg *cfg, __u16 lport,
+						    __be32 baddr, __be16 bport)
+{
+	__u32 idx;
+
+	if (lport < cfg->port_lo || lport > cfg->port_hi)
+		return NULL;
+	idx = (__u32)(lport - cfg->port_lo) * XLB_PORT_WAYS + port_way(baddr, bport);
+	return bpf_map_lookup_elem(&xlb_ports, &idx);
+}
+
 /* conn_closed reports whether flags describe a finished connection. */
 static __always_inline int conn_closed(__u32 flags)
 {

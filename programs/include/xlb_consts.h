@@ -38,11 +38,13 @@ enum xlb_conn_flag {
 	XLB_CF_TW = 1 << 5,    /* the backend closed first: it holds TIME_WAIT */
 };
 
-/* Return entry flags (struct xlb_rconn.flags). */
-enum xlb_rconn_flag {
-	/* The connection is gone; the entry only keeps its source port from
-	 * being reused while the backend may still hold TIME_WAIT for it. */
-	XLB_RF_TW_HOLD = 1 << 0,
+/* State of a source-port way (struct xlb_rconn.state). */
+enum xlb_port_state {
+	XLB_PS_FREE = 0,    /* the port is free for backends of this way */
+	XLB_PS_USED = 1,    /* a connection's return side */
+	/* The connection is gone; the way only keeps its port from being
+	 * reused while the backend may still hold TIME_WAIT for it. */
+	XLB_PS_TW_HOLD = 2,
 };
 
 /* Per-CPU counters, indexes into xlb_stats. */
@@ -77,6 +79,12 @@ enum xlb_stat {
 #define XLB_MAX_SEL_TABLE 65537 /* entries after the header */
 #define XLB_MAX_CANDIDATES 64   /* least-conn candidate set */
 #define XLB_PORT_TRIES 16       /* source-port probes per new connection */
+/* Each source port has 8 ways; a backend (address:port) always uses the
+ * way its hash picks, so a port is unique per backend and claimed with
+ * one compare-and-swap. Backends sharing a way share the port range. */
+#define XLB_PORT_WAYS_LOG2 3
+#define XLB_PORT_WAYS (1 << XLB_PORT_WAYS_LOG2)
+#define XLB_VIP_MULTI 0xffffffff /* several VIPs use the port: see xlb_services */
 
 #define TCP_FL_FIN 0x01
 #define TCP_FL_SYN 0x02

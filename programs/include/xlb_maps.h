@@ -41,13 +41,14 @@ struct {
 	__type(value, struct xlb_cfg);
 } xlb_settings SEC(".maps");
 
-/* One bit per TCP port that some VIP uses: a cheap first filter so that
- * traffic to other ports never pays for a hash lookup. */
+/* TCP port -> the VIP using it: a first filter so that traffic to other
+ * ports never pays for a hash lookup, and, when one VIP uses the port
+ * (the common case), its service without one. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 65536 / 64);
+	__uint(max_entries, 65536);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct xlb_vip_port);
 } xlb_vip_ports SEC(".maps");
 
 /* VIP:port/proto -> service id. */
@@ -132,14 +133,18 @@ struct {
 	__type(value, struct xlb_conn);
 } xlb_fwd SEC(".maps");
 
-/* Return table: backend -> source address flow -> client. Its keys are
- * also the source-port allocation: a port is in use for a backend while
- * its entry exists. */
+/* Return table and source-port allocator in one: entry
+ * (port - port_lo) * XLB_PORT_WAYS + way(backend) is the return side of
+ * the connection holding that port towards that backend. Replies find it
+ * with an array lookup; a new connection claims it with a
+ * compare-and-swap. Sized by the daemon to the source-port range;
+ * mappable so the daemon's sweeper can scan and free it. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct xlb_flow);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 22768 * XLB_PORT_WAYS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
 	__type(value, struct xlb_rconn);
-} xlb_ret SEC(".maps");
+} xlb_ports SEC(".maps");
 
 #endif

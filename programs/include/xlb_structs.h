@@ -68,16 +68,26 @@ struct xlb_conn {
 	struct xlb_nh nh;  /* towards the backend */
 };
 
-/* Value of xlb_ret: how to rewrite backend replies. */
+/* Value of xlb_ports, one way of a source port: the return side of a
+ * connection, how to rewrite the backend's replies. */
 struct xlb_rconn {
+	__u32 state;  /* enum xlb_port_state, claimed with compare-and-swap */
+	__be32 baddr; /* the backend holding the way */
+	__be16 bport;
+	__be16 cport;
 	__be32 caddr; /* client */
 	__be32 vaddr; /* VIP */
-	__be16 cport;
 	__be16 vport;
-	__u32 flags;        /* enum xlb_rconn_flag */
+	__u16 pad;
 	__u64 last_seen_j; /* last backend packet, jiffies */
 	__u64 nh_j;
 	struct xlb_nh nh; /* towards the client */
+};
+
+/* Value of xlb_vip_ports: which VIP uses a TCP port. */
+struct xlb_vip_port {
+	__be32 addr; /* the VIP when svc names one service */
+	__u32 svc;   /* 0: none; service id + 1; XLB_VIP_MULTI: several */
 };
 
 /* Runtime settings, single entry of xlb_cfg. */
@@ -100,7 +110,8 @@ enum xlb_ct_state {
  * See docs/stage-abi.md. */
 struct xlb_pkt {
 	struct xlb_flow flow; /* parse: as received */
-	__u32 svc_id;         /* parse: service, for XLB_DIR_FWD */
+	struct xlb_vip_port vip; /* parse: the VIP port's entry (forward) */
+	__u32 svc_id;         /* conntrack/select: the service of a new flow */
 	__u8 dir;             /* parse: enum xlb_dir */
 	__u8 tcp_flags;       /* parse: TCP flags byte */
 	__u16 pad;
