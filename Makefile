@@ -50,7 +50,8 @@ test: deps build
 # requests/s through xlb beside a direct path, in the same run.
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 200000x -count 3 ./dispatcher/ | tee $(BIN)/bench-datapath.txt
-	$(GO) test -run '^$$' -bench . -benchtime 1x -count 1 ./cmd/xlbd/ | tee $(BIN)/bench-e2e.txt
+	$(GO) test -run '^$$' -bench EndToEnd -benchtime 1x -count 1 ./cmd/xlbd/ | tee $(BIN)/bench-e2e.txt
+	$(GO) test -run '^$$' -bench PolicySwap -benchtime 20x -count 1 ./cmd/xlbd/ | tee -a $(BIN)/bench-e2e.txt
 
 demo: build
 	./$(BIN)/xlb-demo

@@ -44,12 +44,12 @@ var (
 	memberNameRE   = regexp.MustCompile(`^[a-z0-9-]{1,15}$`)
 )
 
-// newChain adds cfg's chain members to the interface bal attached to.
+// newChain loads cfg's chain members and builds the chain around bal's
+// pipeline; the daemon attaches entry() once everything is ready.
 func newChain(cfg *config.Config, bal *balancer.Balancer, log *slog.Logger) (_ *chain, err error) {
 	c := &chain{
 		log:     log,
 		pipe:    bal.Pipeline(),
-		att:     bal.Attachment(),
 		pinRoot: filepath.Join(cfg.PinPath, "chain"),
 		xlbPrio: cfg.XLBPriority,
 	}
@@ -145,17 +145,36 @@ func (c *chain) swap(members []*chainMember) error {
 		}
 		next = prog
 	}
-	if err := c.att.Replace(next); err != nil {
-		if prog != nil {
-			prog.Close()
+	if c.att != nil {
+		if err := c.att.Replace(next); err != nil {
+			if prog != nil {
+				prog.Close()
+			}
+			return err
 		}
-		return err
 	}
 	if c.prog != nil {
 		c.prog.Close()
 	}
 	c.prog = prog
 	return nil
+}
+
+// entry is the program to attach: the chain, or xlb_dispatch alone.
+func (c *chain) entry() *ebpf.Program {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.prog != nil {
+		return c.prog
+	}
+	return c.pipe.Entry()
+}
+
+// attached tells the chain where later changes are swapped in.
+func (c *chain) attached(att *dispatcher.Attachment) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.att = att
 }
 
 // Close releases the chain's program and the members' maps and pins. It

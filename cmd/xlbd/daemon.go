@@ -46,14 +46,22 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		d.pol.Close()
 		return nil, err
 	}
-	if err := d.bal.SetServices(ctx, services(cfg)); err != nil {
-		d.Close()
-		return nil, err
-	}
+	// The chain and the services are ready before anything is attached,
+	// so the interface goes from no program to the whole configuration
+	// in one step (a filter in front of xlb is never missing).
 	if d.chain, err = newChain(cfg, d.bal, log); err != nil {
 		d.Close()
 		return nil, err
 	}
+	if err := d.bal.SetServices(ctx, services(cfg)); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if err := d.bal.Attach(d.chain.entry()); err != nil {
+		d.Close()
+		return nil, err
+	}
+	d.chain.attached(d.bal.Attachment())
 	return d, nil
 }
 

@@ -18,6 +18,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -124,7 +125,7 @@ type Balancer struct {
 	restoreFwd func()
 }
 
-// New loads the pipeline, prepares the interface and attaches to it.
+// New loads the pipeline and prepares the interface; Attach attaches.
 // Nothing is left behind if it fails.
 func New(opts Options) (_ *Balancer, err error) {
 	if opts.Logger == nil {
@@ -177,13 +178,25 @@ func New(opts Options) (_ *Balancer, err error) {
 	if b.restoreFwd, err = enableForwarding(opts.Iface); err != nil {
 		return nil, err
 	}
-	b.att, err = dispatcher.Attach(b.pipe.Entry(), b.link.Attrs().Index, opts.XDPMode)
-	if err != nil {
-		return nil, err
-	}
-	b.log.Info("attached", "iface", opts.Iface, "xdp_mode", string(opts.XDPMode), "source_address", b.source.String(),
-		"source_ports", fmt.Sprintf("%d-%d", opts.PortLo, opts.PortHi))
 	return b, nil
+}
+
+// Attach attaches prog (nil: the pipeline's own entry, xlb_dispatch) to
+// the interface. Calling it after SetServices (and after building an XDP
+// chain around the pipeline) puts the whole configuration in place at
+// once: no packet meets a half-configured interface.
+func (b *Balancer) Attach(prog *ebpf.Program) error {
+	if prog == nil {
+		prog = b.pipe.Entry()
+	}
+	att, err := dispatcher.Attach(prog, b.link.Attrs().Index, b.opts.XDPMode)
+	if err != nil {
+		return err
+	}
+	b.att = att
+	b.log.Info("attached", "iface", b.opts.Iface, "xdp_mode", string(b.opts.XDPMode), "source_address", b.source.String(),
+		"source_ports", fmt.Sprintf("%d-%d", b.opts.PortLo, b.opts.PortHi))
+	return nil
 }
 
 // Pipeline gives access to the loaded pipeline (counters, conntrack).
