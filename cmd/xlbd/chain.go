@@ -34,6 +34,7 @@ type chain struct {
 }
 
 type chainMember struct {
+	req        control.ChainMember // as configured, to tell a changed member on reload
 	m          *dispatcher.Member
 	priority   int
 	continueOn []dispatcher.Verdict
@@ -59,11 +60,7 @@ func newChain(cfg *config.Config, bal *balancer.Balancer, log *slog.Logger) (_ *
 		}
 	}()
 	for _, m := range cfg.Chain {
-		prio := -1
-		if m.Priority != nil {
-			prio = *m.Priority
-		}
-		cm, err := c.load(control.ChainMember{Name: m.Name, Object: m.Object, Program: m.Program, Priority: prio, ContinueOn: m.ContinueOn})
+		cm, err := c.load(memberRequest(m))
 		if err != nil {
 			return nil, err
 		}
@@ -97,7 +94,7 @@ func (c *chain) load(req control.ChainMember) (_ *chainMember, err error) {
 	if err != nil {
 		return nil, err
 	}
-	cm := &chainMember{m: m, priority: config.DefaultPriority}
+	cm := &chainMember{req: req, m: m, priority: config.DefaultPriority}
 	switch {
 	case req.Priority >= 0:
 		cm.priority = req.Priority
@@ -260,6 +257,59 @@ func (c *chain) remove(name string) error {
 	c.members = members
 	c.log.Info("chain member removed", "name", name)
 	return gone.m.Close()
+}
+
+func memberRequest(m config.ChainMember) control.ChainMember {
+	prio := -1
+	if m.Priority != nil {
+		prio = *m.Priority
+	}
+	return control.ChainMember{Name: m.Name, Object: m.Object, Program: m.Program, Priority: prio, ContinueOn: m.ContinueOn}
+}
+
+// reload makes the chain what a reloaded configuration says: members no
+// longer listed, or changed, are removed; new and changed ones added;
+// xlb's own priority updated. Unchanged members keep running (and keep
+// their maps). A changed member is briefly absent between its removal
+// and its new version's addition.
+func (c *chain) reload(want []config.ChainMember, xlbPrio int) error {
+	wanted := make(map[string]control.ChainMember, len(want))
+	for _, m := range want {
+		wanted[m.Name] = memberRequest(m)
+	}
+	var errs []error
+	c.mu.Lock()
+	var drop []string
+	for _, m := range c.members {
+		if w, ok := wanted[m.m.Name]; !ok || !sameMember(w, m.req) {
+			drop = append(drop, m.m.Name)
+		}
+	}
+	prioChanged := c.xlbPrio != xlbPrio
+	c.xlbPrio = xlbPrio
+	c.mu.Unlock()
+	for _, name := range drop {
+		errs = append(errs, c.remove(name))
+	}
+	for _, m := range want {
+		c.mu.Lock()
+		present := slices.ContainsFunc(c.members, func(x *chainMember) bool { return x.m.Name == m.Name })
+		c.mu.Unlock()
+		if !present {
+			errs = append(errs, c.add(memberRequest(m)))
+		}
+	}
+	if prioChanged {
+		c.mu.Lock()
+		errs = append(errs, c.swap(c.members))
+		c.mu.Unlock()
+	}
+	return errors.Join(errs...)
+}
+
+func sameMember(a, b control.ChainMember) bool {
+	return a.Name == b.Name && a.Object == b.Object && a.Program == b.Program && a.Priority == b.Priority &&
+		slices.Equal(a.ContinueOn, b.ContinueOn) && (a.ContinueOn == nil) == (b.ContinueOn == nil)
 }
 
 // ChainList implements control.Handler.

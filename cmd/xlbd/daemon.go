@@ -129,7 +129,12 @@ func (d *daemon) reload(ctx context.Context) error {
 		return err
 	}
 	d.cfg.Services = cfg.Services
-	d.log.Info("reloaded", "services", len(cfg.Services), "took", time.Since(start).String())
+	if err := d.chain.reload(cfg.Chain, cfg.XLBPriority); err != nil {
+		// Services are in force; the chain is as far as it got.
+		d.log.Error("reload: chain not fully applied", "err", err)
+	}
+	d.cfg.Chain, d.cfg.XLBPriority = cfg.Chain, cfg.XLBPriority
+	d.log.Info("reloaded", "services", len(cfg.Services), "chain", len(cfg.Chain), "took", time.Since(start).String())
 	return nil
 }
 

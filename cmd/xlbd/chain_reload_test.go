@@ -1,0 +1,78 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/xlb-project/xlb/internal/testnet"
+)
+
+// TestChainReload changes the chain through the configuration file and
+// SIGHUP: a member is removed, then added back after xlb, while load
+// balancing goes on.
+func TestChainReload(t *testing.T) {
+	testnet.RequirePrivileged(t)
+	if _, err := os.Stat(xdpFilterIP); err != nil {
+		t.Fatalf("xdp-filter's program (package xdp-tools): %v", err)
+	}
+	pinPath, err := os.MkdirTemp("/sys/fs/bpf", "xlb-chain-reload-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(pinPath) })
+	cfgFile := filepath.Join(t.TempDir(), "xlbd.yaml")
+	write := func(yaml string) {
+		if err := os.WriteFile(cfgFile, []byte(yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	member := func(prio string) string {
+		return "chain:\n  - name: filter\n    object: " + xdpFilterIP + "\n    program: xdpfilt_alw_ip\n" + prio
+	}
+	write(member(""))
+	tp := newTopo(t, "native", "--config", cfgFile, "--pin-path", pinPath)
+	c := tp.c1.NS.HTTPClient(false)
+	order := func() string {
+		ms, err := tp.d.Client().ChainList(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := ""
+		for _, m := range ms {
+			s += fmt.Sprintf("%s@%d ", m.Name, m.Priority)
+		}
+		return s
+	}
+	reload := func(yaml, want string) {
+		t.Helper()
+		write(yaml)
+		if err := tp.d.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for order() != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("chain after reload: %q, want %q\n%s", order(), want, tp.d.Output())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		for i := 0; i < 10; i++ {
+			if _, err := get(t, c, "http://"+tp.vip.String()+"/"); err != nil {
+				t.Fatalf("request after reload to %q: %v", want, err)
+			}
+		}
+	}
+	if got, want := order(), "filter@10 xlb@50 "; got != want {
+		t.Fatalf("chain at start: %q, want %q", got, want)
+	}
+	reload("", "xlb@50 ")
+	if ents, _ := os.ReadDir(filepath.Join(pinPath, "chain", "filter")); len(ents) != 0 {
+		t.Errorf("removed member's pins are left: %v", ents)
+	}
+	reload(member("    priority: 60\n"), "xlb@50 filter@60 ")
+}
