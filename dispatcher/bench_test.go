@@ -158,21 +158,26 @@ func BenchmarkDatapath(b *testing.B) {
 	e, fl, cases := benchSetup(b)
 	all := append([]benchCase{{name: "floor", pkts: cases[0].pkts, wantVerdict: xdpTX}}, cases...)
 	for _, bc := range all {
-		b.Run(bc.name, func(b *testing.B) {
-			if bc.reset != nil {
-				bc.reset()
-			}
-			b.ResetTimer()
-			caseNs, floorNs, err := measure(e, fl, bc, b.N, b.StopTimer, b.StartTimer)
-			b.StopTimer()
-			if err != nil {
-				b.Fatal(err)
-			}
-			c, f := mean(caseNs), mean(floorNs)
-			b.ReportMetric(c, "bpf_ns/pkt")
-			b.ReportMetric(c-f, "ns_above_floor/pkt")
-		})
+		b.Run(bc.name, func(b *testing.B) { benchCaseRun(b, e, fl, bc) })
 	}
+}
+
+// benchCaseRun measures b.N packets of a case, each beside a floor run,
+// and reports the kernel's mean time per packet and its excess over the
+// floor.
+func benchCaseRun(b *testing.B, e *env, fl *testRun, bc benchCase) {
+	if bc.reset != nil {
+		bc.reset()
+	}
+	b.ResetTimer()
+	caseNs, floorNs, err := measure(e, fl, bc, b.N, b.StopTimer, b.StartTimer)
+	b.StopTimer()
+	if err != nil {
+		b.Fatal(err)
+	}
+	c, f := mean(caseNs), mean(floorNs)
+	b.ReportMetric(c, "bpf_ns/pkt")
+	b.ReportMetric(c-f, "ns_above_floor/pkt")
 }
 
 // TestDatapathCostTargets fails when a case costs more than twice its

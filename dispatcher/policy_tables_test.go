@@ -113,16 +113,7 @@ func BenchmarkSelect(b *testing.B) {
 	for _, p := range builtinPolicies {
 		b.Run(p.name, func(b *testing.B) {
 			e.installPolicy(b, p.pol)
-			syn.reset()
-			b.ResetTimer()
-			caseNs, floorNs, err := measure(e, fl, syn, b.N, b.StopTimer, b.StartTimer)
-			b.StopTimer()
-			if err != nil {
-				b.Fatal(err)
-			}
-			c, f := mean(caseNs), mean(floorNs)
-			b.ReportMetric(c, "bpf_ns/pkt")
-			b.ReportMetric(c-f, "ns_above_floor/pkt")
+			benchCaseRun(b, e, fl, syn)
 		})
 	}
 }
