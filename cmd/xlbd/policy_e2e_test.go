@@ -417,3 +417,34 @@ func sha256File(t *testing.T, path string) string {
 	}
 	return fmt.Sprintf("%x", sha256.Sum256(b))
 }
+
+// TestPolicyReload swaps a service's policy by editing the configuration
+// file and sending SIGHUP: the new plugin runs, the old one is stopped,
+// and a connection opened before the reload keeps its backend.
+func TestPolicyReload(t *testing.T) {
+	ct := newConfigTopo(t, "native")
+	cfg := func(policy string) string {
+		return fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    policy: %s\n    backends: [%s, %s]\n",
+			ct.vip, policy, addr(ct.ba, backendPort), addr(ct.bb, backendPort))
+	}
+	ct.start(t, cfg("random"))
+	long := ct.topo.open(t, ct.c1)
+	for _, policy := range []string{"hash", "least-conn"} {
+		ct.writeConfig(t, cfg(policy))
+		if err := ct.d.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			st := ct.topo.status(t)
+			if st.Services[0].Policy == policy && len(st.Policies) == 1 && st.Policies[0].Name == policy && st.Policies[0].Pid != 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("after reload to %s: services %+v, plugins %+v\n%s", policy, st.Services, st.Policies, ct.d.Output())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		checkStick(t, "after reload to "+policy, []longConn{long})
+	}
+}
