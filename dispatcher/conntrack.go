@@ -153,12 +153,11 @@ type GCResult struct {
 
 // GC removes connections idle for longer than their state's timeout and
 // uncounts them from their backend if the data path had not already (on
-// FIN/RST). The return entry goes too, freeing the source port, unless
-// the backend closed first: then it is kept, marked as a hold, until
-// Timeouts.TimeWait has passed, so the port is not given to another
-// client while the backend's TIME_WAIT would refuse it. Return entries
-// whose forward entry is gone are removed after Closed (or TimeWait for
-// holds).
+// FIN/RST). Their source-port way is freed too, unless the backend
+// closed first: then it is held (XLB_PS_TW_HOLD) until Timeouts.TimeWait
+// has passed, so the port is not given to another client while the
+// backend's TIME_WAIT would refuse it. Ways whose forward entry is gone
+// are freed after Closed.
 func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 	var res GCResult
 	now, err := p.now()

@@ -3,8 +3,8 @@
 // program array and maps, attaches it to an interface and gives the control
 // plane typed access to its maps.
 //
-// It needs Linux 6.1 or later with BTF, bpf_fib_lookup and
-// bpf_ktime_get_coarse_ns; it is developed and tested on 6.18.
+// It needs Linux 6.1 or later with BTF, bpf_fib_lookup, bpf_jiffies64,
+// 32-bit atomics and mmapable arrays; it is developed and tested on 6.18.
 package dispatcher
 
 import (

@@ -6,8 +6,7 @@
 #include <linux/types.h>
 
 /* A TCP flow as it appears on the wire, addresses and ports in network
- * order. Key of xlb_fwd (client -> VIP) and of xlb_ret (backend -> source
- * address). */
+ * order. Key of xlb_fwd (client -> VIP). */
 struct xlb_flow {
 	__be32 saddr;
 	__be32 daddr;
