@@ -1,14 +1,12 @@
 package dispatcher
 
 import (
-	"errors"
-	"fmt"
+	"math/bits"
 	"net/netip"
 	"sync/atomic"
 	"time"
 	"unsafe"
 
-	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -17,7 +15,6 @@ type Conn struct {
 	Client, VIP     netip.AddrPort
 	Backend, Source netip.AddrPort // Source: the load balancer's side
 	BackendID       uint32
-	Service         uint32
 	State           string // syn, established, fin, closed
 	Idle            time.Duration
 }
@@ -72,7 +69,7 @@ func (p *Pipeline) portEntry(lport uint16, baddr uint32, bport uint16) *xlbXlbRc
 	if host < p.portLo || uint32(host-p.portLo) >= p.nports {
 		return nil
 	}
-	return p.portAt(uint32(host-p.portLo)*PortWays + portWay(baddr, bport))
+	return p.portAt(portWay(baddr, bport)*p.nports + uint32(host-p.portLo))
 }
 
 func (p *Pipeline) portAt(idx uint32) *xlbXlbRconn {
@@ -100,26 +97,85 @@ func (p *Pipeline) PortsInUse() (used, held int) {
 	return used, held
 }
 
-const batchSize = 4096
+func (p *Pipeline) connAt(i uint32) *xlbXlbConn {
+	off := uintptr(i) * unsafe.Sizeof(xlbXlbConn{})
+	return (*xlbXlbConn)(unsafe.Pointer(&p.conns[off]))
+}
 
-// walk calls fn for every entry of a conntrack table, in batches.
-func walk[K, V any](m *ebpf.Map, fn func(k *K, v *V)) error {
-	keys := make([]K, batchSize)
-	vals := make([]V, batchSize)
-	var cursor ebpf.MapBatchCursor
-	for {
-		n, err := m.BatchLookup(&cursor, keys, vals, nil)
-		for i := 0; i < n; i++ {
-			fn(&keys[i], &vals[i])
+// flowHash mirrors flow_hash() in programs/include/xlb_common.h (Jenkins'
+// final mix): it places a flow in the connection table.
+func flowHash(k *xlbXlbFlow) uint32 {
+	a, b := k.Saddr, k.Daddr
+	c := (uint32(k.Sport)<<16 | uint32(k.Dport)) ^ uint32(k.Proto)
+	a += 0xdeadbeef
+	b += 0x9e3779b9
+	c ^= b
+	c -= bits.RotateLeft32(b, 14)
+	a ^= c
+	a -= bits.RotateLeft32(c, 11)
+	b ^= a
+	b -= bits.RotateLeft32(a, 25)
+	c ^= b
+	c -= bits.RotateLeft32(b, 16)
+	a ^= c
+	a -= bits.RotateLeft32(c, 4)
+	b ^= a
+	b -= bits.RotateLeft32(a, 14)
+	c ^= b
+	c -= bits.RotateLeft32(b, 24)
+	return c
+}
+
+const (
+	ctWays = 8 // XLB_CT_WAYS
+	ctDead = uint32(xlbXlbConnFlagXLB_CF_DEAD)
+)
+
+// snapshot is a stable copy of a slot and the sequence it was read at.
+type snapshot struct {
+	idx uint32
+	seq uint32
+	c   xlbXlbConn
+}
+
+// read copies slot i if it holds a connection and is not being written.
+func (p *Pipeline) read(i uint32) (snapshot, bool) {
+	slot := p.connAt(i)
+	for try := 0; try < 3; try++ {
+		seq := atomic.LoadUint32(&slot.Seq)
+		if seq&1 != 0 {
+			continue
 		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return nil
+		c := *slot
+		if atomic.LoadUint32(&slot.Seq) != seq {
+			continue
 		}
-		if err != nil {
-			return fmt.Errorf("walk %s: %w", m, err)
+		if c.Flags == 0 || c.Flags&ctDead != 0 {
+			return snapshot{}, false
+		}
+		return snapshot{idx: i, seq: seq, c: c}, true
+	}
+	return snapshot{}, false
+}
+
+// find returns the connection of a flow.
+func (p *Pipeline) find(k *xlbXlbFlow) (snapshot, bool) {
+	h := flowHash(k)
+	for i := uint32(0); i < ctWays; i++ {
+		if s, ok := p.read((h + i) & p.ctMask); ok && s.c.Key == *k {
+			return s, true
 		}
 	}
+	return snapshot{}, false
 }
+
+// take makes a slot odd for the daemon to rewrite, if it is still what
+// was read; release makes it stable again.
+func (p *Pipeline) take(s snapshot) bool {
+	return atomic.CompareAndSwapUint32(&p.connAt(s.idx).Seq, s.seq, s.seq+1)
+}
+
+func (p *Pipeline) release(idx uint32) { atomic.AddUint32(&p.connAt(idx).Seq, 1) }
 
 // Conns lists the tracked connections.
 func (p *Pipeline) Conns() ([]Conn, error) {
@@ -128,19 +184,23 @@ func (p *Pipeline) Conns() ([]Conn, error) {
 		return nil, err
 	}
 	var out []Conn
-	err = walk(p.objs.XlbFwd, func(k *xlbXlbFlow, c *xlbXlbConn) {
+	for i := uint32(0); i <= p.ctMask; i++ {
+		s, ok := p.read(i)
+		if !ok {
+			continue
+		}
+		c := &s.c
 		out = append(out, Conn{
-			Client:    addrPort(k.Saddr, k.Sport),
-			VIP:       addrPort(k.Daddr, k.Dport),
+			Client:    addrPort(c.Key.Saddr, c.Key.Sport),
+			VIP:       addrPort(c.Key.Daddr, c.Key.Dport),
 			Backend:   addrPort(c.Baddr, c.Bport),
-			Source:    addrPort(c.Laddr, c.Lport),
+			Source:    addrPort(p.snat, c.Lport),
 			BackendID: c.BackendId,
-			Service:   c.SvcId,
 			State:     stateName(connState(c.Flags)),
 			Idle:      p.idle(now, c.LastSeenJ),
 		})
-	})
-	return out, err
+	}
+	return out, nil
 }
 
 // GCResult says what a sweep did.
@@ -164,50 +224,47 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 	if err != nil {
 		return res, err
 	}
-	type victim struct {
-		k xlbXlbFlow
-		c xlbXlbConn
-	}
-	var victims []victim
-	err = walk(p.objs.XlbFwd, func(k *xlbXlbFlow, c *xlbXlbConn) {
-		res.Scanned++
-		if p.idle(now, c.LastSeenJ) > t.byState(connState(c.Flags)) {
-			victims = append(victims, victim{*k, *c})
+	for i := uint32(0); i <= p.ctMask; i++ {
+		s, ok := p.read(i)
+		if !ok {
+			continue
 		}
-	})
-	if err != nil {
-		return res, err
-	}
-	for _, v := range victims {
-		r := p.portEntry(v.c.Lport, v.c.Baddr, v.c.Bport)
-		mine := r != nil && r.Baddr == v.c.Baddr && r.Bport == v.c.Bport && r.Caddr == v.k.Saddr && r.Cport == v.k.Sport
-		if mine && atomic.LoadUint32(&r.State) == portUsed &&
-			p.idle(now, atomic.LoadUint64(&r.LastSeenJ)) <= t.byState(connState(v.c.Flags)) {
+		res.Scanned++
+		c := &s.c
+		timeout := t.byState(connState(c.Flags))
+		if p.idle(now, c.LastSeenJ) <= timeout {
+			continue
+		}
+		r := p.portEntry(c.Lport, c.Baddr, c.Bport)
+		mine := r != nil && r.Baddr == c.Baddr && r.Bport == c.Bport && r.Caddr == c.Key.Saddr && r.Cport == c.Key.Sport
+		if mine && atomic.LoadUint32(&r.State) == portUsed && p.idle(now, atomic.LoadUint64(&r.LastSeenJ)) <= timeout {
 			continue // the backend side is still talking
 		}
-		// Re-read: the data path may have closed it since the walk.
-		var cur xlbXlbConn
-		if err := p.objs.XlbFwd.Lookup(&v.k, &cur); err != nil {
-			continue
+		if !p.take(s) {
+			continue // changed since it was read
 		}
-		if cur.Lport != v.c.Lport || cur.Baddr != v.c.Baddr || cur.LastSeenJ != v.c.LastSeenJ {
-			continue
-		}
-		if err := p.objs.XlbFwd.Delete(&v.k); err != nil {
+		slot := p.connAt(i)
+		// Flags and last_seen change in place: look again now that the
+		// slot is ours.
+		flags := atomic.LoadUint32(&slot.Flags)
+		if atomic.LoadUint64(&slot.LastSeenJ) != c.LastSeenJ || connState(flags) != connState(c.Flags) {
+			p.release(i)
 			continue
 		}
 		if mine {
 			// A backend that closed first may hold TIME_WAIT: keep
 			// the port from reuse until Timeouts.TimeWait.
 			next := portFree
-			if cur.Flags&uint32(xlbXlbConnFlagXLB_CF_TW) != 0 {
+			if flags&uint32(xlbXlbConnFlagXLB_CF_TW) != 0 {
 				next = portTWHold
 			}
 			atomic.CompareAndSwapUint32(&r.State, portUsed, next)
 		}
-		if connState(cur.Flags) != uint32(xlbXlbCtStateXLB_CT_CLOSED) {
-			p.uncount(cur.BackendId)
+		if connState(flags) != uint32(xlbXlbCtStateXLB_CT_CLOSED) {
+			p.uncount(c.BackendId)
 		}
+		atomic.StoreUint32(&slot.Flags, ctDead)
+		p.release(i)
 		res.Expired++
 	}
 
@@ -230,9 +287,8 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 			continue
 		}
 		fk := xlbXlbFlow{Saddr: r.Caddr, Daddr: r.Vaddr, Sport: r.Cport, Dport: r.Vport, Proto: unix.IPPROTO_TCP}
-		lport := portBE(p.portLo + uint16(i/PortWays))
-		var c xlbXlbConn
-		if err := p.objs.XlbFwd.Lookup(&fk, &c); err == nil && c.Lport == lport && c.Baddr == r.Baddr && c.Bport == r.Bport {
+		lport := portBE(p.portLo + uint16(i%p.nports))
+		if s, ok := p.find(&fk); ok && s.c.Lport == lport && s.c.Baddr == r.Baddr && s.c.Bport == r.Bport {
 			continue
 		}
 		if atomic.CompareAndSwapUint32(&r.State, portUsed, portFree) {

@@ -10,6 +10,7 @@ package dispatcher
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"net/netip"
 	"sync/atomic"
 	"time"
@@ -79,8 +80,10 @@ const xlbPortWaysLog2 = 3 // XLB_PORT_WAYS_LOG2 in programs/include/xlb_consts.h
 
 // Options tune Load.
 type Options struct {
-	// ConntrackSize is the capacity of the forward table; 0 keeps the
-	// compiled-in default (262144).
+	// ConntrackSize is how many connections the table is sized for; it
+	// gets twice as many slots, rounded up to a power of two, so that a
+	// flow's 8-slot window is rarely full (a full window evicts its least
+	// recently seen connection). 0 means 131072.
 	ConntrackSize uint32
 	// PortLo and PortHi are the source-port range the return table is
 	// sized for (PortWays entries per port); zero keeps the compiled-in
@@ -94,8 +97,11 @@ type Pipeline struct {
 	objs      xlbObjects
 	bkStats   []byte // mmap of xlb_bk_stats
 	ports     []byte // mmap of xlb_ports
+	conns     []byte // mmap of xlb_conns
 	portLo    uint16
 	nports    uint32
+	ctMask    uint32
+	snat      uint32 // source address as SetSettings wrote it
 	statNames []string
 	tick      time.Duration // one jiffy: the data path's clock unit
 }
@@ -106,9 +112,15 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("load pipeline spec: %w", err)
 	}
-	if opts.ConntrackSize > 0 {
-		spec.Maps["xlb_fwd"].MaxEntries = opts.ConntrackSize
+	want := opts.ConntrackSize
+	if want == 0 {
+		want = 131072
 	}
+	slots := uint32(1) << bits.Len32(2*want-1)
+	if slots < ctWays {
+		slots = ctWays
+	}
+	spec.Maps["xlb_conns"].MaxEntries = slots
 	if opts.PortLo == 0 && opts.PortHi == 0 {
 		opts.PortLo, opts.PortHi = 10000, 32767
 	}
@@ -125,7 +137,7 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Pipeline{statNames: names, tick: tick, portLo: opts.PortLo, nports: nports}
+	p := &Pipeline{statNames: names, tick: tick, portLo: opts.PortLo, nports: nports, ctMask: slots - 1}
 	if err := spec.LoadAndAssign(&p.objs, nil); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -159,13 +171,18 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("mmap source ports: %w", err)
 	}
+	size = int(slots) * int(unsafe.Sizeof(xlbXlbConn{}))
+	p.conns, err = unix.Mmap(p.objs.XlbConns.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mmap connection table: %w", err)
+	}
 	return p, nil
 }
 
 // Close releases the programs and maps. An attachment made from the
 // pipeline must be closed first or it keeps the programs alive.
 func (p *Pipeline) Close() error {
-	for _, m := range []*[]byte{&p.bkStats, &p.ports} {
+	for _, m := range []*[]byte{&p.bkStats, &p.ports, &p.conns} {
 		if *m != nil {
 			unix.Munmap(*m)
 			*m = nil
@@ -279,6 +296,7 @@ func (p *Pipeline) SetSettings(s Settings) error {
 		PortLo:   s.PortLo,
 		PortHi:   s.PortHi,
 		NhTtlJ:   p.jiffies(NextHopTTL),
+		CtMask:   p.ctMask,
 	}
 	for st := range v.TimeoutJ {
 		v.TimeoutJ[st] = p.jiffies(s.ConntrackTimeout.byState(uint32(st)))
@@ -286,6 +304,7 @@ func (p *Pipeline) SetSettings(s Settings) error {
 	if err := p.objs.XlbSettings.Put(uint32(0), &v); err != nil {
 		return fmt.Errorf("write settings: %w", err)
 	}
+	p.snat = v.SnatAddr
 	return nil
 }
 
@@ -424,13 +443,14 @@ func (p *Pipeline) SetSelection(svc uint32, mode Mode, backends []uint32) error 
 			return fmt.Errorf("%w: backend id %d", ErrBadTable, id)
 		}
 	}
+	// Every table has the template's size, so the data path's lookups
+	// are inlined; only the first n+1 entries are written.
 	inner, err := ebpf.NewMap(&ebpf.MapSpec{
 		Name:       "xlb_sel_table",
 		Type:       ebpf.Array,
 		KeySize:    4,
 		ValueSize:  4,
-		MaxEntries: uint32(n + 1),
-		Flags:      unix.BPF_F_INNER_MAP,
+		MaxEntries: MaxTable + 1,
 	})
 	if err != nil {
 		return fmt.Errorf("create selection table: %w", err)

@@ -85,7 +85,12 @@ func TestGC(t *testing.T) {
 	e.expectFn(t, e.p.Entry(), fromClient(open, vip, s), xdpTX, func() []byte { return toBackend(e.mustConn(open, vip), s) },
 		map[string]uint64{"fwd": 1, "new_conn": 1})
 	k := flowOf(open, vip)
-	e.must(e.p.objs.XlbFwd.Delete(&k))
+	snap, ok := e.p.find(&k)
+	if !ok || !e.p.take(snap) {
+		t.Fatalf("cannot remove the connection of %s", open)
+	}
+	e.p.connAt(snap.idx).Flags = ctDead
+	e.p.release(snap.idx)
 	time.Sleep(1200 * time.Millisecond)
 	res, err = e.p.GC(short)
 	e.must(err)

@@ -396,17 +396,11 @@ func (e *env) retEntries() int {
 	return used
 }
 
-// clearConntrack empties the forward table, every source-port way and
+// clearConntrack empties the connection table, every source-port way and
 // the backends' counts.
 func (e *env) clearConntrack() {
 	e.t.Helper()
-	var keys []xlbXlbFlow
-	e.must(walk(e.p.objs.XlbFwd, func(k *xlbXlbFlow, _ *xlbXlbConn) { keys = append(keys, *k) }))
-	if len(keys) > 0 {
-		if _, err := e.p.objs.XlbFwd.BatchDelete(keys, nil); err != nil {
-			e.t.Fatalf("clear forward table: %v", err)
-		}
-	}
+	clear(e.p.conns)
 	clear(e.p.ports)
 	for _, id := range []uint32{idA, idB, idC, idNoN, idL1} {
 		e.must(e.p.ResetBackendStats(id))

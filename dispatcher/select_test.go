@@ -26,11 +26,11 @@ func (e *env) synFlow(t *testing.T, i int) (netip.AddrPort, uint32) {
 func (e *env) mustConnFwd(cl netip.AddrPort) xlbXlbConn {
 	e.t.Helper()
 	k := xlbXlbFlow{Saddr: addrBE(cl.Addr()), Daddr: addrBE(vip.Addr()), Sport: portBE(cl.Port()), Dport: portBE(vip.Port()), Proto: 6}
-	var c xlbXlbConn
-	if err := e.p.objs.XlbFwd.Lookup(&k, &c); err != nil {
-		e.t.Fatalf("look up connection of %s: %v", cl, err)
+	s, ok := e.p.find(&k)
+	if !ok {
+		e.t.Fatalf("no connection of %s", cl)
 	}
-	return c
+	return s.c
 }
 
 func TestSelectRandom(t *testing.T) {

@@ -34,22 +34,24 @@ type xlbXlbCfg struct {
 	SnatAddr uint32
 	PortLo   uint16
 	PortHi   uint16
+	CtMask   uint32
+	Pad      uint32
 	NhTtlJ   uint64
 	TimeoutJ [4]uint64
 }
 
 type xlbXlbConn struct {
 	_         structs.HostLayout
+	Seq       uint32
+	Flags     uint32
+	Key       xlbXlbFlow
 	Baddr     uint32
-	Laddr     uint32
 	Bport     uint16
 	Lport     uint16
 	BackendId uint32
-	Flags     uint32
-	SvcId     uint32
+	Pad       uint32
 	LastSeenJ uint64
-	NhJ       uint64
-	Nh        xlbXlbNh
+	Pad2      [2]uint64
 }
 
 type xlbXlbConnFlag uint32
@@ -61,6 +63,7 @@ const (
 	xlbXlbConnFlagXLB_CF_FIN_B xlbXlbConnFlag = 8
 	xlbXlbConnFlagXLB_CF_RST   xlbXlbConnFlag = 16
 	xlbXlbConnFlagXLB_CF_TW    xlbXlbConnFlag = 32
+	xlbXlbConnFlagXLB_CF_DEAD  xlbXlbConnFlag = 2147483648
 )
 
 type xlbXlbCtState uint32
@@ -181,10 +184,11 @@ const (
 	xlbXlbStatXLB_STAT_DROP_NO_BACKEND xlbXlbStat = 16
 	xlbXlbStatXLB_STAT_DROP_NO_PORT    xlbXlbStat = 17
 	xlbXlbStatXLB_STAT_DROP_FIB        xlbXlbStat = 18
-	xlbXlbStatXLB_STAT_DROP_SYN_RACE   xlbXlbStat = 19
-	xlbXlbStatXLB_STAT_DROP_INTERNAL   xlbXlbStat = 20
-	xlbXlbStatXLB_STAT_TAILCALL_FAIL   xlbXlbStat = 21
-	xlbXlbStatXLB_STAT_MAX             xlbXlbStat = 22
+	xlbXlbStatXLB_STAT_DROP_CT_RACE    xlbXlbStat = 19
+	xlbXlbStatXLB_STAT_EVICTED         xlbXlbStat = 20
+	xlbXlbStatXLB_STAT_DROP_INTERNAL   xlbXlbStat = 21
+	xlbXlbStatXLB_STAT_TAILCALL_FAIL   xlbXlbStat = 22
+	xlbXlbStatXLB_STAT_MAX             xlbXlbStat = 23
 )
 
 type xlbXlbVip struct {
@@ -207,7 +211,7 @@ type xlbXlbVipPort struct {
 const (
 	xlbMapXlbBackends   = "xlb_backends"
 	xlbMapXlbBkStats    = "xlb_bk_stats"
-	xlbMapXlbFwd        = "xlb_fwd"
+	xlbMapXlbConns      = "xlb_conns"
 	xlbMapXlbNow        = "xlb_now"
 	xlbMapXlbPorts      = "xlb_ports"
 	xlbMapXlbProgs      = "xlb_progs"
@@ -292,7 +296,7 @@ type xlbProgramSpecs struct {
 type xlbMapSpecs struct {
 	XlbBackends *ebpf.MapSpec `ebpf:"xlb_backends"`
 	XlbBkStats  *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
-	XlbFwd      *ebpf.MapSpec `ebpf:"xlb_fwd"`
+	XlbConns    *ebpf.MapSpec `ebpf:"xlb_conns"`
 	XlbNow      *ebpf.MapSpec `ebpf:"xlb_now"`
 	XlbPorts    *ebpf.MapSpec `ebpf:"xlb_ports"`
 	XlbProgs    *ebpf.MapSpec `ebpf:"xlb_progs"`
@@ -343,7 +347,7 @@ func (o *xlbObjects) Close() error {
 type xlbMaps struct {
 	XlbBackends *ebpf.Map `ebpf:"xlb_backends"`
 	XlbBkStats  *ebpf.Map `ebpf:"xlb_bk_stats"`
-	XlbFwd      *ebpf.Map `ebpf:"xlb_fwd"`
+	XlbConns    *ebpf.Map `ebpf:"xlb_conns"`
 	XlbNow      *ebpf.Map `ebpf:"xlb_now"`
 	XlbPorts    *ebpf.Map `ebpf:"xlb_ports"`
 	XlbProgs    *ebpf.Map `ebpf:"xlb_progs"`
@@ -361,7 +365,7 @@ func (m *xlbMaps) Close() error {
 	return _XlbClose(
 		m.XlbBackends,
 		m.XlbBkStats,
-		m.XlbFwd,
+		m.XlbConns,
 		m.XlbNow,
 		m.XlbPorts,
 		m.XlbProgs,

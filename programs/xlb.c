@@ -17,6 +17,7 @@
 #include "include/xlb_maps.h"
 #include "include/xlb_csum.h"
 #include "include/xlb_common.h"
+#include "include/xlb_ct.h"
 
 char _license[] SEC("license") = "Dual BSD/GPL";
 
@@ -124,43 +125,38 @@ int xlb_parse(struct xdp_md *ctx)
 	return pass(XLB_STAT_PASS_NOT_OURS);
 }
 
-/* conn_expired reports whether an entry outlived its state's timeout. */
-static __always_inline int conn_expired(__u32 flags, __u64 last, __u64 now)
+/* conn_expired reports whether a connection outlived its state's timeout. */
+static __always_inline int conn_expired(const struct xlb_cfg *cfg, __u32 flags, __u64 last, __u64 now)
 {
-	struct xlb_cfg *cfg = config();
 	__u32 st = conn_state(flags);
 
-	if (!cfg || st > XLB_CT_CLOSED)
+	if (st > XLB_CT_CLOSED)
 		return 0;
 	return now - last > cfg->timeout_j[st];
 }
 
 /* port_release frees, or holds for the backend's TIME_WAIT, the source
  * port of a connection that ends, if its way still belongs to it. */
-static __always_inline void port_release(const struct xlb_conn *c)
+static __always_inline void port_release(const struct xlb_cfg *cfg, const struct xlb_conn *c)
 {
-	struct xlb_cfg *cfg = config();
-	struct xlb_rconn *r;
+	struct xlb_rconn *r = port_entry(cfg, bpf_ntohs(c->lport), c->baddr, c->bport);
 
-	if (!cfg)
-		return;
-	r = port_entry(cfg, bpf_ntohs(c->lport), c->baddr, c->bport);
-	if (!r || r->baddr != c->baddr || r->bport != c->bport)
+	if (!r || r->baddr != c->baddr || r->bport != c->bport || r->caddr != c->key.saddr ||
+	    r->cport != c->key.sport)
 		return;
 	/* Keep the port from reuse until the daemon's time-wait sweep
 	 * frees it when the backend may hold TIME_WAIT for it. */
 	r->state = (c->flags & XLB_CF_TW) ? XLB_PS_TW_HOLD : XLB_PS_FREE;
 }
 
-/* conntrack_recycle ends a closed or expired connection whose client
- * port starts a new one. */
-static __always_inline void conntrack_recycle(struct xlb_conn *c, struct xlb_flow *key)
+/* conn_end releases what a connection holds (its backend's count, its
+ * source port) before its slot is reused. */
+static __always_inline void conn_end(const struct xlb_cfg *cfg, const struct xlb_conn *c, __u32 stat)
 {
 	if (!conn_closed(c->flags))
 		backend_uncount(c->backend_id);
-	port_release(c);
-	bpf_map_delete_elem(&xlb_fwd, key);
-	count(XLB_STAT_RECYCLED);
+	port_release(cfg, c);
+	count(stat);
 }
 
 /* service_of finds the service of a VIP flow for a packet without a
@@ -187,43 +183,65 @@ static __always_inline int service_of(struct xlb_pkt *p)
 	return 1;
 }
 
-/* forward_along hands an existing connection's rewrite to rewrite. */
-static __always_inline int forward_along(struct xdp_md *ctx, struct xlb_pkt *p, struct xlb_conn *c,
-					 __u64 now)
+/* backend_nexthop returns the next hop towards a backend, shared by its
+ * connections and looked up in the FIB at most once per nh_ttl. */
+static __always_inline struct xlb_backend_stats *backend_nexthop(struct xdp_md *ctx,
+								 const struct xlb_cfg *cfg, __u32 id,
+								 __be32 baddr, __u64 now)
 {
-	struct xlb_cfg *cfg = config();
+	struct xlb_backend_stats *bs = bpf_map_lookup_elem(&xlb_bk_stats, &id);
 
-	c->last_seen_j = now;
-	if (cfg && now - c->nh_j > cfg->nh_ttl_j) {
+	if (!bs)
+		return NULL;
+	if (!bs->nh_j || now - bs->nh_j > cfg->nh_ttl_j) {
 		struct xlb_nh nh;
 
-		if (fib_nexthop(ctx, c->laddr, c->baddr, &nh) == BPF_FIB_LKUP_RET_SUCCESS)
-			c->nh = nh;
-		c->nh_j = now;
+		if (fib_nexthop(ctx, cfg->snat_addr, baddr, &nh) == BPF_FIB_LKUP_RET_SUCCESS) {
+			bs->nh = nh;
+			bs->nh_j = now;
+		} else if (!bs->nh_j) {
+			return NULL;
+		}
 	}
-	p->new_saddr = c->laddr;
+	return bs;
+}
+
+/* forward_along hands the rewrite of an existing connection, read from
+ * its slot at seq, to the rewrite stage. */
+static __always_inline int forward_along(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
+					 struct xlb_conn *c, __u32 seq, __u64 now)
+{
+	struct xlb_backend_stats *bs;
+
+	c->last_seen_j = now;
+	p->new_saddr = cfg->snat_addr;
 	p->new_daddr = c->baddr;
 	p->new_sport = c->lport;
 	p->new_dport = c->bport;
-	p->nh = c->nh;
+	bs = backend_nexthop(ctx, cfg, c->backend_id, c->baddr, now);
+	if (!bs)
+		return drop(XLB_STAT_DROP_FIB);
+	p->nh = bs->nh;
+	if (!ct_stable(c, seq))
+		return drop(XLB_STAT_DROP_CT_RACE);
 	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_REWRITE);
 	return pass(XLB_STAT_TAILCALL_FAIL);
 }
 
-static __always_inline int conntrack_fwd(struct xdp_md *ctx, struct xlb_pkt *p, __u64 now)
+static __always_inline int conntrack_fwd(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
+					 __u64 now)
 {
 	__u8 fl = p->tcp_flags;
 	struct xlb_conn *c;
+	__u32 seq;
 
-	/* A SYN goes straight to select, which inserts its connection
-	 * optimistically: a flow that exists (a retransmitted SYN, a reused
-	 * client port) is found by the failed insert, so new flows pay for
-	 * no lookup here. */
+	/* A SYN goes straight to select, which finds an existing
+	 * connection of its flow while it looks for a slot. */
 	if ((fl & (TCP_FL_SYN | TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_SYN) {
 		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_SELECT);
 		return pass(XLB_STAT_TAILCALL_FAIL);
 	}
-	c = bpf_map_lookup_elem(&xlb_fwd, &p->flow);
+	c = ct_find(cfg, &p->flow, &seq);
 	if (!c) {
 		if (!service_of(p))
 			return pass(XLB_STAT_PASS_NOT_OURS);
@@ -231,22 +249,20 @@ static __always_inline int conntrack_fwd(struct xdp_md *ctx, struct xlb_pkt *p, 
 	}
 	if (fl & (TCP_FL_FIN | TCP_FL_RST))
 		conn_mark(c, tcp_conn_bits(fl, XLB_CF_FIN_C));
-	return forward_along(ctx, p, c, now);
+	return forward_along(ctx, cfg, p, c, seq, now);
 }
 
-static __always_inline int conntrack_ret(struct xdp_md *ctx, struct xlb_pkt *p, __u64 now)
+static __always_inline int conntrack_ret(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
+					 __u64 now)
 {
-	struct xlb_cfg *cfg = config();
 	__u8 fl = p->tcp_flags;
 	struct xlb_rconn *r;
 
-	if (!cfg)
-		return drop(XLB_STAT_DROP_INTERNAL);
 	r = port_entry(cfg, bpf_ntohs(p->flow.dport), p->flow.saddr, p->flow.sport);
 	if (!r || r->state == XLB_PS_FREE || r->baddr != p->flow.saddr || r->bport != p->flow.sport)
 		return pass(XLB_STAT_PASS_NOT_OURS);
 	if (fl & (TCP_FL_SYN | TCP_FL_FIN | TCP_FL_RST)) {
-		/* State changes live in the forward entry. */
+		/* State changes live in the connection's slot. */
 		struct xlb_flow fk = {
 			.saddr = r->caddr,
 			.daddr = r->vaddr,
@@ -254,7 +270,8 @@ static __always_inline int conntrack_ret(struct xdp_md *ctx, struct xlb_pkt *p, 
 			.dport = r->vport,
 			.proto = IPPROTO_TCP,
 		};
-		struct xlb_conn *c = bpf_map_lookup_elem(&xlb_fwd, &fk);
+		__u32 seq;
+		struct xlb_conn *c = ct_find(cfg, &fk, &seq);
 
 		if (c) {
 			__u32 bits = tcp_conn_bits(fl, XLB_CF_FIN_B);
@@ -291,13 +308,14 @@ SEC("xdp")
 int xlb_conntrack(struct xdp_md *ctx)
 {
 	struct xlb_pkt *p = scratch();
+	struct xlb_cfg *cfg = config();
 	__u64 now = bpf_jiffies64();
 
-	if (!p)
+	if (!p || !cfg)
 		return drop(XLB_STAT_DROP_INTERNAL);
 	if (p->dir == XLB_DIR_FWD)
-		return conntrack_fwd(ctx, p, now);
-	return conntrack_ret(ctx, p, now);
+		return conntrack_fwd(ctx, cfg, p, now);
+	return conntrack_ret(ctx, cfg, p, now);
 }
 
 /* select_backend reads the service's selection table and returns a
@@ -398,7 +416,7 @@ static __always_inline struct xlb_rconn *claim_port(const struct xlb_cfg *cfg, s
 		struct xlb_rconn *r;
 
 		*off = (start + i) % range;
-		idx = *off * XLB_PORT_WAYS + way;
+		idx = way * range + *off;
 		r = bpf_map_lookup_elem(&xlb_ports, &idx);
 		if (!r)
 			return NULL;
@@ -411,28 +429,12 @@ static __always_inline struct xlb_rconn *claim_port(const struct xlb_cfg *cfg, s
 	return NULL;
 }
 
-/* existing_live finds the connection a SYN's flow already has and, if it
- * ended (closed, or idle past its timeout), recycles it: the client
- * reuses its port for a new connection. It returns the live connection
- * otherwise, NULL when there is none or it was recycled. */
-static __always_inline struct xlb_conn *existing_live(struct xlb_pkt *p, __u64 now, int *recycled)
-{
-	struct xlb_conn *c = bpf_map_lookup_elem(&xlb_fwd, &p->flow);
-
-	*recycled = 0;
-	if (!c)
-		return NULL;
-	if (conn_closed(c->flags) || conn_expired(c->flags, c->last_seen_j, now)) {
-		conntrack_recycle(c, &p->flow);
-		*recycled = 1;
-		return NULL;
-	}
-	return c;
-}
-
 /* xlb_select creates the connection of a SYN: it finds the service,
- * chooses a backend, claims a source port unique for that backend and
- * inserts the forward entry. */
+ * chooses a backend, takes a slot in the connection table and claims a
+ * source port unique for that backend. A SYN whose flow has a live
+ * connection (a retransmission) goes along it; one whose connection ended
+ * (closed, or idle past its timeout) replaces it: a client may reuse its
+ * port at once. */
 SEC("xdp")
 int xlb_select(struct xdp_md *ctx)
 {
@@ -441,12 +443,12 @@ int xlb_select(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	struct xlb_pkt *p = scratch();
 	struct xlb_backend_stats *bs;
-	struct xlb_rconn *r;
+	struct xlb_conn *c = NULL;
 	struct xlb_backend *b;
+	struct xlb_rconn *r;
 	struct xlb_cfg *cfg;
 	__u64 now = bpf_jiffies64();
-	__u32 bid, off = 0;
-	int recycled;
+	__u32 bid, seq = 0, off = 0;
 	__s64 sel;
 
 	if (!p || (void *)(eth + 1) > end)
@@ -454,44 +456,49 @@ int xlb_select(struct xdp_md *ctx)
 	cfg = config();
 	if (!cfg)
 		return drop(XLB_STAT_DROP_INTERNAL);
-	if (!service_of(p))
-		return pass(XLB_STAT_PASS_NOT_OURS);
-	sel = select_backend(p);
-	if (sel < 0)
-		return drop(XLB_STAT_DROP_NO_BACKEND);
-	bid = sel;
-	b = bpf_map_lookup_elem(&xlb_backends, &bid);
-	if (!b || !b->weight)
-		return drop(XLB_STAT_DROP_NO_BACKEND);
-	bs = bpf_map_lookup_elem(&xlb_bk_stats, &bid);
-	if (!bs)
-		return drop(XLB_STAT_DROP_INTERNAL);
 
-	/* The next hop towards a backend is shared by its new connections
-	 * and looked up in the FIB at most once per nh_ttl. */
-	if (!bs->nh_j || now - bs->nh_j > cfg->nh_ttl_j) {
-		struct xlb_nh nh;
-
-		if (fib_nexthop(ctx, cfg->snat_addr, b->addr, &nh) == BPF_FIB_LKUP_RET_SUCCESS) {
-			bs->nh = nh;
-			bs->nh_j = now;
-		} else if (!bs->nh_j) {
-			return drop(XLB_STAT_DROP_FIB);
-		}
+	switch (ct_claim(cfg, &p->flow, &c, &seq)) {
+	case CT_EXISTS:
+		if (!c)
+			return drop(XLB_STAT_DROP_INTERNAL);
+		if (!conn_closed(c->flags) && !conn_expired(cfg, c->flags, c->last_seen_j, now))
+			return forward_along(ctx, cfg, p, c, seq, now);
+		if (!ct_take(c, seq))
+			return drop(XLB_STAT_DROP_CT_RACE);
+		conn_end(cfg, c, XLB_STAT_RECYCLED);
+		break;
+	case CT_NEW:
+		if (!c)
+			return drop(XLB_STAT_DROP_INTERNAL);
+		if (c->flags && !(c->flags & XLB_CF_DEAD))
+			conn_end(cfg, c, XLB_STAT_EVICTED);
+		break;
+	default:
+		return drop(XLB_STAT_DROP_CT_RACE);
 	}
+	/* The slot is ours (odd) from here: every exit frees it or fills it. */
+	c->flags = XLB_CF_DEAD;
 
+	if (!service_of(p)) {
+		ct_publish(c);
+		return pass(XLB_STAT_PASS_NOT_OURS);
+	}
+	sel = select_backend(p);
+	bid = sel;
+	b = sel < 0 ? NULL : bpf_map_lookup_elem(&xlb_backends, &bid);
+	if (!b || !b->weight) {
+		ct_publish(c);
+		return drop(XLB_STAT_DROP_NO_BACKEND);
+	}
+	bs = backend_nexthop(ctx, cfg, bid, b->addr, now);
+	if (!bs) {
+		ct_publish(c);
+		return drop(XLB_STAT_DROP_FIB);
+	}
 	r = claim_port(cfg, bs, b, &off);
 	if (!r) {
-		/* No free port: unless this SYN ends a finished connection of
-		 * its flow, which frees one, or retransmits a live one. */
-		struct xlb_conn *old = existing_live(p, now, &recycled);
-
-		if (old)
-			return forward_along(ctx, p, old, now);
-		if (recycled)
-			r = claim_port(cfg, bs, b, &off);
-		if (!r)
-			return drop(XLB_STAT_DROP_NO_PORT);
+		ct_publish(c);
+		return drop(XLB_STAT_DROP_NO_PORT);
 	}
 
 	/* Replies go back the way the SYN came (its MACs and interface)
@@ -508,42 +515,24 @@ int xlb_select(struct xdp_md *ctx)
 	__builtin_memcpy(r->nh.dmac, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(r->nh.smac, eth->h_dest, ETH_ALEN);
 
-	struct xlb_conn c = {
-		.baddr = b->addr,
-		.laddr = cfg->snat_addr,
-		.bport = b->port,
-		.lport = bpf_htons(cfg->port_lo + off),
-		.backend_id = bid,
-		.flags = XLB_CF_SYN,
-		.svc_id = p->svc_id,
-		.last_seen_j = now,
-		.nh_j = bs->nh_j,
-		.nh = bs->nh,
-	};
-	if (bpf_map_update_elem(&xlb_fwd, &p->flow, &c, BPF_NOEXIST) != 0) {
-		/* The flow has a connection: a retransmitted SYN of a live
-		 * one goes along it; an ended one is recycled and this SYN
-		 * takes its place with the selection just made. */
-		struct xlb_conn *old = existing_live(p, now, &recycled);
+	c->key = p->flow;
+	c->baddr = b->addr;
+	c->bport = b->port;
+	c->lport = bpf_htons(cfg->port_lo + off);
+	c->backend_id = bid;
+	c->last_seen_j = now;
+	c->flags = XLB_CF_SYN;
+	ct_publish(c);
 
-		if (old) {
-			r->state = XLB_PS_FREE;
-			return forward_along(ctx, p, old, now);
-		}
-		if (!recycled || bpf_map_update_elem(&xlb_fwd, &p->flow, &c, BPF_NOEXIST) != 0) {
-			r->state = XLB_PS_FREE;
-			return drop(XLB_STAT_DROP_SYN_RACE);
-		}
-	}
 	__sync_fetch_and_add(&bs->active, 1);
 	__sync_fetch_and_add(&bs->new_conns, 1);
 	count(XLB_STAT_NEW_CONN);
 
-	p->new_saddr = c.laddr;
-	p->new_daddr = c.baddr;
-	p->new_sport = c.lport;
-	p->new_dport = c.bport;
-	p->nh = c.nh;
+	p->new_saddr = cfg->snat_addr;
+	p->new_daddr = b->addr;
+	p->new_sport = c->lport;
+	p->new_dport = b->port;
+	p->nh = bs->nh;
 	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_REWRITE);
 	return pass(XLB_STAT_TAILCALL_FAIL);
 }

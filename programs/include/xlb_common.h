@@ -149,7 +149,7 @@ static __always_inline struct xlb_rconn *port_entry(const struct xlb_cfg *cfg, _
 
 	if (lport < cfg->port_lo || lport > cfg->port_hi)
 		return NULL;
-	idx = (__u32)(lport - cfg->port_lo) * XLB_PORT_WAYS + port_way(baddr, bport);
+	idx = port_way(baddr, bport) * ((__u32)cfg->port_hi - cfg->port_lo + 1) + (lport - cfg->port_lo);
 	return bpf_map_lookup_elem(&xlb_ports, &idx);
 }
 

@@ -36,6 +36,10 @@ enum xlb_conn_flag {
 	XLB_CF_FIN_B = 1 << 3, /* FIN from the backend */
 	XLB_CF_RST = 1 << 4,   /* RST from either side */
 	XLB_CF_TW = 1 << 5,    /* the backend closed first: it holds TIME_WAIT */
+	/* A slot whose connection ended (a tombstone): free for a new one,
+	 * but scans go on past it. A slot never used has no flags at all,
+	 * and scans stop there: no flow of the window lies beyond it. */
+	XLB_CF_DEAD = 1 << 31,
 };
 
 /* State of a source-port way (struct xlb_rconn.state). */
@@ -68,7 +72,8 @@ enum xlb_stat {
 	XLB_STAT_DROP_NO_BACKEND,   /* dropped: SYN for a service with no usable backend */
 	XLB_STAT_DROP_NO_PORT,      /* dropped: no free source port for that backend */
 	XLB_STAT_DROP_FIB,          /* dropped: no route or neighbour towards the backend */
-	XLB_STAT_DROP_SYN_RACE,     /* dropped: a copy of the SYN made the entry on another CPU */
+	XLB_STAT_DROP_CT_RACE,      /* dropped: the connection's slot was being rewritten */
+	XLB_STAT_EVICTED,           /* live connections evicted from a full probe window */
 	XLB_STAT_DROP_INTERNAL,     /* dropped: a stage's internal state was missing */
 	XLB_STAT_TAILCALL_FAIL,     /* passed: a stage slot was empty */
 	XLB_STAT_MAX,
@@ -85,6 +90,9 @@ enum xlb_stat {
 #define XLB_PORT_WAYS_LOG2 3
 #define XLB_PORT_WAYS (1 << XLB_PORT_WAYS_LOG2)
 #define XLB_VIP_MULTI 0xffffffff /* several VIPs use the port: see xlb_services */
+/* A flow lives in one of XLB_CT_WAYS consecutive slots of xlb_conns from
+ * its hash; a full window evicts its least recently seen connection. */
+#define XLB_CT_WAYS 8
 
 #define TCP_FL_FIN 0x01
 #define TCP_FL_SYN 0x02

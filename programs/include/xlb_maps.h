@@ -78,12 +78,13 @@ struct {
 } xlb_bk_stats SEC(".maps");
 
 /* Selection table template. Entry 0 is the header: mode in the low 8 bits,
- * entry count n above them; entries 1..n are backend ids. BPF_F_INNER_MAP
- * lets each table have its own size. */
+ * entry count n above them; entries 1..n are backend ids. Every table
+ * has the same size (256 KiB), so the verifier inlines its lookups
+ * (BPF_F_INNER_MAP, for tables of their own sizes, makes each a kernel
+ * call: 15 ns here). */
 struct xlb_sel_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
-	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(max_entries, XLB_MAX_SEL_TABLE + 1);
 	__type(key, __u32);
 	__type(value, __u32);
 };
@@ -124,17 +125,22 @@ struct {
 	__type(value, __u64);
 } xlb_now SEC(".maps");
 
-/* Forward table: client flow -> connection. LRU so it can never fill up
- * for good; the daemon also expires idle entries by TCP state. */
+/* Connection table: an LRU hash table the data path runs itself on an
+ * array, so a lookup or an insert costs no kernel call. A flow's slot is
+ * one of XLB_CT_WAYS from flow_hash() & ct_mask; when all are taken the
+ * least recently seen connection is evicted, so the table never fills up
+ * for good. The daemon sizes it (a power of two), expires idle
+ * connections by TCP state, and reads it through a memory mapping. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 262144);
-	__type(key, struct xlb_flow);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
 	__type(value, struct xlb_conn);
-} xlb_fwd SEC(".maps");
+} xlb_conns SEC(".maps");
 
 /* Return table and source-port allocator in one: entry
- * (port - port_lo) * XLB_PORT_WAYS + way(backend) is the return side of
+ * way(backend) * ports + (port - port_lo) is the return side of
  * the connection holding that port towards that backend. Replies find it
  * with an array lookup; a new connection claims it with a
  * compare-and-swap. Sized by the daemon to the source-port range;

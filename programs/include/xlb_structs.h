@@ -6,7 +6,7 @@
 #include <linux/types.h>
 
 /* A TCP flow as it appears on the wire, addresses and ports in network
- * order. Key of xlb_fwd (client -> VIP). */
+ * order. The key of a connection in xlb_conns (client -> VIP). */
 struct xlb_flow {
 	__be32 saddr;
 	__be32 daddr;
@@ -52,19 +52,21 @@ struct xlb_backend_stats {
 	struct xlb_nh nh; /* towards the backend, shared by its new connections */
 };
 
-/* Value of xlb_fwd: how to rewrite client -> VIP packets, and the
- * connection's state. */
+/* A slot of xlb_conns, the connection table: a client flow and how to
+ * rewrite its packets (source = the source address and lport, destination
+ * = the backend). One cache line. See docs/stage-abi.md for the protocol
+ * that lets CPUs and the daemon share slots without locks. */
 struct xlb_conn {
+	__u32 seq;   /* even: stable; odd: being written. Taken by compare-and-swap */
+	__u32 flags; /* enum xlb_conn_flag, set with atomic or; 0: free slot */
+	struct xlb_flow key;
 	__be32 baddr; /* backend */
-	__be32 laddr; /* load balancer source address */
 	__be16 bport;
 	__be16 lport;
 	__u32 backend_id;
-	__u32 flags; /* enum xlb_conn_flag, set with atomic or */
-	__u32 svc_id;
+	__u32 pad;
 	__u64 last_seen_j; /* last client packet, jiffies */
-	__u64 nh_j;        /* when nh was looked up, jiffies */
-	struct xlb_nh nh;  /* towards the backend */
+	__u64 pad2[2];
 };
 
 /* Value of xlb_ports, one way of a source port: the return side of a
@@ -94,6 +96,8 @@ struct xlb_cfg {
 	__be32 snat_addr; /* source address towards backends */
 	__u16 port_lo;    /* source port range, host order, inclusive */
 	__u16 port_hi;
+	__u32 ct_mask;      /* xlb_conns has ct_mask + 1 slots (a power of two) */
+	__u32 pad;
 	__u64 nh_ttl_j;     /* next hops are refreshed from the FIB after this */
 	__u64 timeout_j[4]; /* enum xlb_ct_state: syn, established, fin, closed */
 };
