@@ -1,0 +1,103 @@
+package dispatcher
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// sameWindow returns n client flows to vip whose connections hash to the
+// same 8-slot window of a table with the given mask.
+func sameWindow(mask uint32, n int) []netip.AddrPort {
+	var out []netip.AddrPort
+	want := uint32(0)
+	for i := 0; len(out) < n; i++ {
+		cl := netip.AddrPortFrom(netip.AddrFrom4([4]byte{11, byte(i >> 16), byte(i >> 8), byte(i)}), uint16(20000+i%40000))
+		k := flowOf(cl, vip)
+		h := flowHash(&k) & mask
+		if len(out) == 0 {
+			want = h
+		}
+		if h == want {
+			out = append(out, cl)
+		}
+	}
+	return out
+}
+
+// TestConnTableEviction fills one flow window with 8 live connections:
+// the 9th SYN evicts the least recently seen one, which is uncounted from
+// its backend and whose source port is freed, and the other connections
+// keep flowing. A tombstone left by a closed connection is reused, and
+// scans go past it.
+func TestConnTableEviction(t *testing.T) {
+	e := newEnv(t, 1024)
+	e.must(e.p.SetSelection(1, ModeRandom, []uint32{idA}))
+	flows := sameWindow(e.p.ctMask, ctWays+2)
+	if f := flowHash(ptr(flowOf(flows[0], vip))); f&e.p.ctMask != flowHash(ptr(flowOf(flows[ctWays], vip)))&e.p.ctMask {
+		t.Fatal("flows do not share a window")
+	}
+	syn := seg{flags: "S", seq: 1}
+	for _, cl := range flows[:ctWays] {
+		e.expectFn(t, e.p.Entry(), fromClient(cl, vip, syn), xdpTX, func() []byte { return toBackend(e.mustConn(cl, vip), syn) },
+			map[string]uint64{"fwd": 1, "new_conn": 1})
+	}
+	// Every connection but the first is seen again a few ticks later, so
+	// the first is the least recently seen.
+	time.Sleep(3 * e.p.tick)
+	data := seg{flags: "A", seq: 2, ack: 1}
+	for _, cl := range flows[1:ctWays] {
+		e.expectFn(t, e.p.Entry(), fromClient(cl, vip, data), xdpTX, func() []byte { return toBackend(e.mustConn(cl, vip), data) },
+			map[string]uint64{"fwd": 1})
+	}
+	victim := e.mustConn(flows[0], vip)
+	if got := e.backendStats(idA).Active; got != ctWays {
+		t.Fatalf("active %d, want %d", got, ctWays)
+	}
+
+	last := flows[ctWays]
+	e.expectFn(t, e.p.Entry(), fromClient(last, vip, syn), xdpTX, func() []byte { return toBackend(e.mustConn(last, vip), syn) },
+		map[string]uint64{"fwd": 1, "new_conn": 1, "evicted": 1})
+	if _, ok := e.conn(flows[0], vip); ok {
+		t.Errorf("the least recently seen connection %s was not evicted", flows[0])
+	}
+	if got := e.backendStats(idA).Active; got != ctWays {
+		t.Errorf("active %d after an eviction, want %d (one evicted, one new)", got, ctWays)
+	}
+	if r := e.p.portEntry(portBE(victim.Source.Port()), addrBE(victim.Backend.Addr()), portBE(victim.Backend.Port())); r == nil ||
+		(r.State != portFree && r.Caddr == addrBE(flows[0].Addr())) {
+		t.Errorf("the evicted connection's port %d is still held: %+v", victim.Source.Port(), r)
+	}
+	// The survivors still flow; the evicted flow's packets find nothing.
+	for _, cl := range flows[1 : ctWays+1] {
+		e.expectFn(t, e.p.Entry(), fromClient(cl, vip, data), xdpTX, func() []byte { return toBackend(e.mustConn(cl, vip), data) },
+			map[string]uint64{"fwd": 1})
+	}
+	e.expect(t, e.p.Entry(), fromClient(flows[0], vip, data), xdpDrop, nil, map[string]uint64{"drop_no_conn": 1})
+
+	// Close one with RST and sweep it: its slot becomes a tombstone that
+	// scans pass over (the flows after it in the window are still found)
+	// and that the window's next new flow takes, evicting nobody.
+	closing := flows[1]
+	rst := seg{flags: "R", seq: 2}
+	e.expectFn(t, e.p.Entry(), fromClient(closing, vip, rst), xdpTX, func() []byte { return toBackend(e.mustConn(closing, vip), rst) },
+		map[string]uint64{"fwd": 1, "closed": 1})
+	time.Sleep(3 * e.p.tick)
+	res, err := e.p.GC(Timeouts{SYN: time.Hour, Established: time.Hour, FIN: time.Hour, Closed: time.Nanosecond, TimeWait: time.Nanosecond})
+	e.must(err)
+	if res.Expired != 1 {
+		t.Fatalf("sweep %+v, want the closed connection expired", res)
+	}
+	if _, ok := e.conn(closing, vip); ok {
+		t.Fatalf("closed connection %s still in the table after the sweep", closing)
+	}
+	for _, cl := range flows[2 : ctWays+1] {
+		e.expectFn(t, e.p.Entry(), fromClient(cl, vip, data), xdpTX, func() []byte { return toBackend(e.mustConn(cl, vip), data) },
+			map[string]uint64{"fwd": 1})
+	}
+	next := flows[ctWays+1]
+	e.expectFn(t, e.p.Entry(), fromClient(next, vip, syn), xdpTX, func() []byte { return toBackend(e.mustConn(next, vip), syn) },
+		map[string]uint64{"fwd": 1, "new_conn": 1})
+}
+
+func ptr[T any](v T) *T { return &v }
