@@ -1,8 +1,6 @@
 package dispatcher
 
 import (
-	"encoding/binary"
-	"math/bits"
 	"net/netip"
 	"testing"
 )
@@ -74,28 +72,12 @@ func TestSelectRandom(t *testing.T) {
 	}
 }
 
-// flowHashRef is an independent Go rendering of flow_hash() in
-// xlb_common.h, over the flow's words as the BPF program loads them.
+// flowHashRef is flow_hash() of a client flow to a VIP, through the
+// daemon's rendering of it (flowHash, which also places flows in the
+// connection table); TestSelectHash checks the kernel agrees.
 func flowHashRef(cl, to netip.AddrPort) uint32 {
-	s, d := cl.Addr().As4(), to.Addr().As4()
-	a := binary.LittleEndian.Uint32(s[:]) + 0xdeadbeef
-	b := binary.LittleEndian.Uint32(d[:]) + 0x9e3779b9
-	c := (uint32(portBE(cl.Port()))<<16 | uint32(portBE(to.Port()))) ^ 6
-	c ^= b
-	c -= bits.RotateLeft32(b, 14)
-	a ^= c
-	a -= bits.RotateLeft32(c, 11)
-	b ^= a
-	b -= bits.RotateLeft32(a, 25)
-	c ^= b
-	c -= bits.RotateLeft32(b, 16)
-	a ^= c
-	a -= bits.RotateLeft32(c, 4)
-	b ^= a
-	b -= bits.RotateLeft32(a, 14)
-	c ^= b
-	c -= bits.RotateLeft32(b, 24)
-	return c
+	k := flowOf(cl, to)
+	return flowHash(&k)
 }
 
 func TestSelectHash(t *testing.T) {
