@@ -270,6 +270,26 @@ func (b *Balancer) removeService(vip netip.AddrPort, svc *service) error {
 	b.svcIDs.free(svc.id)
 	delete(b.services, vip)
 	b.log.Info("service removed", "vip", vip.String())
+	return b.dropVIP(vip.Addr())
+}
+
+// dropVIP removes a VIP address xlbd added to the interface once no
+// service uses it any more.
+func (b *Balancer) dropVIP(a netip.Addr) error {
+	i := slices.Index(b.addedVIPs, a)
+	if i < 0 {
+		return nil
+	}
+	for other := range b.services {
+		if other.Addr() == a {
+			return nil
+		}
+	}
+	if err := netlink.AddrDel(b.link, hostAddr(a)); err != nil {
+		return fmt.Errorf("remove vip %s from %s: %w", a, b.opts.Iface, err)
+	}
+	b.addedVIPs = slices.Delete(b.addedVIPs, i, i+1)
+	b.log.Info("vip address removed", "vip", a.String(), "iface", b.opts.Iface)
 	return nil
 }
 
