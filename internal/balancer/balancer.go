@@ -116,13 +116,14 @@ type Balancer struct {
 	link   netlink.Link
 	source netip.Addr
 
-	mu         sync.Mutex
-	services   map[netip.AddrPort]*service
-	svcIDs     idAllocator
-	bkIDs      idAllocator
-	retired    []uint32 // backend ids waiting for their connections to end
-	addedVIPs  []netip.Addr
-	restoreFwd func()
+	mu          sync.Mutex
+	services    map[netip.AddrPort]*service
+	svcIDs      idAllocator
+	bkIDs       idAllocator
+	retired     []uint32 // backend ids waiting for their connections to end
+	addedVIPs   []netip.Addr
+	addedSource netip.Addr // the source address, when xlbd added it
+	restoreFwd  func()
 }
 
 // New loads the pipeline and prepares the interface; Attach attaches.
@@ -161,6 +162,16 @@ func New(opts Options) (_ *Balancer, err error) {
 	}
 	if err := checkPortRange(b.source, b.link, opts.PortLo, opts.PortHi); err != nil {
 		return nil, err
+	}
+	// Backends answer the source address: the host must answer ARP for
+	// it too when it is not one of its addresses.
+	added, err := b.ensureLocal(b.source)
+	if err != nil {
+		return nil, err
+	}
+	if added {
+		b.addedSource = b.source
+		b.log.Info("source address added", "address", b.source.String(), "iface", opts.Iface)
 	}
 	b.pipe, err = dispatcher.Load(dispatcher.Options{ConntrackSize: opts.ConntrackSize, PortLo: opts.PortLo, PortHi: opts.PortHi})
 	if err != nil {
@@ -225,6 +236,12 @@ func (b *Balancer) Close() error {
 		}
 	}
 	b.addedVIPs = nil
+	if b.addedSource.IsValid() {
+		if err := netlink.AddrDel(b.link, hostAddr(b.addedSource)); err != nil {
+			errs = append(errs, fmt.Errorf("remove source address %s from %s: %w", b.addedSource, b.opts.Iface, err))
+		}
+		b.addedSource = netip.Addr{}
+	}
 	if b.restoreFwd != nil {
 		b.restoreFwd()
 		b.restoreFwd = nil
@@ -558,21 +575,30 @@ func (b *Balancer) sample() {
 // ensureVIP makes the host answer ARP for a VIP that is not already one
 // of its addresses, by adding it to the interface as a /32.
 func (b *Balancer) ensureVIP(a netip.Addr) error {
+	added, err := b.ensureLocal(a)
+	if added {
+		b.addedVIPs = append(b.addedVIPs, a)
+		b.log.Info("vip address added", "vip", a.String(), "iface", b.opts.Iface)
+	}
+	return err
+}
+
+// ensureLocal adds a to the interface as a /32 unless it is already an
+// address of the host, and tells whether it added it.
+func (b *Balancer) ensureLocal(a netip.Addr) (bool, error) {
 	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
 	if err != nil {
-		return fmt.Errorf("list addresses: %w", err)
+		return false, fmt.Errorf("list addresses: %w", err)
 	}
 	for _, x := range addrs {
 		if ip, ok := netip.AddrFromSlice(x.IP.To4()); ok && ip == a {
-			return nil
+			return false, nil
 		}
 	}
 	if err := netlink.AddrAdd(b.link, hostAddr(a)); err != nil {
-		return fmt.Errorf("add vip %s to %s: %w", a, b.opts.Iface, err)
+		return false, fmt.Errorf("add address %s to %s: %w", a, b.opts.Iface, err)
 	}
-	b.addedVIPs = append(b.addedVIPs, a)
-	b.log.Info("vip address added", "vip", a.String(), "iface", b.opts.Iface)
-	return nil
+	return true, nil
 }
 
 // ensureNeighbours asks the kernel to resolve the next hop of every
