@@ -716,17 +716,17 @@ func enableForwarding(iface string) (func(), error) {
 }
 
 type idAllocator struct {
-	free_ []uint32
-	next  uint32
-	max   uint32
+	released []uint32
+	next     uint32
+	max      uint32
 }
 
 func newIDAllocator(max uint32) idAllocator { return idAllocator{max: max} }
 
 func (a *idAllocator) alloc() (uint32, bool) {
-	if n := len(a.free_); n > 0 {
-		id := a.free_[n-1]
-		a.free_ = a.free_[:n-1]
+	if n := len(a.released); n > 0 {
+		id := a.released[n-1]
+		a.released = a.released[:n-1]
 		return id, true
 	}
 	if a.next >= a.max {
@@ -736,4 +736,4 @@ func (a *idAllocator) alloc() (uint32, bool) {
 	return a.next - 1, true
 }
 
-func (a *idAllocator) free(id uint32) { a.free_ = append(a.free_, id) }
+func (a *idAllocator) free(id uint32) { a.released = append(a.released, id) }
