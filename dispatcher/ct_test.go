@@ -9,16 +9,18 @@ import (
 // sameWindow returns n client flows to vip whose connections hash to the
 // same 8-slot window of a table with the given mask.
 func sameWindow(mask uint32, n int) []netip.AddrPort {
+	cl := netip.AddrPortFrom(netip.AddrFrom4([4]byte{11, 0, 0, 0}), 20000)
+	k := flowOf(cl, vip)
+	return windowOf(mask, flowHash(&k)&mask, vip, n)
+}
+
+// windowOf returns n client flows to dst whose hash lands on window w.
+func windowOf(mask, w uint32, dst netip.AddrPort, n int) []netip.AddrPort {
 	var out []netip.AddrPort
-	want := uint32(0)
 	for i := 0; len(out) < n; i++ {
 		cl := netip.AddrPortFrom(netip.AddrFrom4([4]byte{11, byte(i >> 16), byte(i >> 8), byte(i)}), uint16(20000+i%40000))
-		k := flowOf(cl, vip)
-		h := flowHash(&k) & mask
-		if len(out) == 0 {
-			want = h
-		}
-		if h == want {
+		k := flowOf(cl, dst)
+		if flowHash(&k)&mask == w {
 			out = append(out, cl)
 		}
 	}
@@ -50,6 +52,13 @@ func TestConnTableEviction(t *testing.T) {
 		e.expectFn(t, e.p.Entry(), fromClient(cl, vip, data), xdpTX, func() []byte { return toBackend(e.mustConn(cl, vip), data) },
 			map[string]uint64{"fwd": 1})
 	}
+	// A SYN to another address on the VIP's port, in the same full
+	// window, is not load balanced and evicts nobody.
+	other := netip.AddrPortFrom(lbAddr, vip.Port())
+	k0 := flowOf(flows[0], vip)
+	stranger := windowOf(e.p.ctMask, flowHash(&k0)&e.p.ctMask, other, 1)[0]
+	e.expect(t, e.p.Entry(), fromClient(stranger, other, syn), xdpPass, nil, map[string]uint64{"pass_not_ours": 1})
+
 	victim := e.mustConn(flows[0], vip)
 	if got := e.backendStats(idA).Active; got != ctWays {
 		t.Fatalf("active %d, want %d", got, ctWays)

@@ -456,6 +456,10 @@ int xlb_select(struct xdp_md *ctx)
 	cfg = config();
 	if (!cfg)
 		return drop(XLB_STAT_DROP_INTERNAL);
+	/* First whether the SYN is for a VIP at all: a SYN to another
+	 * address on a VIP's port must not take (or evict) a slot. */
+	if (!service_of(p))
+		return pass(XLB_STAT_PASS_NOT_OURS);
 
 	switch (ct_claim(cfg, &p->flow, &c, &seq)) {
 	case CT_EXISTS:
@@ -479,10 +483,6 @@ int xlb_select(struct xdp_md *ctx)
 	/* The slot is ours (odd) from here: every exit frees it or fills it. */
 	c->flags = XLB_CF_DEAD;
 
-	if (!service_of(p)) {
-		ct_publish(c);
-		return pass(XLB_STAT_PASS_NOT_OURS);
-	}
 	sel = select_backend(p);
 	bid = sel;
 	b = sel < 0 ? NULL : bpf_map_lookup_elem(&xlb_backends, &bid);
