@@ -15,6 +15,9 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/balancer"
 	"github.com/xlb-project/xlb/plugins"
@@ -204,7 +207,10 @@ func (m *Manager) Select(ctx context.Context, svc balancer.ServiceState) (balanc
 	defer cancel()
 	sel, err := c.Select(cctx, req)
 	if err != nil {
-		if errors.Is(cctx.Err(), context.DeadlineExceeded) && ctx.Err() == nil {
+		// gRPC may report the deadline a moment before the context's
+		// own timer fires: either says the plugin did not answer.
+		hung := errors.Is(cctx.Err(), context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded
+		if hung && ctx.Err() == nil {
 			m.log.Error("policy plugin hung; killing it", "policy", r.name, "pid", c.Pid(), "timeout", m.opts.CallTimeout.String())
 			r.mu.Lock()
 			if r.client == c {
