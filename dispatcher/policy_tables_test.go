@@ -117,3 +117,44 @@ func BenchmarkSelect(b *testing.B) {
 		})
 	}
 }
+
+// TestHashSameOnTwoInstances: two load balancers with the same backends,
+// listed in different orders and under different ids, send every flow to
+// the same backend address with the hash policy.
+func TestHashSameOnTwoInstances(t *testing.T) {
+	type bk struct {
+		id   uint32
+		addr netip.AddrPort
+	}
+	install := func(e *env, order []bk) {
+		req := plugins.Request{Service: vip}
+		for _, b := range order {
+			e.must(e.p.SetBackend(b.id, b.addr, 1))
+			req.Backends = append(req.Backends, plugins.Backend{Address: b.addr, Weight: 1})
+		}
+		sel, err := hash.Policy{}.Select(context.Background(), req)
+		e.must(err)
+		ids := make([]uint32, len(sel.Table))
+		for i, idx := range sel.Table {
+			ids[i] = order[idx].id
+		}
+		e.must(e.p.SetSelection(1, Mode(sel.Mode), ids))
+	}
+	one := newEnvPorts(t, 4096, 1024, 65535)
+	install(one, []bk{{idA, backendA}, {idB, backendB}, {idC, backendC}})
+	two := newEnvPorts(t, 4096, 1024, 65535)
+	install(two, []bk{{idC + 10, backendC}, {idA + 10, backendA}, {idB + 10, backendB}})
+	seen := map[netip.AddrPort]int{}
+	for i := range 1000 {
+		cl, _ := one.synFlow(t, i)
+		_, _ = two.synFlow(t, i)
+		a, b := one.mustConn(cl, vip).Backend, two.mustConn(cl, vip).Backend
+		if a != b {
+			t.Fatalf("flow %s: %s on one instance, %s on the other", cl, a, b)
+		}
+		seen[a]++
+	}
+	if len(seen) != 3 {
+		t.Fatalf("flows spread over %v, want all three backends", seen)
+	}
+}
