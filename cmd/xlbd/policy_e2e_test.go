@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -446,5 +447,37 @@ func TestPolicyReload(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 		checkStick(t, "after reload to "+policy, []longConn{long})
+	}
+}
+
+// TestPolicyPerService swaps the policy of one service only with
+// `xlbctl policy set NAME --service VIP:PORT`; the other keeps its own.
+func TestPolicyPerService(t *testing.T) {
+	ct := newConfigTopo(t, "native")
+	second := netip.AddrPortFrom(ct.vip.Addr(), 8081)
+	ct.start(t, fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    policy: random\n    backends: [%s, %s]\n  - vip: %s\n    policy: random\n    backends: [%s]\n",
+		ct.vip, addr(ct.ba, backendPort), addr(ct.bb, backendPort), second, addr(ct.bc, backendPort)))
+	out, err := ct.topo.xlbctl(t, "policy", "set", "hash", "--service", second.String())
+	if err != nil {
+		t.Fatalf("xlbctl policy set hash --service %s: %v\n%s", second, err, out)
+	}
+	if !strings.Contains(out, second.String()) || strings.Contains(out, ct.vip.String()+",") {
+		t.Errorf("xlbctl said %q, want only %s swapped", out, second)
+	}
+	policies := map[string]string{}
+	for _, s := range ct.topo.status(t).Services {
+		policies[s.VIP] = s.Policy
+	}
+	if policies[ct.vip.String()] != "random" || policies[second.String()] != "hash" {
+		t.Fatalf("policies after the swap: %v", policies)
+	}
+	if _, err := ct.topo.xlbctl(t, "policy", "set", "hash", "--service", "10.199.0.250:80"); err == nil {
+		t.Errorf("swapping the policy of a service that does not exist succeeded")
+	}
+	c := ct.c1.NS.HTTPClient(false)
+	for _, vip := range []netip.AddrPort{ct.vip, second} {
+		if _, err := get(t, c, "http://"+vip.String()+"/"); err != nil {
+			t.Fatalf("request to %s: %v", vip, err)
+		}
 	}
 }
