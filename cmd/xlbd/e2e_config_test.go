@@ -6,13 +6,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -131,39 +131,9 @@ func lbState(tb testing.TB, h *testnet.Host) hostState {
 // time, and counts the answers by backend.
 func (tp *topo) split(t *testing.T, url string, n int) map[string]int {
 	t.Helper()
-	clients := []*testnet.Host{tp.c1, tp.c2}
-	var (
-		mu   sync.Mutex
-		seen = map[string]int{}
-		errs []error
-		wg   sync.WaitGroup
-		work = make(chan int)
-	)
-	for w := 0; w < 8; w++ {
-		c := clients[w%2].NS.HTTPClient(false)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range work {
-				b, err := get(t, c, url)
-				mu.Lock()
-				if err != nil {
-					errs = append(errs, fmt.Errorf("request %d: %w", i, err))
-				} else {
-					seen[b]++
-				}
-				mu.Unlock()
-			}
-		}()
-	}
-	for i := 0; i < n; i++ {
-		work <- i
-	}
-	close(work)
-	wg.Wait()
-	if len(errs) > 0 {
-		t.Fatalf("%d of %d requests to %s failed, first: %v", len(errs), n, url, errs[0])
-	}
+	seen := map[string]int{}
+	clients := []*http.Client{tp.c1.NS.HTTPClient(false), tp.c2.NS.HTTPClient(false)}
+	getMany(t, clients, []string{url}, n, 8, func(b string, _ time.Duration) { seen[b]++ })
 	return seen
 }
 
@@ -739,45 +709,14 @@ func TestShortConnectionsNoStall(t *testing.T) {
 	ct.start(t, fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    backends: [%s, %s]\n",
 		ct.vip, addr(ct.ba, backendPort), addr(ct.bb, backendPort)))
 	const n, workers, slow = 12000, 4, 900 * time.Millisecond
-	stalls := func(urls ...string) (int, time.Duration) {
-		c := ct.c1.NS.HTTPClient(false)
-		var (
-			mu      sync.Mutex
-			stalled int
-			worst   time.Duration
-			errs    []error
-			wg      sync.WaitGroup
-			work    = make(chan int)
-		)
-		for w := 0; w < workers; w++ {
-			url := urls[w%len(urls)]
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for range work {
-					start := time.Now()
-					_, err := get(t, c, url)
-					d := time.Since(start)
-					mu.Lock()
-					if err != nil {
-						errs = append(errs, err)
-					}
-					if d > slow {
-						stalled++
-					}
-					worst = max(worst, d)
-					mu.Unlock()
-				}
-			}()
-		}
-		for i := 0; i < n; i++ {
-			work <- i
-		}
-		close(work)
-		wg.Wait()
-		if len(errs) > 0 {
-			t.Fatalf("%d requests to %v failed, first: %v", len(errs), urls, errs[0])
-		}
+	stalls := func(urls ...string) (stalled int, worst time.Duration) {
+		c := []*http.Client{ct.c1.NS.HTTPClient(false)}
+		getMany(t, c, urls, n, workers, func(_ string, d time.Duration) {
+			if d > slow {
+				stalled++
+			}
+			worst = max(worst, d)
+		})
 		return stalled, worst
 	}
 	ds, dw := stalls("http://"+addr(ct.ba, backendPort)+"/", "http://"+addr(ct.bb, backendPort)+"/")

@@ -11,7 +11,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -252,14 +254,16 @@ func (m *Manager) Prune(inUse []string) {
 	}
 }
 
+// current lists the policies in use.
+func (m *Manager) current() []*run {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Collect(maps.Values(m.runs))
+}
+
 // Statuses lists the policies' plugins.
 func (m *Manager) Statuses() []Status {
-	m.mu.Lock()
-	runs := make([]*run, 0, len(m.runs))
-	for _, r := range m.runs {
-		runs = append(runs, r)
-	}
-	m.mu.Unlock()
+	runs := m.current()
 	out := make([]Status, 0, len(runs))
 	for _, r := range runs {
 		r.mu.Lock()
@@ -270,15 +274,7 @@ func (m *Manager) Statuses() []Status {
 		r.mu.Unlock()
 		out = append(out, s)
 	}
-	slices.SortFunc(out, func(a, b Status) int {
-		if a.Name < b.Name {
-			return -1
-		}
-		if a.Name > b.Name {
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
 
@@ -293,14 +289,8 @@ func (m *Manager) Watch(ctx context.Context, every time.Duration, refresh func(c
 			return nil
 		case <-t.C:
 		}
-		m.mu.Lock()
-		runs := make([]*run, 0, len(m.runs))
-		for _, r := range m.runs {
-			runs = append(runs, r)
-		}
-		m.mu.Unlock()
 		restarted := false
-		for _, r := range runs {
+		for _, r := range m.current() {
 			r.mu.Lock()
 			down := r.client == nil || r.client.Exited()
 			r.mu.Unlock()
