@@ -45,7 +45,8 @@ type Options struct {
 	Timeouts      dispatcher.Timeouts
 	GCInterval    time.Duration
 	Logger        *slog.Logger
-	// Selector computes selection tables; nil means Uniform.
+	// Selector computes selection tables (xlbd: the policy plugins).
+	// Required.
 	Selector Selector
 }
 
@@ -133,7 +134,7 @@ func New(opts Options) (_ *Balancer, err error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	if opts.Selector == nil {
-		opts.Selector = Uniform{}
+		return nil, errors.New("new balancer: no selector")
 	}
 	if opts.GCInterval <= 0 {
 		opts.GCInterval = time.Second
