@@ -12,12 +12,12 @@
 #include <linux/tcp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
-#include "include/xlb_consts.h"
-#include "include/xlb_structs.h"
-#include "include/xlb_maps.h"
-#include "include/xlb_csum.h"
-#include "include/xlb_common.h"
-#include "include/xlb_ct.h"
+#include "xlb_consts.h"
+#include "xlb_structs.h"
+#include "xlb_maps.h"
+#include "xlb_csum.h"
+#include "xlb_common.h"
+#include "xlb_ct.h"
 
 char _license[] SEC("license") = "Dual BSD/GPL";
 
