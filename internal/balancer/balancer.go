@@ -1,7 +1,8 @@
 // Package balancer is xlb's control plane as a library: it turns a set of
 // services into the data path's map state, attaches the pipeline to an
-// interface, prepares the host (VIP addresses, forwarding, neighbour
-// entries) and runs the conntrack sweeper. xlbd is a thin layer over it.
+// interface, has the host prepared for it (VIP and source addresses and
+// forwarding through internal/host; neighbour entries) and runs the
+// conntrack sweeper. xlbd is a thin layer over it.
 package balancer
 
 import (
@@ -11,27 +12,22 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/xlb-project/xlb/dispatcher"
+	"github.com/xlb-project/xlb/internal/host"
 )
 
 // Errors returned by the Balancer.
 var (
-	ErrNoIPv4      = errors.New("interface has no IPv4 address")
-	ErrPortOverlap = errors.New("source ports overlap the kernel's ephemeral ports")
-	ErrVIPInPorts  = errors.New("vip port inside the source-port range")
-	ErrTooMany     = errors.New("too many services or backends")
-	ErrNoService   = errors.New("no such service")
+	ErrVIPInPorts = errors.New("vip port inside the source-port range")
+	ErrTooMany    = errors.New("too many services or backends")
+	ErrNoService  = errors.New("no such service")
 )
 
 // Options configure a Balancer.
@@ -114,17 +110,15 @@ type Balancer struct {
 	log    *slog.Logger
 	pipe   *dispatcher.Pipeline
 	att    *dispatcher.Attachment
-	link   netlink.Link
+	host   *host.Iface
 	source netip.Addr
 
-	mu          sync.Mutex
-	services    map[netip.AddrPort]*service
-	svcIDs      idAllocator
-	bkIDs       idAllocator
-	retired     []uint32 // backend ids waiting for their connections to end
-	addedVIPs   []netip.Addr
-	addedSource netip.Addr // the source address, when xlbd added it
-	restoreFwd  func()
+	mu        sync.Mutex
+	services  map[netip.AddrPort]*service
+	svcIDs    idAllocator
+	bkIDs     idAllocator
+	retired   []uint32     // backend ids waiting for their connections to end
+	addedVIPs []netip.Addr // VIPs the host did not have, added for their services
 }
 
 // New loads the pipeline and prepares the interface; Attach attaches.
@@ -151,27 +145,25 @@ func New(opts Options) (_ *Balancer, err error) {
 			b.Close()
 		}
 	}()
-	b.link, err = netlink.LinkByName(opts.Iface)
-	if err != nil {
-		return nil, fmt.Errorf("find interface %s: %w", opts.Iface, err)
+	if b.host, err = host.Open(opts.Iface); err != nil {
+		return nil, err
 	}
 	b.source = opts.SourceAddress
 	if !b.source.IsValid() {
-		if b.source, err = primaryIPv4(b.link); err != nil {
+		if b.source, err = b.host.PrimaryIPv4(); err != nil {
 			return nil, err
 		}
 	}
-	if err := checkPortRange(b.source, b.link, opts.PortLo, opts.PortHi); err != nil {
+	if err := host.CheckPortRange(b.source, opts.PortLo, opts.PortHi); err != nil {
 		return nil, err
 	}
 	// Backends answer the source address: the host must answer ARP for
 	// it too when it is not one of its addresses.
-	added, err := b.ensureLocal(b.source)
+	added, err := b.host.AddAddress(b.source)
 	if err != nil {
 		return nil, err
 	}
 	if added {
-		b.addedSource = b.source
 		b.log.Info("source address added", "address", b.source.String(), "iface", opts.Iface)
 	}
 	b.pipe, err = dispatcher.Load(dispatcher.Options{ConntrackSize: opts.ConntrackSize, PortLo: opts.PortLo, PortHi: opts.PortHi})
@@ -187,7 +179,7 @@ func New(opts Options) (_ *Balancer, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if b.restoreFwd, err = enableForwarding(opts.Iface); err != nil {
+	if err := b.host.EnableForwarding(); err != nil {
 		return nil, err
 	}
 	return b, nil
@@ -201,7 +193,7 @@ func (b *Balancer) Attach(prog *ebpf.Program) error {
 	if prog == nil {
 		prog = b.pipe.Entry()
 	}
-	att, err := dispatcher.Attach(prog, b.link.Attrs().Index, b.opts.XDPMode)
+	att, err := dispatcher.Attach(prog, b.host.Index(), b.opts.XDPMode)
 	if err != nil {
 		return err
 	}
@@ -231,22 +223,10 @@ func (b *Balancer) Close() error {
 		errs = append(errs, b.pipe.Close())
 		b.pipe = nil
 	}
-	for _, a := range b.addedVIPs {
-		if err := netlink.AddrDel(b.link, hostAddr(a)); err != nil {
-			errs = append(errs, fmt.Errorf("remove vip %s from %s: %w", a, b.opts.Iface, err))
-		}
+	if b.host != nil {
+		errs = append(errs, b.host.Close())
 	}
 	b.addedVIPs = nil
-	if b.addedSource.IsValid() {
-		if err := netlink.AddrDel(b.link, hostAddr(b.addedSource)); err != nil {
-			errs = append(errs, fmt.Errorf("remove source address %s from %s: %w", b.addedSource, b.opts.Iface, err))
-		}
-		b.addedSource = netip.Addr{}
-	}
-	if b.restoreFwd != nil {
-		b.restoreFwd()
-		b.restoreFwd = nil
-	}
 	return errors.Join(errs...)
 }
 
@@ -303,8 +283,8 @@ func (b *Balancer) dropVIP(a netip.Addr) error {
 			return nil
 		}
 	}
-	if err := netlink.AddrDel(b.link, hostAddr(a)); err != nil {
-		return fmt.Errorf("remove vip %s from %s: %w", a, b.opts.Iface, err)
+	if _, err := b.host.RemoveAddress(a); err != nil {
+		return err
 	}
 	b.addedVIPs = slices.Delete(b.addedVIPs, i, i+1)
 	b.log.Info("vip address removed", "vip", a.String(), "iface", b.opts.Iface)
@@ -576,30 +556,12 @@ func (b *Balancer) sample() {
 // ensureVIP makes the host answer ARP for a VIP that is not already one
 // of its addresses, by adding it to the interface as a /32.
 func (b *Balancer) ensureVIP(a netip.Addr) error {
-	added, err := b.ensureLocal(a)
+	added, err := b.host.AddAddress(a)
 	if added {
 		b.addedVIPs = append(b.addedVIPs, a)
 		b.log.Info("vip address added", "vip", a.String(), "iface", b.opts.Iface)
 	}
 	return err
-}
-
-// ensureLocal adds a to the interface as a /32 unless it is already an
-// address of the host, and tells whether it added it.
-func (b *Balancer) ensureLocal(a netip.Addr) (bool, error) {
-	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
-	if err != nil {
-		return false, fmt.Errorf("list addresses: %w", err)
-	}
-	for _, x := range addrs {
-		if ip, ok := netip.AddrFromSlice(x.IP.To4()); ok && ip == a {
-			return false, nil
-		}
-	}
-	if err := netlink.AddrAdd(b.link, hostAddr(a)); err != nil {
-		return false, fmt.Errorf("add address %s to %s: %w", a, b.opts.Iface, err)
-	}
-	return true, nil
 }
 
 // ensureNeighbours asks the kernel to resolve the next hop of every
@@ -644,76 +606,6 @@ func neighValid(ifindex int, ip net.IP) bool {
 		}
 	}
 	return false
-}
-
-func hostAddr(a netip.Addr) *netlink.Addr {
-	return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(32, 32)}}
-}
-
-func primaryIPv4(l netlink.Link) (netip.Addr, error) {
-	addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
-	if err != nil {
-		return netip.Addr{}, fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
-	}
-	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && a.Flags&unix.IFA_F_SECONDARY == 0 {
-			return ip, nil
-		}
-	}
-	return netip.Addr{}, fmt.Errorf("%s: %w", l.Attrs().Name, ErrNoIPv4)
-}
-
-// checkPortRange refuses a source port range that the kernel could also
-// hand out to the host's own connections from the same address: replies
-// to those would be taken for load-balanced ones.
-func checkPortRange(src netip.Addr, l netlink.Link, lo, hi uint16) error {
-	local, err := netlink.AddrList(nil, netlink.FAMILY_V4)
-	if err != nil {
-		return fmt.Errorf("list addresses: %w", err)
-	}
-	isLocal := false
-	for _, a := range local {
-		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && ip == src {
-			isLocal = true
-		}
-	}
-	if !isLocal {
-		return nil
-	}
-	raw, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err != nil {
-		return fmt.Errorf("read ephemeral port range: %w", err)
-	}
-	f := strings.Fields(string(raw))
-	if len(f) != 2 {
-		return fmt.Errorf("read ephemeral port range: unexpected %q", raw)
-	}
-	elo, err1 := strconv.Atoi(f[0])
-	ehi, err2 := strconv.Atoi(f[1])
-	if err1 != nil || err2 != nil {
-		return fmt.Errorf("read ephemeral port range: unexpected %q", raw)
-	}
-	if int(lo) <= ehi && int(hi) >= elo {
-		return fmt.Errorf("%w: source-ports %d-%d on %s, ephemeral %d-%d (net.ipv4.ip_local_port_range)", ErrPortOverlap, lo, hi, src, elo, ehi)
-	}
-	return nil
-}
-
-// enableForwarding turns on IPv4 forwarding for the interface, which
-// bpf_fib_lookup requires, and returns a function that restores it.
-func enableForwarding(iface string) (func(), error) {
-	path := "/proc/sys/net/ipv4/conf/" + iface + "/forwarding"
-	old, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read forwarding of %s: %w", iface, err)
-	}
-	if strings.TrimSpace(string(old)) == "1" {
-		return func() {}, nil
-	}
-	if err := os.WriteFile(path, []byte("1"), 0o644); err != nil {
-		return nil, fmt.Errorf("enable forwarding on %s: %w", iface, err)
-	}
-	return func() { _ = os.WriteFile(path, old, 0o644) }, nil
 }
 
 type idAllocator struct {

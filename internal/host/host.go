@@ -1,0 +1,214 @@
+// Package host prepares the load balancer host for xlb's data path: it
+// adds the addresses that clients and backends must reach (VIPs, the
+// source address) to the interface as /32s, turns on IPv4 forwarding for
+// the interface (bpf_fib_lookup requires it), and checks that xlb's source
+// ports cannot collide with the kernel's ephemeral ports. An Iface
+// remembers what it changed, and Close undoes exactly that.
+//
+// Every function works in the network namespace of the calling thread.
+package host
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Errors returned by the package.
+var (
+	ErrNoIPv4      = errors.New("interface has no IPv4 address")
+	ErrPortOverlap = errors.New("source ports overlap the kernel's ephemeral ports")
+)
+
+// Iface is a network interface that xlb prepares. Its methods are safe for
+// concurrent use.
+type Iface struct {
+	name string
+	link netlink.Link
+
+	mu         sync.Mutex
+	added      []netip.Addr // addresses this Iface added, in order
+	restoreFwd []byte       // forwarding's value before EnableForwarding changed it; nil when unchanged
+}
+
+// Open finds the interface name.
+func Open(name string) (*Iface, error) {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("find interface %s: %w", name, err)
+	}
+	return &Iface{name: name, link: l}, nil
+}
+
+// Name is the interface's name.
+func (h *Iface) Name() string { return h.name }
+
+// Index is the interface's index.
+func (h *Iface) Index() int { return h.link.Attrs().Index }
+
+// PrimaryIPv4 returns the interface's first IPv4 address that is not a
+// secondary one.
+func (h *Iface) PrimaryIPv4() (netip.Addr, error) {
+	addrs, err := netlink.AddrList(h.link, netlink.FAMILY_V4)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("list addresses of %s: %w", h.name, err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && a.Flags&unix.IFA_F_SECONDARY == 0 {
+			return ip, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("%s: %w", h.name, ErrNoIPv4)
+}
+
+// IsLocal tells whether a is an IPv4 address of any interface of the host.
+func IsLocal(a netip.Addr) (bool, error) {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return false, fmt.Errorf("list addresses: %w", err)
+	}
+	for _, x := range addrs {
+		if ip, ok := netip.AddrFromSlice(x.IP.To4()); ok && ip == a {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// AddAddress adds a to the interface as a /32, so the host answers ARP
+// for it, unless a is already an address of the host. It tells whether it
+// added it; an address it added is removed by RemoveAddress or Close.
+func (h *Iface) AddAddress(a netip.Addr) (bool, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	local, err := IsLocal(a)
+	if err != nil || local {
+		return false, err
+	}
+	if err := netlink.AddrAdd(h.link, hostAddr(a)); err != nil {
+		return false, fmt.Errorf("add address %s to %s: %w", a, h.name, err)
+	}
+	h.added = append(h.added, a)
+	return true, nil
+}
+
+// RemoveAddress removes a from the interface if AddAddress added it, and
+// tells whether it did. An address the Iface did not add is left alone.
+func (h *Iface) RemoveAddress(a netip.Addr) (bool, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	i := slices.Index(h.added, a)
+	if i < 0 {
+		return false, nil
+	}
+	if err := netlink.AddrDel(h.link, hostAddr(a)); err != nil {
+		return false, fmt.Errorf("remove address %s from %s: %w", a, h.name, err)
+	}
+	h.added = slices.Delete(h.added, i, i+1)
+	return true, nil
+}
+
+// Added lists the addresses the Iface added and has not removed.
+func (h *Iface) Added() []netip.Addr {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.added)
+}
+
+// EnableForwarding turns on IPv4 forwarding for the interface
+// (net.ipv4.conf.<iface>.forwarding), which bpf_fib_lookup requires. Close
+// restores the value it found.
+func (h *Iface) EnableForwarding() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	path := h.forwardingPath()
+	old, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("read forwarding of %s: %w", h.name, err)
+	}
+	if strings.TrimSpace(string(old)) == "1" {
+		return nil
+	}
+	if err := os.WriteFile(path, []byte("1"), 0o644); err != nil {
+		return fmt.Errorf("enable forwarding on %s: %w", h.name, err)
+	}
+	if h.restoreFwd == nil {
+		h.restoreFwd = old
+	}
+	return nil
+}
+
+func (h *Iface) forwardingPath() string {
+	return "/proc/sys/net/ipv4/conf/" + h.name + "/forwarding"
+}
+
+// Close removes every address the Iface added and restores forwarding.
+func (h *Iface) Close() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var errs []error
+	for _, a := range h.added {
+		if err := netlink.AddrDel(h.link, hostAddr(a)); err != nil {
+			errs = append(errs, fmt.Errorf("remove address %s from %s: %w", a, h.name, err))
+		}
+	}
+	h.added = nil
+	if h.restoreFwd != nil {
+		if err := os.WriteFile(h.forwardingPath(), h.restoreFwd, 0o644); err != nil {
+			errs = append(errs, fmt.Errorf("restore forwarding on %s: %w", h.name, err))
+		}
+		h.restoreFwd = nil
+	}
+	return errors.Join(errs...)
+}
+
+func hostAddr(a netip.Addr) *netlink.Addr {
+	return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(32, 32)}}
+}
+
+// EphemeralPorts reads the kernel's ephemeral port range
+// (net.ipv4.ip_local_port_range).
+func EphemeralPorts() (lo, hi int, err error) {
+	raw, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0, 0, fmt.Errorf("read ephemeral port range: %w", err)
+	}
+	f := strings.Fields(string(raw))
+	if len(f) != 2 {
+		return 0, 0, fmt.Errorf("read ephemeral port range: unexpected %q", raw)
+	}
+	lo, err1 := strconv.Atoi(f[0])
+	hi, err2 := strconv.Atoi(f[1])
+	if err1 != nil || err2 != nil {
+		return 0, 0, fmt.Errorf("read ephemeral port range: unexpected %q", raw)
+	}
+	return lo, hi, nil
+}
+
+// CheckPortRange refuses source ports lo-hi on src when src is a local
+// address and the range overlaps the kernel's ephemeral ports: the replies
+// to the host's own connections from src would be taken for
+// load-balanced ones. A src that is not (yet) local cannot collide.
+func CheckPortRange(src netip.Addr, lo, hi uint16) error {
+	local, err := IsLocal(src)
+	if err != nil || !local {
+		return err
+	}
+	elo, ehi, err := EphemeralPorts()
+	if err != nil {
+		return err
+	}
+	if int(lo) <= ehi && int(hi) >= elo {
+		return fmt.Errorf("%w: source-ports %d-%d on %s, ephemeral %d-%d (net.ipv4.ip_local_port_range)", ErrPortOverlap, lo, hi, src, elo, ehi)
+	}
+	return nil
+}
