@@ -19,6 +19,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/xlb-project/xlb/internal/testnet"
+	"github.com/xlb-project/xlb/internal/xlbtest"
 )
 
 // xdpFilterIP is the program `xdp-filter load --policy allow` loads for
@@ -72,17 +73,7 @@ func TestChainEndToEnd(t *testing.T) {
 		}
 		return out
 	}
-	reaches := func(h *testnet.Host) error {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		conn, err := h.NS.Dial(ctx, "tcp", tp.vip.String())
-		if err != nil {
-			return err
-		}
-		defer conn.Close()
-		_, err = request(conn)
-		return err
-	}
+	reaches := tp.reaches
 
 	t.Run("filter in front of xlb drops one client", func(t *testing.T) {
 		out := list(t)
@@ -96,22 +87,7 @@ func TestChainEndToEnd(t *testing.T) {
 		if err := reaches(tp.c2); err != nil {
 			t.Fatalf("client2 before it is denied: %v", err)
 		}
-		// Deny client2's source address the way `xdp-filter ip ADDR
-		// --mode src` does: a per-CPU hash from IPv4 address to flags.
-		m, err := ebpf.LoadPinnedMap(filepath.Join(pinPath, "chain", "filter", "filter_ipv4"), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer m.Close()
-		a := tp.c2.IP.As4()
-		key := binary.NativeEndian.Uint32(a[:])
-		vals := make([]uint64, ebpf.MustPossibleCPU())
-		for i := range vals {
-			vals[i] = xdpFilterSrc
-		}
-		if err := m.Put(key, vals); err != nil {
-			t.Fatal(err)
-		}
+		denyClient2(t, filepath.Join(pinPath, "chain", "filter", "filter_ipv4"), tp.c2)
 		if err := reaches(tp.c2); err == nil {
 			t.Fatal("client2 reached the VIP through a filter that denies it")
 		}
@@ -213,6 +189,23 @@ func TestChainEndToEnd(t *testing.T) {
 
 	t.Run("a bad member is refused and the chain stays", func(t *testing.T) {
 		before := list(t)
+		notELF := filepath.Join(t.TempDir(), "short.o")
+		if err := os.WriteFile(notELF, []byte("hi\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for _, tc := range []struct {
+			args []string
+			want string
+		}{
+			{[]string{"chain", "add", "bad", "--object", counterObj, "--continue-on", ""}, "empty continue-on set"},
+			{[]string{"chain", "add", "bad", "--object", notELF}, "not an ELF object"},
+		} {
+			out, err := tp.xlbctl(t, tc.args...)
+			if err == nil || !strings.Contains(out, tc.want) {
+				t.Errorf("xlbctl %v: %v, %q; want refused with %q", tc.args, err, out, tc.want)
+			}
+			t.Logf("xlbctl %v: %s", tc.args, strings.TrimSpace(out))
+		}
 		for _, args := range [][]string{
 			{"chain", "add", "bad", "--object", counterObj, "--program", "missing"},
 			{"chain", "add", "bad", "--object", filepath.Join(t.TempDir(), "none.o")},
@@ -270,4 +263,48 @@ func sendPings(dst netip.Addr, n int) error {
 		}
 	}
 	return nil
+}
+
+// reaches makes one request from h to the VIP on a new connection.
+func (tp *topo) reaches(h *testnet.Host) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	conn, err := h.NS.Dial(ctx, "tcp", tp.vip.String())
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_, err = request(conn)
+	return err
+}
+
+// TestChainUnderIPNetnsExec starts xlbd with a chain member under `ip
+// netns exec`, which remounts /sys without bpffs: xlbd refuses, before it
+// touches anything, and says why and what to do.
+func TestChainUnderIPNetnsExec(t *testing.T) {
+	ct := newConfigTopo(t, "generic")
+	dir, err := xlbtest.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ct.writeConfig(t, fmt.Sprintf("iface: eth0\nxdp-mode: generic\nservices:\n  - vip: %s\n    backends: [%s]\nchain:\n  - {name: filter, object: %s, program: xdpfilt_alw_ip}\n",
+		ct.vip, addr(ct.ba, backendPort), xdpFilterIP))
+	before := lbState(t, ct.lb)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "ip", "netns", "exec", ct.lb.NS.Name, filepath.Join(dir, "xlbd"),
+		"--config", ct.file, "--socket", filepath.Join(t.TempDir(), "xlbd.sock")).CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 {
+		t.Fatalf("xlbd under ip netns exec: %v, want exit status 2\n%s", err, out)
+	}
+	t.Logf("xlbd under ip netns exec: %s", strings.TrimSpace(string(out)))
+	for _, want := range []string{"pin-path: /sys/fs/bpf/xlb", "not on a bpffs", "ip netns exec", "nsenter --net=/run/netns/NAME"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("output lacks %q", want)
+		}
+	}
+	if after := lbState(t, ct.lb); !after.equal(before) {
+		t.Errorf("lb host changed:\n  before %v\n  after  %v", before, after)
+	}
 }

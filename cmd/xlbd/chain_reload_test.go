@@ -2,12 +2,15 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/xlb-project/xlb/internal/testnet"
 )
@@ -70,9 +73,65 @@ func TestChainReload(t *testing.T) {
 	if got, want := order(), "filter@10 xlb@50 "; got != want {
 		t.Fatalf("chain at start: %q, want %q", got, want)
 	}
+
+	// A priority change keeps the member's maps: client2, denied by the
+	// filter, stays denied.
+	filterMap := filepath.Join(pinPath, "chain", "filter", "filter_ipv4")
+	denyClient2(t, filterMap, tp.c2)
+	idBefore := mapID(t, filterMap)
+	if err := tp.reaches(tp.c2); err == nil {
+		t.Fatal("client2 reached the VIP through a filter that denies it")
+	}
+	reload(member("    priority: 20\n"), "filter@20 xlb@50 ")
+	if id := mapID(t, filterMap); id != idBefore {
+		t.Errorf("filter's map is %d after a priority change, was %d: recreated", id, idBefore)
+	}
+	if err := tp.reaches(tp.c2); err == nil {
+		t.Error("client2 reached the VIP after the filter's priority changed: its block list was lost")
+	}
+
 	reload("", "xlb@50 ")
+	if err := tp.reaches(tp.c2); err != nil {
+		t.Errorf("client2 after the filter left: %v", err)
+	}
 	if ents, _ := os.ReadDir(filepath.Join(pinPath, "chain", "filter")); len(ents) != 0 {
 		t.Errorf("removed member's pins are left: %v", ents)
 	}
 	reload(member("    priority: 60\n"), "xlb@50 filter@60 ")
+}
+
+// denyClient2 denies h's source address in xdp-filter's pinned IPv4 map,
+// as `xdp-filter ip ADDR --mode src` does: a per-CPU hash from IPv4
+// address to flags.
+func denyClient2(t *testing.T, pin string, h *testnet.Host) {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(pin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	a := h.IP.As4()
+	vals := make([]uint64, ebpf.MustPossibleCPU())
+	for i := range vals {
+		vals[i] = xdpFilterSrc
+	}
+	if err := m.Put(binary.NativeEndian.Uint32(a[:]), vals); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// mapID is the id of the map pinned at pin.
+func mapID(t *testing.T, pin string) ebpf.MapID {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(pin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	info, err := m.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	return id
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/balancer"
+	"github.com/xlb-project/xlb/internal/chain"
 	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/policy"
@@ -22,11 +23,14 @@ type daemon struct {
 	log   *slog.Logger
 	bal   *balancer.Balancer
 	pol   *policy.Manager
-	chain *chain
+	chain *chain.Chain
 }
 
 func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog.Logger) (_ *daemon, err error) {
 	d := &daemon{cfg: cfg, args: args, log: log}
+	if err := checkChain(cfg); err != nil {
+		return nil, configError{err}
+	}
 	if d.pol, err = newPolicies(cfg, d); err != nil {
 		return nil, configError{err}
 	}
@@ -49,7 +53,7 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 	// The chain and the services are ready before anything is attached,
 	// so the interface goes from no program to the whole configuration
 	// in one step (a filter in front of xlb is never missing).
-	if d.chain, err = newChain(cfg, d.bal, log); err != nil {
+	if d.chain, err = chain.New(chainOptions(cfg, d), chainSpecs(cfg)); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -57,11 +61,11 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		d.Close()
 		return nil, err
 	}
-	if err := d.bal.Attach(d.chain.entry()); err != nil {
+	if err := d.bal.Attach(d.chain.Entry()); err != nil {
 		d.Close()
 		return nil, err
 	}
-	d.chain.attached(d.bal.Attachment())
+	d.chain.Attached(d.bal.Attachment())
 	return d, nil
 }
 
@@ -122,6 +126,9 @@ func (d *daemon) reload(ctx context.Context) error {
 	if err := checkPolicies(d.pol, cfg.Services); err != nil {
 		return err
 	}
+	if err := checkChain(cfg); err != nil {
+		return err
+	}
 	start := time.Now()
 	err = d.bal.SetServices(ctx, services(cfg))
 	d.pol.Prune(d.bal.Policies())
@@ -129,9 +136,9 @@ func (d *daemon) reload(ctx context.Context) error {
 		return err
 	}
 	d.cfg.Services = cfg.Services
-	if err := d.chain.reload(cfg.Chain, cfg.XLBPriority); err != nil {
-		// Services are in force; the chain is as far as it got.
-		d.log.Error("reload: chain not fully applied", "err", err)
+	if err := d.reloadChain(cfg); err != nil {
+		// Services are in force; the chain is as it was.
+		d.log.Error("reload: chain not applied", "err", err)
 	}
 	d.cfg.Chain, d.cfg.XLBPriority = cfg.Chain, cfg.XLBPriority
 	d.log.Info("reloaded", "services", len(cfg.Services), "chain", len(cfg.Chain), "took", time.Since(start).String())
@@ -195,4 +202,12 @@ func (d *daemon) Conns(context.Context) ([]control.Conn, error) {
 		})
 	}
 	return out, nil
+}
+
+func (d *daemon) reloadChain(cfg *config.Config) error {
+	p, err := d.chain.Prepare(chainSpecs(cfg), cfg.XLBPriority)
+	if err != nil {
+		return err
+	}
+	return p.Commit()
 }

@@ -409,6 +409,10 @@ func runXlbd(t *testing.T, ns *testnet.NS, env []string, args ...string) (int, s
 func TestBadInput(t *testing.T) {
 	ct := newConfigTopo(t, "generic")
 	vip, a := ct.vip.String(), addr(ct.ba, backendPort)
+	notELF := filepath.Join(t.TempDir(), "short.o")
+	if err := os.WriteFile(notELF, []byte("hi\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	good := fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    backends: [%s]\n", vip, a)
 	tests := []struct {
 		name     string
@@ -448,6 +452,12 @@ func TestBadInput(t *testing.T) {
 			wantCode: 1, wantMsg: []string{"nosuch0"}},
 		{name: "source ports inside the ephemeral range", file: good + "source-ports: 40000-40100\n",
 			wantCode: 1, wantMsg: []string{"source-ports 40000-40100"}},
+		{name: "chain object that is not ELF", file: good + "chain:\n  - {name: fw, object: " + notELF + "}\n",
+			wantCode: 2, wantMsg: []string{"chain[0].object", "not an ELF object"}},
+		{name: "chain member with an empty continue-on", file: good + "chain:\n  - {name: fw, object: " + xdpFilterIP + ", continue-on: []}\n",
+			wantCode: 2, wantMsg: []string{"chain[0].continue-on: empty", "xlb would never see a packet"}},
+		{name: "chain member with pins outside bpffs", file: good + "pin-path: " + t.TempDir() + "\nchain:\n  - {name: fw, object: " + xdpFilterIP + "}\n",
+			wantCode: 2, wantMsg: []string{"pin-path:", "not on a bpffs", "mount -t bpf"}},
 	}
 	before := lbState(t, ct.lb)
 	for _, tt := range tests {
@@ -494,8 +504,10 @@ func TestBadInput(t *testing.T) {
 		if code != 1 {
 			t.Errorf("exit status %d, want 1; output:\n%s", code, out)
 		}
-		if !strings.Contains(out, "attach") {
-			t.Errorf("output does not say attaching failed:\n%s", out)
+		for _, want := range []string{"attach", "eth0 already runs an XDP program that xlbd did not attach", "name other_pass", "xdp-loader unload eth0"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("output lacks %q:\n%s", want, out)
+			}
 		}
 		if after := lbState(t, ct.lb); !after.equal(busy) {
 			t.Errorf("lb host changed:\n  before %v\n  after  %v", busy, after)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/host"
@@ -195,6 +196,10 @@ func (b *Balancer) Attach(prog *ebpf.Program) error {
 	}
 	att, err := dispatcher.Attach(prog, b.host.Index(), b.opts.XDPMode)
 	if err != nil {
+		if other := b.host.AttachedXDP(); other != "" && (errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EEXIST)) {
+			return fmt.Errorf("%w: %s already runs an XDP program that xlbd did not attach (%s); remove it first, for example with `xdp-loader unload %s --all` or `ip link set dev %s xdp off`",
+				err, b.opts.Iface, other, b.opts.Iface, b.opts.Iface)
+		}
 		return err
 	}
 	b.att = att

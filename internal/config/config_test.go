@@ -462,6 +462,11 @@ chain:
 			wantErr: "chain[0].object: stat {{dir}}/missing.o: no such file or directory",
 		},
 		{
+			name:    "empty chain continue-on",
+			file:    oneService + "chain:\n  - {name: fw, object: {{dir}}/prog.o, continue-on: []}\n",
+			wantErr: "chain[0].continue-on: empty: the chain would end after this member, so xlb would never see a packet",
+		},
+		{
 			name:    "bad chain verdict",
 			file:    oneService + "chain:\n  - {name: fw, object: {{dir}}/prog.o, continue-on: [pass, accept]}\n",
 			wantErr: `chain[0].continue-on[1]: "accept" is not one of aborted, drop, pass, tx, redirect`,

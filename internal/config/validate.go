@@ -235,6 +235,9 @@ func validateChain(chain []ChainMember) error {
 		if m.Priority != nil && (*m.Priority < 0 || *m.Priority > MaxPriority) {
 			return fmt.Errorf("%s.priority: %d out of range 0..%d", key, *m.Priority, MaxPriority)
 		}
+		if m.ContinueOn != nil && len(m.ContinueOn) == 0 {
+			return fmt.Errorf("%s.continue-on: empty: the chain would end after this member, so xlb would never see a packet; list the verdicts after which the chain goes on, such as [pass], or leave it unset", key)
+		}
 		for j, v := range m.ContinueOn {
 			if !slices.Contains(Verdicts, v) {
 				return fmt.Errorf("%s.continue-on[%d]: %q is not one of %s", key, j, v, strings.Join(Verdicts, ", "))

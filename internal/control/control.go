@@ -78,6 +78,7 @@ type ChainMember struct {
 	Name       string   `json:"name"`
 	Object     string   `json:"object,omitempty"`
 	Program    string   `json:"program,omitempty"`
+	SHA256     string   `json:"sha256,omitempty"` // of the object, as loaded
 	Priority   int      `json:"priority"`
 	ContinueOn []string `json:"continue_on"`
 	Builtin    bool     `json:"builtin,omitempty"` // xlb's own pipeline

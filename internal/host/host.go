@@ -19,7 +19,9 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -173,6 +175,36 @@ func (h *Iface) Close() error {
 
 func hostAddr(a netip.Addr) *netlink.Addr {
 	return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(32, 32)}}
+}
+
+// AttachedXDP describes the XDP program attached to the interface, such
+// as "id 42, name xdp_pass, generic mode", or returns "" when there is
+// none. It is meant for error messages.
+func (h *Iface) AttachedXDP() string {
+	l, err := netlink.LinkByIndex(h.Index())
+	if err != nil {
+		return ""
+	}
+	x := l.Attrs().Xdp
+	if x == nil || !x.Attached {
+		return ""
+	}
+	desc := fmt.Sprintf("id %d", x.ProgId)
+	if prog, err := ebpf.NewProgramFromID(ebpf.ProgramID(x.ProgId)); err == nil {
+		if info, err := prog.Info(); err == nil && info.Name != "" {
+			desc += ", name " + info.Name
+		}
+		prog.Close()
+	}
+	switch x.AttachMode {
+	case nl.XDP_ATTACHED_DRV:
+		desc += ", native mode"
+	case nl.XDP_ATTACHED_SKB:
+		desc += ", generic mode"
+	case nl.XDP_ATTACHED_HW:
+		desc += ", offloaded"
+	}
+	return desc
 }
 
 // EphemeralPorts reads the kernel's ephemeral port range

@@ -2,12 +2,16 @@ package host
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 
 	"github.com/xlb-project/xlb/internal/testnet"
@@ -247,5 +251,48 @@ func TestHostPortRange(t *testing.T) {
 	var lo, hi int
 	if err := ns.Do(func() (err error) { lo, hi, err = EphemeralPorts(); return err }); err != nil || lo != 40000 || hi != 50000 {
 		t.Errorf("EphemeralPorts() = %d, %d, %v; want 40000, 50000", lo, hi, err)
+	}
+}
+
+func TestHostAttachedXDP(t *testing.T) {
+	ns := newHostNS(t, "10.77.0.1/24")
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name:         "other_tool",
+		Type:         ebpf.XDP,
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 2), asm.Return()},
+		License:      "GPL",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Close()
+	info, err := prog.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	var h *Iface
+	var none, some string
+	err = ns.Do(func() (err error) {
+		if h, err = Open("eth0"); err != nil {
+			return err
+		}
+		none = h.AttachedXDP()
+		l, err := link.AttachXDP(link.XDPOptions{Program: prog, Interface: h.Index(), Flags: link.XDPGenericMode})
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		some = h.AttachedXDP()
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if none != "" {
+		t.Errorf("AttachedXDP() without a program: %q", none)
+	}
+	if want := fmt.Sprintf("id %d, name other_tool, generic mode", id); some != want {
+		t.Errorf("AttachedXDP() = %q, want %q", some, want)
 	}
 }
