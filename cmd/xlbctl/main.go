@@ -157,6 +157,14 @@ func printJSON(w io.Writer, v any, err error) error {
 
 func printStatus(w io.Writer, st control.Status) {
 	fmt.Fprintf(w, "interface %s (%s), source address %s\n", st.Iface, st.XDPMode, st.SourceAddress)
+	if r := st.LastReload; r != nil {
+		at := r.At.Local().Format(time.DateTime)
+		if r.OK {
+			fmt.Fprintf(w, "last reload %s: applied (took %s)\n", at, r.Took)
+		} else {
+			fmt.Fprintf(w, "last reload %s: failed: %s\n", at, firstLine(r.Error))
+		}
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	for _, s := range st.Services {
 		fmt.Fprintf(tw, "service %s\tpolicy %s\n", s.VIP, s.Policy)
@@ -183,4 +191,12 @@ func printStatus(w io.Writer, st control.Status) {
 	for _, n := range names {
 		fmt.Fprintf(w, "  %-18s %d\n", n, st.Counters[n])
 	}
+}
+
+// firstLine is s up to its first newline, marked when cut.
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i] + " ..."
+	}
+	return s
 }

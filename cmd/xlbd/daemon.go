@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"os"
+	"sync"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -24,6 +27,11 @@ type daemon struct {
 	bal   *balancer.Balancer
 	pol   *policy.Manager
 	chain *chain.Chain
+
+	reloading sync.Mutex // serialises reloads (and only them)
+
+	lastMu     sync.Mutex
+	lastReload *control.ReloadStatus
 }
 
 func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog.Logger) (_ *daemon, err error) {
@@ -102,9 +110,7 @@ func (d *daemon) Run(ctx context.Context, hup <-chan os.Signal) error {
 			case <-ctx.Done():
 				return nil
 			case <-hup:
-				if err := d.reload(ctx); err != nil {
-					d.log.Error("reload refused, configuration unchanged", "err", err)
-				}
+				d.reloadAndLog(ctx)
 			}
 		}
 	})
@@ -112,37 +118,93 @@ func (d *daemon) Run(ctx context.Context, hup <-chan os.Signal) error {
 	return g.Wait()
 }
 
+// reloadResult says what a reload put in force.
+type reloadResult struct {
+	Services int      // services in force
+	Chain    []string // the chain's changes
+	Took     time.Duration
+}
+
+// errPartlyApplied marks a reload that failed while switching (a kernel
+// map update failed): part of the new configuration is in force.
+var errPartlyApplied = errors.New("reload partly applied")
+
 // reload re-reads the configuration from the same arguments and applies
-// its services. Settings that need a restart are reported, not applied.
-func (d *daemon) reload(ctx context.Context) error {
+// its services, their policies and the chain as one transaction: first
+// everything that can fail is prepared (the configuration checked, chain
+// members loaded and the new chain verified, policy plugins started and
+// every selection table computed, VIP addresses added), then it is
+// switched in. If preparing fails, the running services, backends,
+// policies and chain are exactly the old ones. Settings that need a
+// restart are reported, not applied. Reloads run one at a time.
+func (d *daemon) reload(ctx context.Context) (res reloadResult, err error) {
+	d.reloading.Lock()
+	defer d.reloading.Unlock()
+	start := time.Now()
 	cfg, err := config.Parse(d.args)
 	if err != nil {
-		return err
+		return res, err
 	}
 	if cfg.Iface != d.cfg.Iface || cfg.XDPMode != d.cfg.XDPMode || cfg.SourceAddress != d.cfg.SourceAddress ||
 		cfg.SourcePorts != d.cfg.SourcePorts || cfg.Conntrack.MaxEntries != d.cfg.Conntrack.MaxEntries {
 		d.log.Warn("reload: iface, xdp-mode, source-address, source-ports and conntrack.max-entries need a restart; kept")
 	}
 	if err := checkPolicies(d.pol, cfg.Services); err != nil {
-		return err
+		return res, err
 	}
 	if err := checkChain(cfg); err != nil {
-		return err
+		return res, err
 	}
-	start := time.Now()
-	err = d.bal.SetServices(ctx, services(cfg))
+	cp, err := d.chain.Prepare(chainSpecs(cfg), cfg.XLBPriority)
+	if err != nil {
+		return res, fmt.Errorf("prepare chain: %w", err)
+	}
+	sp, err := d.bal.PrepareServices(ctx, services(cfg))
+	if err != nil {
+		cp.Abort()
+		d.pol.Prune(d.bal.Policies()) // stop plugins started for nothing
+		return res, fmt.Errorf("prepare services: %w", err)
+	}
+	// Switch: the chain first (its link update is the step that can still
+	// fail without anything changed), then the services' maps.
+	if err := cp.Commit(); err != nil && !errors.Is(err, chain.ErrUnpinned) {
+		sp.Abort()
+		d.pol.Prune(d.bal.Policies())
+		return res, fmt.Errorf("switch chain: %w", err)
+	} else if err != nil {
+		d.log.Error("reload: chain in force, pins missing", "err", err)
+	}
+	err = sp.Commit()
 	d.pol.Prune(d.bal.Policies())
 	if err != nil {
-		return err
+		return res, fmt.Errorf("%w: chain switched, services: %w", errPartlyApplied, err)
 	}
-	d.cfg.Services = cfg.Services
-	if err := d.reloadChain(cfg); err != nil {
-		// Services are in force; the chain is as it was.
-		d.log.Error("reload: chain not applied", "err", err)
+	d.cfg.Services, d.cfg.Chain, d.cfg.XLBPriority = cfg.Services, cfg.Chain, cfg.XLBPriority
+	return reloadResult{Services: len(cfg.Services), Chain: cp.Summary, Took: time.Since(start)}, nil
+}
+
+// reloadAndLog reloads and logs the outcome: ERROR with what failed, or
+// INFO "reloaded".
+func (d *daemon) reloadAndLog(ctx context.Context) {
+	at := time.Now()
+	res, err := d.reload(ctx)
+	last := &control.ReloadStatus{At: at, OK: err == nil}
+	if err != nil {
+		last.Error = err.Error()
+	} else {
+		last.Took = res.Took.String()
 	}
-	d.cfg.Chain, d.cfg.XLBPriority = cfg.Chain, cfg.XLBPriority
-	d.log.Info("reloaded", "services", len(cfg.Services), "chain", len(cfg.Chain), "took", time.Since(start).String())
-	return nil
+	d.lastMu.Lock()
+	d.lastReload = last
+	d.lastMu.Unlock()
+	switch {
+	case errors.Is(err, errPartlyApplied):
+		d.log.Error("reload failed while switching, configuration partly applied", "err", err)
+	case err != nil:
+		d.log.Error("reload refused, configuration unchanged", "err", err)
+	default:
+		d.log.Info("reloaded", "services", res.Services, "chain_changes", res.Chain, "took", res.Took.String())
+	}
 }
 
 func timeouts(t config.Timeouts) dispatcher.Timeouts {
@@ -182,6 +244,9 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 		}
 		st.Services = append(st.Services, cs)
 	}
+	d.lastMu.Lock()
+	st.LastReload = d.lastReload
+	d.lastMu.Unlock()
 	for _, p := range d.pol.Statuses() {
 		st.Policies = append(st.Policies, control.PolicyStatus{Name: p.Name, Path: p.Path, Pid: p.Pid, Restarts: p.Restarts})
 	}
@@ -202,12 +267,4 @@ func (d *daemon) Conns(context.Context) ([]control.Conn, error) {
 		})
 	}
 	return out, nil
-}
-
-func (d *daemon) reloadChain(cfg *config.Config) error {
-	p, err := d.chain.Prepare(chainSpecs(cfg), cfg.XLBPriority)
-	if err != nil {
-		return err
-	}
-	return p.Commit()
 }

@@ -120,6 +120,7 @@ type Balancer struct {
 	bkIDs     idAllocator
 	retired   []uint32     // backend ids waiting for their connections to end
 	addedVIPs []netip.Addr // VIPs the host did not have, added for their services
+	svcGen    uint64       // counts committed service changes
 }
 
 // New loads the pipeline and prepares the interface; Attach attaches.
@@ -235,29 +236,15 @@ func (b *Balancer) Close() error {
 	return errors.Join(errs...)
 }
 
-// SetServices makes the data path serve exactly these services. Services
-// and backends that disappear stop taking new connections; their
-// established connections keep flowing until they end.
+// SetServices makes the data path serve exactly these services: it
+// prepares the change (PrepareServices) and commits it. If preparing
+// fails, nothing changed.
 func (b *Balancer) SetServices(ctx context.Context, specs []Service) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	want := make(map[netip.AddrPort]Service, len(specs))
-	for _, s := range specs {
-		want[s.VIP] = s
+	p, err := b.PrepareServices(ctx, specs)
+	if err != nil {
+		return err
 	}
-	for vip, svc := range b.services {
-		if _, ok := want[vip]; !ok {
-			if err := b.removeService(vip, svc); err != nil {
-				return err
-			}
-		}
-	}
-	for _, s := range specs {
-		if err := b.upsertService(ctx, s); err != nil {
-			return fmt.Errorf("service %s: %w", s.VIP, err)
-		}
-	}
-	return nil
+	return p.Commit()
 }
 
 func (b *Balancer) removeService(vip netip.AddrPort, svc *service) error {
@@ -301,72 +288,6 @@ func (b *Balancer) retire(bk *backend) {
 	b.retired = append(b.retired, bk.id)
 }
 
-func (b *Balancer) upsertService(ctx context.Context, s Service) error {
-	if len(s.Backends) == 0 {
-		return errors.New("no backends")
-	}
-	if s.VIP.Addr() == b.source && s.VIP.Port() >= b.opts.PortLo && s.VIP.Port() <= b.opts.PortHi {
-		return fmt.Errorf("%w: vip %s is on the source address, source-ports %d-%d", ErrVIPInPorts, s.VIP, b.opts.PortLo, b.opts.PortHi)
-	}
-	svc := b.services[s.VIP]
-	isNew := svc == nil
-	if isNew {
-		id, ok := b.svcIDs.alloc()
-		if !ok {
-			return ErrTooMany
-		}
-		svc = &service{id: id}
-	}
-	old := make(map[netip.AddrPort]*backend, len(svc.backends))
-	for _, bk := range svc.backends {
-		old[bk.spec.Address] = bk
-	}
-	var next []*backend
-	for _, spec := range s.Backends {
-		bk := old[spec.Address]
-		delete(old, spec.Address)
-		if bk == nil {
-			id, ok := b.bkIDs.alloc()
-			if !ok {
-				return ErrTooMany
-			}
-			if err := b.pipe.ResetBackendStats(id); err != nil {
-				return err
-			}
-			bk = &backend{id: id, lastAt: time.Now()}
-		}
-		bk.spec = spec
-		weight := spec.Weight
-		if weight > 0xffff {
-			weight = 0xffff
-		}
-		if err := b.pipe.SetBackend(bk.id, spec.Address, uint16(weight)); err != nil {
-			return err
-		}
-		next = append(next, bk)
-	}
-	svc.spec = s
-	svc.backends = next
-	for _, bk := range old {
-		b.retire(bk)
-	}
-	b.ensureNeighbours(s)
-	if err := b.installSelection(ctx, svc); err != nil {
-		return err
-	}
-	if isNew {
-		if err := b.ensureVIP(s.VIP.Addr()); err != nil {
-			return err
-		}
-		if err := b.pipe.SetService(svc.id, s.VIP); err != nil {
-			return err
-		}
-		b.services[s.VIP] = svc
-		b.log.Info("service added", "vip", s.VIP.String(), "policy", s.Policy, "backends", len(s.Backends))
-	}
-	return nil
-}
-
 func (b *Balancer) state(svc *service) ServiceState {
 	st := ServiceState{VIP: svc.spec.VIP, Policy: svc.spec.Policy}
 	for _, bk := range svc.backends {
@@ -383,6 +304,13 @@ func (b *Balancer) state(svc *service) ServiceState {
 func (b *Balancer) selection(ctx context.Context, svc *service, policy string) (dispatcher.Mode, []uint32, error) {
 	st := b.state(svc)
 	st.Policy = policy
+	return b.selectTable(ctx, st)
+}
+
+// selectTable asks the Selector for the table of st and checks it
+// against st's backends; it reads no Balancer state.
+func (b *Balancer) selectTable(ctx context.Context, st ServiceState) (dispatcher.Mode, []uint32, error) {
+	policy := st.Policy
 	sel, err := b.opts.Selector.Select(ctx, st)
 	if err != nil {
 		return 0, nil, fmt.Errorf("select with policy %s: %w", policy, err)
@@ -556,17 +484,6 @@ func (b *Balancer) sample() {
 		kept = append(kept, id)
 	}
 	b.retired = kept
-}
-
-// ensureVIP makes the host answer ARP for a VIP that is not already one
-// of its addresses, by adding it to the interface as a /32.
-func (b *Balancer) ensureVIP(a netip.Addr) error {
-	added, err := b.host.AddAddress(a)
-	if added {
-		b.addedVIPs = append(b.addedVIPs, a)
-		b.log.Info("vip address added", "vip", a.String(), "iface", b.opts.Iface)
-	}
-	return err
 }
 
 // ensureNeighbours asks the kernel to resolve the next hop of every

@@ -37,6 +37,7 @@ var (
 	ErrNotBPFFS         = errors.New("not on a bpffs")
 	ErrVerifier         = errors.New("refused by the verifier")
 	ErrChangedMeanwhile = errors.New("chain changed meanwhile")
+	ErrUnpinned         = errors.New("chain in force, but its pins could not all be updated")
 )
 
 // Spec is a member as requested by the configuration file or by
@@ -367,7 +368,9 @@ func runningMember(ms []*member, name string) *member {
 func (p *Plan) Changed() bool { return p.changed }
 
 // Commit swaps the prepared chain in with one bpf_link update and
-// releases the members it drops. If the swap fails nothing changed.
+// releases the members it drops. If the swap fails nothing changed; an
+// error wrapping ErrUnpinned means the new chain is in force but some of
+// its pins are missing.
 func (p *Plan) Commit() error {
 	if p.finished {
 		return errors.New("commit chain change: already finished")
@@ -410,7 +413,10 @@ func (p *Plan) Commit() error {
 	c.members = p.members
 	c.xlbPrio = p.xlbPrio
 	c.gen++
-	return errors.Join(errs...)
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("%w: %w", ErrUnpinned, err)
+	}
+	return nil
 }
 
 // Abort releases what Prepare loaded; the running chain is untouched.

@@ -39,7 +39,16 @@ type Status struct {
 	SourceAddress string            `json:"source_address"`
 	Services      []Service         `json:"services"`
 	Policies      []PolicyStatus    `json:"policies"`
+	LastReload    *ReloadStatus     `json:"last_reload,omitempty"` // nil before the first
 	Counters      map[string]uint64 `json:"counters"`
+}
+
+// ReloadStatus is the outcome of the last configuration reload.
+type ReloadStatus struct {
+	At    time.Time `json:"at"`
+	OK    bool      `json:"ok"`
+	Error string    `json:"error,omitempty"` // what failed; nothing changed unless it says partly applied
+	Took  string    `json:"took,omitempty"`
 }
 
 // PolicyStatus is a policy plugin's process.

@@ -1,0 +1,257 @@
+package balancer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/xlb-project/xlb/dispatcher"
+)
+
+// ErrChangedMeanwhile is returned by ServicesPlan.Commit when another
+// change of the services was committed after the plan was prepared.
+var ErrChangedMeanwhile = errors.New("services changed meanwhile")
+
+// ServicesPlan is a prepared change of the services: backend ids reserved,
+// every selection table computed (the policy plugins asked), the VIP
+// addresses that new services need added to the interface. Nothing the
+// data path reads has changed until Commit; Abort undoes the
+// preparation.
+type ServicesPlan struct {
+	b        *Balancer
+	gen      uint64
+	services []*plannedService // as wanted, in order
+	remove   []netip.AddrPort  // running services that go
+	svcIDs   []uint32          // reserved for new services
+	bkIDs    []uint32          // reserved for new backends
+	vips     []netip.Addr      // addresses added to the interface for new services
+	finished bool
+}
+
+type plannedService struct {
+	spec     Service
+	svc      *service // the running service; nil for a new one
+	id       uint32
+	backends []plannedBackend // in spec order
+	retire   []*backend       // running backends the service drops
+	state    ServiceState     // what the Selector is asked
+	mode     dispatcher.Mode
+	table    []uint32
+}
+
+type plannedBackend struct {
+	bk    *backend // running backend, or a new one with a reserved id
+	spec  Backend
+	fresh bool
+}
+
+// PrepareServices prepares making the data path serve exactly specs.
+// Services and backends that disappear will stop taking new connections;
+// their established connections keep flowing until they end. It asks the
+// Selector for every table without holding the Balancer's lock.
+func (b *Balancer) PrepareServices(ctx context.Context, specs []Service) (_ *ServicesPlan, err error) {
+	p := &ServicesPlan{b: b}
+	defer func() {
+		if err != nil {
+			p.Abort()
+		}
+	}()
+	if err := b.plan(p, specs); err != nil {
+		return nil, err
+	}
+	for _, ps := range p.services {
+		if ps.mode, ps.table, err = b.selectTable(ctx, ps.state); err != nil {
+			return nil, fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+		}
+	}
+	for _, ps := range p.services {
+		b.ensureNeighbours(ps.spec)
+	}
+	// Host changes come last: a new service's VIP must be an address of
+	// the host before the service is published.
+	for _, ps := range p.services {
+		if ps.svc != nil {
+			continue
+		}
+		added, err := b.host.AddAddress(ps.spec.VIP.Addr())
+		if err != nil {
+			return nil, fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+		}
+		if added {
+			p.vips = append(p.vips, ps.spec.VIP.Addr())
+		}
+	}
+	return p, nil
+}
+
+// plan checks specs against the running services and reserves ids,
+// under the lock.
+func (b *Balancer) plan(p *ServicesPlan, specs []Service) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	p.gen = b.svcGen
+	want := make(map[netip.AddrPort]bool, len(specs))
+	for _, s := range specs {
+		switch {
+		case want[s.VIP]:
+			return fmt.Errorf("service %s: listed twice", s.VIP)
+		case len(s.Backends) == 0:
+			return fmt.Errorf("service %s: no backends", s.VIP)
+		case s.VIP.Addr() == b.source && s.VIP.Port() >= b.opts.PortLo && s.VIP.Port() <= b.opts.PortHi:
+			return fmt.Errorf("service %s: %w: vip %s is on the source address, source-ports %d-%d", s.VIP, ErrVIPInPorts, s.VIP, b.opts.PortLo, b.opts.PortHi)
+		}
+		want[s.VIP] = true
+		ps := &plannedService{spec: s, svc: b.services[s.VIP]}
+		if ps.svc != nil {
+			ps.id = ps.svc.id
+		} else {
+			id, ok := b.svcIDs.alloc()
+			if !ok {
+				return fmt.Errorf("service %s: %w", s.VIP, ErrTooMany)
+			}
+			p.svcIDs = append(p.svcIDs, id)
+			ps.id = id
+		}
+		running := map[netip.AddrPort]*backend{}
+		if ps.svc != nil {
+			for _, bk := range ps.svc.backends {
+				running[bk.spec.Address] = bk
+			}
+		}
+		ps.state = ServiceState{VIP: s.VIP, Policy: s.Policy}
+		for _, spec := range s.Backends {
+			pb := plannedBackend{bk: running[spec.Address], spec: spec}
+			delete(running, spec.Address)
+			st := BackendState{Backend: spec}
+			if pb.bk == nil {
+				id, ok := b.bkIDs.alloc()
+				if !ok {
+					return fmt.Errorf("service %s: %w", s.VIP, ErrTooMany)
+				}
+				p.bkIDs = append(p.bkIDs, id)
+				pb.bk, pb.fresh = &backend{id: id, lastAt: time.Now()}, true
+			} else {
+				stats, _ := b.pipe.BackendStats(pb.bk.id)
+				st.Active, st.NewPerSec = stats.Active, pb.bk.rate
+			}
+			st.ID = pb.bk.id
+			ps.backends = append(ps.backends, pb)
+			ps.state.Backends = append(ps.state.Backends, st)
+		}
+		if ps.svc != nil {
+			for _, bk := range ps.svc.backends {
+				if running[bk.spec.Address] == bk {
+					ps.retire = append(ps.retire, bk)
+				}
+			}
+		}
+		p.services = append(p.services, ps)
+	}
+	for vip := range b.services {
+		if !want[vip] {
+			p.remove = append(p.remove, vip)
+		}
+	}
+	return nil
+}
+
+// Commit puts the prepared services in force: backends first, then each
+// service's table, then new services are published; services that go
+// are withdrawn and their backends retired last, once no table names
+// them. Only a kernel map update can fail here; Commit then stops and
+// says the change is partly applied.
+func (p *ServicesPlan) Commit() error {
+	if p.finished {
+		return errors.New("commit services: already finished")
+	}
+	b := p.b
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.svcGen != p.gen {
+		p.abortLocked()
+		return fmt.Errorf("commit services: %w; try again", ErrChangedMeanwhile)
+	}
+	p.finished = true
+	b.svcGen++
+	b.addedVIPs = append(b.addedVIPs, p.vips...)
+	for _, a := range p.vips {
+		b.log.Info("vip address added", "vip", a.String(), "iface", b.opts.Iface)
+	}
+	if err := p.apply(); err != nil {
+		return fmt.Errorf("apply services (partly applied): %w", err)
+	}
+	return nil
+}
+
+func (p *ServicesPlan) apply() error {
+	b := p.b
+	for _, ps := range p.services {
+		svc := ps.svc
+		if svc == nil {
+			svc = &service{id: ps.id}
+		}
+		next := make([]*backend, 0, len(ps.backends))
+		for _, pb := range ps.backends {
+			if pb.fresh {
+				if err := b.pipe.ResetBackendStats(pb.bk.id); err != nil {
+					return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+				}
+			}
+			if err := b.pipe.SetBackend(pb.bk.id, pb.spec.Address, uint16(min(pb.spec.Weight, 0xffff))); err != nil {
+				return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+			}
+			pb.bk.spec = pb.spec
+			next = append(next, pb.bk)
+		}
+		if err := b.install(svc, ps.mode, ps.table); err != nil {
+			return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+		}
+		svc.spec, svc.backends = ps.spec, next
+		for _, bk := range ps.retire {
+			b.retire(bk)
+		}
+		if ps.svc == nil {
+			if err := b.pipe.SetService(svc.id, ps.spec.VIP); err != nil {
+				return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+			}
+			b.services[ps.spec.VIP] = svc
+			b.log.Info("service added", "vip", ps.spec.VIP.String(), "policy", ps.spec.Policy, "backends", len(ps.spec.Backends))
+		}
+	}
+	for _, vip := range p.remove {
+		if err := b.removeService(vip, b.services[vip]); err != nil {
+			return fmt.Errorf("service %s: %w", vip, err)
+		}
+	}
+	return nil
+}
+
+// Abort releases what PrepareServices reserved and removes the addresses
+// it added; the running services are untouched.
+func (p *ServicesPlan) Abort() {
+	if p.finished {
+		return
+	}
+	p.b.mu.Lock()
+	defer p.b.mu.Unlock()
+	p.abortLocked()
+}
+
+func (p *ServicesPlan) abortLocked() {
+	p.finished = true
+	b := p.b
+	for _, id := range p.svcIDs {
+		b.svcIDs.free(id)
+	}
+	for _, id := range p.bkIDs {
+		b.bkIDs.free(id)
+	}
+	for _, a := range p.vips {
+		if _, err := b.host.RemoveAddress(a); err != nil {
+			b.log.Warn("remove vip address of an aborted change", "vip", a.String(), "err", err)
+		}
+	}
+	p.svcIDs, p.bkIDs, p.vips = nil, nil, nil
+}

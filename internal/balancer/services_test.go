@@ -1,0 +1,211 @@
+package balancer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/xlb-project/xlb/dispatcher"
+	"github.com/xlb-project/xlb/internal/testnet"
+)
+
+// uniform is a Selector that spreads a table over every backend, and
+// fails for the policy "broken", as a plugin that cannot start does.
+type uniform struct{}
+
+func (uniform) Select(_ context.Context, svc ServiceState) (Selection, error) {
+	if svc.Policy == "broken" {
+		return Selection{}, errors.New("policy broken: cannot start")
+	}
+	sel := Selection{Mode: dispatcher.ModeRandom}
+	for i := range svc.Backends {
+		sel.Table = append(sel.Table, i)
+	}
+	return sel, nil
+}
+
+// newTestBalancer runs a Balancer on eth0 (10.88.0.1/24) in a namespace
+// of its own; every call must run inside ns.Do.
+func newTestBalancer(t *testing.T) (*testnet.NS, *Balancer) {
+	t.Helper()
+	testnet.RequirePrivileged(t)
+	ns := testnet.NewNS(t, "balancer")
+	var b *Balancer
+	err := ns.Do(func() error {
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "peer0"}); err != nil {
+			return err
+		}
+		for _, name := range []string{"eth0", "peer0"} {
+			l, err := netlink.LinkByName(name)
+			if err != nil {
+				return err
+			}
+			if err := netlink.LinkSetUp(l); err != nil {
+				return err
+			}
+		}
+		l, _ := netlink.LinkByName("eth0")
+		a, _ := netlink.ParseAddr("10.88.0.1/24")
+		if err := netlink.AddrAdd(l, a); err != nil {
+			return err
+		}
+		var err error
+		b, err = New(Options{Iface: "eth0", XDPMode: dispatcher.Generic, PortLo: 10000, PortHi: 20000, ConntrackSize: 1024, Selector: uniform{}})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Do(b.Close) })
+	return ns, b
+}
+
+func svc(vip, policy string, backends ...string) Service {
+	s := Service{VIP: netip.MustParseAddrPort(vip), Policy: policy}
+	for _, a := range backends {
+		s.Backends = append(s.Backends, Backend{Address: netip.MustParseAddrPort(a), Weight: 1})
+	}
+	return s
+}
+
+// summary is the balancer's services as "vip policy [backend=id ...]".
+func summary(b *Balancer) string {
+	var out []string
+	for _, s := range b.Services() {
+		var bks []string
+		for _, bk := range s.Backends {
+			bks = append(bks, fmt.Sprintf("%s=%d", bk.Address, bk.ID))
+		}
+		out = append(out, fmt.Sprintf("%s %s %v", s.VIP, s.Policy, bks))
+	}
+	return strings.Join(out, "; ")
+}
+
+func addrs(t *testing.T, ns *testnet.NS) []string {
+	t.Helper()
+	var out []string
+	err := ns.Do(func() error {
+		l, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		as, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		for _, a := range as {
+			out = append(out, a.IPNet.String())
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func TestServicesPlan(t *testing.T) {
+	ns, b := newTestBalancer(t)
+	ctx := context.Background()
+	do := func(fn func() error) error { return ns.Do(fn) }
+	start := []Service{
+		svc("10.88.0.1:80", "random", "10.88.0.21:8080", "10.88.0.22:8080"),
+		svc("10.88.0.50:81", "random", "10.88.0.23:8080"),
+	}
+	if err := do(func() error { return b.SetServices(ctx, start) }); err != nil {
+		t.Fatal(err)
+	}
+	before, hostBefore := summary(b), addrs(t, ns)
+	if !slices.Contains(hostBefore, "10.88.0.50/32") {
+		t.Fatalf("vip 10.88.0.50 not added: %v", hostBefore)
+	}
+
+	t.Run("a failing table changes nothing", func(t *testing.T) {
+		// A changed service, a removed one and a new one on a new address
+		// whose policy fails: the failure comes after the rest is planned.
+		next := []Service{
+			svc("10.88.0.1:80", "hash", "10.88.0.21:8080", "10.88.0.24:8080"),
+			svc("10.88.0.60:82", "broken", "10.88.0.25:8080"),
+		}
+		err := do(func() error { return b.SetServices(ctx, next) })
+		if err == nil || !strings.Contains(err.Error(), "service 10.88.0.60:82") || !strings.Contains(err.Error(), "cannot start") {
+			t.Fatalf("SetServices with a broken policy: %v", err)
+		}
+		if got := summary(b); got != before {
+			t.Errorf("services %s, want as before %s", got, before)
+		}
+		if got := addrs(t, ns); !slices.Equal(got, hostBefore) {
+			t.Errorf("addresses %v, want as before %v", got, hostBefore)
+		}
+		if got := b.Policies(); !slices.Equal(got, []string{"random"}) {
+			t.Errorf("policies in use %v, want [random]", got)
+		}
+	})
+
+	t.Run("refused before the selector is asked", func(t *testing.T) {
+		for _, next := range [][]Service{
+			{svc("10.88.0.1:80", "random")},
+			{svc("10.88.0.1:15000", "random", "10.88.0.21:8080")},
+			{start[0], start[0]},
+		} {
+			if err := do(func() error { return b.SetServices(ctx, next) }); err == nil {
+				t.Errorf("SetServices(%v) accepted", next)
+			}
+			if got := summary(b); got != before {
+				t.Errorf("services %s, want as before %s", got, before)
+			}
+		}
+	})
+
+	t.Run("aborted", func(t *testing.T) {
+		var p *ServicesPlan
+		err := do(func() (err error) {
+			p, err = b.PrepareServices(ctx, []Service{svc("10.88.0.70:80", "random", "10.88.0.21:8080")})
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := addrs(t, ns); !slices.Contains(got, "10.88.0.70/32") {
+			t.Errorf("prepared vip 10.88.0.70 not on the interface: %v", got)
+		}
+		if err := do(func() error { p.Abort(); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if got := summary(b); got != before {
+			t.Errorf("services %s, want as before %s", got, before)
+		}
+		if got := addrs(t, ns); !slices.Equal(got, hostBefore) {
+			t.Errorf("addresses after abort %v, want %v", got, hostBefore)
+		}
+	})
+
+	t.Run("commit after another change", func(t *testing.T) {
+		var p *ServicesPlan
+		err := do(func() (err error) {
+			p, err = b.PrepareServices(ctx, []Service{svc("10.88.0.1:80", "random", "10.88.0.21:8080")})
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		other := []Service{svc("10.88.0.1:80", "hash", "10.88.0.22:8080")}
+		if err := do(func() error { return b.SetServices(ctx, other) }); err != nil {
+			t.Fatal(err)
+		}
+		after := summary(b)
+		if err := do(p.Commit); !errors.Is(err, ErrChangedMeanwhile) {
+			t.Fatalf("commit of a stale plan: %v, want %v", err, ErrChangedMeanwhile)
+		}
+		if got := summary(b); got != after || !strings.Contains(got, "hash") {
+			t.Errorf("services %s, want %s", got, after)
+		}
+		if got := addrs(t, ns); slices.Contains(got, "10.88.0.50/32") {
+			t.Errorf("vip 10.88.0.50 of the removed service still on the interface: %v", got)
+		}
+	})
+}
