@@ -33,12 +33,13 @@ func chainSpecs(cfg *config.Config) []chain.Spec {
 	return out
 }
 
-// checkChain refuses chain members whose object is not an ELF file, and
+// checkChain refuses chain members whose object is not an ELF file or
+// could be written by a user other than root, and
 // a pin path that is not on a bpffs when members need pins, before
 // anything is touched.
 func checkChain(cfg *config.Config) error {
 	for i, m := range cfg.Chain {
-		if err := chain.CheckObject(m.Object); err != nil {
+		if _, err := chain.CheckObject(m.Object); err != nil {
 			return fmt.Errorf("chain[%d].object: %w", i, err)
 		}
 	}

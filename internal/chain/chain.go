@@ -27,6 +27,7 @@ import (
 
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/config"
+	"github.com/xlb-project/xlb/internal/fsperm"
 )
 
 // Errors of the chain.
@@ -183,7 +184,7 @@ func (c *Chain) List() []Info {
 			info.Program = "xlb_dispatch"
 		} else {
 			m := c.byName(e.Member.Name)
-			info.Object, info.Program, info.SHA256 = m.m.Object, m.m.Program, fmt.Sprintf("%x", m.sum)
+			info.Object, info.Program, info.SHA256 = m.spec.Object, m.m.Program, fmt.Sprintf("%x", m.sum)
 			info.PinDir = m.pinDir
 			for _, n := range m.m.MapNames() {
 				info.Maps = append(info.Maps, dispatcher.PinName(n))
@@ -456,17 +457,18 @@ func (c *Chain) load(s Spec) (_ *member, err error) {
 	case s.ContinueOn != nil && len(s.ContinueOn) == 0:
 		return nil, fmt.Errorf("%w %s: %w", ErrMember, s.Name, errEmptyContinueOn)
 	}
-	if err := CheckObject(s.Object); err != nil {
+	file, err := CheckObject(s.Object)
+	if err != nil {
 		return nil, fmt.Errorf("%w %s: %w", ErrMember, s.Name, err)
 	}
 	if err := CheckPinPath(c.pinRoot); err != nil {
 		return nil, fmt.Errorf("%w %s: pin path %w", ErrMember, s.Name, err)
 	}
-	sum, err := fileSHA256(s.Object)
+	sum, err := fileSHA256(file)
 	if err != nil {
 		return nil, fmt.Errorf("%w %s: %w", ErrMember, s.Name, err)
 	}
-	dm, err := dispatcher.LoadMember(s.Name, s.Object, s.Program)
+	dm, err := dispatcher.LoadMember(s.Name, file, s.Program)
 	if err != nil {
 		return nil, err
 	}
@@ -598,22 +600,28 @@ func gplCompatible(l string) bool { return slices.Contains(gplLicenses, l) }
 var elfMagic = []byte("\x7fELF")
 
 // CheckObject checks, without loading it, that path can be a chain
-// member's object: an ELF file.
-func CheckObject(path string) error {
-	f, err := os.Open(path)
+// member's object: an ELF file that only root can have written (the
+// file and every directory on its path, see internal/fsperm). It returns
+// the object's resolved path, which is what xlbd loads.
+func CheckObject(path string) (string, error) {
+	file, err := fsperm.Check(path)
 	if err != nil {
-		return err
+		return "", err
+	}
+	f, err := os.Open(file)
+	if err != nil {
+		return "", err
 	}
 	defer f.Close()
 	head := make([]byte, len(elfMagic))
 	n, err := io.ReadFull(f, head)
 	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("read %s: %w", path, err)
+		return "", fmt.Errorf("read %s: %w", path, err)
 	}
 	if !bytes.Equal(head[:n], elfMagic) {
-		return fmt.Errorf("%s: %w (an eBPF object from clang -target bpf starts with \\x7fELF; this file starts with %q)", path, ErrNotELF, head[:n])
+		return "", fmt.Errorf("%s: %w (an eBPF object from clang -target bpf starts with \\x7fELF; this file starts with %q)", path, ErrNotELF, head[:n])
 	}
-	return nil
+	return file, nil
 }
 
 func fileSHA256(path string) ([sha256.Size]byte, error) {

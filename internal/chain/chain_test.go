@@ -291,6 +291,17 @@ func TestChainRefusesMembers(t *testing.T) {
 	if err := os.WriteFile(empty, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	writable := filepath.Join(dir, "writable.o")
+	b, err := os.ReadFile(obj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(writable, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(writable, 0o666); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name string
 		spec Spec
@@ -308,6 +319,7 @@ func TestChainRefusesMembers(t *testing.T) {
 		{"short file that is not ELF", filterSpec("m", short, 20), []string{short, "not an ELF object", `"hi\n"`}},
 		{"empty file", filterSpec("m", empty, 20), []string{"not an ELF object"}},
 		{"missing file", filterSpec("m", filepath.Join(dir, "none.o"), 20), []string{"no such file"}},
+		{"object writable by others", filterSpec("m", writable, 20), []string{writable, "writable by others (mode 0666)"}},
 		{"missing program", Spec{Name: "m", Object: obj, Program: "missing", Priority: -1}, []string{`no program "missing"`}},
 		{"verifier refusal", Spec{Name: "m", Object: obj, Program: "unchecked", Priority: 20},
 			[]string{"chain member m", "program unchecked", "refused by the verifier", "invalid access to packet"}},

@@ -7,7 +7,6 @@ package policy
 
 import (
 	"context"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -87,33 +86,18 @@ func NewManager(opts Options) *Manager {
 	return &Manager{opts: opts, log: opts.Logger, runs: make(map[string]*run)}
 }
 
-// Check resolves a policy name to its plugin binary and verifies its pin,
-// without starting it.
+// Check resolves a policy name to its plugin binary, checks that only
+// root can have written it and verifies its pin, without starting it.
 func (m *Manager) Check(name string) error {
-	path, err := plugins.Resolve(name, m.opts.Dir)
+	file, err := m.resolve(name)
 	if err != nil {
 		return err
 	}
-	sum, err := m.pin(name, path)
+	sum, err := m.checkFile(file)
 	if err != nil || sum == nil {
 		return err
 	}
-	return plugins.VerifySHA256(path, sum)
-}
-
-func (m *Manager) pin(name, path string) ([]byte, error) {
-	s, ok := m.opts.SHA256[name]
-	if !ok {
-		s, ok = m.opts.SHA256[path]
-	}
-	if !ok {
-		return nil, nil
-	}
-	sum, err := hex.DecodeString(s)
-	if err != nil {
-		return nil, fmt.Errorf("policy %s: pinned sha256 %q: %w", name, s, err)
-	}
-	return sum, nil
+	return plugins.VerifySHA256(file, sum)
 }
 
 func (m *Manager) get(name string) (*run, error) {
@@ -122,7 +106,7 @@ func (m *Manager) get(name string) (*run, error) {
 	if r := m.runs[name]; r != nil {
 		return r, nil
 	}
-	path, err := plugins.Resolve(name, m.opts.Dir)
+	path, err := m.resolve(name)
 	if err != nil {
 		return nil, err
 	}
@@ -148,8 +132,9 @@ func (m *Manager) client(ctx context.Context, r *run) (*plugins.Client, error) {
 	if wait := time.Until(r.notUntil); wait > 0 {
 		return nil, fmt.Errorf("policy %s: %w for %s", r.name, ErrBackoff, wait.Round(time.Millisecond))
 	}
-	sum, err := m.pin(r.name, r.path)
+	sum, err := m.checkFile(r.path)
 	if err != nil {
+		r.backoff(m.opts.MaxBackoff)
 		return nil, err
 	}
 	sctx, cancel := context.WithTimeout(ctx, m.opts.StartTimeout)
