@@ -462,19 +462,7 @@ func TestBadInput(t *testing.T) {
 	before := lbState(t, ct.lb)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ct.writeConfig(t, tt.file)
-			code, out := runXlbd(t, ct.lb.NS, tt.env, append([]string{"--config", ct.file}, tt.flags...)...)
-			if code != tt.wantCode {
-				t.Errorf("exit status %d, want %d; output:\n%s", code, tt.wantCode, out)
-			}
-			for _, m := range tt.wantMsg {
-				if !strings.Contains(out, m) {
-					t.Errorf("output lacks %q:\n%s", m, out)
-				}
-			}
-			if after := lbState(t, ct.lb); !after.equal(before) {
-				t.Errorf("lb host changed:\n  before %v\n  after  %v", before, after)
-			}
+			ct.checkRefused(t, before, tt.file, tt.env, tt.flags, tt.wantCode, tt.wantMsg...)
 		})
 	}
 
@@ -513,6 +501,26 @@ func TestBadInput(t *testing.T) {
 			t.Errorf("lb host changed:\n  before %v\n  after  %v", busy, after)
 		}
 	})
+}
+
+// checkRefused runs xlbd with the configuration file, environment and
+// flags, and fails unless it exits with wantCode, its output holds every
+// wantMsg and the load balancer host is still as before.
+func (ct *configTopo) checkRefused(t *testing.T, before hostState, file string, env, flags []string, wantCode int, wantMsg ...string) {
+	t.Helper()
+	ct.writeConfig(t, file)
+	code, out := runXlbd(t, ct.lb.NS, env, append([]string{"--config", ct.file}, flags...)...)
+	if code != wantCode {
+		t.Errorf("exit status %d, want %d; output:\n%s", code, wantCode, out)
+	}
+	for _, m := range wantMsg {
+		if !strings.Contains(out, m) {
+			t.Errorf("output lacks %q:\n%s", m, out)
+		}
+	}
+	if after := lbState(t, ct.lb); !after.equal(before) {
+		t.Errorf("lb host changed:\n  before %v\n  after  %v", before, after)
+	}
 }
 
 // backendsOf returns the backend addresses of the service at vip.

@@ -76,21 +76,7 @@ func TestUnsafeFilesRefused(t *testing.T) {
 			{"pin on hash, binary named by a symbolic link", withPolicy(hashLink) + wrongPin, []string{"services[0].policy", "checksum mismatch"}},
 			{"pin on the path, binary named hash", withPolicy("hash") + "plugin-sha256:\n  " + hash + ": \"" + strings.Repeat("0", 64) + "\"\n", []string{"checksum mismatch"}},
 		} {
-			t.Run(tc.name, func(t *testing.T) {
-				ct.writeConfig(t, tc.file)
-				code, out := runXlbd(t, ct.lb.NS, nil, "--config", ct.file)
-				if code != 2 {
-					t.Errorf("exit status %d, want 2; output:\n%s", code, out)
-				}
-				for _, w := range tc.want {
-					if !strings.Contains(out, w) {
-						t.Errorf("output lacks %q:\n%s", w, out)
-					}
-				}
-				if after := lbState(t, ct.lb); !after.equal(before) {
-					t.Errorf("lb host changed:\n  before %v\n  after  %v", before, after)
-				}
-			})
+			t.Run(tc.name, func(t *testing.T) { ct.checkRefused(t, before, tc.file, nil, nil, 2, tc.want...) })
 		}
 	})
 

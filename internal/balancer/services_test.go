@@ -9,8 +9,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/testnet"
 )
@@ -36,25 +34,9 @@ func newTestBalancer(t *testing.T) (*testnet.NS, *Balancer) {
 	t.Helper()
 	testnet.RequirePrivileged(t)
 	ns := testnet.NewNS(t, "balancer")
+	ns.AddVeth(t, "eth0", "peer0", "10.88.0.1/24")
 	var b *Balancer
 	err := ns.Do(func() error {
-		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "peer0"}); err != nil {
-			return err
-		}
-		for _, name := range []string{"eth0", "peer0"} {
-			l, err := netlink.LinkByName(name)
-			if err != nil {
-				return err
-			}
-			if err := netlink.LinkSetUp(l); err != nil {
-				return err
-			}
-		}
-		l, _ := netlink.LinkByName("eth0")
-		a, _ := netlink.ParseAddr("10.88.0.1/24")
-		if err := netlink.AddrAdd(l, a); err != nil {
-			return err
-		}
 		var err error
 		b, err = New(Options{Iface: "eth0", XDPMode: dispatcher.Generic, PortLo: 10000, PortHi: 20000, ConntrackSize: 1024, Selector: uniform{}})
 		return err
@@ -87,26 +69,7 @@ func summary(b *Balancer) string {
 	return strings.Join(out, "; ")
 }
 
-func addrs(t *testing.T, ns *testnet.NS) []string {
-	t.Helper()
-	var out []string
-	err := ns.Do(func() error {
-		l, err := netlink.LinkByName("eth0")
-		if err != nil {
-			return err
-		}
-		as, err := netlink.AddrList(l, netlink.FAMILY_V4)
-		for _, a := range as {
-			out = append(out, a.IPNet.String())
-		}
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	slices.Sort(out)
-	return out
-}
+func addrs(t *testing.T, ns *testnet.NS) []string { return ns.IPv4Addrs(t, "eth0") }
 
 func TestServicesPlan(t *testing.T) {
 	ns, b := newTestBalancer(t)

@@ -624,19 +624,13 @@ func CheckObject(path string) (string, error) {
 	return file, nil
 }
 
+// fileSHA256 hashes a file (objects are small: it reads it whole).
 func fileSHA256(path string) ([sha256.Size]byte, error) {
-	var sum [sha256.Size]byte
-	f, err := os.Open(path)
+	b, err := os.ReadFile(path)
 	if err != nil {
-		return sum, err
+		return [sha256.Size]byte{}, err
 	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return sum, fmt.Errorf("hash %s: %w", path, err)
-	}
-	copy(sum[:], h.Sum(nil))
-	return sum, nil
+	return sha256.Sum256(b), nil
 }
 
 // CheckPinPath checks that path, or the nearest of its parents that

@@ -12,7 +12,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
-	"github.com/vishvananda/netlink"
 
 	"github.com/xlb-project/xlb/internal/testnet"
 )
@@ -23,60 +22,12 @@ func newHostNS(t *testing.T, prefix string) *testnet.NS {
 	t.Helper()
 	testnet.RequirePrivileged(t)
 	ns := testnet.NewNS(t, "host")
-	err := ns.Do(func() error {
-		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "peer0"}
-		if err := netlink.LinkAdd(veth); err != nil {
-			return err
-		}
-		for _, name := range []string{"eth0", "peer0"} {
-			l, err := netlink.LinkByName(name)
-			if err != nil {
-				return err
-			}
-			if err := netlink.LinkSetUp(l); err != nil {
-				return err
-			}
-		}
-		if prefix == "" {
-			return nil
-		}
-		a, err := netlink.ParseAddr(prefix)
-		if err != nil {
-			return err
-		}
-		l, err := netlink.LinkByName("eth0")
-		if err != nil {
-			return err
-		}
-		return netlink.AddrAdd(l, a)
-	})
-	if err != nil {
-		t.Fatalf("prepare namespace: %v", err)
-	}
+	ns.AddVeth(t, "eth0", "peer0", prefix)
 	return ns
 }
 
 // addrs lists eth0's IPv4 addresses inside ns.
-func addrs(t *testing.T, ns *testnet.NS) []string {
-	t.Helper()
-	var out []string
-	err := ns.Do(func() error {
-		l, err := netlink.LinkByName("eth0")
-		if err != nil {
-			return err
-		}
-		as, err := netlink.AddrList(l, netlink.FAMILY_V4)
-		for _, a := range as {
-			out = append(out, a.IPNet.String())
-		}
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	slices.Sort(out)
-	return out
-}
+func addrs(t *testing.T, ns *testnet.NS) []string { return ns.IPv4Addrs(t, "eth0") }
 
 func TestHostAddresses(t *testing.T) {
 	ns := newHostNS(t, "10.77.0.1/24")
