@@ -121,6 +121,7 @@ func New(opts Options, specs []Spec) (*Chain, error) {
 		return nil, err
 	}
 	if err := p.Commit(); err != nil {
+		c.Close()
 		return nil, err
 	}
 	return c, nil
