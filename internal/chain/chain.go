@@ -330,7 +330,7 @@ func (c *Chain) prepare(want []Spec, xlbPrio int, rehash bool) (_ *Plan, err err
 		p.members = append(p.members, m)
 		p.changed = true
 		if old != nil {
-			p.Summary = append(p.Summary, fmt.Sprintf("%s replaced (object %s changed; new maps)", s.Name, s.Object))
+			p.Summary = append(p.Summary, fmt.Sprintf("%s replaced (object %s or its program changed; new maps)", s.Name, s.Object))
 		} else {
 			p.Summary = append(p.Summary, fmt.Sprintf("%s added", s.Name))
 		}
