@@ -12,10 +12,23 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/go-plugin"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Defaults of LaunchConfig.
+const (
+	DefaultStartTimeout    = time.Minute
+	DefaultCallTimeout     = 2 * time.Second
+	DefaultShutdownTimeout = time.Second
 )
 
 // LaunchConfig says which policy plugin to start and how.
@@ -28,24 +41,48 @@ type LaunchConfig struct {
 	// Logger receives go-plugin's messages and everything the plugin logs,
 	// each record with the key "plugin". Nil discards them.
 	Logger *slog.Logger
-	// StartTimeout bounds the handshake; 0 means one minute.
+	// StartTimeout bounds the handshake; 0 means DefaultStartTimeout.
 	StartTimeout time.Duration
+	// CallTimeout bounds every call (Info, Select, Ping), whatever the
+	// caller's context says: a plugin that does not answer in time is taken
+	// for hung and killed (SIGKILL). 0 means DefaultCallTimeout.
+	CallTimeout time.Duration
+	// ShutdownTimeout bounds Close's clean shutdown, after which the
+	// process is killed (SIGKILL). 0 means DefaultShutdownTimeout.
+	ShutdownTimeout time.Duration
 }
 
 // Client is a running policy plugin as seen by the host. Its methods are
-// safe for concurrent use.
+// safe for concurrent use. The plugin process gets SIGKILL when the host
+// process dies, even by SIGKILL (a parent-death signal).
 type Client struct {
-	name string // policy name (executable name until Info), for errors
-	proc *plugin.Client
-	rpc  *grpcClient
-	pid  int
-	stop context.CancelFunc
+	name            string // policy name (executable name until Info), for errors
+	proc            *plugin.Client
+	rpc             *grpcClient
+	cmd             *exec.Cmd
+	pid             int
+	version         int   // the negotiated API version
+	needs           Needs // what the plugin reads
+	callTimeout     time.Duration
+	shutdownTimeout time.Duration
+	log             *slog.Logger
+	stop            context.CancelFunc
+
+	killed    atomic.Bool
+	closeOnce sync.Once
+	gone      chan struct{} // closed once the process is gone (Close, kill)
 }
 
 // Launch starts the policy plugin at cfg.Path, completes the go-plugin
-// handshake (gRPC only, automatic mutual TLS) and checks the API version the
+// handshake (gRPC only, automatic mutual TLS, API version negotiated among
+// MinProtocolVersion..ProtocolVersion) and checks the API version the
 // plugin reports. ctx bounds the start only: cancelling it later does not
 // stop the plugin; Close does.
+//
+// The process is started from an OS thread of its own that stays locked
+// until the process is gone, with a parent-death signal (SIGKILL): the
+// kernel sends that signal when the thread that started the process exits,
+// which is then only when the host process dies.
 func Launch(ctx context.Context, cfg LaunchConfig) (_ *Client, err error) {
 	name := filepath.Base(cfg.Path)
 	if cfg.Path == "" {
@@ -56,6 +93,15 @@ func Launch(ctx context.Context, cfg LaunchConfig) (_ *Client, err error) {
 		logger = slog.New(slog.DiscardHandler)
 	}
 	logger = logger.With("plugin", name)
+	if cfg.StartTimeout <= 0 {
+		cfg.StartTimeout = DefaultStartTimeout
+	}
+	if cfg.CallTimeout <= 0 {
+		cfg.CallTimeout = DefaultCallTimeout
+	}
+	if cfg.ShutdownTimeout <= 0 {
+		cfg.ShutdownTimeout = DefaultShutdownTimeout
+	}
 
 	var secure *plugin.SecureConfig
 	if len(cfg.SHA256) > 0 {
@@ -72,11 +118,17 @@ func Launch(ctx context.Context, cfg LaunchConfig) (_ *Client, err error) {
 	// Kill waits for the start to finish), and after a failed start; Close
 	// ends it after go-plugin's Kill.
 	procCtx, stop := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(procCtx, cfg.Path)
+	setParentDeathSignal(cmd)
 	stdio := &lineLogger{log: newSlogHCLog(logger.With("stream", "stdio")), level: hclog.Debug}
+	versions := make(map[int]plugin.PluginSet)
+	for v := MinProtocolVersion; v <= ProtocolVersion; v++ {
+		versions[v] = PluginMap(Info{}, nil)
+	}
 	proc := plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig:  Handshake,
-		Plugins:          PluginMap(Info{}, nil),
-		Cmd:              exec.CommandContext(procCtx, cfg.Path),
+		VersionedPlugins: versions,
+		Cmd:              cmd,
 		SecureConfig:     secure,
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
 		AutoMTLS:         true,
@@ -85,10 +137,14 @@ func Launch(ctx context.Context, cfg LaunchConfig) (_ *Client, err error) {
 		SyncStdout:       stdio,
 		SyncStderr:       stdio,
 	})
+	c := &Client{
+		name: name, proc: proc, cmd: cmd, stop: stop, log: logger,
+		callTimeout: cfg.CallTimeout, shutdownTimeout: cfg.ShutdownTimeout,
+		gone: make(chan struct{}),
+	}
 	defer func() {
 		if err != nil {
-			stop()
-			proc.Kill()
+			c.kill()
 		}
 	}()
 
@@ -98,8 +154,23 @@ func Launch(ctx context.Context, cfg LaunchConfig) (_ *Client, err error) {
 	}
 	ch := make(chan started, 1)
 	go func() {
+		// The start forks on this thread, which is never unlocked: it
+		// exits with this goroutine, once the process is gone. Until then
+		// no other goroutine runs on it, so it cannot exit early (as a
+		// thread does when a goroutine that locked it returns) and fire the
+		// parent-death signal too soon.
+		runtime.LockOSThread()
 		conn, err := proc.Client()
 		ch <- started{conn, err}
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for !proc.Exited() {
+			select {
+			case <-c.gone:
+				return
+			case <-t.C:
+			}
+		}
 	}()
 	var st started
 	select {
@@ -116,6 +187,9 @@ func Launch(ctx context.Context, cfg LaunchConfig) (_ *Client, err error) {
 		}
 		return nil, fmt.Errorf("launch policy %s: %w", cfg.Path, st.err)
 	}
+	if rc := proc.ReattachConfig(); rc != nil {
+		c.pid = rc.Pid
+	}
 	raw, err := st.conn.Dispense(PluginName)
 	if err != nil {
 		return nil, fmt.Errorf("launch policy %s: dispense: %w", cfg.Path, err)
@@ -124,29 +198,32 @@ func Launch(ctx context.Context, cfg LaunchConfig) (_ *Client, err error) {
 	if !ok {
 		return nil, fmt.Errorf("launch policy %s: dispense: unexpected %T", cfg.Path, raw)
 	}
-	c := &Client{name: name, proc: proc, rpc: rpc, stop: stop}
-	if rc := proc.ReattachConfig(); rc != nil {
-		c.pid = rc.Pid
-	}
+	c.rpc = rpc
+	c.version = proc.NegotiatedVersion()
 	if err := c.handshake(ctx); err != nil {
 		return nil, fmt.Errorf("launch policy %s: %w", cfg.Path, err)
 	}
 	return c, nil
 }
 
-// handshake asks the plugin's Info and checks its API version.
+// handshake asks the plugin's Info and checks its API version against the
+// negotiated one.
 func (c *Client) handshake(ctx context.Context) error {
-	info, err := c.rpc.Info(ctx)
+	info, err := c.info(ctx)
 	if err != nil {
 		return fmt.Errorf("info: %w", err)
 	}
-	if info.APIVersion != ProtocolVersion {
-		return fmt.Errorf("%w: plugin %q speaks %d, host speaks %d", ErrIncompatible, info.Name, info.APIVersion, ProtocolVersion)
+	if info.APIVersion != c.version {
+		return fmt.Errorf("%w: plugin %q speaks %d, host speaks %d", ErrIncompatible, info.Name, info.APIVersion, c.version)
 	}
 	if info.Name == "" {
 		return errors.New("info: plugin has no name")
 	}
 	c.name = info.Name
+	c.needs = info.Needs
+	if c.version < 2 {
+		c.needs = v1Needs
+	}
 	return nil
 }
 
@@ -180,21 +257,61 @@ func fileSHA256(path string) ([]byte, error) {
 	return h.Sum(nil), nil
 }
 
-// Info asks the plugin for its name, version and API version.
+// call runs fn with the call deadline. When the deadline passes before the
+// plugin answered (and the caller's own context is still live), the plugin
+// is taken for hung: its process is killed and the error wraps ErrHung.
+func (c *Client) call(ctx context.Context, fn func(context.Context) error) error {
+	cctx, cancel := context.WithTimeout(ctx, c.callTimeout)
+	defer cancel()
+	err := fn(cctx)
+	if err == nil {
+		return nil
+	}
+	// gRPC may report the deadline a moment before the context's own timer
+	// fires: either says the plugin did not answer.
+	hung := errors.Is(cctx.Err(), context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded
+	if hung && ctx.Err() == nil {
+		c.kill()
+		return fmt.Errorf("%w: no answer within %s, plugin killed", ErrHung, c.callTimeout)
+	}
+	if c.Exited() {
+		return fmt.Errorf("%w: %w", ErrExited, err)
+	}
+	return err
+}
+
+func (c *Client) info(ctx context.Context) (Info, error) {
+	var info Info
+	err := c.call(ctx, func(ctx context.Context) (err error) {
+		info, err = c.rpc.Info(ctx)
+		return err
+	})
+	return info, err
+}
+
+// Info asks the plugin for its name, version, API version and needs.
 func (c *Client) Info(ctx context.Context) (Info, error) {
 	if c.Exited() {
 		return Info{}, fmt.Errorf("policy %s: info: %w", c.name, ErrExited)
 	}
-	info, err := c.rpc.Info(ctx)
+	info, err := c.info(ctx)
 	if err != nil {
 		return Info{}, fmt.Errorf("policy %s: info: %w", c.name, err)
 	}
 	return info, nil
 }
 
+// Ping checks that the plugin answers (an Info call within the call
+// deadline); a plugin that does not is killed, and the error wraps ErrHung.
+func (c *Client) Ping(ctx context.Context) error {
+	_, err := c.Info(ctx)
+	return err
+}
+
 // Select asks the plugin for the selection state of req and checks the
 // answer with Selection.ValidateFor. A request without an eligible backend
-// returns ErrNoBackends without asking the plugin: no table could be valid.
+// returns ErrNoBackends without asking the plugin, and so does the plugin's
+// "no backend" answer (API version 2).
 func (c *Client) Select(ctx context.Context, req Request) (Selection, error) {
 	if len(req.Eligible()) == 0 {
 		return Selection{}, fmt.Errorf("policy %s: select %s: %w", c.name, req.Service, ErrNoBackends)
@@ -202,12 +319,16 @@ func (c *Client) Select(ctx context.Context, req Request) (Selection, error) {
 	if c.Exited() {
 		return Selection{}, fmt.Errorf("policy %s: select %s: %w", c.name, req.Service, ErrExited)
 	}
-	sel, err := c.rpc.Select(ctx, req)
+	var sel Selection
+	err := c.call(ctx, func(ctx context.Context) (err error) {
+		sel, err = c.rpc.Select(ctx, req)
+		return err
+	})
 	if err != nil {
-		if c.Exited() {
-			err = fmt.Errorf("%w: %w", ErrExited, err)
-		}
 		return Selection{}, fmt.Errorf("policy %s: select %s: %w", c.name, req.Service, err)
+	}
+	if c.version >= 2 && len(sel.Table) == 0 && sel.Mode == 0 {
+		return Selection{}, fmt.Errorf("policy %s: select %s: %w", c.name, req.Service, ErrNoBackends)
 	}
 	if err := sel.ValidateFor(req.Backends); err != nil {
 		return Selection{}, fmt.Errorf("policy %s: select %s: %w", c.name, req.Service, err)
@@ -215,41 +336,121 @@ func (c *Client) Select(ctx context.Context, req Request) (Selection, error) {
 	return sel, nil
 }
 
-// Exited reports whether the plugin process has exited.
-func (c *Client) Exited() bool { return c.proc != nil && c.proc.Exited() }
+// Needs says what the plugin reads, and so when the host should ask it: a
+// version 1 plugin reads live load, every second.
+func (c *Client) Needs() Needs { return c.needs }
+
+// APIVersion is the API version negotiated with the plugin.
+func (c *Client) APIVersion() int { return c.version }
+
+// Name is the policy's name, as the plugin reported it.
+func (c *Client) Name() string { return c.name }
+
+// Exited reports whether the plugin process has exited or was killed.
+func (c *Client) Exited() bool {
+	return c.killed.Load() || (c.proc != nil && c.proc.Exited())
+}
 
 // Pid returns the plugin's process id (0 for an in-process plugin).
 func (c *Client) Pid() int { return c.pid }
 
-// Close kills the plugin process (after a short grace period for a clean
-// exit) and releases the connection.
+// Close ends the plugin: go-plugin's clean shutdown (a Shutdown call, then
+// a wait for the process to exit), bounded by the shutdown deadline, after
+// which the process gets SIGKILL. It returns once the process is gone, or
+// after a second deadline if even that could not be seen.
 func (c *Client) Close() error {
-	if c.proc != nil {
-		c.proc.Kill()
-	}
-	if c.stop != nil {
-		c.stop()
-	}
+	c.closeOnce.Do(func() {
+		if !c.release(c.shutdownTimeout) {
+			c.log.Warn("policy plugin did not shut down in time; killing it", "pid", c.pid, "timeout", c.shutdownTimeout.String())
+			c.sigkill()
+			if !c.release(c.shutdownTimeout) {
+				c.log.Error("policy plugin killed but not reaped", "pid", c.pid)
+			}
+		}
+		if c.stop != nil {
+			c.stop()
+		}
+		close(c.gone)
+	})
 	return nil
 }
 
-var policyName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]*$`)
+// kill ends the plugin at once: SIGKILL, then go-plugin's clean-up.
+func (c *Client) kill() {
+	c.killed.Store(true)
+	c.closeOnce.Do(func() {
+		c.sigkill()
+		if !c.release(c.shutdownTimeout) {
+			c.log.Error("policy plugin killed but not reaped", "pid", c.pid)
+		}
+		if c.stop != nil {
+			c.stop()
+		}
+		close(c.gone)
+	})
+}
+
+// sigkill sends SIGKILL to the plugin process (by its pid, through the
+// process handle, which cannot reach a reused pid).
+func (c *Client) sigkill() {
+	c.killed.Store(true)
+	if c.cmd != nil && c.cmd.Process != nil {
+		if err := c.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			c.log.Warn("kill policy plugin", "pid", c.pid, "err", err)
+		}
+	}
+}
+
+// release runs go-plugin's Kill (a Shutdown call, a wait for the process,
+// then its own kill, and the release of pipes and connections) and reports
+// whether it finished within d. go-plugin's Shutdown call has no deadline,
+// so it may hang on a stopped plugin until the process is killed; it then
+// finishes in the background.
+func (c *Client) release(d time.Duration) bool {
+	if c.proc == nil {
+		return true
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.proc.Kill()
+	}()
+	select {
+	case <-done:
+		return true
+	case <-time.After(d):
+		return false
+	}
+}
+
+// policyName is the form of a plain policy name.
+var policyName = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)
+
+// CheckPolicy checks the form of a policy as a configuration or xlbctl
+// names it, without looking at any file: either a plain name
+// ([a-z0-9][a-z0-9-]*, such as "least-conn"), which Resolve looks up as
+// xlb-policy-NAME in the plugin directory, or the absolute path of a plugin
+// binary. The error wraps ErrBadPolicyName.
+func CheckPolicy(policy string) error {
+	if policyName.MatchString(policy) || (filepath.IsAbs(policy) && !strings.HasSuffix(policy, "/")) {
+		return nil
+	}
+	return fmt.Errorf("%q is %w ([a-z0-9][a-z0-9-]*)", policy, ErrBadPolicyName)
+}
 
 // Resolve maps a policy name to its executable: "random" is
 // <pluginDir>/xlb-policy-random. An absolute path is used as it is. Either
 // way the file must exist and be executable.
 func Resolve(name, pluginDir string) (string, error) {
-	var path string
-	switch {
-	case filepath.IsAbs(name):
-		path = name
-	case policyName.MatchString(name):
+	if err := CheckPolicy(name); err != nil {
+		return "", fmt.Errorf("resolve policy: %w", err)
+	}
+	path := name
+	if !filepath.IsAbs(name) {
 		if pluginDir == "" {
 			return "", fmt.Errorf("resolve policy %q: no plugin directory", name)
 		}
 		path = filepath.Join(pluginDir, "xlb-policy-"+name)
-	default:
-		return "", fmt.Errorf("resolve policy %q: not a policy name ([a-z0-9_-]) nor an absolute path", name)
 	}
 	fi, err := os.Stat(path)
 	if err != nil {

@@ -2,9 +2,11 @@ package plugins
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"time"
 
 	"github.com/hashicorp/go-plugin"
 	"google.golang.org/grpc"
@@ -56,6 +58,10 @@ func (s *grpcServer) Info(context.Context, *policypb.InfoRequest) (*policypb.Inf
 		Name:       s.info.Name,
 		Version:    s.info.Version,
 		ApiVersion: uint32(s.info.APIVersion),
+		Needs: &policypb.Needs{
+			LiveLoad:          s.info.Needs.LiveLoad,
+			RefreshIntervalMs: uint32(s.info.Needs.RefreshInterval.Milliseconds()),
+		},
 	}, nil
 }
 
@@ -65,6 +71,13 @@ func (s *grpcServer) Select(ctx context.Context, in *policypb.SelectRequest) (*p
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	sel, err := s.impl.Select(ctx, req)
+	if errors.Is(err, ErrNoBackends) && s.info.APIVersion >= 2 {
+		// The "no backend" answer: an empty table.
+		if s.log != nil {
+			s.log.Debug("select", "service", req.Service.String(), "backends", len(req.Backends), "answer", "no backend")
+		}
+		return &policypb.SelectResponse{}, nil
+	}
 	if err != nil {
 		if s.log != nil {
 			s.log.Warn("select", "service", req.Service.String(), "backends", len(req.Backends), "error", err.Error())
@@ -88,7 +101,15 @@ func (c *grpcClient) Info(ctx context.Context) (Info, error) {
 	if err != nil {
 		return Info{}, err
 	}
-	return Info{Name: resp.GetName(), Version: resp.GetVersion(), APIVersion: int(resp.GetApiVersion())}, nil
+	return Info{
+		Name:       resp.GetName(),
+		Version:    resp.GetVersion(),
+		APIVersion: int(resp.GetApiVersion()),
+		Needs: Needs{
+			LiveLoad:        resp.GetNeeds().GetLiveLoad(),
+			RefreshInterval: time.Duration(resp.GetNeeds().GetRefreshIntervalMs()) * time.Millisecond,
+		},
+	}, nil
 }
 
 func (c *grpcClient) Select(ctx context.Context, req Request) (Selection, error) {
@@ -100,12 +121,7 @@ func (c *grpcClient) Select(ctx context.Context, req Request) (Selection, error)
 	if err != nil {
 		return Selection{}, err
 	}
-	m := resp.GetMode()
-	mode := Mode(m)
-	if m < 0 || m > 255 {
-		mode = 0 // unknown: Validate refuses it
-	}
-	return Selection{Mode: mode, Table: resp.GetTable()}, nil
+	return Selection{Mode: Mode(resp.GetMode()), Table: resp.GetTable()}, nil
 }
 
 func addrToProto(ap netip.AddrPort) *policypb.AddrPort {
@@ -140,7 +156,9 @@ func requestToProto(req Request) (*policypb.SelectRequest, error) {
 			Weight:    b.Weight,
 			Active:    b.Active,
 			NewPerSec: b.NewPerSec,
-			Draining:  b.Draining,
+			// What a version 1 plugin reads: no new connections.
+			Draining: b.State != StateUp,
+			State:    policypb.BackendState(b.State),
 		}
 	}
 	return out, nil
@@ -157,12 +175,16 @@ func requestFromProto(in *policypb.SelectRequest) (Request, error) {
 		if err != nil {
 			return Request{}, fmt.Errorf("backend %d: %w", i, err)
 		}
+		state := BackendState(b.GetState())
+		if state == StateUp && b.GetDraining() {
+			state = StateDraining // a version 1 host knows no other state
+		}
 		req.Backends[i] = Backend{
 			Address:   addr,
 			Weight:    b.GetWeight(),
 			Active:    b.GetActive(),
 			NewPerSec: b.GetNewPerSec(),
-			Draining:  b.GetDraining(),
+			State:     state,
 		}
 	}
 	return req, nil

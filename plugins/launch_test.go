@@ -107,7 +107,7 @@ func testRequest() plugins.Request {
 		Backends: []plugins.Backend{
 			{Address: netip.MustParseAddrPort("10.0.0.1:8080"), Weight: 2},
 			{Address: netip.MustParseAddrPort("10.0.0.2:8080"), Weight: 4},
-			{Address: netip.MustParseAddrPort("10.0.0.3:8080"), Weight: 6, Draining: true},
+			{Address: netip.MustParseAddrPort("10.0.0.3:8080"), Weight: 6, State: plugins.StateDraining},
 		},
 	}
 }
@@ -168,7 +168,7 @@ func TestLaunchRandom(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info != (plugins.Info{Name: random.Name, Version: random.Version, APIVersion: plugins.ProtocolVersion}) {
+	if info != (plugins.Info{Name: random.Name, Version: random.Version, APIVersion: plugins.ProtocolVersion, Needs: random.Needs}) {
 		t.Errorf("Info = %+v", info)
 	}
 	sel, err := c.Select(ctx, testRequest())
@@ -271,4 +271,160 @@ func TestLaunchErrors(t *testing.T) {
 	if d := time.Since(start); d > 10*time.Second {
 		t.Errorf("Launch took %s after its context ended", d)
 	}
+}
+
+// TestLaunchV1Plugin runs a plugin built as the version 1 SDK built them:
+// the handshake settles on version 1, the host assumes it reads live load
+// every second, and a backend that is down reaches it as draining, so it
+// leaves it out.
+func TestLaunchV1Plugin(t *testing.T) {
+	ctx := context.Background()
+	bin := buildPlugin(t, t.TempDir(), "xlb-policy-v1", "./testdata/policy-v1")
+	c, err := plugins.Launch(ctx, plugins.LaunchConfig{Path: bin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if c.APIVersion() != 1 || c.Name() != "v1" {
+		t.Errorf("APIVersion, Name = %d, %q; want 1, v1", c.APIVersion(), c.Name())
+	}
+	if want := (plugins.Needs{LiveLoad: true, RefreshInterval: time.Second}); c.Needs() != want {
+		t.Errorf("Needs = %+v, want %+v", c.Needs(), want)
+	}
+	req := testRequest()
+	req.Backends[0].State = plugins.StateDown
+	sel, err := c.Select(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sel.Mode != plugins.ModeRandom || fmt.Sprint(sel.Table) != "[1]" {
+		t.Errorf("Select = %+v, want random [1]: only the backend that is up", sel)
+	}
+}
+
+// processGone reports whether pid has exited (gone, or a zombie).
+func processGone(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	// pid (comm) state ...: the state follows the last ')'.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] == 'Z'
+}
+
+// stopped stops pid with SIGSTOP and makes sure it is neither left stopped
+// nor alive when the test ends.
+func stopped(t *testing.T, pid int) {
+	t.Helper()
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if !processGone(pid) {
+			_ = syscall.Kill(pid, syscall.SIGCONT)
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
+}
+
+// TestLaunchStoppedPlugin: a stopped plugin (SIGSTOP) makes a call fail
+// with ErrHung once the call deadline has passed, and is killed; Close of
+// a stopped plugin returns within its shutdown deadline, the process
+// killed.
+func TestLaunchStoppedPlugin(t *testing.T) {
+	ctx := context.Background()
+	bin := buildPlugin(t, t.TempDir(), "xlb-policy-random", "./random/cmd/xlb-policy-random")
+	const callTimeout, shutdownTimeout = 500 * time.Millisecond, 300 * time.Millisecond
+	launch := func() *plugins.Client {
+		c, err := plugins.Launch(ctx, plugins.LaunchConfig{Path: bin, CallTimeout: callTimeout, ShutdownTimeout: shutdownTimeout})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+
+	t.Run("call", func(t *testing.T) {
+		c := launch()
+		stopped(t, c.Pid())
+		start := time.Now()
+		_, err := c.Select(ctx, testRequest())
+		took := time.Since(start)
+		if !errors.Is(err, plugins.ErrHung) || !strings.Contains(err.Error(), "no answer within 500ms, plugin killed") {
+			t.Fatalf("Select of a stopped plugin = %v, want ErrHung", err)
+		}
+		if took < callTimeout || took > callTimeout+time.Second {
+			t.Errorf("Select took %s, want about %s", took, callTimeout)
+		}
+		waitFor(t, "the stopped plugin's death", func() bool { return processGone(c.Pid()) })
+		if !c.Exited() {
+			t.Error("Exited = false after the kill")
+		}
+		if err := c.Ping(ctx); !errors.Is(err, plugins.ErrExited) {
+			t.Errorf("Ping after the kill = %v, want ErrExited", err)
+		}
+		t.Logf("Select failed after %s; process gone %s after the call began", took, time.Since(start))
+	})
+
+	t.Run("close", func(t *testing.T) {
+		c := launch()
+		stopped(t, c.Pid())
+		start := time.Now()
+		c.Close()
+		took := time.Since(start)
+		if took > shutdownTimeout+time.Second {
+			t.Errorf("Close of a stopped plugin took %s, want about %s", took, shutdownTimeout)
+		}
+		if !processGone(c.Pid()) {
+			t.Errorf("process %d still there after Close", c.Pid())
+		}
+		t.Logf("Close of a stopped plugin took %s", took)
+	})
+}
+
+// TestPluginDiesWithHost kills (SIGKILL) a host that launched a plugin and
+// keeps making OS threads exit: the plugin survives the thread exits while
+// the host lives, and is gone within a second of the host's death.
+func TestPluginDiesWithHost(t *testing.T) {
+	dir := t.TempDir()
+	bin := buildPlugin(t, dir, "xlb-policy-random", "./random/cmd/xlb-policy-random")
+	host := buildPlugin(t, dir, "policy-host", "./testdata/policy-host")
+	cmd := exec.Command(host, bin)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	var pid int
+	if _, err := fmt.Fscan(out, &pid); err != nil || pid <= 0 {
+		t.Fatalf("read the plugin's pid: %d, %v", pid, err)
+	}
+	t.Cleanup(func() {
+		if !processGone(pid) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
+	time.Sleep(500 * time.Millisecond) // about 50 thread exits in the host
+	if processGone(pid) {
+		t.Fatal("the plugin died while its host lives (a thread exit fired its parent-death signal)")
+	}
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	for !processGone(pid) {
+		if time.Since(killed) > time.Second {
+			t.Fatalf("plugin %d still alive %s after its host got SIGKILL", pid, time.Since(killed))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Logf("plugin gone %s after its host got SIGKILL", time.Since(killed).Round(time.Millisecond))
 }

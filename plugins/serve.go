@@ -20,7 +20,10 @@ import (
 //
 //	func main() { plugins.Serve(plugins.Info{Name: "wrr", Version: "0.1.0"}, wrr{}) }
 //
-// info.APIVersion defaults to ProtocolVersion. Serve sets slog's default
+// info.APIVersion is the newest API version the policy implements (0 means
+// ProtocolVersion); Serve serves every version from MinProtocolVersion up
+// to it, and go-plugin's handshake picks the newest one the host also
+// speaks. Serve sets slog's default
 // logger to one that writes hclog JSON to the process's standard error,
 // where the host reads it and passes each record to its own logger with the
 // key "plugin"; a plugin logs with slog.Default() (or the slog package
@@ -35,12 +38,16 @@ func Serve(info Info, p Policy) {
 	log := slog.New(NewPluginLogHandler(stderr, slog.LevelDebug))
 	slog.SetDefault(log)
 
+	versions := make(map[int]plugin.PluginSet)
+	for v := MinProtocolVersion; v <= info.APIVersion; v++ {
+		vi := info
+		vi.APIVersion = v
+		versions[v] = plugin.PluginSet{PluginName: &servedPlugin{GRPCPlugin{Info: vi, Impl: p, Logger: log}}}
+	}
 	plugin.Serve(&plugin.ServeConfig{
-		HandshakeConfig: Handshake,
-		Plugins: map[string]plugin.Plugin{
-			PluginName: &servedPlugin{GRPCPlugin{Info: info, Impl: p, Logger: log}},
-		},
-		GRPCServer: plugin.DefaultGRPCServer,
+		HandshakeConfig:  Handshake,
+		VersionedPlugins: versions,
+		GRPCServer:       plugin.DefaultGRPCServer,
 		Logger: hclog.New(&hclog.LoggerOptions{
 			Name:       info.Name,
 			Level:      hclog.Info,

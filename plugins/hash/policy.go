@@ -1,13 +1,14 @@
 // Package hash is xlb's Maglev consistent hashing policy (Eisenbud et al.,
 // "Maglev: A Fast and Reliable Software Network Load Balancer", NSDI 2016).
 // It returns a ModeHash selection whose table is the Maglev lookup table:
-// the select stage picks table[hash(5-tuple) % len], so a client keeps its
-// backend while it exists, and adding or removing a backend moves few other
-// clients.
+// the select stage picks table[(hash(5-tuple) × len) >> 32], so a client
+// keeps its backend while the table holds it, and adding or removing a
+// backend moves few other clients.
 //
-// The table depends only on the set of eligible backends (address, port and
-// weight), not on their order in the request nor on the host, so every
-// load balancer in front of the same backends computes the same table.
+// The table depends only on the set of eligible backends (up, weight above
+// 0: address, port and weight), not on their order in the request nor on
+// the host, so two load balancers with the same backends and the same states
+// compute the same table.
 //
 // The library is pure and is served by cmd/xlb-policy-hash.
 package hash
@@ -25,8 +26,12 @@ import (
 // Name and Version of the policy, as reported by Info.
 const (
 	Name    = "hash"
-	Version = "1.0.0"
+	Version = "1.1.0"
 )
+
+// Needs: the table depends only on the backends, their weights and states,
+// so the policy is asked only when those change.
+var Needs = plugins.Needs{}
 
 // MinTableSize is the smallest Maglev table; SlotsPerBackend the number of
 // slots aimed at per backend.
@@ -62,8 +67,8 @@ func TableSize(n int) int {
 	}
 }
 
-// Table returns the Maglev lookup table of the eligible backends (not
-// draining, weight above 0), as indexes into backends. Backends are ordered
+// Table returns the Maglev lookup table of the eligible backends (up,
+// weight above 0), as indexes into backends. Backends are ordered
 // by address first, so the order of the request does not matter. Each
 // backend's permutation of the slots starts at offset h1 % M and steps by
 // skip h2 % (M-1) + 1, h1 and h2 two independent 64-bit hashes of its

@@ -184,7 +184,7 @@ func TestDisruption(t *testing.T) {
 func TestDisruptionDraining(t *testing.T) {
 	bs := backends(10, 1)
 	before := byAddr(t, bs)
-	bs[3].Draining = true
+	bs[3].State = plugins.StateDraining
 	after := byAddr(t, bs)
 	moved, kept := disruption(before, after, map[netip.AddrPort]bool{bs[3].Address: true})
 	t.Logf("draining 1 of 10: %.2f%% of the other slots moved", 100*float64(moved)/float64(kept))
@@ -233,9 +233,10 @@ func TestErrors(t *testing.T) {
 	if _, err := hash.Table(bs); err == nil {
 		t.Error("duplicate address: no error")
 	}
-	bs = backends(2, 1)
-	bs[0].Draining = true
+	bs = backends(3, 1)
+	bs[0].State = plugins.StateDraining
 	bs[1].Weight = 0
+	bs[2].State = plugins.StateDown
 	if _, err := (hash.Policy{}).Select(context.Background(), plugins.Request{Backends: bs}); !errors.Is(err, plugins.ErrNoBackends) {
 		t.Errorf("no eligible backend: err = %v, want ErrNoBackends", err)
 	}

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"math/bits"
 	"slices"
+	"time"
 
 	"github.com/xlb-project/xlb/plugins"
 )
@@ -21,8 +22,12 @@ import (
 // Name and Version of the policy, as reported by Info.
 const (
 	Name    = "least-conn"
-	Version = "1.0.0"
+	Version = "1.1.0"
 )
+
+// Needs: with more than 64 eligible backends the candidates are the least
+// loaded, so the policy reads live load, every second.
+var Needs = plugins.Needs{LiveLoad: true, RefreshInterval: time.Second}
 
 // Policy is the least-connections policy.
 type Policy struct{}
@@ -37,7 +42,7 @@ func (Policy) Select(_ context.Context, req plugins.Request) (plugins.Selection,
 }
 
 // Candidates returns the candidate set, in ascending index order: every
-// backend that is not draining and has a weight above 0, or when there are
+// backend that is up and has a weight above 0, or when there are
 // more than plugins.MaxCandidates (64) of them, the 64 with the lowest
 // Active/Weight (ties: lower index first).
 func Candidates(backends []plugins.Backend) ([]uint32, error) {

@@ -25,8 +25,10 @@ func TestCandidates(t *testing.T) {
 		backend(1, 0, 0), // weight 0: out
 		backend(2, 3, 9000),
 		backend(3, 1, 0),
+		backend(4, 1, 0),
 	}
-	few[3].Draining = true // draining: out, however idle
+	few[3].State = plugins.StateDraining // draining: out, however idle
+	few[4].State = plugins.StateDown     // down: out, however idle
 
 	// 100 eligible backends: weight 1..4, active chosen so that
 	// Active/Weight is known; the 64 lowest must be chosen.
@@ -88,7 +90,8 @@ func TestSelect(t *testing.T) {
 	if sel.Mode != plugins.ModeLeastConn || !slices.Equal(sel.Table, []uint32{0, 1}) {
 		t.Errorf("selection = %+v", sel)
 	}
-	bs[0].Draining, bs[1].Weight = true, 0
+	bs = append(bs, backend(2, 1, 0))
+	bs[0].State, bs[1].Weight, bs[2].State = plugins.StateDraining, 0, plugins.StateDown
 	if _, err := (leastconn.Policy{}).Select(context.Background(), plugins.Request{Backends: bs}); !errors.Is(err, plugins.ErrNoBackends) {
 		t.Errorf("no eligible backend: err = %v, want ErrNoBackends", err)
 	}

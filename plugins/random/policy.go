@@ -1,7 +1,7 @@
 // Package random is xlb's weighted random policy: a ModeRandom table in
-// which every eligible backend appears in proportion to its weight, so that
-// the select stage's table[prandom % len] picks backends with probability
-// weight / total weight.
+// which every eligible backend (up, weight above 0) appears in proportion to
+// its weight, so that the select stage's table[(prandom × len) >> 32] picks
+// backends with probability weight / total weight.
 //
 // The library is pure and is served by cmd/xlb-policy-random.
 package random
@@ -17,8 +17,12 @@ import (
 // Name and Version of the policy, as reported by Info.
 const (
 	Name    = "random"
-	Version = "1.0.0"
+	Version = "1.1.0"
 )
+
+// Needs: the table depends only on the backends, their weights and states,
+// so the policy is asked only when those change.
+var Needs = plugins.Needs{}
 
 // Policy is the weighted random policy.
 type Policy struct{}
@@ -33,7 +37,7 @@ func (Policy) Select(_ context.Context, req plugins.Request) (plugins.Selection,
 }
 
 // Table returns the weighted random table of backends: each backend that is
-// not draining and has a weight above 0 appears weight/g times, g being the
+// up and has a weight above 0 appears weight/g times, g being the
 // greatest common divisor of those weights, the entries of one backend next
 // to each other (order does not matter to a random pick). When that is more
 // than plugins.MaxTableLen entries, the table has exactly MaxTableLen and

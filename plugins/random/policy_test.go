@@ -41,13 +41,15 @@ func TestTableExactProportions(t *testing.T) {
 		{"gcd 2", []uint32{2, 4, 6}, nil, map[uint32]int{0: 1, 1: 2, 2: 3}},
 		{"gcd 1", []uint32{3, 5, 1}, nil, map[uint32]int{0: 3, 1: 5, 2: 1}},
 		{"zero weight and draining left out", []uint32{10, 0, 30, 20}, []int{3}, map[uint32]int{0: 1, 2: 3}},
+		{"down and draining left out", []uint32{10, 10, 30, 20}, []int{0, 3}, map[uint32]int{1: 1, 2: 3}},
 		{"one backend", []uint32{1000}, nil, map[uint32]int{0: 1}},
 		{"large gcd", []uint32{1 << 31, 1 << 30}, nil, map[uint32]int{0: 2, 1: 1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			bs := backends(tc.weights...)
-			for _, i := range tc.draining {
-				bs[i].Draining = true
+			for j, i := range tc.draining {
+				// Every state but up is left out: alternate them.
+				bs[i].State = []plugins.BackendState{plugins.StateDraining, plugins.StateDown}[j%2]
 			}
 			table, err := random.Table(bs)
 			if err != nil {
@@ -130,7 +132,7 @@ func TestApportion(t *testing.T) {
 
 func TestSelect(t *testing.T) {
 	bs := backends(1, 2)
-	bs = append(bs, plugins.Backend{Address: netip.MustParseAddrPort("[2001:db8::1]:80"), Weight: 3, Draining: true})
+	bs = append(bs, plugins.Backend{Address: netip.MustParseAddrPort("[2001:db8::1]:80"), Weight: 3, State: plugins.StateDown})
 	sel, err := random.Policy{}.Select(context.Background(), plugins.Request{Service: netip.MustParseAddrPort("192.0.2.1:80"), Backends: bs})
 	if err != nil {
 		t.Fatal(err)

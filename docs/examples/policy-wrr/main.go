@@ -20,7 +20,9 @@ import (
 )
 
 func main() {
-	plugins.Serve(plugins.Info{Name: "wrr", Version: "0.1.0"}, wrr{})
+	// Needs{}: the table depends only on the backends, their weights and
+	// states, so xlbd asks again only when those change.
+	plugins.Serve(plugins.Info{Name: "wrr", Version: "0.2.0", Needs: plugins.Needs{}}, wrr{})
 }
 
 // wrr is the policy. It keeps no state: every Select computes the table
@@ -31,14 +33,16 @@ func (wrr) Select(ctx context.Context, req plugins.Request) (plugins.Selection, 
 	var idx []uint32
 	var weights []uint64
 	for i, b := range req.Backends {
-		// Draining backends and weight 0 must get no new connections: the
-		// host refuses a table that picks them.
+		// Backends that are not up (down, draining) and weight 0 must get
+		// no new connections: the host refuses a table that picks them.
 		if b.Eligible() {
 			idx = append(idx, uint32(i))
 			weights = append(weights, uint64(b.Weight))
 		}
 	}
 	if len(idx) == 0 {
+		// The "no backend" answer: xlbd stops new connections to the
+		// service.
 		return plugins.Selection{}, plugins.ErrNoBackends
 	}
 	if len(idx) > plugins.MaxTableLen {

@@ -40,7 +40,7 @@ func TestSelect(t *testing.T) {
 		Service: netip.MustParseAddrPort("192.0.2.1:80"),
 		Backends: []plugins.Backend{
 			{Address: netip.MustParseAddrPort("10.0.0.1:80"), Weight: 5},
-			{Address: netip.MustParseAddrPort("10.0.0.2:80"), Weight: 9, Draining: true},
+			{Address: netip.MustParseAddrPort("10.0.0.2:80"), Weight: 9, State: plugins.StateDown},
 			{Address: netip.MustParseAddrPort("10.0.0.3:80"), Weight: 1},
 			{Address: netip.MustParseAddrPort("10.0.0.4:80"), Weight: 1},
 		},
@@ -57,7 +57,7 @@ func TestSelect(t *testing.T) {
 	}
 	req.Backends = req.Backends[1:2]
 	if _, err := (wrr{}).Select(context.Background(), req); !errors.Is(err, plugins.ErrNoBackends) {
-		t.Errorf("only a draining backend: err = %v, want ErrNoBackends", err)
+		t.Errorf("only a backend that is down: err = %v, want ErrNoBackends", err)
 	}
 }
 
@@ -87,7 +87,7 @@ func TestLaunch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info != (plugins.Info{Name: "wrr", Version: "0.1.0", APIVersion: plugins.ProtocolVersion}) {
+	if info != (plugins.Info{Name: "wrr", Version: "0.2.0", APIVersion: plugins.ProtocolVersion}) {
 		t.Errorf("Info = %+v", info)
 	}
 	sel, err := c.Select(ctx, plugins.Request{

@@ -9,5 +9,5 @@ import (
 )
 
 func main() {
-	plugins.Serve(plugins.Info{Name: hash.Name, Version: hash.Version}, hash.Policy{})
+	plugins.Serve(plugins.Info{Name: hash.Name, Version: hash.Version, Needs: hash.Needs}, hash.Policy{})
 }

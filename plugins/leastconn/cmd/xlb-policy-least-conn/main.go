@@ -9,5 +9,5 @@ import (
 )
 
 func main() {
-	plugins.Serve(plugins.Info{Name: leastconn.Name, Version: leastconn.Version}, leastconn.Policy{})
+	plugins.Serve(plugins.Info{Name: leastconn.Name, Version: leastconn.Version, Needs: leastconn.Needs}, leastconn.Policy{})
 }

@@ -9,5 +9,5 @@ import (
 )
 
 func main() {
-	plugins.Serve(plugins.Info{Name: random.Name, Version: random.Version}, random.Policy{})
+	plugins.Serve(plugins.Info{Name: random.Name, Version: random.Version, Needs: random.Needs}, random.Policy{})
 }
