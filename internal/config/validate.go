@@ -11,6 +11,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/xlb-project/xlb/plugins"
 )
 
 // Limits checked by Validate.
@@ -32,10 +34,7 @@ const (
 // Verdicts are the names a chain member's continue-on may list.
 var Verdicts = []string{"aborted", "drop", "pass", "tx", "redirect"}
 
-var (
-	policyName = regexp.MustCompile(`^[a-z0-9-]+$`)
-	memberName = regexp.MustCompile(`^[a-z0-9-]{1,15}$`)
-)
+var memberName = regexp.MustCompile(`^[a-z0-9-]{1,15}$`)
 
 // Validate checks c and returns the first problem found, as
 // "key: problem". It does not look at network interfaces; the one file it
@@ -55,14 +54,14 @@ func (c *Config) Validate() error {
 	} else if r.Lo < MinSourcePort {
 		return fmt.Errorf("source-ports: %s: low below %d", r, MinSourcePort)
 	}
-	if err := validatePolicy(c.DefaultPolicy); err != nil {
+	if err := plugins.CheckPolicy(c.DefaultPolicy); err != nil {
 		return fmt.Errorf("policy: %w", err)
 	}
 	if c.PluginDir != "" && !filepath.IsAbs(c.PluginDir) {
 		return fmt.Errorf("plugin-dir: %q is not an absolute path", c.PluginDir)
 	}
 	for _, name := range sortedKeys(c.PluginSHA256) {
-		if err := validatePolicy(name); err != nil {
+		if err := plugins.CheckPolicy(name); err != nil {
 			return fmt.Errorf("plugin-sha256[%q]: %w", name, err)
 		}
 		if sum := c.PluginSHA256[name]; len(sum) != 64 || !isHex(sum) {
@@ -105,14 +104,6 @@ func validateIface(name string) error {
 		return fmt.Errorf("%q is not an interface name", name)
 	}
 	return nil
-}
-
-// validatePolicy accepts a plain name [a-z0-9-]+ or an absolute path.
-func validatePolicy(p string) error {
-	if policyName.MatchString(p) || (filepath.IsAbs(p) && !strings.HasSuffix(p, "/")) {
-		return nil
-	}
-	return fmt.Errorf("%q is not a name [a-z0-9-]+ or an absolute path", p)
 }
 
 func isHex(s string) bool {
@@ -160,7 +151,7 @@ func validateServices(services []Service) error {
 		}
 		vips[s.VIP] = i
 		if s.Policy != "" {
-			if err := validatePolicy(s.Policy); err != nil {
+			if err := plugins.CheckPolicy(s.Policy); err != nil {
 				return fmt.Errorf("%s.policy: %w", key, err)
 			}
 		}
