@@ -2,12 +2,15 @@ package testnet
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // DefaultSubnet is the LAN subnet when LANOptions.Subnet is zero.
@@ -47,7 +50,10 @@ type LAN struct {
 	Subnet netip.Prefix
 	Hosts  []*Host // in LANOptions.Hosts order
 
-	t TB
+	t           TB
+	opts        LANOptions
+	bridgeIndex int
+	peerProg    *ebpf.Program // the XDP_PASS program of NativePeerXDP
 }
 
 // Host is one machine on a LAN.
@@ -80,7 +86,7 @@ func NewLAN(t TB, opts LANOptions) *LAN {
 	if size := 1 << (32 - subnet.Bits()); len(opts.Hosts)+3 > size {
 		t.Fatalf("new lan: %d hosts do not fit in %v", len(opts.Hosts), subnet)
 	}
-	lan := &LAN{Subnet: subnet, t: t}
+	lan := &LAN{Subnet: subnet, t: t, opts: opts}
 	seen := map[string]bool{}
 	for _, name := range opts.Hosts {
 		if seen[name] {
@@ -102,7 +108,6 @@ func NewLAN(t TB, opts LANOptions) *LAN {
 		})
 	}
 
-	var bridgeIndex int
 	err := lan.Switch.Do(func() error {
 		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: BridgeName}}
 		if err := netlink.LinkAdd(br); err != nil {
@@ -112,7 +117,7 @@ func NewLAN(t TB, opts LANOptions) *LAN {
 		if err != nil {
 			return err
 		}
-		bridgeIndex = l.Attrs().Index
+		lan.bridgeIndex = l.Attrs().Index
 		if err := netlink.LinkSetUp(l); err != nil {
 			return fmt.Errorf("set %s up: %w", BridgeName, err)
 		}
@@ -123,21 +128,45 @@ func NewLAN(t TB, opts LANOptions) *LAN {
 	}
 	t.Cleanup(func() { lan.deleteLink(BridgeName) })
 
-	for _, h := range lan.Hosts {
-		lan.addHost(h, bridgeIndex, !opts.KeepTxOffload)
-	}
 	if opts.NativePeerXDP {
-		lan.attachPeerXDP()
+		prog, err := newPassProgram()
+		if err != nil {
+			t.Fatalf("new lan: %v", err)
+		}
+		t.Cleanup(func() { prog.Close() })
+		lan.peerProg = prog
+	}
+	for _, h := range lan.Hosts {
+		lan.addHost(h)
 	}
 	return lan
 }
 
-func (lan *LAN) addHost(h *Host, bridgeIndex int, txOffloadOff bool) {
+// ReplaceLink re-creates a host's link, as when a backend's container is
+// re-created: the old veth pair goes, and a new one with a new MAC address
+// and the host's same IP address takes its place. The host's listening
+// sockets stay open and serve on the new link.
+func (lan *LAN) ReplaceLink(h *Host) {
+	lan.t.Helper()
+	lan.RemoveLink(h)
+	lan.addHost(h)
+}
+
+// RemoveLink deletes a host's link: the host vanishes from the LAN (its
+// namespace and sockets stay, unreachable).
+func (lan *LAN) RemoveLink(h *Host) {
+	lan.t.Helper()
+	lan.deleteLink(h.PeerIface)
+}
+
+// addHost creates h's veth pair, addresses it and sets it up.
+func (lan *LAN) addHost(h *Host) {
 	t := lan.t
 	t.Helper()
+	txOffloadOff := !lan.opts.KeepTxOffload
 	err := lan.Switch.Do(func() error {
 		veth := &netlink.Veth{
-			LinkAttrs:     netlink.LinkAttrs{Name: h.PeerIface, MasterIndex: bridgeIndex},
+			LinkAttrs:     netlink.LinkAttrs{Name: h.PeerIface, MasterIndex: lan.bridgeIndex},
 			PeerName:      HostIface,
 			PeerNamespace: netlink.NsFd(int(h.NS.handle)),
 		}
@@ -188,40 +217,46 @@ func (lan *LAN) addHost(h *Host, bridgeIndex int, txOffloadOff bool) {
 	if err != nil {
 		t.Fatalf("new lan: host %s: %v", h.Name, err)
 	}
+	if lan.peerProg != nil {
+		lan.attachPeerXDP(h)
+	}
 }
 
-func (lan *LAN) attachPeerXDP() {
+// attachPeerXDP attaches the XDP_PASS program in native mode to h's
+// bridge-side veth.
+func (lan *LAN) attachPeerXDP(h *Host) {
 	t := lan.t
 	t.Helper()
-	prog, err := newPassProgram()
+	var l link.Link
+	index := h.PeerIndex
+	err := lan.Switch.Do(func() (err error) {
+		l, err = link.AttachXDP(link.XDPOptions{
+			Program:   lan.peerProg,
+			Interface: index,
+			Flags:     link.XDPDriverMode,
+		})
+		return err
+	})
 	if err != nil {
-		t.Fatalf("new lan: %v", err)
+		t.Fatalf("new lan: attach xdp pass to %s: %v", h.PeerIface, err)
 	}
-	t.Cleanup(func() { prog.Close() })
-	for _, h := range lan.Hosts {
-		var l link.Link
-		err := lan.Switch.Do(func() (err error) {
-			l, err = link.AttachXDP(link.XDPOptions{
-				Program:   prog,
-				Interface: h.PeerIndex,
-				Flags:     link.XDPDriverMode,
-			})
-			return err
-		})
-		if err != nil {
-			t.Fatalf("new lan: attach xdp pass to %s: %v", h.PeerIface, err)
+	t.Cleanup(func() {
+		// A link re-created by ReplaceLink took the old one's program
+		// with it: nothing to detach then.
+		if err := l.Close(); err != nil && !errors.Is(err, unix.ENODEV) && !errors.Is(err, unix.ENOENT) {
+			t.Errorf("detach xdp from %s: %v", h.PeerIface, err)
 		}
-		t.Cleanup(func() {
-			if err := l.Close(); err != nil {
-				t.Errorf("detach xdp from %s: %v", h.PeerIface, err)
-			}
-		})
-	}
+	})
 }
 
+// deleteLink deletes a link of the switch namespace, if it is there (a
+// link that RemoveLink already deleted is not an error).
 func (lan *LAN) deleteLink(name string) {
 	err := lan.Switch.Do(func() error {
 		l, err := netlink.LinkByName(name)
+		if _, ok := err.(netlink.LinkNotFoundError); ok {
+			return nil
+		}
 		if err != nil {
 			return err
 		}

@@ -1,0 +1,184 @@
+package neigh
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sync/errgroup"
+	"golang.org/x/sys/unix"
+)
+
+// arpSocket is a packet socket for ARP on one interface.
+type arpSocket struct {
+	f       *os.File
+	ifindex int
+	mac     net.HardwareAddr
+}
+
+const arpLen = 28 // an IPv4-over-Ethernet ARP packet, after the Ethernet header
+
+var broadcast = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+
+// send sends probe p, opening the interface's socket (and starting its
+// reader in g) on first use.
+func (k *Keeper) send(ctx context.Context, g *errgroup.Group, p probe) error {
+	s, err := k.socket(ctx, g, p.key.ifindex)
+	if err != nil {
+		return err
+	}
+	if !p.src.Is4() {
+		return fmt.Errorf("no IPv4 source address towards %s", p.key.ip)
+	}
+	dst := p.dst
+	if dst == nil {
+		dst = broadcast
+	}
+	var b [arpLen]byte
+	binary.BigEndian.PutUint16(b[0:], 1)      // hardware type: Ethernet
+	binary.BigEndian.PutUint16(b[2:], 0x0800) // protocol type: IPv4
+	b[4], b[5] = 6, 4
+	binary.BigEndian.PutUint16(b[6:], 1) // request
+	copy(b[8:14], s.mac)
+	src := p.src.As4()
+	copy(b[14:18], src[:])
+	// target hardware address: zero
+	tpa := p.key.ip.As4()
+	copy(b[24:28], tpa[:])
+	to := &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: s.ifindex, Halen: 6}
+	copy(to.Addr[:], dst)
+	rc, err := s.f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Write(func(fd uintptr) bool {
+		serr = unix.Sendto(int(fd), b[:], 0, to)
+		return !errors.Is(serr, unix.EAGAIN)
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
+// socket returns the ARP socket of an interface, opening it in the
+// Keeper's namespace and starting its reader in g on first use.
+func (k *Keeper) socket(ctx context.Context, g *errgroup.Group, ifindex int) (*arpSocket, error) {
+	k.mu.Lock()
+	s := k.socks[ifindex]
+	k.mu.Unlock()
+	if s != nil {
+		return s, nil
+	}
+	l, err := k.nl.LinkByIndex(ifindex)
+	if err != nil {
+		return nil, fmt.Errorf("find interface %d: %w", ifindex, err)
+	}
+	mac := l.Attrs().HardwareAddr
+	if len(mac) != 6 {
+		return nil, fmt.Errorf("interface %s has no Ethernet address", l.Attrs().Name)
+	}
+	var fd int
+	err = k.inNetNS(func() (err error) {
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ARP)))
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open arp socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: ifindex}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("bind arp socket to %s: %w", l.Attrs().Name, err)
+	}
+	s = &arpSocket{f: os.NewFile(uintptr(fd), "arp-"+l.Attrs().Name), ifindex: ifindex, mac: mac}
+	k.mu.Lock()
+	k.socks[ifindex] = s
+	k.mu.Unlock()
+	g.Go(func() error {
+		k.read(ctx, s)
+		return nil
+	})
+	return s, nil
+}
+
+// read takes the ARP packets the socket receives until it is closed, and
+// records those of next hops.
+func (k *Keeper) read(ctx context.Context, s *arpSocket) {
+	rc, err := s.f.SyscallConn()
+	if err != nil {
+		return
+	}
+	buf := make([]byte, 128)
+	for ctx.Err() == nil {
+		var n int
+		var from unix.Sockaddr
+		var rerr error
+		err := rc.Read(func(fd uintptr) bool {
+			n, from, rerr = unix.Recvfrom(int(fd), buf, 0)
+			return !errors.Is(rerr, unix.EAGAIN)
+		})
+		if err != nil {
+			return // closed
+		}
+		if rerr != nil || n < arpLen {
+			continue
+		}
+		if ll, ok := from.(*unix.SockaddrLinklayer); ok && ll.Pkttype == unix.PACKET_OUTGOING {
+			continue
+		}
+		b := buf[:n]
+		if binary.BigEndian.Uint16(b[0:]) != 1 || binary.BigEndian.Uint16(b[2:]) != 0x0800 || b[4] != 6 || b[5] != 4 {
+			continue
+		}
+		spa := netip.AddrFrom4([4]byte(b[14:18]))
+		k.answered(s.ifindex, spa, net.HardwareAddr(b[8:14]))
+	}
+}
+
+// closeSockets closes every ARP socket, which ends their readers.
+func (k *Keeper) closeSockets() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for i, s := range k.socks {
+		s.f.Close()
+		delete(k.socks, i)
+	}
+}
+
+// inNetNS runs fn on a thread in the Keeper's namespace (the process's
+// when none was given).
+func (k *Keeper) inNetNS(fn func() error) error {
+	if !k.opts.NetNS.IsOpen() {
+		return fn()
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- fmt.Errorf("open current netns: %w", err)
+			return // the thread stays locked and is discarded
+		}
+		defer orig.Close()
+		if err := netns.Set(k.opts.NetNS); err != nil {
+			errc <- fmt.Errorf("enter netns: %w", err)
+			return
+		}
+		err = fn()
+		if serr := netns.Set(orig); serr != nil {
+			errc <- errors.Join(err, fmt.Errorf("leave netns: %w", serr))
+			return // the thread stays locked and is discarded
+		}
+		runtime.UnlockOSThread()
+		errc <- err
+	}()
+	return <-errc
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
