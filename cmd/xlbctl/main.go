@@ -169,13 +169,14 @@ func printStatus(w io.Writer, st control.Status) {
 	for _, s := range st.Services {
 		fmt.Fprintf(tw, "service %s\tpolicy %s\n", s.VIP, s.Policy)
 		for _, b := range s.Backends {
-			fmt.Fprintf(tw, "  backend %s\tweight %d\tactive %d\tnew/s %.1f\n", b.Address, b.Weight, b.Active, b.NewPerSec)
+			fmt.Fprintf(tw, "  backend %s\t%s\tweight %d\tactive %d\tnew/s %.1f\tnext hop: %s\n",
+				b.Address, b.State, b.Weight, b.Active, b.NewPerSec, b.NextHop)
 		}
 	}
 	for _, p := range st.Policies {
 		pid := "down"
 		if p.Pid > 0 {
-			pid = fmt.Sprintf("pid %d", p.Pid)
+			pid = fmt.Sprintf("pid %d, api %d, asked %s", p.Pid, p.APIVersion, p.Asked)
 		}
 		fmt.Fprintf(tw, "policy plugin %s\t%s\trestarts %d\t%s\n", p.Name, pid, p.Restarts, p.Path)
 	}

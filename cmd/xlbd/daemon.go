@@ -90,19 +90,7 @@ func (d *daemon) Close() error {
 func (d *daemon) Run(ctx context.Context, hup <-chan os.Signal) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return d.bal.Run(ctx) })
-	g.Go(func() error { return d.pol.Watch(ctx, 200*time.Millisecond, d.refresh) })
-	g.Go(func() error {
-		t := time.NewTicker(time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-t.C:
-				d.refresh(ctx)
-			}
-		}
-	})
+	g.Go(func() error { return d.pol.Watch(ctx, 200*time.Millisecond, d.bal.Invalidate) })
 	g.Go(func() error { return control.Serve(ctx, d.cfg.Socket, d) })
 	g.Go(func() error {
 		for {
@@ -240,6 +228,7 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 		for _, b := range s.Backends {
 			cs.Backends = append(cs.Backends, control.Backend{
 				Address: b.Address.String(), Weight: b.Weight, ID: b.ID, Active: b.Active, NewPerSec: b.NewPerSec,
+				State: b.State.String(), NextHop: b.NextHop,
 			})
 		}
 		st.Services = append(st.Services, cs)
@@ -248,7 +237,11 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 	st.LastReload = d.lastReload
 	d.lastMu.Unlock()
 	for _, p := range d.pol.Statuses() {
-		st.Policies = append(st.Policies, control.PolicyStatus{Name: p.Name, Path: p.Path, Pid: p.Pid, Restarts: p.Restarts})
+		ps := control.PolicyStatus{Name: p.Name, Path: p.Path, Pid: p.Pid, Restarts: p.Restarts, APIVersion: p.APIVersion}
+		if p.Pid != 0 {
+			ps.Asked = p.Needs.String()
+		}
+		st.Policies = append(st.Policies, ps)
 	}
 	return st, nil
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -48,18 +47,6 @@ func checkPolicies(m *policy.Manager, svcs []config.Service) error {
 		}
 	}
 	return nil
-}
-
-// refresh recomputes selection tables (live load for least-conn and
-// friends). A policy that is down keeps its last table in force.
-func (d *daemon) refresh(ctx context.Context) {
-	if err := d.bal.Refresh(ctx); err != nil {
-		level := d.log.Warn
-		if errors.Is(err, policy.ErrBackoff) {
-			level = d.log.Debug
-		}
-		level("refresh selection, last tables kept", "err", err)
-	}
 }
 
 // SetPolicy implements control.Handler: start the new policy's plugin,

@@ -1,8 +1,9 @@
 // Package balancer is xlb's control plane as a library: it turns a set of
 // services into the data path's map state, attaches the pipeline to an
 // interface, has the host prepared for it (VIP and source addresses and
-// forwarding through internal/host; neighbour entries) and runs the
-// conntrack sweeper. xlbd is a thin layer over it.
+// forwarding through internal/host), keeps the backends' next hops
+// resolved (internal/neigh), computes selection tables through a Selector
+// and runs the conntrack sweeper. xlbd is a thin layer over it.
 package balancer
 
 import (
@@ -10,18 +11,18 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/host"
+	"github.com/xlb-project/xlb/internal/neigh"
+	"github.com/xlb-project/xlb/plugins"
 )
 
 // Errors returned by the Balancer.
@@ -29,6 +30,10 @@ var (
 	ErrVIPInPorts = errors.New("vip port inside the source-port range")
 	ErrTooMany    = errors.New("too many services or backends")
 	ErrNoService  = errors.New("no such service")
+	// ErrUnavailable: a Selector cannot answer for now (see Selector).
+	ErrUnavailable = errors.New("selector unavailable")
+	// ErrBusy: the services kept changing while a change was computed.
+	ErrBusy = errors.New("services changed concurrently, try again")
 )
 
 // Options configure a Balancer.
@@ -60,11 +65,18 @@ type Service struct {
 	Backends []Backend
 }
 
-// BackendState is a backend as a Selector sees it, with live load.
+// BackendState is a backend as a Selector sees it, with its state and
+// live load.
 type BackendState struct {
 	Backend
-	ID        uint32 // data-path backend id
-	Active    int64  // open connections
+	ID uint32 // data-path backend id
+	// State: only an up backend may take new connections. A backend whose
+	// next hop does not answer (the neighbour keeper) is down.
+	State plugins.BackendState
+	// NextHop is the neighbour keeper's view: the next hop, its interface
+	// and MAC, or why it is unreachable.
+	NextHop   string
+	Active    int64 // open connections
 	NewPerSec float64
 }
 
@@ -76,14 +88,23 @@ type ServiceState struct {
 }
 
 // Selection is a selection table: a mode and indexes into
-// ServiceState.Backends.
+// ServiceState.Backends. An empty table means that no backend may take new
+// connections: the service then has no table, and its SYNs are dropped
+// (counter drop_no_backend).
 type Selection struct {
 	Mode  dispatcher.Mode
 	Table []int
+	// Refresh asks for the table to be computed again after this long
+	// with fresh load; 0 means only when the service changes (backends,
+	// weights, states, policy).
+	Refresh time.Duration
 }
 
-// Selector turns a service's backends and load into a selection table.
-// It is called when a service changes and on every Refresh.
+// Selector turns a service's backends and load into a selection table. It
+// is called when a service changes and when its last Selection's Refresh
+// has passed, never while the Balancer holds its lock. A Selector error
+// that wraps ErrUnavailable is expected to pass (a plugin restarting): it
+// is logged at debug level.
 type Selector interface {
 	Select(ctx context.Context, svc ServiceState) (Selection, error)
 }
@@ -94,11 +115,19 @@ type service struct {
 	backends []*backend // in spec order
 	mode     dispatcher.Mode
 	table    []uint32 // backend ids in force
+	none     bool     // no table in force: no backend may take new connections
+	// gen counts the changes of spec, backends and their states: a table
+	// computed for an older gen is never installed.
+	gen       uint64
+	stale     bool      // the table must be computed again
+	retryAt   time.Time // after a failed computation, not before
+	refreshAt time.Time // the Selector's Refresh; zero: only on change
 }
 
 type backend struct {
 	id      uint32
 	spec    Backend
+	state   plugins.BackendState // the state the table in force was computed with
 	lastNew uint64
 	lastAt  time.Time
 	rate    float64
@@ -113,7 +142,10 @@ type Balancer struct {
 	att    *dispatcher.Attachment
 	host   *host.Iface
 	source netip.Addr
+	neigh  *neigh.Keeper
+	kick   chan struct{} // asks the refresher for a round now
 
+	// mu guards the fields below. It is never held across a Selector call.
 	mu        sync.Mutex
 	services  map[netip.AddrPort]*service
 	svcIDs    idAllocator
@@ -141,12 +173,16 @@ func New(opts Options) (_ *Balancer, err error) {
 		services: make(map[netip.AddrPort]*service),
 		svcIDs:   newIDAllocator(dispatcher.MaxServices),
 		bkIDs:    newIDAllocator(dispatcher.MaxBackends),
+		kick:     make(chan struct{}, 1),
 	}
 	defer func() {
 		if err != nil {
 			b.Close()
 		}
 	}()
+	if b.neigh, err = neigh.New(neigh.Options{Logger: opts.Logger, OnChange: b.syncStates}); err != nil {
+		return nil, err
+	}
 	if b.host, err = host.Open(opts.Iface); err != nil {
 		return nil, err
 	}
@@ -232,6 +268,9 @@ func (b *Balancer) Close() error {
 	if b.host != nil {
 		errs = append(errs, b.host.Close())
 	}
+	if b.neigh != nil {
+		errs = append(errs, b.neigh.Close())
+	}
 	b.addedVIPs = nil
 	return errors.Join(errs...)
 }
@@ -288,106 +327,6 @@ func (b *Balancer) retire(bk *backend) {
 	b.retired = append(b.retired, bk.id)
 }
 
-func (b *Balancer) state(svc *service) ServiceState {
-	st := ServiceState{VIP: svc.spec.VIP, Policy: svc.spec.Policy}
-	for _, bk := range svc.backends {
-		stats, _ := b.pipe.BackendStats(bk.id)
-		st.Backends = append(st.Backends, BackendState{
-			Backend: bk.spec, ID: bk.id, Active: stats.Active, NewPerSec: bk.rate,
-		})
-	}
-	return st
-}
-
-// selection asks the Selector for a service's table and checks it; it
-// changes nothing.
-func (b *Balancer) selection(ctx context.Context, svc *service, policy string) (dispatcher.Mode, []uint32, error) {
-	st := b.state(svc)
-	st.Policy = policy
-	return b.selectTable(ctx, st)
-}
-
-// selectTable asks the Selector for the table of st and checks it
-// against st's backends; it reads no Balancer state.
-func (b *Balancer) selectTable(ctx context.Context, st ServiceState) (dispatcher.Mode, []uint32, error) {
-	policy := st.Policy
-	sel, err := b.opts.Selector.Select(ctx, st)
-	if err != nil {
-		return 0, nil, fmt.Errorf("select with policy %s: %w", policy, err)
-	}
-	if len(sel.Table) == 0 {
-		return 0, nil, fmt.Errorf("policy %s: empty table", policy)
-	}
-	ids := make([]uint32, len(sel.Table))
-	for i, idx := range sel.Table {
-		if idx < 0 || idx >= len(st.Backends) {
-			return 0, nil, fmt.Errorf("policy %s: table entry %d names backend %d of %d", policy, i, idx, len(st.Backends))
-		}
-		if st.Backends[idx].Weight == 0 {
-			return 0, nil, fmt.Errorf("policy %s: table entry %d names backend %s of weight 0", policy, i, st.Backends[idx].Address)
-		}
-		ids[i] = st.Backends[idx].ID
-	}
-	return sel.Mode, ids, nil
-}
-
-// install puts a table in force, unless it is the one already in force.
-func (b *Balancer) install(svc *service, mode dispatcher.Mode, ids []uint32) error {
-	if mode == svc.mode && slices.Equal(ids, svc.table) {
-		return nil
-	}
-	if err := b.pipe.SetSelection(svc.id, mode, ids); err != nil {
-		return err
-	}
-	svc.mode, svc.table = mode, ids
-	return nil
-}
-
-func (b *Balancer) installSelection(ctx context.Context, svc *service) error {
-	mode, ids, err := b.selection(ctx, svc, svc.spec.Policy)
-	if err != nil {
-		return err
-	}
-	return b.install(svc, mode, ids)
-}
-
-// SetPolicy switches the policy of one service (vip valid) or of all. The
-// new tables are all computed before any is installed; if one fails,
-// nothing changes. Established connections keep their backends.
-func (b *Balancer) SetPolicy(ctx context.Context, vip netip.AddrPort, policy string) ([]netip.AddrPort, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	type pending struct {
-		svc  *service
-		mode dispatcher.Mode
-		ids  []uint32
-	}
-	var todo []pending
-	for _, svc := range b.services {
-		if vip.IsValid() && svc.spec.VIP != vip {
-			continue
-		}
-		mode, ids, err := b.selection(ctx, svc, policy)
-		if err != nil {
-			return nil, fmt.Errorf("service %s: %w", svc.spec.VIP, err)
-		}
-		todo = append(todo, pending{svc, mode, ids})
-	}
-	if len(todo) == 0 {
-		return nil, fmt.Errorf("%w: %s", ErrNoService, vip)
-	}
-	var done []netip.AddrPort
-	for _, p := range todo {
-		if err := b.install(p.svc, p.mode, p.ids); err != nil {
-			return done, fmt.Errorf("service %s: %w", p.svc.spec.VIP, err)
-		}
-		p.svc.spec.Policy = policy
-		done = append(done, p.svc.spec.VIP)
-	}
-	slices.SortFunc(done, func(x, y netip.AddrPort) int { return x.Compare(y) })
-	return done, nil
-}
-
 // Policies lists the policies in use.
 func (b *Balancer) Policies() []string {
 	b.mu.Lock()
@@ -402,20 +341,6 @@ func (b *Balancer) Policies() []string {
 	return out
 }
 
-// Refresh recomputes every service's selection from current load, for
-// policies that use it.
-func (b *Balancer) Refresh(ctx context.Context) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	var errs []error
-	for _, svc := range b.services {
-		if err := b.installSelection(ctx, svc); err != nil {
-			errs = append(errs, fmt.Errorf("service %s: %w", svc.spec.VIP, err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
 // Services returns the services with their live backend state.
 func (b *Balancer) Services() []ServiceState {
 	b.mu.Lock()
@@ -426,35 +351,6 @@ func (b *Balancer) Services() []ServiceState {
 	}
 	slices.SortFunc(out, func(x, y ServiceState) int { return x.VIP.Compare(y.VIP) })
 	return out
-}
-
-// Run sweeps conntrack, keeps backend neighbour entries resolved, samples
-// load and frees retired backend ids, until ctx ends.
-func (b *Balancer) Run(ctx context.Context) error {
-	gc := time.NewTicker(b.opts.GCInterval)
-	defer gc.Stop()
-	neigh := time.NewTicker(5 * time.Second)
-	defer neigh.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-gc.C:
-			res, err := b.pipe.GC(b.opts.Timeouts)
-			if err != nil {
-				b.log.Warn("conntrack sweep", "err", err)
-			} else if res.Expired+res.Orphans > 0 {
-				b.log.Debug("conntrack sweep", "scanned", res.Scanned, "expired", res.Expired, "orphans", res.Orphans)
-			}
-			b.sample()
-		case <-neigh.C:
-			b.mu.Lock()
-			for _, svc := range b.services {
-				b.ensureNeighbours(svc.spec)
-			}
-			b.mu.Unlock()
-		}
-	}
 }
 
 // sample updates new-connections-per-second figures and frees retired
@@ -484,50 +380,6 @@ func (b *Balancer) sample() {
 		kept = append(kept, id)
 	}
 	b.retired = kept
-}
-
-// ensureNeighbours asks the kernel to resolve the next hop of every
-// backend that has no valid neighbour entry, so bpf_fib_lookup finds one.
-func (b *Balancer) ensureNeighbours(s Service) {
-	for _, bk := range s.Backends {
-		dst := net.IP(bk.Address.Addr().AsSlice())
-		routes, err := netlink.RouteGet(dst)
-		if err != nil || len(routes) == 0 {
-			b.log.Warn("no route to backend", "backend", bk.Address.String(), "err", err)
-			continue
-		}
-		hop := dst
-		if routes[0].Gw != nil {
-			hop = routes[0].Gw
-		}
-		if neighValid(routes[0].LinkIndex, hop) {
-			continue
-		}
-		err = netlink.NeighSet(&netlink.Neigh{
-			LinkIndex: routes[0].LinkIndex,
-			Family:    netlink.FAMILY_V4,
-			IP:        hop,
-			State:     netlink.NUD_PERMANENT,
-			Flags:     netlink.NTF_USE,
-		})
-		if err != nil {
-			b.log.Warn("resolve backend neighbour", "backend", bk.Address.String(), "next_hop", hop.String(), "err", err)
-		}
-	}
-}
-
-func neighValid(ifindex int, ip net.IP) bool {
-	neighs, err := netlink.NeighList(ifindex, netlink.FAMILY_V4)
-	if err != nil {
-		return false
-	}
-	const valid = netlink.NUD_REACHABLE | netlink.NUD_STALE | netlink.NUD_DELAY | netlink.NUD_PROBE | netlink.NUD_PERMANENT
-	for _, n := range neighs {
-		if n.IP.Equal(ip) && n.State&valid != 0 && len(n.HardwareAddr) == 6 {
-			return true
-		}
-	}
-	return false
 }
 
 type idAllocator struct {

@@ -7,7 +7,7 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/xlb-project/xlb/dispatcher"
+	"github.com/xlb-project/xlb/plugins"
 )
 
 // ErrChangedMeanwhile is returned by ServicesPlan.Commit when another
@@ -37,20 +37,21 @@ type plannedService struct {
 	backends []plannedBackend // in spec order
 	retire   []*backend       // running backends the service drops
 	state    ServiceState     // what the Selector is asked
-	mode     dispatcher.Mode
-	table    []uint32
+	choice   choice
 }
 
 type plannedBackend struct {
 	bk    *backend // running backend, or a new one with a reserved id
 	spec  Backend
+	state plugins.BackendState // as the table was computed with
 	fresh bool
 }
 
 // PrepareServices prepares making the data path serve exactly specs.
 // Services and backends that disappear will stop taking new connections;
 // their established connections keep flowing until they end. It asks the
-// Selector for every table without holding the Balancer's lock.
+// Selector for every table without holding the Balancer's lock. The
+// neighbour keeper starts on the new backends' next hops at once.
 func (b *Balancer) PrepareServices(ctx context.Context, specs []Service) (_ *ServicesPlan, err error) {
 	p := &ServicesPlan{b: b}
 	defer func() {
@@ -58,16 +59,14 @@ func (b *Balancer) PrepareServices(ctx context.Context, specs []Service) (_ *Ser
 			p.Abort()
 		}
 	}()
+	b.setTargets(specs)
 	if err := b.plan(p, specs); err != nil {
 		return nil, err
 	}
 	for _, ps := range p.services {
-		if ps.mode, ps.table, err = b.selectTable(ctx, ps.state); err != nil {
+		if ps.choice, err = b.choose(ctx, ps.state); err != nil {
 			return nil, fmt.Errorf("service %s: %w", ps.spec.VIP, err)
 		}
-	}
-	for _, ps := range p.services {
-		b.ensureNeighbours(ps.spec)
 	}
 	// Host changes come last: a new service's VIP must be an address of
 	// the host before the service is published.
@@ -125,6 +124,8 @@ func (b *Balancer) plan(p *ServicesPlan, specs []Service) error {
 			pb := plannedBackend{bk: running[spec.Address], spec: spec}
 			delete(running, spec.Address)
 			st := BackendState{Backend: spec}
+			st.State, st.NextHop = b.health(spec.Address)
+			pb.state = st.State
 			if pb.bk == nil {
 				id, ok := b.bkIDs.alloc()
 				if !ok {
@@ -167,6 +168,8 @@ func (p *ServicesPlan) Commit() error {
 		return errors.New("commit services: already finished")
 	}
 	b := p.b
+	// The keeper's targets are the services' backends again afterwards.
+	defer b.setTargets(nil)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.svcGen != p.gen {
@@ -179,7 +182,10 @@ func (p *ServicesPlan) Commit() error {
 	for _, a := range p.vips {
 		b.log.Info("vip address added", "vip", a.String(), "iface", b.opts.Iface)
 	}
-	if err := p.apply(); err != nil {
+	err := p.apply()
+	// States that changed since the plan: computed again by the refresher.
+	b.syncStatesLocked()
+	if err != nil {
 		return fmt.Errorf("apply services (partly applied): %w", err)
 	}
 	return nil
@@ -187,6 +193,7 @@ func (p *ServicesPlan) Commit() error {
 
 func (p *ServicesPlan) apply() error {
 	b := p.b
+	now := time.Now()
 	for _, ps := range p.services {
 		svc := ps.svc
 		if svc == nil {
@@ -202,13 +209,14 @@ func (p *ServicesPlan) apply() error {
 			if err := b.pipe.SetBackend(pb.bk.id, pb.spec.Address, uint16(min(pb.spec.Weight, 0xffff))); err != nil {
 				return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
 			}
-			pb.bk.spec = pb.spec
+			pb.bk.spec, pb.bk.state = pb.spec, pb.state
 			next = append(next, pb.bk)
 		}
-		if err := b.install(svc, ps.mode, ps.table); err != nil {
+		svc.spec, svc.backends = ps.spec, next
+		svc.gen++
+		if err := b.install(svc, ps.choice, now); err != nil {
 			return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
 		}
-		svc.spec, svc.backends = ps.spec, next
 		for _, bk := range ps.retire {
 			b.retire(bk)
 		}
@@ -234,6 +242,7 @@ func (p *ServicesPlan) Abort() {
 	if p.finished {
 		return
 	}
+	defer p.b.setTargets(nil)
 	p.b.mu.Lock()
 	defer p.b.mu.Unlock()
 	p.abortLocked()

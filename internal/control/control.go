@@ -23,6 +23,12 @@ type Backend struct {
 	ID        uint32  `json:"id"`
 	Active    int64   `json:"active"`
 	NewPerSec float64 `json:"new_per_sec"`
+	// State is "up", "down" (no new connections: its next hop does not
+	// answer) or "draining".
+	State string `json:"state"`
+	// NextHop is the neighbour keeper's view: "10.0.0.2 on eth0 at MAC",
+	// or why the next hop is unreachable.
+	NextHop string `json:"next_hop"`
 }
 
 // Service is one service in a status report.
@@ -53,10 +59,14 @@ type ReloadStatus struct {
 
 // PolicyStatus is a policy plugin's process.
 type PolicyStatus struct {
-	Name     string `json:"name"`
-	Path     string `json:"path"`
-	Pid      int    `json:"pid"` // 0 while down
-	Restarts int    `json:"restarts"`
+	Name       string `json:"name"`
+	Path       string `json:"path"`
+	Pid        int    `json:"pid"` // 0 while down
+	Restarts   int    `json:"restarts"`
+	APIVersion int    `json:"api_version"` // negotiated; 0 while down
+	// Asked says when the plugin is asked for a table: "on change" or
+	// "live load every 1s".
+	Asked string `json:"asked,omitempty"`
 }
 
 // Conn is one tracked connection.

@@ -154,7 +154,7 @@ func (k *Keeper) closeSockets() {
 // inNetNS runs fn on a thread in the Keeper's namespace (the process's
 // when none was given).
 func (k *Keeper) inNetNS(fn func() error) error {
-	if !k.opts.NetNS.IsOpen() {
+	if k.opts.NetNS <= 0 {
 		return fn()
 	}
 	errc := make(chan error, 1)

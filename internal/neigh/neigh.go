@@ -57,8 +57,8 @@ type Options struct {
 	// from Run's goroutine and with no lock of the Keeper held.
 	OnChange func()
 	// NetNS is the network namespace the Keeper works in (routes, the
-	// neighbour table, its packet sockets). The zero value means the
-	// namespace of the process.
+	// neighbour table, its packet sockets). The zero value (and
+	// netns.None()) means the namespace of the process.
 	NetNS netns.NsHandle
 }
 
@@ -151,7 +151,7 @@ func New(opts Options) (*Keeper, error) {
 	}
 	var nl *netlink.Handle
 	var err error
-	if opts.NetNS.IsOpen() {
+	if opts.NetNS > 0 {
 		nl, err = netlink.NewHandleAt(opts.NetNS)
 	} else {
 		nl, err = netlink.NewHandle()

@@ -3,6 +3,12 @@
 // crashes, hangs or answers nonsense never reaches the data path: the
 // balancer keeps the last table in force, and the manager restarts the
 // plugin with backoff.
+//
+// Every call to a plugin has a deadline (Options.CallTimeout), after which
+// the plugin is killed (SIGKILL) and restarted; an idle plugin is pinged
+// every PingInterval with the same deadline, so a stopped one is replaced
+// even when nothing asks it for a table. No lock of the manager is held
+// across a plugin call or a plugin start.
 package policy
 
 import (
@@ -16,8 +22,7 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/balancer"
@@ -26,17 +31,21 @@ import (
 
 // Errors returned by the Manager.
 var (
-	ErrBackoff = errors.New("plugin restarting")
+	// ErrBackoff: the policy's plugin is down and waits before it is
+	// started again. It wraps balancer.ErrUnavailable.
+	ErrBackoff = fmt.Errorf("plugin restarting: %w", balancer.ErrUnavailable)
 )
 
 // Options configure a Manager.
 type Options struct {
-	Dir          string            // where policy names are looked up
-	SHA256       map[string]string // policy name or path -> hex sha256 pin
-	Logger       *slog.Logger
-	CallTimeout  time.Duration // a Select slower than this counts as a hang; default 2s
-	StartTimeout time.Duration // default 10s
-	MaxBackoff   time.Duration // default 30s
+	Dir             string            // where policy names are looked up
+	SHA256          map[string]string // policy name or path -> hex sha256 pin
+	Logger          *slog.Logger
+	CallTimeout     time.Duration // a call slower than this counts as a hang; default 2s
+	StartTimeout    time.Duration // default 10s
+	ShutdownTimeout time.Duration // a clean stop slower than this ends with SIGKILL; default 1s
+	PingInterval    time.Duration // how often an idle plugin is checked; default 1s
+	MaxBackoff      time.Duration // default 30s
 }
 
 // Manager owns the policy plugin processes. It implements
@@ -45,28 +54,34 @@ type Manager struct {
 	opts Options
 	log  *slog.Logger
 
-	mu   sync.Mutex
-	runs map[string]*run // by policy as configured
+	mu      sync.Mutex
+	runs    map[string]*run // by policy as configured
+	closing sync.WaitGroup  // plugins being stopped in the background
 }
 
 // run is one policy's plugin: the live client, or when it is down, when
 // it may be started again.
 type run struct {
-	name     string
-	path     string
-	mu       sync.Mutex // serialises starts
+	name  string
+	path  string
+	start sync.Mutex // serialises starts; taken by nothing else
+
+	mu       sync.Mutex // guards the fields below; never held across a plugin call
 	client   *plugins.Client
 	restarts int
 	failures int
 	notUntil time.Time
+	lastCall time.Time // of the last call that answered
 }
 
 // Status describes a running policy plugin.
 type Status struct {
-	Name     string
-	Path     string
-	Pid      int // 0 while down
-	Restarts int
+	Name       string
+	Path       string
+	Pid        int // 0 while down
+	Restarts   int
+	APIVersion int           // negotiated; 0 while down
+	Needs      plugins.Needs // what the plugin reads
 }
 
 // NewManager returns a Manager; plugins start on first use.
@@ -79,6 +94,12 @@ func NewManager(opts Options) *Manager {
 	}
 	if opts.StartTimeout <= 0 {
 		opts.StartTimeout = 10 * time.Second
+	}
+	if opts.ShutdownTimeout <= 0 {
+		opts.ShutdownTimeout = time.Second
+	}
+	if opts.PingInterval <= 0 {
+		opts.PingInterval = time.Second
 	}
 	if opts.MaxBackoff <= 0 {
 		opts.MaxBackoff = 30 * time.Second
@@ -115,44 +136,67 @@ func (m *Manager) get(name string) (*run, error) {
 	return r, nil
 }
 
-// client returns the policy's live plugin, starting it if it is down and
-// its backoff has passed.
-func (m *Manager) client(ctx context.Context, r *run) (*plugins.Client, error) {
+// live returns the policy's plugin if it runs.
+func (r *run) live() *plugins.Client {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.client != nil && !r.client.Exited() {
-		return r.client, nil
+		return r.client
 	}
-	if r.client != nil {
-		m.log.Error("policy plugin exited", "policy", r.name, "pid", r.client.Pid())
-		r.client.Close()
+	return nil
+}
+
+// client returns the policy's live plugin, starting it if it is down and
+// its backoff has passed.
+func (m *Manager) client(ctx context.Context, r *run) (*plugins.Client, error) {
+	if c := r.live(); c != nil {
+		return c, nil
+	}
+	r.start.Lock()
+	defer r.start.Unlock()
+	r.mu.Lock()
+	if c := r.client; c != nil && !c.Exited() {
+		r.mu.Unlock()
+		return c, nil // started by another caller meanwhile
+	}
+	if c := r.client; c != nil {
+		m.log.Error("policy plugin exited", "policy", r.name, "pid", c.Pid())
 		r.client = nil
 		r.backoff(m.opts.MaxBackoff)
+		m.closeLater(c)
 	}
-	if wait := time.Until(r.notUntil); wait > 0 {
+	wait := time.Until(r.notUntil)
+	r.mu.Unlock()
+	if wait > 0 {
 		return nil, fmt.Errorf("policy %s: %w for %s", r.name, ErrBackoff, wait.Round(time.Millisecond))
 	}
 	sum, err := m.checkFile(r.path)
 	if err != nil {
+		r.mu.Lock()
 		r.backoff(m.opts.MaxBackoff)
+		r.mu.Unlock()
 		return nil, err
 	}
 	sctx, cancel := context.WithTimeout(ctx, m.opts.StartTimeout)
 	defer cancel()
 	c, err := plugins.Launch(sctx, plugins.LaunchConfig{
 		Path: r.path, SHA256: sum, Logger: m.log, StartTimeout: m.opts.StartTimeout,
+		CallTimeout: m.opts.CallTimeout, ShutdownTimeout: m.opts.ShutdownTimeout,
 	})
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if err != nil {
 		r.backoff(m.opts.MaxBackoff)
 		return nil, err
 	}
 	if r.restarts > 0 || r.failures > 0 {
-		m.log.Info("policy plugin restarted", "policy", r.name, "pid", c.Pid(), "restarts", r.restarts)
+		m.log.Info("policy plugin restarted", "policy", r.name, "pid", c.Pid(), "restarts", r.restarts,
+			"api_version", c.APIVersion(), "needs", c.Needs().String())
 	} else {
-		m.log.Info("policy plugin started", "policy", r.name, "path", r.path, "pid", c.Pid())
+		m.log.Info("policy plugin started", "policy", r.name, "path", r.path, "pid", c.Pid(),
+			"api_version", c.APIVersion(), "needs", c.Needs().String())
 	}
-	r.client = c
-	r.failures = 0
+	r.client, r.failures, r.lastCall = c, 0, time.Now()
 	return c, nil
 }
 
@@ -168,9 +212,35 @@ func (r *run) backoff(max time.Duration) {
 	r.notUntil = time.Now().Add(d)
 }
 
+// failed handles a call's error: a plugin that hung has been killed by
+// its client; it is taken down and restarted with backoff.
+func (m *Manager) failed(r *run, c *plugins.Client, err error) {
+	if !errors.Is(err, plugins.ErrHung) {
+		return
+	}
+	m.log.Error("policy plugin hung; killed it", "policy", r.name, "pid", c.Pid(), "timeout", m.opts.CallTimeout.String())
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.client == c {
+		r.client = nil
+		r.backoff(m.opts.MaxBackoff)
+		m.closeLater(c)
+	}
+}
+
+// answered records a call the plugin answered.
+func (r *run) answered() {
+	r.mu.Lock()
+	r.lastCall = time.Now()
+	r.mu.Unlock()
+}
+
 // Select implements balancer.Selector: it asks the service's policy
-// plugin for a table. A call that outlives CallTimeout is taken for a
-// hang: the plugin is killed and restarted with backoff.
+// plugin for a table. Backends go with their states, and with live load
+// only when the plugin reads it; the Selection asks for a refresh as the
+// plugin's Needs say. The plugin's "no backend" answer is the empty
+// Selection. A call that outlives CallTimeout is taken for a hang: the
+// plugin is killed and restarted with backoff.
 func (m *Manager) Select(ctx context.Context, svc balancer.ServiceState) (balancer.Selection, error) {
 	r, err := m.get(svc.Policy)
 	if err != nil {
@@ -180,44 +250,44 @@ func (m *Manager) Select(ctx context.Context, svc balancer.ServiceState) (balanc
 	if err != nil {
 		return balancer.Selection{}, err
 	}
+	needs := c.Needs()
 	req := plugins.Request{Service: svc.VIP, Backends: make([]plugins.Backend, len(svc.Backends))}
 	for i, b := range svc.Backends {
-		active := b.Active
-		if active < 0 {
-			active = 0
-		}
-		req.Backends[i] = plugins.Backend{
-			Address: b.Address, Weight: b.Weight, Active: uint64(active), NewPerSec: b.NewPerSec,
+		req.Backends[i] = plugins.Backend{Address: b.Address, Weight: b.Weight, State: b.State}
+		if needs.LiveLoad {
+			req.Backends[i].Active = uint64(max(b.Active, 0))
+			req.Backends[i].NewPerSec = b.NewPerSec
 		}
 	}
-	cctx, cancel := context.WithTimeout(ctx, m.opts.CallTimeout)
-	defer cancel()
-	sel, err := c.Select(cctx, req)
+	sel, err := c.Select(ctx, req)
+	if errors.Is(err, plugins.ErrNoBackends) {
+		r.answered()
+		return balancer.Selection{Refresh: needs.Interval()}, nil
+	}
 	if err != nil {
-		// gRPC may report the deadline a moment before the context's
-		// own timer fires: either says the plugin did not answer.
-		hung := errors.Is(cctx.Err(), context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded
-		if hung && ctx.Err() == nil {
-			m.log.Error("policy plugin hung; killing it", "policy", r.name, "pid", c.Pid(), "timeout", m.opts.CallTimeout.String())
-			r.mu.Lock()
-			if r.client == c {
-				c.Close()
-				r.client = nil
-				r.backoff(m.opts.MaxBackoff)
-			}
-			r.mu.Unlock()
-			return balancer.Selection{}, fmt.Errorf("policy %s: no answer within %s, plugin killed: %w", r.name, m.opts.CallTimeout, context.DeadlineExceeded)
-		}
+		m.failed(r, c, err)
 		return balancer.Selection{}, err
 	}
+	r.answered()
 	table := make([]int, len(sel.Table))
 	for i, v := range sel.Table {
 		table[i] = int(v)
 	}
-	return balancer.Selection{Mode: dispatcher.Mode(sel.Mode), Table: table}, nil
+	return balancer.Selection{Mode: dispatcher.Mode(sel.Mode), Table: table, Refresh: needs.Interval()}, nil
 }
 
-// Prune stops the plugins of policies not in use.
+// closeLater stops a plugin in the background (its Close is bounded by
+// the shutdown deadline); Close waits for it.
+func (m *Manager) closeLater(c *plugins.Client) {
+	m.closing.Add(1)
+	go func() {
+		defer m.closing.Done()
+		c.Close()
+	}()
+}
+
+// Prune stops the plugins of policies not in use. It does not wait for
+// them to exit (each gets SIGKILL after the shutdown deadline).
 func (m *Manager) Prune(inUse []string) {
 	m.mu.Lock()
 	var stop []*run
@@ -230,10 +300,10 @@ func (m *Manager) Prune(inUse []string) {
 	m.mu.Unlock()
 	for _, r := range stop {
 		r.mu.Lock()
-		if r.client != nil {
-			m.log.Info("policy plugin stopped", "policy", r.name, "pid", r.client.Pid())
-			r.client.Close()
+		if c := r.client; c != nil {
+			m.log.Info("policy plugin stopped", "policy", r.name, "pid", c.Pid())
 			r.client = nil
+			m.closeLater(c)
 		}
 		r.mu.Unlock()
 	}
@@ -253,8 +323,8 @@ func (m *Manager) Statuses() []Status {
 	for _, r := range runs {
 		r.mu.Lock()
 		s := Status{Name: r.name, Path: r.path, Restarts: r.restarts}
-		if r.client != nil && !r.client.Exited() {
-			s.Pid = r.client.Pid()
+		if c := r.client; c != nil && !c.Exited() {
+			s.Pid, s.APIVersion, s.Needs = c.Pid(), c.APIVersion(), c.Needs()
 		}
 		r.mu.Unlock()
 		out = append(out, s)
@@ -263,38 +333,74 @@ func (m *Manager) Statuses() []Status {
 	return out
 }
 
-// Watch restarts plugins that exit, with backoff, and calls refresh
-// after each restart so their services get fresh tables; until ctx ends.
-func (m *Manager) Watch(ctx context.Context, every time.Duration, refresh func(context.Context)) error {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
-		}
-		restarted := false
-		for _, r := range m.current() {
-			r.mu.Lock()
-			down := r.client == nil || r.client.Exited()
-			r.mu.Unlock()
-			if !down {
-				continue
+// Watch restarts plugins that exit or hang, with backoff, and calls
+// restarted with the policy's name after each restart, so its services
+// get fresh tables; it pings every plugin that was not called for
+// PingInterval. Until ctx ends.
+func (m *Manager) Watch(ctx context.Context, every time.Duration, restarted func(policy string)) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-t.C:
 			}
-			if _, err := m.client(ctx, r); err == nil {
-				restarted = true
-			} else if !errors.Is(err, ErrBackoff) {
-				m.log.Warn("restart policy plugin", "policy", r.name, "err", err)
+			for _, r := range m.current() {
+				if r.live() != nil {
+					continue
+				}
+				if _, err := m.client(ctx, r); err == nil {
+					restarted(r.name)
+				} else if !errors.Is(err, ErrBackoff) && ctx.Err() == nil {
+					m.log.Warn("restart policy plugin", "policy", r.name, "err", err)
+				}
 			}
 		}
-		if restarted {
-			refresh(ctx)
+	})
+	g.Go(func() error {
+		t := time.NewTicker(m.opts.PingInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-t.C:
+			}
+			m.pingIdle(ctx)
 		}
-	}
+	})
+	return g.Wait()
 }
 
-// Close stops every plugin.
+// pingIdle pings, all at once, the live plugins that answered no call for
+// PingInterval, and waits for the answers (at most CallTimeout).
+func (m *Manager) pingIdle(ctx context.Context) {
+	var g errgroup.Group
+	for _, r := range m.current() {
+		r.mu.Lock()
+		c, idle := r.client, time.Since(r.lastCall) >= m.opts.PingInterval
+		r.mu.Unlock()
+		if c == nil || c.Exited() || !idle {
+			continue
+		}
+		g.Go(func() error {
+			if err := c.Ping(ctx); err != nil {
+				m.failed(r, c, err)
+			} else {
+				r.answered()
+			}
+			return nil
+		})
+	}
+	_ = g.Wait()
+}
+
+// Close stops every plugin and waits until they are gone (each gets
+// SIGKILL after the shutdown deadline).
 func (m *Manager) Close() {
 	m.Prune(nil)
+	m.closing.Wait()
 }
