@@ -335,8 +335,8 @@ func (m *Manager) Statuses() []Status {
 
 // Watch restarts plugins that exit or hang, with backoff, and calls
 // restarted with the policy's name after each restart, so its services
-// get fresh tables; it pings every plugin that was not called for
-// PingInterval. Until ctx ends.
+// get fresh tables; every PingInterval it pings the plugins that answered
+// no call meanwhile. Until ctx ends.
 func (m *Manager) Watch(ctx context.Context, every time.Duration, restarted func(policy string)) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -376,12 +376,14 @@ func (m *Manager) Watch(ctx context.Context, every time.Duration, restarted func
 }
 
 // pingIdle pings, all at once, the live plugins that answered no call for
-// PingInterval, and waits for the answers (at most CallTimeout).
+// half a PingInterval, and waits for the answers (at most CallTimeout).
 func (m *Manager) pingIdle(ctx context.Context) {
 	var g errgroup.Group
 	for _, r := range m.current() {
 		r.mu.Lock()
-		c, idle := r.client, time.Since(r.lastCall) >= m.opts.PingInterval
+		// Half the interval: a plugin last heard of just after the
+		// previous tick is pinged at this one, not at the next.
+		c, idle := r.client, time.Since(r.lastCall) >= m.opts.PingInterval/2
 		r.mu.Unlock()
 		if c == nil || c.Exited() || !idle {
 			continue
