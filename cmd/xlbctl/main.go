@@ -173,6 +173,7 @@ func printStatus(w io.Writer, st control.Status) {
 				b.Address, b.State, b.Weight, b.Active, b.NewPerSec, b.NextHop)
 		}
 	}
+	tw.Flush()
 	for _, p := range st.Policies {
 		pid := "down"
 		if p.Pid > 0 {
