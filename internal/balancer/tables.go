@@ -34,6 +34,8 @@ const (
 	// maxAttempts bounds how often a change is computed again when
 	// another change overtook it.
 	maxAttempts = 3
+	// refreshWorkers bounds the tables the refresher computes at once.
+	refreshWorkers = 8
 )
 
 // choice is a computed selection: a mode and the backend ids of its
@@ -259,9 +261,17 @@ func (b *Balancer) Refresh(ctx context.Context) error {
 	if len(jobs) == 0 {
 		return nil
 	}
+	// Concurrently: a plugin that hangs until its deadline delays only
+	// its own services.
+	var g errgroup.Group
+	g.SetLimit(refreshWorkers)
 	for i := range jobs {
-		jobs[i].c, jobs[i].err = b.choose(ctx, jobs[i].st)
+		g.Go(func() error {
+			jobs[i].c, jobs[i].err = b.choose(ctx, jobs[i].st)
+			return nil
+		})
 	}
+	_ = g.Wait()
 	var errs []error
 	now = time.Now()
 	b.mu.Lock()
