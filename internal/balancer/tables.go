@@ -283,13 +283,42 @@ func (b *Balancer) Refresh(ctx context.Context) error {
 		err := j.err
 		if err == nil {
 			err = b.install(j.svc, j.c, now)
+		} else {
+			b.withoutIneligible(j.svc)
 		}
 		if err != nil {
-			j.svc.stale, j.svc.retryAt = true, now.Add(retryInterval)
+			j.svc.stale, j.svc.retryAt, j.svc.refreshAt = true, now.Add(retryInterval), time.Time{}
 			errs = append(errs, fmt.Errorf("service %s: %w", j.st.VIP, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// withoutIneligible takes the backends that may not take new connections
+// out of a service's table in force, for when its policy cannot compute a
+// new one (its plugin restarting): the rest of the table keeps its order
+// and proportions, and no table is left when none remains. Caller holds
+// b.mu.
+func (b *Balancer) withoutIneligible(svc *service) {
+	if svc.none || len(svc.table) == 0 {
+		return
+	}
+	ok := make(map[uint32]bool, len(svc.backends))
+	for _, bk := range svc.backends {
+		ok[bk.id] = bk.state == plugins.StateUp && bk.spec.Weight > 0
+	}
+	kept := slices.DeleteFunc(slices.Clone(svc.table), func(id uint32) bool { return !ok[id] })
+	if len(kept) == len(svc.table) {
+		return
+	}
+	b.log.Warn("policy unavailable: backends that may not take new connections taken out of the table in force",
+		"vip", svc.spec.VIP.String(), "policy", svc.spec.Policy, "entries", len(svc.table), "kept", len(kept))
+	retry, refresh := svc.retryAt, svc.refreshAt
+	if err := b.install(svc, choice{mode: svc.mode, ids: kept}, time.Now()); err != nil {
+		b.log.Error("take backends out of the table in force", "vip", svc.spec.VIP.String(), "err", err)
+	}
+	// The table is still the policy's to compute.
+	svc.stale, svc.retryAt, svc.refreshAt = true, retry, refresh
 }
 
 // syncStates takes the neighbour keeper's view of every backend; a service

@@ -151,12 +151,8 @@ func (k *Keeper) closeSockets() {
 	}
 }
 
-// inNetNS runs fn on a thread in the Keeper's namespace (the process's
-// when none was given).
+// inNetNS runs fn on a thread in the Keeper's namespace.
 func (k *Keeper) inNetNS(fn func() error) error {
-	if k.opts.NetNS <= 0 {
-		return fn()
-	}
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -166,7 +162,7 @@ func (k *Keeper) inNetNS(fn func() error) error {
 			return // the thread stays locked and is discarded
 		}
 		defer orig.Close()
-		if err := netns.Set(k.opts.NetNS); err != nil {
+		if err := netns.Set(k.ns); err != nil {
 			errc <- fmt.Errorf("enter netns: %w", err)
 			return
 		}

@@ -58,7 +58,7 @@ type Options struct {
 	OnChange func()
 	// NetNS is the network namespace the Keeper works in (routes, the
 	// neighbour table, its packet sockets). The zero value (and
-	// netns.None()) means the namespace of the process.
+	// netns.None()) means the namespace of the thread that calls New.
 	NetNS netns.NsHandle
 }
 
@@ -129,6 +129,7 @@ type target struct {
 type Keeper struct {
 	opts Options
 	log  *slog.Logger
+	ns   netns.NsHandle // where it works; owned when Options.NetNS was unset
 	nl   *netlink.Handle
 	wake chan struct{}
 
@@ -149,19 +150,26 @@ func New(opts Options) (*Keeper, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	var nl *netlink.Handle
-	var err error
-	if opts.NetNS > 0 {
-		nl, err = netlink.NewHandleAt(opts.NetNS)
-	} else {
-		nl, err = netlink.NewHandle()
+	// Every socket the Keeper opens, whichever thread opens it, is in this
+	// namespace: the caller's unless told otherwise.
+	ns := opts.NetNS
+	if ns <= 0 {
+		var err error
+		if ns, err = netns.Get(); err != nil {
+			return nil, fmt.Errorf("open current netns: %w", err)
+		}
 	}
+	nl, err := netlink.NewHandleAt(ns)
 	if err != nil {
+		if opts.NetNS <= 0 {
+			ns.Close()
+		}
 		return nil, fmt.Errorf("open netlink: %w", err)
 	}
 	return &Keeper{
 		opts:    opts,
 		log:     opts.Logger,
+		ns:      ns,
 		nl:      nl,
 		wake:    make(chan struct{}, 1),
 		targets: make(map[netip.Addr]*target),
@@ -170,9 +178,13 @@ func New(opts Options) (*Keeper, error) {
 	}, nil
 }
 
-// Close releases the Keeper's netlink handle. Run must have returned.
+// Close releases the Keeper's netlink handle (and namespace handle). Run
+// must have returned.
 func (k *Keeper) Close() error {
 	k.nl.Close()
+	if k.opts.NetNS <= 0 {
+		return k.ns.Close()
+	}
 	return nil
 }
 
