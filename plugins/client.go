@@ -359,29 +359,28 @@ func (c *Client) Pid() int { return c.pid }
 // which the process gets SIGKILL. It returns once the process is gone, or
 // after a second deadline if even that could not be seen.
 func (c *Client) Close() error {
-	c.closeOnce.Do(func() {
-		if !c.release(c.shutdownTimeout) {
-			c.log.Warn("policy plugin did not shut down in time; killing it", "pid", c.pid, "timeout", c.shutdownTimeout.String())
-			c.sigkill()
-			if !c.release(c.shutdownTimeout) {
-				c.log.Error("policy plugin killed but not reaped", "pid", c.pid)
-			}
-		}
-		if c.stop != nil {
-			c.stop()
-		}
-		close(c.gone)
-	})
+	c.end(false)
 	return nil
 }
 
 // kill ends the plugin at once: SIGKILL, then go-plugin's clean-up.
 func (c *Client) kill() {
 	c.killed.Store(true)
+	c.end(true)
+}
+
+// end ends the plugin once: a clean shutdown bounded by the shutdown
+// deadline (unless now), SIGKILL, and go-plugin's clean-up.
+func (c *Client) end(now bool) {
 	c.closeOnce.Do(func() {
-		c.sigkill()
-		if !c.release(c.shutdownTimeout) {
-			c.log.Error("policy plugin killed but not reaped", "pid", c.pid)
+		if now || !c.release(c.shutdownTimeout) {
+			if !now {
+				c.log.Warn("policy plugin did not shut down in time; killing it", "pid", c.pid, "timeout", c.shutdownTimeout.String())
+			}
+			c.sigkill()
+			if !c.release(c.shutdownTimeout) {
+				c.log.Error("policy plugin killed but not reaped", "pid", c.pid)
+			}
 		}
 		if c.stop != nil {
 			c.stop()

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/xlb-project/xlb/internal/xlbtest"
 	"github.com/xlb-project/xlb/plugins"
 	"github.com/xlb-project/xlb/plugins/random"
 )
@@ -302,18 +303,6 @@ func TestLaunchV1Plugin(t *testing.T) {
 	}
 }
 
-// processGone reports whether pid has exited (gone, or a zombie).
-func processGone(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	// pid (comm) state ...: the state follows the last ')'.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] == 'Z'
-}
-
 // stopped stops pid with SIGSTOP and makes sure it is neither left stopped
 // nor alive when the test ends.
 func stopped(t *testing.T, pid int) {
@@ -322,7 +311,7 @@ func stopped(t *testing.T, pid int) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if !processGone(pid) {
+		if !xlbtest.ProcessGone(pid) {
 			_ = syscall.Kill(pid, syscall.SIGCONT)
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
@@ -358,7 +347,7 @@ func TestLaunchStoppedPlugin(t *testing.T) {
 		if took < callTimeout || took > callTimeout+time.Second {
 			t.Errorf("Select took %s, want about %s", took, callTimeout)
 		}
-		waitFor(t, "the stopped plugin's death", func() bool { return processGone(c.Pid()) })
+		waitFor(t, "the stopped plugin's death", func() bool { return xlbtest.ProcessGone(c.Pid()) })
 		if !c.Exited() {
 			t.Error("Exited = false after the kill")
 		}
@@ -377,7 +366,7 @@ func TestLaunchStoppedPlugin(t *testing.T) {
 		if took > shutdownTimeout+time.Second {
 			t.Errorf("Close of a stopped plugin took %s, want about %s", took, shutdownTimeout)
 		}
-		if !processGone(c.Pid()) {
+		if !xlbtest.ProcessGone(c.Pid()) {
 			t.Errorf("process %d still there after Close", c.Pid())
 		}
 		t.Logf("Close of a stopped plugin took %s", took)
@@ -408,19 +397,19 @@ func TestPluginDiesWithHost(t *testing.T) {
 		t.Fatalf("read the plugin's pid: %d, %v", pid, err)
 	}
 	t.Cleanup(func() {
-		if !processGone(pid) {
+		if !xlbtest.ProcessGone(pid) {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	})
 	time.Sleep(500 * time.Millisecond) // about 50 thread exits in the host
-	if processGone(pid) {
+	if xlbtest.ProcessGone(pid) {
 		t.Fatal("the plugin died while its host lives (a thread exit fired its parent-death signal)")
 	}
 	if err := cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
 	killed := time.Now()
-	for !processGone(pid) {
+	for !xlbtest.ProcessGone(pid) {
 		if time.Since(killed) > time.Second {
 			t.Fatalf("plugin %d still alive %s after its host got SIGKILL", pid, time.Since(killed))
 		}

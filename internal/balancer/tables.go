@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/xlb-project/xlb/dispatcher"
+	"github.com/xlb-project/xlb/internal/tick"
 	"github.com/xlb-project/xlb/plugins"
 )
 
@@ -360,30 +361,11 @@ func (b *Balancer) syncStatesLocked() {
 // for the rest (it takes no lock).
 func (b *Balancer) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return b.sweep(ctx) })
+	g.Go(func() error { return tick.Every(ctx, b.opts.GCInterval, nil, b.sweep) })
 	g.Go(func() error { return b.neigh.Run(ctx) })
+	g.Go(func() error { return tick.Every(ctx, b.opts.GCInterval, nil, b.sample) })
 	g.Go(func() error {
-		t := time.NewTicker(b.opts.GCInterval)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-t.C:
-				b.sample()
-			}
-		}
-	})
-	g.Go(func() error {
-		t := time.NewTicker(refreshTick)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-t.C:
-			case <-b.kick:
-			}
+		return tick.Every(ctx, refreshTick, b.kick, func() {
 			if err := b.Refresh(ctx); err != nil {
 				level := b.log.Warn
 				if errors.Is(err, ErrUnavailable) {
@@ -391,27 +373,18 @@ func (b *Balancer) Run(ctx context.Context) error {
 				}
 				level("compute selection tables, tables in force kept", "err", err)
 			}
-		}
+		})
 	})
 	return g.Wait()
 }
 
-// sweep runs the conntrack sweeper every GCInterval. It reads only the
-// data path's maps and the (immutable) options.
-func (b *Balancer) sweep(ctx context.Context) error {
-	t := time.NewTicker(b.opts.GCInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
-		}
-		res, err := b.pipe.GC(b.opts.Timeouts)
-		if err != nil {
-			b.log.Warn("conntrack sweep", "err", err)
-		} else if res.Expired+res.Orphans > 0 {
-			b.log.Debug("conntrack sweep", "scanned", res.Scanned, "expired", res.Expired, "orphans", res.Orphans)
-		}
+// sweep runs the conntrack sweeper once. It reads only the data path's
+// maps and the (immutable) options.
+func (b *Balancer) sweep() {
+	res, err := b.pipe.GC(b.opts.Timeouts)
+	if err != nil {
+		b.log.Warn("conntrack sweep", "err", err)
+	} else if res.Expired+res.Orphans > 0 {
+		b.log.Debug("conntrack sweep", "scanned", res.Scanned, "expired", res.Expired, "orphans", res.Orphans)
 	}
 }

@@ -146,18 +146,8 @@ func TestTablesWithoutTheLock(t *testing.T) {
 	})
 
 	t.Run("a backend nobody answers for leaves the table", func(t *testing.T) {
-		start := time.Now()
-		for {
-			got, _ := table(b, vip)
-			if slices.Equal(got, []string{real}) {
-				break
-			}
-			if time.Since(start) > 3*time.Second {
-				t.Fatalf("table %v after %s, want only %s; services %+v", got, time.Since(start), real, b.Services())
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-		t.Logf("the backend nobody answers for left the table after %s", time.Since(start).Round(time.Millisecond))
+		took := waitTable(t, b, vip, real)
+		t.Logf("the backend nobody answers for left the table after %s", took.Round(time.Millisecond))
 		for _, bs := range b.Services()[0].Backends {
 			want := plugins.StateUp
 			if bs.Address.String() == ghost {
@@ -182,18 +172,8 @@ func TestTablesWithoutTheLock(t *testing.T) {
 		}
 		sel.fail.Store(true)
 		defer sel.fail.Store(false)
-		start := time.Now()
-		for {
-			got, _ := table(b, vip)
-			if slices.Equal(got, []string{real}) {
-				break
-			}
-			if time.Since(start) > 3*time.Second {
-				t.Fatalf("table %v %s after the backend went down with the Selector failing", got, time.Since(start))
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-		t.Logf("with the Selector failing, the down backend left the table in force after %s", time.Since(start).Round(time.Millisecond))
+		took := waitTable(t, b, vip, real)
+		t.Logf("with the Selector failing, the down backend left the table in force after %s", took.Round(time.Millisecond))
 		if err := set("random", real, ghost); err == nil {
 			t.Error("SetServices with a failing Selector succeeded")
 		}
@@ -222,6 +202,23 @@ func TestTablesWithoutTheLock(t *testing.T) {
 			t.Errorf("the Selector was asked %d times for a service with no backend up", n-calls)
 		}
 	})
+}
+
+// waitTable waits up to 3 s until the table in force of vip holds exactly
+// the backends want, and returns how long that took.
+func waitTable(t *testing.T, b *Balancer, vip netip.AddrPort, want ...string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		got, _ := table(b, vip)
+		if slices.Equal(got, sorted(want)) {
+			return time.Since(start)
+		}
+		if time.Since(start) > 3*time.Second {
+			t.Fatalf("table %v after %s, want %v; services %+v", got, time.Since(start), sorted(want), b.Services())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func sorted(s []string) []string {

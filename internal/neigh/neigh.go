@@ -35,6 +35,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/xlb-project/xlb/internal/tick"
 )
 
 // Defaults of Options.
@@ -209,11 +211,7 @@ func (k *Keeper) SetTargets(addrs []netip.Addr) {
 		}
 	}
 	k.mu.Unlock()
-	routes := make(map[netip.Addr]routed, len(added))
-	for _, a := range added {
-		key, src, err := k.route(a)
-		routes[a] = routed{key, src, err}
-	}
+	routes := k.routes(added)
 	entries := k.kernelEntries(routes)
 	for _, r := range routes {
 		if _, has := entries[r.key]; r.err == nil && !has {
@@ -254,17 +252,8 @@ func (k *Keeper) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		defer k.closeSockets()
-		t := time.NewTicker(k.opts.Interval)
-		defer t.Stop()
-		for {
-			k.round(ctx, g)
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-t.C:
-			case <-k.wake:
-			}
-		}
+		k.round(ctx, g)
+		return tick.Every(ctx, k.opts.Interval, k.wake, func() { k.round(ctx, g) })
 	})
 	return g.Wait()
 }
@@ -289,6 +278,16 @@ func (k *Keeper) route(a netip.Addr) (hopKey, netip.Addr, error) {
 	}
 	src, _ := netip.AddrFromSlice(r.Src)
 	return hopKey{ifindex: r.LinkIndex, ip: next}, src.Unmap(), nil
+}
+
+// routes looks up the routes of addrs.
+func (k *Keeper) routes(addrs []netip.Addr) map[netip.Addr]routed {
+	out := make(map[netip.Addr]routed, len(addrs))
+	for _, a := range addrs {
+		key, src, err := k.route(a)
+		out[a] = routed{key, src, err}
+	}
+	return out
 }
 
 // resolve asks the kernel to resolve a next hop it has no entry for
@@ -332,11 +331,7 @@ func (k *Keeper) round(ctx context.Context, g *errgroup.Group) {
 	}
 	k.mu.Unlock()
 
-	routes := make(map[netip.Addr]routed, len(addrs))
-	for _, a := range addrs {
-		key, src, err := k.route(a)
-		routes[a] = routed{key, src, err}
-	}
+	routes := k.routes(addrs)
 	entries := k.kernelEntries(routes)
 	names := make(map[int]string)
 	for _, r := range routes {

@@ -26,6 +26,7 @@ import (
 
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/balancer"
+	"github.com/xlb-project/xlb/internal/tick"
 	"github.com/xlb-project/xlb/plugins"
 )
 
@@ -340,14 +341,7 @@ func (m *Manager) Statuses() []Status {
 func (m *Manager) Watch(ctx context.Context, every time.Duration, restarted func(policy string)) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-t.C:
-			}
+		return tick.Every(ctx, every, nil, func() {
 			for _, r := range m.current() {
 				if r.live() != nil {
 					continue
@@ -358,20 +352,9 @@ func (m *Manager) Watch(ctx context.Context, every time.Duration, restarted func
 					m.log.Warn("restart policy plugin", "policy", r.name, "err", err)
 				}
 			}
-		}
+		})
 	})
-	g.Go(func() error {
-		t := time.NewTicker(m.opts.PingInterval)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-t.C:
-			}
-			m.pingIdle(ctx)
-		}
-	})
+	g.Go(func() error { return tick.Every(ctx, m.opts.PingInterval, nil, func() { m.pingIdle(ctx) }) })
 	return g.Wait()
 }
 
