@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/xlb-project/xlb/internal/packet"
@@ -41,7 +42,7 @@ func TestChecksumProperty(t *testing.T) {
 		for _, id := range backends {
 			e.must(e.p.SetBackend(id, netip.AddrPortFrom(randAddr(172), randPort()), 1))
 		}
-		e.must(e.p.SetService(uint32(10+i), vips[i]))
+		e.must(e.p.SetService(uint32(10+i), vips[i], []int{0}))
 		e.must(e.p.SetSelection(uint32(10+i), ModeRandom, backends))
 	}
 
@@ -90,10 +91,14 @@ func TestChecksumProperty(t *testing.T) {
 		var c Conn
 		fwd := func(o packet.TCPOpts) packet.TCPOpts {
 			o.SrcMAC, o.DstMAC, o.Src, o.Dst = lbMAC, macFor(c.Backend.Addr()), c.Source, c.Backend
+			o.Seq += c.SeqDelta
 			return o
 		}
 		ret := func(o packet.TCPOpts) packet.TCPOpts {
 			o.SrcMAC, o.DstMAC, o.Src, o.Dst = lbMAC, macFor(cl.Addr()), to, cl
+			if strings.Contains(o.Flags, "A") {
+				o.Ack -= c.SeqDelta
+			}
 			return o
 		}
 		before := e.stats()
@@ -112,7 +117,7 @@ func TestChecksumProperty(t *testing.T) {
 
 		reply := packet.TCPOpts{
 			SrcMAC: macFor(c.Backend.Addr()), DstMAC: lbMAC, Src: c.Backend, Dst: c.Source, Flags: "SA",
-			Seq: rng.Uint32(), Ack: syn.Seq + 1, Window: uint16(rng.UintN(65536)), TTL: uint8(1 + rng.UintN(255)), ID: uint16(rng.UintN(65536)),
+			Seq: rng.Uint32(), Ack: syn.Seq + 1 + c.SeqDelta, Window: uint16(rng.UintN(65536)), TTL: uint8(1 + rng.UintN(255)), ID: uint16(rng.UintN(65536)),
 			Payload: payload(),
 		}
 		check(t, "reply", packet.TCP(reply), packet.TCP(ret(reply)))

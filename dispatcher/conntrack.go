@@ -15,14 +15,20 @@ type Conn struct {
 	Client, VIP     netip.AddrPort
 	Backend, Source netip.AddrPort // Source: the load balancer's side
 	BackendID       uint32
-	State           string // syn, established, fin, closed
+	State           string // syn, syn-recv, established, fin, closed
 	Idle            time.Duration
+	// SeqDelta is the backend-side ISN minus the client's: the data path
+	// adds it to the client's sequence numbers and takes it from the
+	// backend's acknowledgements.
+	SeqDelta uint32
 }
 
 func stateName(s uint32) string {
 	switch s {
 	case uint32(xlbXlbCtStateXLB_CT_SYN):
 		return "syn"
+	case uint32(xlbXlbCtStateXLB_CT_SYN_RECV):
+		return "syn-recv"
 	case uint32(xlbXlbCtStateXLB_CT_ESTABLISHED):
 		return "established"
 	case uint32(xlbXlbCtStateXLB_CT_FIN):
@@ -31,16 +37,34 @@ func stateName(s uint32) string {
 	return "closed"
 }
 
-// connState mirrors conn_state() in programs/include/xlb_common.h.
+const (
+	cfSynAck = uint32(xlbXlbConnFlagXLB_CF_SYNACK)
+	cfEstab  = uint32(xlbXlbConnFlagXLB_CF_ESTAB)
+	cfFinC   = uint32(xlbXlbConnFlagXLB_CF_FIN_C)
+	cfFinB   = uint32(xlbXlbConnFlagXLB_CF_FIN_B)
+	cfRST    = uint32(xlbXlbConnFlagXLB_CF_RST)
+)
+
+// connClosed mirrors conn_closed() in programs/include/xlb_conn.h
+// (TestMirrorsAgree checks the two agree).
+func connClosed(flags uint32) bool {
+	return flags&cfRST != 0 || flags&(cfFinC|cfFinB) == cfFinC|cfFinB
+}
+
+// connHalfOpen mirrors conn_half_open().
+func connHalfOpen(flags uint32) bool { return flags&cfEstab == 0 && !connClosed(flags) }
+
+// connState mirrors conn_state().
 func connState(flags uint32) uint32 {
-	const finBoth = uint32(xlbXlbConnFlagXLB_CF_FIN_C | xlbXlbConnFlagXLB_CF_FIN_B)
 	switch {
-	case flags&uint32(xlbXlbConnFlagXLB_CF_RST) != 0 || flags&finBoth == finBoth:
+	case connClosed(flags):
 		return uint32(xlbXlbCtStateXLB_CT_CLOSED)
-	case flags&finBoth != 0:
+	case flags&(cfFinC|cfFinB) != 0:
 		return uint32(xlbXlbCtStateXLB_CT_FIN)
-	case flags&uint32(xlbXlbConnFlagXLB_CF_ESTAB) != 0:
+	case flags&cfEstab != 0:
 		return uint32(xlbXlbCtStateXLB_CT_ESTABLISHED)
+	case flags&cfSynAck != 0:
+		return uint32(xlbXlbCtStateXLB_CT_SYN_RECV)
 	}
 	return uint32(xlbXlbCtStateXLB_CT_SYN)
 }
@@ -57,19 +81,26 @@ func addrPort(a uint32, p uint16) netip.AddrPort {
 	return netip.AddrPortFrom(addrFromBE(a), portBE(p))
 }
 
-// portWay mirrors port_way() in programs/include/xlb_common.h.
+// portWay mirrors port_way() in programs/include/xlb_ports.h.
 func portWay(baddr uint32, bport uint16) uint32 {
-	return ((baddr ^ (uint32(bport)<<16 | uint32(bport))) * 0x9e3779b1) >> (32 - xlbPortWaysLog2)
+	return ((baddr ^ (uint32(bport)<<16 | uint32(bport))) * 0x9e3779b1) >> (32 - portWaysLog2)
 }
 
-// portEntry returns the way of source port lport (network order) that a
-// backend uses, in the mapped return table, or nil outside the range.
-func (p *Pipeline) portEntry(lport uint16, baddr uint32, bport uint16) *xlbXlbRconn {
+// portIndex is the index in xlb_ports of port offset off of source address
+// src for a backend's way, as port_entry() computes it.
+func (p *Pipeline) portIndex(src, way, off uint32) uint32 {
+	return (src*uint32(PortWays)+way)*p.nports + off
+}
+
+// portEntry returns the way of source port lport (network order) of
+// source address src that a backend uses, in the mapped return table, or
+// nil outside the range.
+func (p *Pipeline) portEntry(src uint32, lport uint16, baddr uint32, bport uint16) *xlbXlbRconn {
 	host := portBE(lport)
-	if host < p.portLo || uint32(host-p.portLo) >= p.nports {
+	if src >= p.nsrc || host < p.portLo || uint32(host-p.portLo) >= p.nports {
 		return nil
 	}
-	return p.portAt(portWay(baddr, bport)*p.nports + uint32(host-p.portLo))
+	return p.portAt(p.portIndex(src, portWay(baddr, bport), uint32(host-p.portLo)))
 }
 
 func (p *Pipeline) portAt(idx uint32) *xlbXlbRconn {
@@ -77,32 +108,67 @@ func (p *Pipeline) portAt(idx uint32) *xlbXlbRconn {
 	return (*xlbXlbRconn)(unsafe.Pointer(&p.ports[off]))
 }
 
+func (p *Pipeline) numPorts() uint32 { return p.nsrc * p.nports * uint32(PortWays) }
+
 const (
-	portFree   = uint32(xlbXlbPortStateXLB_PS_FREE)
-	portUsed   = uint32(xlbXlbPortStateXLB_PS_USED)
-	portTWHold = uint32(xlbXlbPortStateXLB_PS_TW_HOLD)
+	portFree = uint32(xlbXlbPortStateXLB_PS_FREE)
+	portUsed = uint32(xlbXlbPortStateXLB_PS_USED)
+	portHold = uint32(xlbXlbPortStateXLB_PS_HOLD)
 )
 
-// PortsInUse counts source-port ways taken by connections and by holds
-// for backends' TIME_WAIT.
+// PortsInUse counts source-port ways taken by connections, and ways
+// resting after their connection ended.
 func (p *Pipeline) PortsInUse() (used, held int) {
-	for i := uint32(0); i < p.nports*PortWays; i++ {
+	for i := range p.numPorts() {
 		switch atomic.LoadUint32(&p.portAt(i).State) {
 		case portUsed:
 			used++
-		case portTWHold:
+		case portHold:
 			held++
 		}
 	}
 	return used, held
 }
 
+// PortUse is how much of a backend's source-port pool is taken.
+type PortUse struct {
+	Used int // ways of live connections
+	Held int // ways resting after their connection ended
+	// Size is how many ports the backend's way offers over the source
+	// addresses of its services; backends sharing a way share it.
+	Size int
+}
+
+// PortUse counts every backend's taken source ports by its address.
+func (p *Pipeline) PortUse() map[netip.AddrPort]PortUse {
+	out := make(map[netip.AddrPort]PortUse)
+	for i := range p.numPorts() {
+		r := p.portAt(i)
+		st := atomic.LoadUint32(&r.State)
+		if st == portFree {
+			continue
+		}
+		b := addrPort(r.Baddr, r.Bport)
+		u := out[b]
+		if st == portUsed {
+			u.Used++
+		} else {
+			u.Held++
+		}
+		out[b] = u
+	}
+	return out
+}
+
+// PortPool is the number of ports per source address and backend way.
+func (p *Pipeline) PortPool() int { return int(p.nports) }
+
 func (p *Pipeline) connAt(i uint32) *xlbXlbConn {
 	off := uintptr(i) * unsafe.Sizeof(xlbXlbConn{})
 	return (*xlbXlbConn)(unsafe.Pointer(&p.conns[off]))
 }
 
-// flowHash mirrors flow_hash() in programs/include/xlb_common.h (Jenkins'
+// flowHash mirrors flow_hash() in programs/include/xlb_hash.h (Jenkins'
 // final mix): it places a flow in the connection table.
 func flowHash(k *xlbXlbFlow) uint32 {
 	a, b := k.Saddr, k.Daddr
@@ -126,10 +192,7 @@ func flowHash(k *xlbXlbFlow) uint32 {
 	return c
 }
 
-const (
-	ctWays = 8 // XLB_CT_WAYS
-	ctDead = uint32(xlbXlbConnFlagXLB_CF_DEAD)
-)
+const ctDead = uint32(xlbXlbConnFlagXLB_CF_DEAD)
 
 // snapshot is a stable copy of a slot and the sequence it was read at.
 type snapshot struct {
@@ -194,10 +257,11 @@ func (p *Pipeline) Conns() ([]Conn, error) {
 			Client:    addrPort(c.Key.Saddr, c.Key.Sport),
 			VIP:       addrPort(c.Key.Daddr, c.Key.Dport),
 			Backend:   addrPort(c.Baddr, c.Bport),
-			Source:    addrPort(p.snat, c.Lport),
+			Source:    addrPort(c.Laddr, c.Lport),
 			BackendID: c.BackendId,
 			State:     stateName(connState(c.Flags)),
 			Idle:      p.idle(now, c.LastSeenJ),
+			SeqDelta:  c.SeqDelta,
 		})
 	}
 	return out, nil
@@ -208,16 +272,17 @@ type GCResult struct {
 	Scanned  int // forward entries looked at
 	Expired  int // connections removed for idleness
 	Orphans  int // source ports freed whose connection was gone
-	Released int // source ports freed after their TIME_WAIT hold
+	Released int // source ports freed after their hold
 }
 
-// GC removes connections idle for longer than their state's timeout and
+// GC removes connections idle for longer than their state's timeout,
 // uncounts them from their backend if the data path had not already (on
-// FIN/RST). Their source-port way is freed too, unless the backend
-// closed first: then it is held (XLB_PS_TW_HOLD) until Timeouts.TimeWait
-// has passed, so the port is not given to another client while the
-// backend's TIME_WAIT would refuse it. Ways whose forward entry is gone
-// are freed after Closed.
+// FIN/RST), and starts their source port's hold. A half-open connection
+// expires on the client's silence alone (a backend's SYN-ACK
+// retransmissions to a spoofed client do not keep it); others live while
+// either side talks. It frees ways whose hold has passed (the data path
+// takes them anyway; this keeps the counts honest) and ways whose
+// connection is gone.
 func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 	var res GCResult
 	now, err := p.now()
@@ -235,9 +300,10 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 		if p.idle(now, c.LastSeenJ) <= timeout {
 			continue
 		}
-		r := p.portEntry(c.Lport, c.Baddr, c.Bport)
+		r := p.portEntry(c.SrcIdx, c.Lport, c.Baddr, c.Bport)
 		mine := r != nil && r.Baddr == c.Baddr && r.Bport == c.Bport && r.Caddr == c.Key.Saddr && r.Cport == c.Key.Sport
-		if mine && atomic.LoadUint32(&r.State) == portUsed && p.idle(now, atomic.LoadUint64(&r.LastSeenJ)) <= timeout {
+		if mine && !connHalfOpen(c.Flags) && atomic.LoadUint32(&r.State) == portUsed &&
+			p.idle(now, atomic.LoadUint64(&r.LastSeenJ)) <= timeout {
 			continue // the backend side is still talking
 		}
 		if !p.take(s) {
@@ -252,33 +318,26 @@ func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 			continue
 		}
 		if mine {
-			// A backend that closed first may hold TIME_WAIT: keep
-			// the port from reuse until Timeouts.TimeWait.
-			next := portFree
-			if flags&uint32(xlbXlbConnFlagXLB_CF_TW) != 0 {
-				next = portTWHold
-			}
-			atomic.CompareAndSwapUint32(&r.State, portUsed, next)
+			atomic.StoreUint64(&r.LastSeenJ, now) // the hold starts now
+			atomic.CompareAndSwapUint32(&r.State, portUsed, portHold)
 		}
-		if connState(flags) != uint32(xlbXlbCtStateXLB_CT_CLOSED) {
-			p.uncount(c.BackendId)
-		}
+		p.uncount(c.BackendId, flags)
 		atomic.StoreUint32(&slot.Flags, ctDead)
 		p.release(i)
 		res.Expired++
 	}
 
-	// Ways whose connection is gone: holds past TimeWait, and ways left
-	// by an LRU eviction (or a sweep race) of their forward entry.
-	for i := uint32(0); i < p.nports*PortWays; i++ {
+	// Ways whose connection is gone: holds past their time, and ways
+	// left by a sweep race of their forward entry.
+	for i := range p.numPorts() {
 		r := p.portAt(i)
 		state := atomic.LoadUint32(&r.State)
 		if state == portFree {
 			continue
 		}
 		age := p.idle(now, atomic.LoadUint64(&r.LastSeenJ))
-		if state == portTWHold {
-			if age > t.timeWait() && atomic.CompareAndSwapUint32(&r.State, portTWHold, portFree) {
+		if state == portHold {
+			if age > t.hold() && atomic.CompareAndSwapUint32(&r.State, portHold, portFree) {
 				res.Released++
 			}
 			continue

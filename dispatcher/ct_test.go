@@ -33,6 +33,7 @@ func windowOf(mask, w uint32, dst netip.AddrPort, n int) []netip.AddrPort {
 // keep flowing. A tombstone left by a closed connection is reused, and
 // scans go past it.
 func TestConnTableEviction(t *testing.T) {
+	const ctWays = int(ctWays)
 	e := newEnv(t, 1024)
 	e.must(e.p.SetSelection(1, ModeRandom, []uint32{idA}))
 	flows := sameWindow(e.p.ctMask, ctWays+2)
@@ -60,7 +61,7 @@ func TestConnTableEviction(t *testing.T) {
 	e.expect(t, e.p.Entry(), fromClient(stranger, other, syn), xdpPass, nil, map[string]uint64{"pass_not_ours": 1})
 
 	victim := e.mustConn(flows[0], vip)
-	if got := e.backendStats(idA).Active; got != ctWays {
+	if got := e.backendStats(idA).Active; got != int64(ctWays) {
 		t.Fatalf("active %d, want %d", got, ctWays)
 	}
 
@@ -70,12 +71,12 @@ func TestConnTableEviction(t *testing.T) {
 	if _, ok := e.conn(flows[0], vip); ok {
 		t.Errorf("the least recently seen connection %s was not evicted", flows[0])
 	}
-	if got := e.backendStats(idA).Active; got != ctWays {
+	if got := e.backendStats(idA).Active; got != int64(ctWays) {
 		t.Errorf("active %d after an eviction, want %d (one evicted, one new)", got, ctWays)
 	}
-	if r := e.p.portEntry(portBE(victim.Source.Port()), addrBE(victim.Backend.Addr()), portBE(victim.Backend.Port())); r == nil ||
-		(r.State != portFree && r.Caddr == addrBE(flows[0].Addr())) {
-		t.Errorf("the evicted connection's port %d is still held: %+v", victim.Source.Port(), r)
+	if r := e.p.portEntry(0, portBE(victim.Source.Port()), addrBE(victim.Backend.Addr()), portBE(victim.Backend.Port())); r == nil ||
+		(r.State == portUsed && r.Caddr == addrBE(flows[0].Addr())) {
+		t.Errorf("the evicted connection's port %d is still in use: %+v", victim.Source.Port(), r)
 	}
 	// The survivors still flow; the evicted flow's packets find nothing.
 	for _, cl := range flows[1 : ctWays+1] {

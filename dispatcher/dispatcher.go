@@ -8,10 +8,13 @@
 package dispatcher
 
 import (
+	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/bits"
 	"net/netip"
+	"slices"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -58,12 +61,24 @@ func (m Mode) String() string {
 	return fmt.Sprintf("mode(%d)", uint8(m))
 }
 
-// Limits of the data path's maps.
+// Limits of the data path's maps (enum xlb_limit).
 const (
-	MaxServices   = 1024
-	MaxBackends   = 4096
-	MaxTable      = 65537 // selection table entries
-	MaxCandidates = 64    // least-conn candidate set
+	MaxServices   = int(xlbXlbLimitXLB_MAX_SERVICES)
+	MaxBackends   = int(xlbXlbLimitXLB_MAX_BACKENDS)
+	MaxTable      = int(xlbXlbLimitXLB_MAX_SEL_TABLE)  // selection table entries
+	MaxCandidates = int(xlbXlbLimitXLB_MAX_CANDIDATES) // least-conn candidate set
+	MaxSources    = int(xlbXlbLimitXLB_MAX_SOURCES)    // source addresses
+	// PortWays is how many backends can hold the same source port of
+	// one source address at once: a backend always uses the way its
+	// hash picks.
+	PortWays = int(xlbXlbLimitXLB_PORT_WAYS)
+)
+
+const (
+	portWaysLog2 = uint32(xlbXlbLimitXLB_PORT_WAYS_LOG2)
+	ctWays       = uint32(xlbXlbLimitXLB_CT_WAYS)
+	srcSlots     = uint32(xlbXlbLimitXLB_SRC_SLOTS)
+	xlbVipMulti  = uint32(xlbXlbLimitXLB_VIP_MULTI)
 )
 
 // Errors returned by Pipeline methods.
@@ -71,12 +86,6 @@ var (
 	ErrBadTable   = errors.New("bad selection table")
 	ErrOutOfRange = errors.New("id out of range")
 )
-
-// PortWays is how many backends can hold the same source port at once
-// (XLB_PORT_WAYS): a backend always uses the way its hash picks.
-const PortWays = 1 << xlbPortWaysLog2
-
-const xlbPortWaysLog2 = 3 // XLB_PORT_WAYS_LOG2 in programs/include/xlb_consts.h
 
 // Options tune Load.
 type Options struct {
@@ -86,9 +95,13 @@ type Options struct {
 	// recently seen connection). 0 means 131072.
 	ConntrackSize uint32
 	// PortLo and PortHi are the source-port range the return table is
-	// sized for (PortWays entries per port); zero keeps the compiled-in
-	// 10000-32767. SetSettings must use the same range.
+	// sized for (PortWays entries per port and source address); zero
+	// keeps the compiled-in 10000-32767. SetSettings must use the same
+	// range.
 	PortLo, PortHi uint16
+	// Sources is how many source addresses the return table is sized
+	// for, 1 to MaxSources; 0 means 1.
+	Sources int
 }
 
 // Pipeline holds the loaded programs and maps. The program array is held
@@ -100,8 +113,10 @@ type Pipeline struct {
 	conns     []byte // mmap of xlb_conns
 	portLo    uint16
 	nports    uint32
+	nsrc      uint32 // source addresses the return table is sized for
 	ctMask    uint32
-	snat      uint32 // source address as SetSettings wrote it
+	sources   []uint32  // source addresses as SetSettings wrote them, by index
+	keys      [4]uint32 // the ISN and cookie secrets, drawn at load
 	statNames []string
 	tick      time.Duration // one jiffy: the data path's clock unit
 }
@@ -128,7 +143,14 @@ func Load(opts Options) (_ *Pipeline, err error) {
 		return nil, fmt.Errorf("source ports %d-%d: bad range", opts.PortLo, opts.PortHi)
 	}
 	nports := uint32(opts.PortHi) - uint32(opts.PortLo) + 1
-	spec.Maps["xlb_ports"].MaxEntries = nports * PortWays
+	if opts.Sources == 0 {
+		opts.Sources = 1
+	}
+	if opts.Sources < 0 || opts.Sources > MaxSources {
+		return nil, fmt.Errorf("%d source addresses: want 1 to %d", opts.Sources, MaxSources)
+	}
+	nsrc := uint32(opts.Sources)
+	spec.Maps["xlb_ports"].MaxEntries = nsrc * nports * uint32(PortWays)
 	names, err := statNames(spec.Types)
 	if err != nil {
 		return nil, err
@@ -137,7 +159,14 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Pipeline{statNames: names, tick: tick, portLo: opts.PortLo, nports: nports, ctMask: slots - 1}
+	p := &Pipeline{statNames: names, tick: tick, portLo: opts.PortLo, nports: nports, nsrc: nsrc, ctMask: slots - 1}
+	var seed [16]byte
+	if _, err := rand.Read(seed[:]); err != nil {
+		return nil, fmt.Errorf("draw secrets: %w", err)
+	}
+	for i := range p.keys {
+		p.keys[i] = binary.LittleEndian.Uint32(seed[4*i:])
+	}
 	if err := spec.LoadAndAssign(&p.objs, nil); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -212,25 +241,33 @@ func (p *Pipeline) Stage(s Stage) *ebpf.Program {
 // ProgArray is the stage program array, for chaining and tests.
 func (p *Pipeline) ProgArray() *ebpf.Map { return p.objs.XlbProgs }
 
-// Timeouts are the idle timeouts per TCP state. TimeWait is how long a
-// source port stays reserved after a connection whose backend closed
-// first (and so holds TIME_WAIT for it) ended; 0 means 60s, Linux's
-// TIME_WAIT.
+// Timeouts are the idle timeouts per TCP state, and the source ports'
+// hold.
 type Timeouts struct {
-	SYN, Established, FIN, Closed time.Duration
-	TimeWait                      time.Duration
+	// SYN applies to half-open connections: the client's SYN seen, and
+	// maybe the backend's SYN-ACK, but not the client's ACK of it.
+	SYN         time.Duration
+	Established time.Duration
+	FIN         time.Duration
+	Closed      time.Duration
+	// TimeWait is how long a source port rests after its connection
+	// ended before another connection may take it; 0 means 2s. The
+	// backend-side ISN makes a backend still in TIME_WAIT for the port
+	// accept the next connection, so the hold only has to outlast the
+	// last packets of the old connection.
+	TimeWait time.Duration
 }
 
-func (t Timeouts) timeWait() time.Duration {
+func (t Timeouts) hold() time.Duration {
 	if t.TimeWait <= 0 {
-		return 60 * time.Second
+		return 2 * time.Second
 	}
-	return max(t.TimeWait, t.Closed)
+	return t.TimeWait
 }
 
 func (t Timeouts) byState(s uint32) time.Duration {
 	switch s {
-	case uint32(xlbXlbCtStateXLB_CT_SYN):
+	case uint32(xlbXlbCtStateXLB_CT_SYN), uint32(xlbXlbCtStateXLB_CT_SYN_RECV):
 		return t.SYN
 	case uint32(xlbXlbCtStateXLB_CT_ESTABLISHED):
 		return t.Established
@@ -240,11 +277,40 @@ func (t Timeouts) byState(s uint32) time.Duration {
 	return t.Closed
 }
 
+// SYNMode is the SYN flood defence's mode (enum xlb_syn_mode).
+type SYNMode uint32
+
+// The SYN flood defence's modes.
+const (
+	// SYNOff never challenges a SYN.
+	SYNOff = SYNMode(xlbXlbSynModeXLB_SYN_OFF)
+	// SYNAuto challenges SYNs from sources not validated recently while
+	// the chosen backend has at least SYNDefence.HalfOpen half-open
+	// connections.
+	SYNAuto = SYNMode(xlbXlbSynModeXLB_SYN_AUTO)
+	// SYNOn always challenges SYNs from sources not validated recently.
+	SYNOn = SYNMode(xlbXlbSynModeXLB_SYN_ON)
+)
+
+// SYNDefence configures the SYN flood defence (programs/include/xlb_syn.h).
+type SYNDefence struct {
+	Mode SYNMode
+	// HalfOpen is the number of half-open connections of a backend from
+	// which SYNAuto challenges; 0 means 1000.
+	HalfOpen uint32
+	// TrustFor is how long a source that answered a challenge skips
+	// further ones; 0 means 10 minutes.
+	TrustFor time.Duration
+}
+
 // Settings are the data path's runtime settings.
 type Settings struct {
-	SourceAddress    netip.Addr // IPv4 address used towards backends
-	PortLo, PortHi   uint16     // source port range, inclusive
+	// SourceAddresses are the IPv4 addresses used towards backends, by
+	// index (SetService names them by index): 1 to Options.Sources.
+	SourceAddresses  []netip.Addr
+	PortLo, PortHi   uint16 // source port range, inclusive
 	ConntrackTimeout Timeouts
+	SYN              SYNDefence
 }
 
 // NextHopTTL is how long a next hop from bpf_fib_lookup is used before
@@ -282,39 +348,132 @@ func (p *Pipeline) now() (uint64, error) {
 	return j, nil
 }
 
+// isnPerSecond is the ISN clock's rate: about 4 per microsecond, as
+// RFC 6528 suggests and Linux uses (a wrap in about 4.5 minutes).
+const isnPerSecond = 1 << 22
+
 // SetSettings writes the runtime settings.
 func (p *Pipeline) SetSettings(s Settings) error {
-	if !s.SourceAddress.Is4() {
-		return fmt.Errorf("source address %s: not IPv4", s.SourceAddress)
+	if n := len(s.SourceAddresses); n == 0 || uint32(n) > p.nsrc {
+		return fmt.Errorf("%d source addresses: the pipeline was loaded for 1 to %d", n, p.nsrc)
+	}
+	srcs := make([]uint32, len(s.SourceAddresses))
+	for i, a := range s.SourceAddresses {
+		if !a.Is4() {
+			return fmt.Errorf("source address %s: not IPv4", a)
+		}
+		if slices.Contains(srcs[:i], addrBE(a)) {
+			return fmt.Errorf("source address %s: listed twice", a)
+		}
+		srcs[i] = addrBE(a)
 	}
 	if s.PortLo != p.portLo || uint32(s.PortHi)-uint32(s.PortLo)+1 != p.nports || s.PortHi < s.PortLo {
 		return fmt.Errorf("source ports %d-%d: the pipeline was loaded for %d-%d", s.PortLo, s.PortHi,
 			p.portLo, uint32(p.portLo)+p.nports-1)
 	}
+	switch s.SYN.Mode {
+	case SYNOff, SYNAuto, SYNOn:
+	default:
+		return fmt.Errorf("syn defence mode %d: unknown", s.SYN.Mode)
+	}
+	var (
+		mult  uint32
+		slots = make([]xlbXlbSrcSlot, srcSlots)
+	)
+	if len(srcs) > 1 {
+		var err error
+		if mult, slots, err = sourceSlots(srcs); err != nil {
+			return err
+		}
+	}
+	halfOpen := s.SYN.HalfOpen
+	if halfOpen == 0 {
+		halfOpen = 1000
+	}
+	trust := s.SYN.TrustFor
+	if trust <= 0 {
+		trust = 10 * time.Minute
+	}
 	v := xlbXlbCfg{
-		SnatAddr: addrBE(s.SourceAddress),
-		PortLo:   s.PortLo,
-		PortHi:   s.PortHi,
-		NhTtlJ:   p.jiffies(NextHopTTL),
-		CtMask:   p.ctMask,
+		PortLo:      s.PortLo,
+		PortHi:      s.PortHi,
+		Nports:      p.nports,
+		CtMask:      p.ctMask,
+		Src0:        srcs[0],
+		SrcMult:     mult,
+		IsnKey:      [2]uint32{p.keys[0], p.keys[1]},
+		CookieKey:   [2]uint32{p.keys[2], p.keys[3]},
+		IsnPerJ:     uint32(isnPerSecond * p.tick / time.Second),
+		HoldJ:       uint32(p.jiffies(s.ConntrackTimeout.hold())),
+		SynMode:     uint32(s.SYN.Mode),
+		SynHalfOpen: halfOpen,
+		SynOkJ:      uint32(p.jiffies(trust)),
+		CookieShift: uint32(bits.Len64(p.jiffies(time.Second))),
+		NhTtlJ:      p.jiffies(NextHopTTL),
 	}
 	for st := range v.TimeoutJ {
 		v.TimeoutJ[st] = p.jiffies(s.ConntrackTimeout.byState(uint32(st)))
 	}
+	for i, a := range srcs {
+		if err := p.objs.XlbSrc.Put(uint32(i), a); err != nil {
+			return fmt.Errorf("write source address %d: %w", i, err)
+		}
+	}
+	for i, slot := range slots {
+		if err := p.objs.XlbSrcSlots.Put(uint32(i), &slot); err != nil {
+			return fmt.Errorf("write source address slot %d: %w", i, err)
+		}
+	}
 	if err := p.objs.XlbSettings.Put(uint32(0), &v); err != nil {
 		return fmt.Errorf("write settings: %w", err)
 	}
-	p.snat = v.SnatAddr
+	p.sources = srcs
 	return nil
 }
 
-// SetService maps a VIP to a service id.
-func (p *Pipeline) SetService(id uint32, vip netip.AddrPort) error {
-	if id >= MaxServices {
+// sourceSlots finds a multiplier that puts every source address in a
+// slot of its own of xlb_src_slots ((addr * mult) >> 26), and the slots.
+func sourceSlots(srcs []uint32) (uint32, []xlbXlbSrcSlot, error) {
+	slots := make([]xlbXlbSrcSlot, srcSlots)
+	for mult := uint32(0x9e3779b1); mult != 0x9e3779b1+2*4096; mult += 2 {
+		clear(slots)
+		ok := true
+		for i, a := range srcs {
+			k := (a * mult) >> 26
+			if slots[k].Idx != 0 {
+				ok = false
+				break
+			}
+			slots[k] = xlbXlbSrcSlot{Addr: a, Idx: uint32(i) + 1}
+		}
+		if ok {
+			return mult, slots, nil
+		}
+	}
+	return 0, nil, fmt.Errorf("%d source addresses: no collision-free slots", len(srcs))
+}
+
+// SetService maps a VIP to a service id whose connections use the source
+// addresses of the given indexes (into Settings.SourceAddresses).
+func (p *Pipeline) SetService(id uint32, vip netip.AddrPort, sources []int) error {
+	if id >= uint32(MaxServices) {
 		return fmt.Errorf("service %d: %w", id, ErrOutOfRange)
 	}
 	if !vip.Addr().Is4() {
 		return fmt.Errorf("vip %s: not IPv4", vip)
+	}
+	var mask uint32
+	for _, i := range sources {
+		if i < 0 || i >= len(p.sources) {
+			return fmt.Errorf("service %s: source address %d: %w", vip, i, ErrOutOfRange)
+		}
+		mask |= 1 << i
+	}
+	if mask == 0 {
+		return fmt.Errorf("service %s: no source address", vip)
+	}
+	if err := p.objs.XlbSvcSrc.Put(id, mask); err != nil {
+		return fmt.Errorf("write source addresses of service %s: %w", vip, err)
 	}
 	k := vipKey(vip)
 	if err := p.objs.XlbServices.Put(&k, &xlbXlbService{Id: id}); err != nil {
@@ -362,12 +521,10 @@ func (p *Pipeline) syncVIPPort(port uint16) error {
 	return nil
 }
 
-const xlbVipMulti = 0xffffffff // XLB_VIP_MULTI
-
 // SetBackend writes a backend's address and weight. Weight 0 makes it
 // unselectable; its established connections keep flowing.
 func (p *Pipeline) SetBackend(id uint32, addr netip.AddrPort, weight uint16) error {
-	if id >= MaxBackends {
+	if id >= uint32(MaxBackends) {
 		return fmt.Errorf("backend %d: %w", id, ErrOutOfRange)
 	}
 	if !addr.Addr().Is4() {
@@ -383,7 +540,9 @@ func (p *Pipeline) SetBackend(id uint32, addr netip.AddrPort, weight uint16) err
 // BackendStats are a backend's connection counts as the data path keeps them.
 type BackendStats struct {
 	Active   int64  // open connections
+	HalfOpen int64  // connections whose handshake is not complete
 	NewConns uint64 // connections created, ever
+	NoPort   uint64 // SYNs refused for want of a free source port, ever
 }
 
 func (p *Pipeline) bkStat(id uint32) *xlbXlbBackendStats {
@@ -393,32 +552,44 @@ func (p *Pipeline) bkStat(id uint32) *xlbXlbBackendStats {
 
 // BackendStats reads a backend's counts.
 func (p *Pipeline) BackendStats(id uint32) (BackendStats, error) {
-	if id >= MaxBackends {
+	if id >= uint32(MaxBackends) {
 		return BackendStats{}, fmt.Errorf("backend %d: %w", id, ErrOutOfRange)
 	}
 	s := p.bkStat(id)
 	return BackendStats{
 		Active:   atomic.LoadInt64(&s.Active),
+		HalfOpen: atomic.LoadInt64(&s.HalfOpen),
 		NewConns: atomic.LoadUint64(&s.NewConns),
+		NoPort:   atomic.LoadUint64(&s.NoPort),
 	}, nil
 }
 
 // ResetBackendStats zeroes a backend's counts, for a newly allocated id.
 func (p *Pipeline) ResetBackendStats(id uint32) error {
-	if id >= MaxBackends {
+	if id >= uint32(MaxBackends) {
 		return fmt.Errorf("backend %d: %w", id, ErrOutOfRange)
 	}
 	s := p.bkStat(id)
 	atomic.StoreInt64(&s.Active, 0)
+	atomic.StoreInt64(&s.HalfOpen, 0)
 	atomic.StoreUint64(&s.NewConns, 0)
-	atomic.StoreUint64(&s.PortSeq, 0)
+	atomic.StoreUint64(&s.NoPort, 0)
 	atomic.StoreUint64(&s.NhJ, 0)
 	return nil
 }
 
-func (p *Pipeline) uncount(id uint32) {
-	if id < MaxBackends {
-		atomic.AddInt64(&p.bkStat(id).Active, -1)
+// uncount takes a connection that ends out of its backend's counts, as
+// backend_account() in programs/include/xlb_conn.h does.
+func (p *Pipeline) uncount(id, flags uint32) {
+	if id >= uint32(MaxBackends) {
+		return
+	}
+	s := p.bkStat(id)
+	if !connClosed(flags) {
+		atomic.AddInt64(&s.Active, -1)
+	}
+	if connHalfOpen(flags) {
+		atomic.AddInt64(&s.HalfOpen, -1)
 	}
 }
 
@@ -426,7 +597,7 @@ func (p *Pipeline) uncount(id uint32) {
 // filled and then swapped in with one update, so no packet sees half of
 // it. backends holds backend ids.
 func (p *Pipeline) SetSelection(svc uint32, mode Mode, backends []uint32) error {
-	if svc >= MaxServices {
+	if svc >= uint32(MaxServices) {
 		return fmt.Errorf("service %d: %w", svc, ErrOutOfRange)
 	}
 	n := len(backends)
@@ -439,7 +610,7 @@ func (p *Pipeline) SetSelection(svc uint32, mode Mode, backends []uint32) error 
 		return fmt.Errorf("%w: unknown mode %d", ErrBadTable, mode)
 	}
 	for _, id := range backends {
-		if id >= MaxBackends {
+		if id >= uint32(MaxBackends) {
 			return fmt.Errorf("%w: backend id %d", ErrBadTable, id)
 		}
 	}
@@ -450,7 +621,7 @@ func (p *Pipeline) SetSelection(svc uint32, mode Mode, backends []uint32) error 
 		Type:       ebpf.Array,
 		KeySize:    4,
 		ValueSize:  4,
-		MaxEntries: MaxTable + 1,
+		MaxEntries: uint32(MaxTable) + 1,
 	})
 	if err != nil {
 		return fmt.Errorf("create selection table: %w", err)

@@ -201,7 +201,7 @@ func newEnvPorts(t testing.TB, ctSize uint32, lo, hi uint16) *env {
 	if nerr != nil {
 		t.Fatalf("set up test network: %v", nerr)
 	}
-	e.opts = Settings{SourceAddress: lbAddr, PortLo: lo, PortHi: hi, ConntrackTimeout: defaultTimeouts}
+	e.opts = Settings{SourceAddresses: []netip.Addr{lbAddr}, PortLo: lo, PortHi: hi, ConntrackTimeout: defaultTimeouts}
 	e.must(p.SetSettings(e.opts))
 	for _, b := range []struct {
 		id   uint32
@@ -209,8 +209,8 @@ func newEnvPorts(t testing.TB, ctSize uint32, lo, hi uint16) *env {
 	}{{idA, backendA}, {idB, backendB}, {idC, backendC}, {idNoN, backendNoN}, {idL1, backendL1}} {
 		e.must(p.SetBackend(b.id, b.addr, 1))
 	}
-	e.must(p.SetService(1, vip))
-	e.must(p.SetService(2, vip2))
+	e.must(p.SetService(1, vip, []int{0}))
+	e.must(p.SetService(2, vip2, []int{0}))
 	e.must(p.SetSelection(1, ModeRandom, []uint32{idA, idB}))
 	return e
 }

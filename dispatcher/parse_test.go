@@ -35,6 +35,27 @@ func setTotLen(n int) func([]byte) []byte {
 	return func(b []byte) []byte { binary.BigEndian.PutUint16(b[16:], uint16(n)); return b }
 }
 
+// fromOpts is a SYN from src to dst changed by mod.
+func fromOpts(src, dst netip.AddrPort, mod func(o *packet.TCPOpts)) []byte {
+	o := packet.TCPOpts{SrcMAC: clientMAC(src.Addr()), DstMAC: lbMAC, Src: src, Dst: dst, Flags: "S", Seq: 1}
+	if mac, ok := neighbours[src.Addr()]; ok {
+		o.SrcMAC = mac
+	}
+	mod(&o)
+	return packet.TCP(o)
+}
+
+// refusal is the RST the load balancer must answer a refused SYN from cl
+// to dst with: back through the SYN's own MACs, acknowledging the SYN and
+// its data, headers only.
+// The data path sends it without the Ethernet padding the builder adds.
+func refusal(cl, dst netip.AddrPort, s seg) []byte {
+	return packet.Truncate(packet.TCP(packet.TCPOpts{
+		SrcMAC: lbMAC, DstMAC: clientMAC(cl.Addr()), Src: dst, Dst: cl, Flags: "RA",
+		Seq: 0, Ack: s.seq + 1 + uint32(len(s.payload)), ZeroWindow: true, DontFragment: true,
+	}), 54)
+}
+
 // TestPipelineStateless covers packets whose fate does not depend on
 // earlier packets: passed, dropped or malformed. None may be rewritten,
 // and none may create a connection.
@@ -68,9 +89,25 @@ func TestPipelineStateless(t *testing.T) {
 		{"reply in range without entry", fromBackend(backendA, portLo+5, seg{flags: "SA", ack: 1}), xdpPass, map[string]uint64{"pass_not_ours": 1}},
 		{"reply at port_lo without entry", fromBackend(backendA, portLo, seg{flags: "A"}), xdpPass, map[string]uint64{"pass_not_ours": 1}},
 		{"reply at port_hi without entry", fromBackend(backendA, portHi, seg{flags: "A"}), xdpPass, map[string]uint64{"pass_not_ours": 1}},
-		{"ip options", synOpts(func(o *packet.TCPOpts) { o.IPOptions = []byte{1, 1, 1, 1} }), xdpPass, map[string]uint64{"pass_ip_options": 1}},
-		{"first fragment", synOpts(func(o *packet.TCPOpts) { o.MoreFragments = true }), xdpPass, map[string]uint64{"pass_fragment": 1}},
+		{"ip options, not for xlb", fromOpts(cl, netip.AddrPortFrom(lbAddr, 22), func(o *packet.TCPOpts) { o.IPOptions = []byte{1, 1, 1, 1} }), xdpPass, map[string]uint64{"pass_ip_options": 1}},
+		{"first fragment, not for xlb", fromOpts(cl, netip.AddrPortFrom(lbAddr, 22), func(o *packet.TCPOpts) { o.MoreFragments = true }), xdpPass, map[string]uint64{"pass_fragment": 1}},
 		{"later fragment", synOpts(func(o *packet.TCPOpts) { o.FragOffset = 185 }), xdpPass, map[string]uint64{"pass_fragment": 1}},
+
+		// Dropped: xlb's own traffic the host's stack must never see (it
+		// would reset a flow it does not know).
+		{"ip options to a vip", synOpts(func(o *packet.TCPOpts) { o.IPOptions = []byte{1, 1, 1, 1} }), xdpDrop, map[string]uint64{"drop_ip_options": 1}},
+		{"first fragment to a vip", synOpts(func(o *packet.TCPOpts) { o.MoreFragments = true }), xdpDrop, map[string]uint64{"drop_fragment": 1}},
+		{"ip options in a reply", fromOpts(backendA, netip.AddrPortFrom(lbAddr, portLo+5), func(o *packet.TCPOpts) { o.IPOptions = []byte{1, 1, 1, 1} }), xdpDrop, map[string]uint64{"drop_ip_options": 1}},
+		{"first fragment of a reply", fromOpts(backendA, netip.AddrPortFrom(lbAddr, portLo+5), func(o *packet.TCPOpts) { o.MoreFragments = true }), xdpDrop, map[string]uint64{"drop_fragment": 1}},
+
+		// Dropped: SYNs that must never take a connection slot or a port.
+		{"syn from 0.0.0.0", fromClient(netip.AddrPortFrom(netip.IPv4Unspecified(), 40000), vip, seg{flags: "S"}), xdpDrop, map[string]uint64{"drop_bad_source": 1}},
+		{"syn from broadcast", fromClient(netip.AddrPortFrom(netip.MustParseAddr("255.255.255.255"), 40000), vip, seg{flags: "S"}), xdpDrop, map[string]uint64{"drop_bad_source": 1}},
+		{"syn from multicast", fromClient(netip.AddrPortFrom(netip.MustParseAddr("224.0.0.5"), 40000), vip, seg{flags: "S"}), xdpDrop, map[string]uint64{"drop_bad_source": 1}},
+		{"syn from loopback", fromClient(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 40000), vip, seg{flags: "S"}), xdpDrop, map[string]uint64{"drop_bad_source": 1}},
+		{"syn from the vip itself", fromClient(netip.AddrPortFrom(vipAddr, 40000), vip, seg{flags: "S"}), xdpDrop, map[string]uint64{"drop_bad_source": 1}},
+		{"syn with a bad tcp checksum", mutate(syn, func(b []byte) []byte { b[14+20+16] ^= 0x01; return b }), xdpDrop, map[string]uint64{"drop_bad_csum": 1}},
+		{"syn with a bad ip checksum", func() []byte { b := slices.Clone(syn); b[14+10] ^= 0x01; return b }(), xdpDrop, map[string]uint64{"drop_bad_csum": 1}},
 
 		// Dropped: for a VIP but without a connection.
 		{"ack without entry", fromClient(cl, vip, seg{flags: "A", seq: 2, ack: 3}), xdpDrop, map[string]uint64{"drop_no_conn": 1}},
@@ -79,7 +116,6 @@ func TestPipelineStateless(t *testing.T) {
 		{"rst without entry", fromClient(cl, vip, seg{flags: "R", seq: 2}), xdpDrop, map[string]uint64{"drop_no_conn": 1}},
 		{"syn-ack to vip", fromClient(cl, vip, seg{flags: "SA", seq: 2}), xdpDrop, map[string]uint64{"drop_no_conn": 1}},
 		{"syn-rst to vip", fromClient(cl, vip, seg{flags: "SR", seq: 2}), xdpDrop, map[string]uint64{"drop_no_conn": 1}},
-		{"syn to a service without backends", fromClient(cl, vip2, seg{flags: "S"}), xdpDrop, map[string]uint64{"drop_no_backend": 1}},
 
 		// Malformed.
 		{"ethernet header only", packet.Truncate(syn, 14), xdpDrop, map[string]uint64{"drop_eth_trunc": 1}},
@@ -103,6 +139,11 @@ func TestPipelineStateless(t *testing.T) {
 			e.expect(t, e.p.Entry(), tt.in, tt.wantVerdict, nil, tt.wantCounters)
 		})
 	}
+	// Refused: a SYN to a service without backends gets a RST.
+	t.Run("syn to a service without backends", func(t *testing.T) {
+		s := seg{flags: "S", seq: 1000, payload: []byte("tfo")}
+		e.expect(t, e.p.Entry(), fromClient(cl, vip2, s), xdpTX, refusal(cl, vip2, s), map[string]uint64{"rst_no_backend": 1})
+	})
 	conns, err := e.p.Conns()
 	if err != nil {
 		t.Fatal(err)
@@ -129,15 +170,15 @@ func TestPipelineNewConnections(t *testing.T) {
 			t.Errorf("verdict %s, want XDP_REDIRECT", verdictName(verdict))
 		}
 		c := e.mustConn(cl, vip)
-		want := packet.TCP(packet.TCPOpts{SrcMAC: lb1MAC, DstMAC: neighbours[backendL1.Addr()], Src: c.Source, Dst: backendL1, Flags: "S", Seq: 77})
+		want := packet.TCP(packet.TCPOpts{SrcMAC: lb1MAC, DstMAC: neighbours[backendL1.Addr()], Src: c.Source, Dst: backendL1, Flags: "S", Seq: 77 + c.SeqDelta})
 		if !slices.Equal(out, want) {
 			t.Errorf("output differs:\n got % x\nwant % x", out, want)
 		}
 		// The reply arrives on lb1 and leaves through lb0 towards the client.
 		before = e.stats()
-		verdict, out = e.runOn(e.p.Entry(), fromBackend(backendL1, c.Source.Port(), seg{flags: "SA", ack: 78}), e.lb1)
+		verdict, out = e.runOn(e.p.Entry(), fromBackend(backendL1, c.Source.Port(), seg{flags: "SA", ack: 78 + c.SeqDelta}), e.lb1)
 		checkDelta(t, before, e.stats(), map[string]uint64{"ret": 1, "redirect": 1})
-		if w := toClient(c, seg{flags: "SA", ack: 78}); verdict != xdpRedirect || !slices.Equal(out, w) {
+		if w := toClient(c, seg{flags: "SA", ack: 78 + c.SeqDelta}); verdict != xdpRedirect || !slices.Equal(out, w) {
 			t.Errorf("reply: verdict %s, output % x, want % x", verdictName(verdict), out, w)
 		}
 		// fromBackend uses lbMAC as destination; only the MACs differ
@@ -155,9 +196,9 @@ func TestPipelineNewConnections(t *testing.T) {
 		e := newEnv(t, 1024)
 		e.must(e.p.SetBackend(idA, backendA, 0))
 		e.must(e.p.SetSelection(1, ModeLeastConn, []uint32{idA}))
-		e.expect(t, e.p.Entry(), fromClient(cl, vip, s), xdpDrop, nil, map[string]uint64{"drop_no_backend": 1})
+		e.expect(t, e.p.Entry(), fromClient(cl, vip, s), xdpTX, refusal(cl, vip, s), map[string]uint64{"rst_no_backend": 1})
 		e.must(e.p.SetSelection(1, ModeRoundRobin, []uint32{idA}))
-		e.expect(t, e.p.Entry(), fromClient(cl, vip, s), xdpDrop, nil, map[string]uint64{"drop_no_backend": 1})
+		e.expect(t, e.p.Entry(), fromClient(cl, vip, s), xdpTX, refusal(cl, vip, s), map[string]uint64{"rst_no_backend": 1})
 	})
 	t.Run("ethernet padding", func(t *testing.T) {
 		e := newEnv(t, 1024)
@@ -172,7 +213,7 @@ func TestPipelineNewConnections(t *testing.T) {
 		if err := packet.Verify(out); err != nil {
 			t.Errorf("output: %v", err)
 		}
-		r := seg{flags: "PA", seq: 3, ack: 78, payload: []byte("odd")}
+		r := seg{flags: "PA", seq: 3, ack: 78 + c.SeqDelta, payload: []byte("odd")}
 		e.expect(t, e.p.Entry(), slices.Concat(fromBackend(c.Backend, c.Source.Port(), r), pad[:3]), xdpTX, slices.Concat(toClient(c, r), pad[:3]),
 			map[string]uint64{"ret": 1})
 	})
@@ -190,7 +231,11 @@ func TestPipelineNewConnections(t *testing.T) {
 		}
 		// With fewer ports than XLB_PORT_TRIES the probes must wrap
 		// inside the range, never leave it.
-		e.expect(t, e.p.Entry(), fromClient(netip.AddrPortFrom(client1, 42002), vip, s), xdpDrop, nil, map[string]uint64{"drop_no_port": 1})
+		third := netip.AddrPortFrom(client1, 42002)
+		e.expect(t, e.p.Entry(), fromClient(third, vip, s), xdpTX, refusal(third, vip, s), map[string]uint64{"rst_no_port": 1})
+		if st := e.backendStats(idA); st.NoPort != 1 || st.Active != 2 || st.HalfOpen != 2 {
+			t.Errorf("backend A after a refusal: %+v, want 1 refused, 2 active, 2 half-open", st)
+		}
 		conns, err := e.p.Conns()
 		e.must(err)
 		for _, c := range conns {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -16,6 +17,7 @@ type seg struct {
 	flags    string
 	seq, ack uint32
 	payload  []byte
+	opts     []byte // raw TCP options
 }
 
 func clientMAC(a netip.Addr) net.HardwareAddr {
@@ -29,7 +31,7 @@ func clientMAC(a netip.Addr) net.HardwareAddr {
 func fromClient(c, to netip.AddrPort, s seg) []byte {
 	return packet.TCP(packet.TCPOpts{
 		SrcMAC: clientMAC(c.Addr()), DstMAC: lbMAC, Src: c, Dst: to,
-		Flags: s.flags, Seq: s.seq, Ack: s.ack, Payload: s.payload,
+		Flags: s.flags, Seq: s.seq, Ack: s.ack, Payload: s.payload, Options: s.opts,
 	})
 }
 
@@ -37,24 +39,30 @@ func fromClient(c, to netip.AddrPort, s seg) []byte {
 func fromBackend(b netip.AddrPort, lport uint16, s seg) []byte {
 	return packet.TCP(packet.TCPOpts{
 		SrcMAC: neighbours[b.Addr()], DstMAC: lbMAC, Src: b, Dst: netip.AddrPortFrom(lbAddr, lport),
-		Flags: s.flags, Seq: s.seq, Ack: s.ack, Payload: s.payload,
+		Flags: s.flags, Seq: s.seq, Ack: s.ack, Payload: s.payload, Options: s.opts,
 	})
 }
 
 // toBackend is the packet the load balancer must send for fromClient,
-// built independently of the data path.
+// built independently of the data path: the connection's addresses, its
+// sequence numbers shifted into the backend's space.
 func toBackend(c Conn, s seg) []byte {
 	return packet.TCP(packet.TCPOpts{
 		SrcMAC: lbMAC, DstMAC: neighbours[c.Backend.Addr()], Src: c.Source, Dst: c.Backend,
-		Flags: s.flags, Seq: s.seq, Ack: s.ack, Payload: s.payload,
+		Flags: s.flags, Seq: s.seq + c.SeqDelta, Ack: s.ack, Payload: s.payload, Options: s.opts,
 	})
 }
 
-// toClient is the packet the load balancer must send for fromBackend.
+// toClient is the packet the load balancer must send for fromBackend: its
+// acknowledgement shifted back into the client's space.
 func toClient(c Conn, s seg) []byte {
+	ack := s.ack
+	if strings.Contains(s.flags, "A") {
+		ack -= c.SeqDelta
+	}
 	return packet.TCP(packet.TCPOpts{
 		SrcMAC: lbMAC, DstMAC: clientMAC(c.Client.Addr()), Src: c.VIP, Dst: c.Client,
-		Flags: s.flags, Seq: s.seq, Ack: s.ack, Payload: s.payload,
+		Flags: s.flags, Seq: s.seq, Ack: ack, Payload: s.payload, Options: s.opts,
 	})
 }
 
@@ -105,13 +113,15 @@ func (e *env) checkLport(t *testing.T, c Conn) {
 }
 
 // TestPipelineConnection follows one connection through its life, then a
-// second one on the same client port, through xlb_dispatch.
+// second one on the same client port, through xlb_dispatch. The backend
+// acknowledges in its own sequence space (the client's plus SeqDelta).
 func TestPipelineConnection(t *testing.T) {
 	e := newEnv(t, 4096)
 	// Round robin makes the fresh selection of a recycled flow visible.
 	e.must(e.p.SetSelection(1, ModeRoundRobin, []uint32{idA, idB}))
 	cl := netip.AddrPortFrom(client1, 40000)
 	var c Conn // the connection as tracked after the SYN
+	b := func(clientSeq uint32) uint32 { return clientSeq + c.SeqDelta }
 
 	steps := []struct {
 		name         string
@@ -121,6 +131,7 @@ func TestPipelineConnection(t *testing.T) {
 		wantCounters map[string]uint64
 		wantState    string
 		wantActive   int64 // of c's backend
+		wantHalfOpen int64
 	}{
 		{
 			name:        "syn",
@@ -135,15 +146,26 @@ func TestPipelineConnection(t *testing.T) {
 				return toBackend(c, seg{flags: "S", seq: 1000})
 			},
 			wantCounters: map[string]uint64{"fwd": 1, "new_conn": 1},
-			wantState:    "syn", wantActive: 1,
+			wantState:    "syn", wantActive: 1, wantHalfOpen: 1,
 		},
 		{
-			name:         "syn-ack",
-			in:           func() []byte { return fromBackend(c.Backend, c.Source.Port(), seg{flags: "SA", seq: 5000, ack: 1001}) },
+			name: "syn-ack",
+			in: func() []byte {
+				return fromBackend(c.Backend, c.Source.Port(), seg{flags: "SA", seq: 5000, ack: b(1001)})
+			},
 			wantVerdict:  xdpTX,
-			wantOut:      func() []byte { return toClient(c, seg{flags: "SA", seq: 5000, ack: 1001}) },
+			wantOut:      func() []byte { return toClient(c, seg{flags: "SA", seq: 5000, ack: b(1001)}) },
 			wantCounters: map[string]uint64{"ret": 1},
-			wantState:    "established", wantActive: 1,
+			wantState:    "syn-recv", wantActive: 1, wantHalfOpen: 1,
+		},
+		{
+			// Not the SYN-ACK's sequence number plus one: no handshake.
+			name:         "ack of something else",
+			in:           func() []byte { return fromClient(cl, vip, seg{flags: "A", seq: 1001, ack: 4000}) },
+			wantVerdict:  xdpTX,
+			wantOut:      func() []byte { return toBackend(c, seg{flags: "A", seq: 1001, ack: 4000}) },
+			wantCounters: map[string]uint64{"fwd": 1},
+			wantState:    "syn-recv", wantActive: 1, wantHalfOpen: 1,
 		},
 		{
 			name:         "ack",
@@ -168,13 +190,40 @@ func TestPipelineConnection(t *testing.T) {
 		{
 			name: "backend data",
 			in: func() []byte {
-				return fromBackend(c.Backend, c.Source.Port(), seg{flags: "PA", seq: 5001, ack: 1019, payload: []byte("HTTP/1.0 200 OK\r\n\r\nhi")})
+				return fromBackend(c.Backend, c.Source.Port(), seg{flags: "PA", seq: 5001, ack: b(1019), payload: []byte("HTTP/1.0 200 OK\r\n\r\nhi")})
 			},
 			wantVerdict: xdpTX,
 			wantOut: func() []byte {
-				return toClient(c, seg{flags: "PA", seq: 5001, ack: 1019, payload: []byte("HTTP/1.0 200 OK\r\n\r\nhi")})
+				return toClient(c, seg{flags: "PA", seq: 5001, ack: b(1019), payload: []byte("HTTP/1.0 200 OK\r\n\r\nhi")})
 			},
 			wantCounters: map[string]uint64{"ret": 1},
+			wantState:    "established", wantActive: 1,
+		},
+		{
+			// A forged RST and FIN, far from what the backend
+			// acknowledged: forwarded (the backend judges them too),
+			// but the connection stays as it is.
+			name:         "client rst out of window",
+			in:           func() []byte { return fromClient(cl, vip, seg{flags: "R", seq: 1019 + 1<<30}) },
+			wantVerdict:  xdpTX,
+			wantOut:      func() []byte { return toBackend(c, seg{flags: "R", seq: 1019 + 1<<30}) },
+			wantCounters: map[string]uint64{"fwd": 1, "untrusted_rst_fin": 1},
+			wantState:    "established", wantActive: 1,
+		},
+		{
+			name:         "client fin out of window",
+			in:           func() []byte { return fromClient(cl, vip, seg{flags: "FA", seq: 1019 + 3<<30, ack: 5022}) },
+			wantVerdict:  xdpTX,
+			wantOut:      func() []byte { return toBackend(c, seg{flags: "FA", seq: 1019 + 3<<30, ack: 5022}) },
+			wantCounters: map[string]uint64{"fwd": 1, "untrusted_rst_fin": 1},
+			wantState:    "established", wantActive: 1,
+		},
+		{
+			name:         "backend rst out of window",
+			in:           func() []byte { return fromBackend(c.Backend, c.Source.Port(), seg{flags: "R", seq: 5022 + 1<<31}) },
+			wantVerdict:  xdpTX,
+			wantOut:      func() []byte { return toClient(c, seg{flags: "R", seq: 5022 + 1<<31}) },
+			wantCounters: map[string]uint64{"ret": 1, "untrusted_rst_fin": 1},
 			wantState:    "established", wantActive: 1,
 		},
 		{
@@ -186,10 +235,12 @@ func TestPipelineConnection(t *testing.T) {
 			wantState:    "fin", wantActive: 1,
 		},
 		{
-			name:         "backend fin",
-			in:           func() []byte { return fromBackend(c.Backend, c.Source.Port(), seg{flags: "FA", seq: 5022, ack: 1020}) },
+			name: "backend fin",
+			in: func() []byte {
+				return fromBackend(c.Backend, c.Source.Port(), seg{flags: "FA", seq: 5022, ack: b(1020)})
+			},
 			wantVerdict:  xdpTX,
-			wantOut:      func() []byte { return toClient(c, seg{flags: "FA", seq: 5022, ack: 1020}) },
+			wantOut:      func() []byte { return toClient(c, seg{flags: "FA", seq: 5022, ack: b(1020)}) },
 			wantCounters: map[string]uint64{"ret": 1, "closed": 1},
 			wantState:    "closed", wantActive: 0,
 		},
@@ -223,16 +274,20 @@ func TestPipelineConnection(t *testing.T) {
 			if now.State != st.wantState {
 				t.Errorf("state %q, want %q", now.State, st.wantState)
 			}
-			if now.Source != c.Source || now.Backend != c.Backend {
-				t.Errorf("connection moved: %s via %s, was %s via %s", now.Backend, now.Source, c.Backend, c.Source)
+			if now.Source != c.Source || now.Backend != c.Backend || now.SeqDelta != c.SeqDelta {
+				t.Errorf("connection moved: %s via %s (delta %d), was %s via %s (%d)", now.Backend, now.Source, now.SeqDelta,
+					c.Backend, c.Source, c.SeqDelta)
 			}
-			if got := e.backendStats(now.BackendID).Active; got != st.wantActive {
-				t.Errorf("backend %d active %d, want %d", now.BackendID, got, st.wantActive)
+			if got := e.backendStats(now.BackendID); got.Active != st.wantActive || got.HalfOpen != st.wantHalfOpen {
+				t.Errorf("backend %d %d active, %d half-open; want %d, %d", now.BackendID, got.Active, got.HalfOpen, st.wantActive, st.wantHalfOpen)
 			}
 		})
 	}
 	if t.Failed() {
 		return
+	}
+	if used, held := e.p.PortsInUse(); used != 0 || held != 1 {
+		t.Errorf("after the close: %d ports used, %d held; want the closed connection's port held", used, held)
 	}
 
 	old := c
@@ -254,17 +309,19 @@ func TestPipelineConnection(t *testing.T) {
 		if want := toBackend(c, seg{flags: "S", seq: 9000}); !bytes.Equal(out, want) {
 			t.Errorf("output differs:\n got % x\nwant % x", out, want)
 		}
-		if got := e.retEntries(); got != 1 {
-			t.Errorf("%d return entries, want 1 (the old one removed)", got)
+		if used, held := e.p.PortsInUse(); used != 1 || held != 1 {
+			t.Errorf("%d ports used, %d held; want the new connection's and the old one resting", used, held)
 		}
 		for id, want := range map[uint32]int64{old.BackendID: 0, c.BackendID: 1} {
 			if got := e.backendStats(id).Active; got != want {
 				t.Errorf("backend %d active %d, want %d", id, got, want)
 			}
 		}
-		// A late packet of the old connection has nowhere to go.
-		e.expect(t, e.p.Entry(), fromBackend(old.Backend, old.Source.Port(), seg{flags: "A", seq: 5023, ack: 1020}), xdpPass, nil,
-			map[string]uint64{"pass_not_ours": 1})
+		// A late packet of the old connection still reaches its client
+		// while the port rests.
+		late := seg{flags: "A", seq: 5023, ack: old.SeqDelta + 1020}
+		e.expect(t, e.p.Entry(), fromBackend(old.Backend, old.Source.Port(), late), xdpTX, toClient(old, late),
+			map[string]uint64{"ret": 1})
 	})
 	t.Run("client rst", func(t *testing.T) {
 		e.expect(t, e.p.Entry(), fromClient(cl, vip, seg{flags: "R", seq: 9001}), xdpTX, toBackend(c, seg{flags: "R", seq: 9001}),
@@ -272,8 +329,8 @@ func TestPipelineConnection(t *testing.T) {
 		if got := e.mustConn(cl, vip).State; got != "closed" {
 			t.Errorf("state %q, want closed", got)
 		}
-		if got := e.backendStats(c.BackendID).Active; got != 0 {
-			t.Errorf("backend %d active %d, want 0", c.BackendID, got)
+		if got := e.backendStats(c.BackendID); got.Active != 0 || got.HalfOpen != 0 {
+			t.Errorf("backend %d: %+v, want nothing active or half-open", c.BackendID, got)
 		}
 		// A second RST does not uncount again.
 		e.expect(t, e.p.Entry(), fromClient(cl, vip, seg{flags: "R", seq: 9001}), xdpTX, toBackend(c, seg{flags: "R", seq: 9001}),
@@ -284,19 +341,27 @@ func TestPipelineConnection(t *testing.T) {
 	})
 }
 
-// TestPipelineBackendRST closes a connection from the backend side.
+// TestPipelineBackendRST closes a connection from the backend side: a RST
+// that refuses the SYN counts only if it acknowledges exactly the SYN.
 func TestPipelineBackendRST(t *testing.T) {
 	e := newEnv(t, 4096)
 	cl := netip.AddrPortFrom(client1, 40001)
 	e.run(e.p.Entry(), fromClient(cl, vip, seg{flags: "S", seq: 1}))
 	c := e.mustConn(cl, vip)
-	e.expect(t, e.p.Entry(), fromBackend(c.Backend, c.Source.Port(), seg{flags: "RA", ack: 2}), xdpTX, toClient(c, seg{flags: "RA", ack: 2}),
+	wrong := seg{flags: "RA", ack: c.SeqDelta + 7}
+	e.expect(t, e.p.Entry(), fromBackend(c.Backend, c.Source.Port(), wrong), xdpTX, toClient(c, wrong),
+		map[string]uint64{"ret": 1, "untrusted_rst_fin": 1})
+	if got := e.mustConn(cl, vip).State; got != "syn" {
+		t.Errorf("state %q after a RST of something else, want syn", got)
+	}
+	rst := seg{flags: "RA", ack: c.SeqDelta + 2}
+	e.expect(t, e.p.Entry(), fromBackend(c.Backend, c.Source.Port(), rst), xdpTX, toClient(c, rst),
 		map[string]uint64{"ret": 1, "closed": 1})
 	if got := e.mustConn(cl, vip).State; got != "closed" {
 		t.Errorf("state %q, want closed", got)
 	}
-	if got := e.backendStats(c.BackendID).Active; got != 0 {
-		t.Errorf("active %d, want 0", got)
+	if got := e.backendStats(c.BackendID); got.Active != 0 || got.HalfOpen != 0 {
+		t.Errorf("backend: %+v, want nothing active or half-open", got)
 	}
 }
 

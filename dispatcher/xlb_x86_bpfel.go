@@ -24,20 +24,31 @@ type xlbXlbBackendStats struct {
 	_        structs.HostLayout
 	Active   int64
 	NewConns uint64
-	PortSeq  uint64
+	HalfOpen int64
+	NoPort   uint64
 	NhJ      uint64
 	Nh       xlbXlbNh
 }
 
 type xlbXlbCfg struct {
-	_        structs.HostLayout
-	SnatAddr uint32
-	PortLo   uint16
-	PortHi   uint16
-	CtMask   uint32
-	Pad      uint32
-	NhTtlJ   uint64
-	TimeoutJ [4]uint64
+	_           structs.HostLayout
+	PortLo      uint16
+	PortHi      uint16
+	Nports      uint32
+	CtMask      uint32
+	Src0        uint32
+	SrcMult     uint32
+	IsnKey      [2]uint32
+	CookieKey   [2]uint32
+	IsnPerJ     uint32
+	HoldJ       uint32
+	SynMode     uint32
+	SynHalfOpen uint32
+	SynOkJ      uint32
+	CookieShift uint32
+	_           [4]byte
+	NhTtlJ      uint64
+	TimeoutJ    [5]uint64
 }
 
 type xlbXlbConn struct {
@@ -45,34 +56,39 @@ type xlbXlbConn struct {
 	Seq       uint32
 	Flags     uint32
 	Key       xlbXlbFlow
+	Laddr     uint32
 	Baddr     uint32
 	Bport     uint16
 	Lport     uint16
 	BackendId uint32
-	Pad       uint32
 	LastSeenJ uint64
-	Pad2      [2]uint64
+	SeqDelta  uint32
+	IsnB      uint32
+	AckC      uint32
+	SrcIdx    uint32
 }
 
 type xlbXlbConnFlag uint32
 
 const (
-	xlbXlbConnFlagXLB_CF_SYN   xlbXlbConnFlag = 1
-	xlbXlbConnFlagXLB_CF_ESTAB xlbXlbConnFlag = 2
-	xlbXlbConnFlagXLB_CF_FIN_C xlbXlbConnFlag = 4
-	xlbXlbConnFlagXLB_CF_FIN_B xlbXlbConnFlag = 8
-	xlbXlbConnFlagXLB_CF_RST   xlbXlbConnFlag = 16
-	xlbXlbConnFlagXLB_CF_TW    xlbXlbConnFlag = 32
-	xlbXlbConnFlagXLB_CF_DEAD  xlbXlbConnFlag = 2147483648
+	xlbXlbConnFlagXLB_CF_SYN    xlbXlbConnFlag = 1
+	xlbXlbConnFlagXLB_CF_SYNACK xlbXlbConnFlag = 2
+	xlbXlbConnFlagXLB_CF_ESTAB  xlbXlbConnFlag = 4
+	xlbXlbConnFlagXLB_CF_FIN_C  xlbXlbConnFlag = 8
+	xlbXlbConnFlagXLB_CF_FIN_B  xlbXlbConnFlag = 16
+	xlbXlbConnFlagXLB_CF_RST    xlbXlbConnFlag = 32
+	xlbXlbConnFlagXLB_CF_DEAD   xlbXlbConnFlag = 2147483648
 )
 
 type xlbXlbCtState uint32
 
 const (
 	xlbXlbCtStateXLB_CT_SYN         xlbXlbCtState = 0
-	xlbXlbCtStateXLB_CT_ESTABLISHED xlbXlbCtState = 1
-	xlbXlbCtStateXLB_CT_FIN         xlbXlbCtState = 2
-	xlbXlbCtStateXLB_CT_CLOSED      xlbXlbCtState = 3
+	xlbXlbCtStateXLB_CT_SYN_RECV    xlbXlbCtState = 1
+	xlbXlbCtStateXLB_CT_ESTABLISHED xlbXlbCtState = 2
+	xlbXlbCtStateXLB_CT_FIN         xlbXlbCtState = 3
+	xlbXlbCtStateXLB_CT_CLOSED      xlbXlbCtState = 4
+	xlbXlbCtStateXLB_CT_MAX         xlbXlbCtState = 5
 )
 
 type xlbXlbDir uint32
@@ -92,6 +108,26 @@ type xlbXlbFlow struct {
 	Pad   [3]uint8
 }
 
+type xlbXlbLimit uint32
+
+const (
+	xlbXlbLimitXLB_MAX_SERVICES   xlbXlbLimit = 1024
+	xlbXlbLimitXLB_MAX_BACKENDS   xlbXlbLimit = 4096
+	xlbXlbLimitXLB_MAX_SEL_TABLE  xlbXlbLimit = 65537
+	xlbXlbLimitXLB_MAX_CANDIDATES xlbXlbLimit = 64
+	xlbXlbLimitXLB_MAX_SOURCES    xlbXlbLimit = 16
+	xlbXlbLimitXLB_SRC_SLOTS      xlbXlbLimit = 64
+	xlbXlbLimitXLB_PORT_TRIES     xlbXlbLimit = 16
+	xlbXlbLimitXLB_PORT_WAYS_LOG2 xlbXlbLimit = 3
+	xlbXlbLimitXLB_PORT_WAYS      xlbXlbLimit = 8
+	xlbXlbLimitXLB_CT_WAYS        xlbXlbLimit = 8
+	xlbXlbLimitXLB_SYN_OK_SLOTS   xlbXlbLimit = 65536
+	xlbXlbLimitXLB_VIP_MULTI      xlbXlbLimit = 65536
+	xlbXlbLimitXLB_WIN_BEFORE     xlbXlbLimit = 65536
+	xlbXlbLimitXLB_WIN_CLIENT     xlbXlbLimit = 262144
+	xlbXlbLimitXLB_WIN_BACKEND    xlbXlbLimit = 16777216
+)
+
 type xlbXlbNh struct {
 	_       structs.HostLayout
 	Ifindex uint32
@@ -106,20 +142,22 @@ type xlbXlbPkt struct {
 	SvcId    uint32
 	Dir      uint8
 	TcpFlags uint8
-	Pad      uint16
+	SrcIdx   uint8
+	Pad      uint8
 	NewSaddr uint32
 	NewDaddr uint32
 	NewSport uint16
 	NewDport uint16
+	SeqDelta uint32
 	Nh       xlbXlbNh
 }
 
 type xlbXlbPortState uint32
 
 const (
-	xlbXlbPortStateXLB_PS_FREE    xlbXlbPortState = 0
-	xlbXlbPortStateXLB_PS_USED    xlbXlbPortState = 1
-	xlbXlbPortStateXLB_PS_TW_HOLD xlbXlbPortState = 2
+	xlbXlbPortStateXLB_PS_FREE xlbXlbPortState = 0
+	xlbXlbPortStateXLB_PS_USED xlbXlbPortState = 1
+	xlbXlbPortStateXLB_PS_HOLD xlbXlbPortState = 2
 )
 
 type xlbXlbRconn struct {
@@ -131,11 +169,20 @@ type xlbXlbRconn struct {
 	Caddr     uint32
 	Vaddr     uint32
 	Vport     uint16
-	Pad       uint16
+	Flags     uint16
 	LastSeenJ uint64
-	NhJ       uint64
+	NhJ       uint32
+	SeqDelta  uint32
 	Nh        xlbXlbNh
+	TwSeq     uint32
+	AckB      uint32
 }
+
+type xlbXlbRconnFlag uint32
+
+const (
+	xlbXlbRconnFlagXLB_RF_TW_SEQ xlbXlbRconnFlag = 1
+)
 
 type xlbXlbSelMode uint32
 
@@ -152,6 +199,12 @@ type xlbXlbService struct {
 	Flags uint32
 }
 
+type xlbXlbSrcSlot struct {
+	_    structs.HostLayout
+	Addr uint32
+	Idx  uint32
+}
+
 type xlbXlbStage uint32
 
 const (
@@ -165,31 +218,53 @@ const (
 type xlbXlbStat uint32
 
 const (
-	xlbXlbStatXLB_STAT_FWD             xlbXlbStat = 0
-	xlbXlbStatXLB_STAT_RET             xlbXlbStat = 1
-	xlbXlbStatXLB_STAT_NEW_CONN        xlbXlbStat = 2
-	xlbXlbStatXLB_STAT_RECYCLED        xlbXlbStat = 3
-	xlbXlbStatXLB_STAT_CLOSED          xlbXlbStat = 4
-	xlbXlbStatXLB_STAT_REDIRECT        xlbXlbStat = 5
-	xlbXlbStatXLB_STAT_PASS_NOT_IPV4   xlbXlbStat = 6
-	xlbXlbStatXLB_STAT_PASS_NOT_TCP    xlbXlbStat = 7
-	xlbXlbStatXLB_STAT_PASS_IP_OPTIONS xlbXlbStat = 8
-	xlbXlbStatXLB_STAT_PASS_FRAGMENT   xlbXlbStat = 9
-	xlbXlbStatXLB_STAT_PASS_NOT_OURS   xlbXlbStat = 10
-	xlbXlbStatXLB_STAT_DROP_ETH_TRUNC  xlbXlbStat = 11
-	xlbXlbStatXLB_STAT_DROP_IP_HDR     xlbXlbStat = 12
-	xlbXlbStatXLB_STAT_DROP_IP_LEN     xlbXlbStat = 13
-	xlbXlbStatXLB_STAT_DROP_TCP_HDR    xlbXlbStat = 14
-	xlbXlbStatXLB_STAT_DROP_NO_CONN    xlbXlbStat = 15
-	xlbXlbStatXLB_STAT_DROP_NO_BACKEND xlbXlbStat = 16
-	xlbXlbStatXLB_STAT_DROP_NO_PORT    xlbXlbStat = 17
-	xlbXlbStatXLB_STAT_DROP_FIB        xlbXlbStat = 18
-	xlbXlbStatXLB_STAT_DROP_CT_RACE    xlbXlbStat = 19
-	xlbXlbStatXLB_STAT_EVICTED         xlbXlbStat = 20
-	xlbXlbStatXLB_STAT_DROP_INTERNAL   xlbXlbStat = 21
-	xlbXlbStatXLB_STAT_TAILCALL_FAIL   xlbXlbStat = 22
-	xlbXlbStatXLB_STAT_MAX             xlbXlbStat = 23
+	xlbXlbStatXLB_STAT_FWD               xlbXlbStat = 0
+	xlbXlbStatXLB_STAT_RET               xlbXlbStat = 1
+	xlbXlbStatXLB_STAT_NEW_CONN          xlbXlbStat = 2
+	xlbXlbStatXLB_STAT_RECYCLED          xlbXlbStat = 3
+	xlbXlbStatXLB_STAT_CLOSED            xlbXlbStat = 4
+	xlbXlbStatXLB_STAT_REDIRECT          xlbXlbStat = 5
+	xlbXlbStatXLB_STAT_PASS_NOT_IPV4     xlbXlbStat = 6
+	xlbXlbStatXLB_STAT_PASS_NOT_TCP      xlbXlbStat = 7
+	xlbXlbStatXLB_STAT_PASS_IP_OPTIONS   xlbXlbStat = 8
+	xlbXlbStatXLB_STAT_PASS_FRAGMENT     xlbXlbStat = 9
+	xlbXlbStatXLB_STAT_PASS_NOT_OURS     xlbXlbStat = 10
+	xlbXlbStatXLB_STAT_DROP_ETH_TRUNC    xlbXlbStat = 11
+	xlbXlbStatXLB_STAT_DROP_IP_HDR       xlbXlbStat = 12
+	xlbXlbStatXLB_STAT_DROP_IP_LEN       xlbXlbStat = 13
+	xlbXlbStatXLB_STAT_DROP_TCP_HDR      xlbXlbStat = 14
+	xlbXlbStatXLB_STAT_DROP_IP_OPTIONS   xlbXlbStat = 15
+	xlbXlbStatXLB_STAT_DROP_FRAGMENT     xlbXlbStat = 16
+	xlbXlbStatXLB_STAT_DROP_NO_CONN      xlbXlbStat = 17
+	xlbXlbStatXLB_STAT_DROP_BAD_SOURCE   xlbXlbStat = 18
+	xlbXlbStatXLB_STAT_DROP_BAD_CSUM     xlbXlbStat = 19
+	xlbXlbStatXLB_STAT_RST_NO_BACKEND    xlbXlbStat = 20
+	xlbXlbStatXLB_STAT_RST_NO_PORT       xlbXlbStat = 21
+	xlbXlbStatXLB_STAT_DROP_FIB          xlbXlbStat = 22
+	xlbXlbStatXLB_STAT_DROP_CT_RACE      xlbXlbStat = 23
+	xlbXlbStatXLB_STAT_DROP_STALE        xlbXlbStat = 24
+	xlbXlbStatXLB_STAT_EVICTED           xlbXlbStat = 25
+	xlbXlbStatXLB_STAT_SYN_CHALLENGE     xlbXlbStat = 26
+	xlbXlbStatXLB_STAT_SYN_VALIDATED     xlbXlbStat = 27
+	xlbXlbStatXLB_STAT_UNTRUSTED_RST_FIN xlbXlbStat = 28
+	xlbXlbStatXLB_STAT_DROP_INTERNAL     xlbXlbStat = 29
+	xlbXlbStatXLB_STAT_TAILCALL_FAIL     xlbXlbStat = 30
+	xlbXlbStatXLB_STAT_MAX               xlbXlbStat = 31
 )
+
+type xlbXlbSynMode uint32
+
+const (
+	xlbXlbSynModeXLB_SYN_OFF  xlbXlbSynMode = 0
+	xlbXlbSynModeXLB_SYN_AUTO xlbXlbSynMode = 1
+	xlbXlbSynModeXLB_SYN_ON   xlbXlbSynMode = 2
+)
+
+type xlbXlbTrusted struct {
+	_      structs.HostLayout
+	Addr   uint32
+	UntilJ uint32
+}
 
 type xlbXlbVip struct {
 	_     structs.HostLayout
@@ -213,6 +288,7 @@ const (
 	xlbMapXlbBkStats    = "xlb_bk_stats"
 	xlbMapXlbConns      = "xlb_conns"
 	xlbMapXlbNow        = "xlb_now"
+	xlbMapXlbPortCur    = "xlb_port_cur"
 	xlbMapXlbPorts      = "xlb_ports"
 	xlbMapXlbProgs      = "xlb_progs"
 	xlbMapXlbRng        = "xlb_rng"
@@ -221,7 +297,11 @@ const (
 	xlbMapXlbSel        = "xlb_sel"
 	xlbMapXlbServices   = "xlb_services"
 	xlbMapXlbSettings   = "xlb_settings"
+	xlbMapXlbSrc        = "xlb_src"
+	xlbMapXlbSrcSlots   = "xlb_src_slots"
 	xlbMapXlbStats      = "xlb_stats"
+	xlbMapXlbSvcSrc     = "xlb_svc_src"
+	xlbMapXlbSynOk      = "xlb_syn_ok"
 	xlbMapXlbVipPorts   = "xlb_vip_ports"
 	xlbProgXlbClock     = "xlb_clock"
 	xlbProgXlbConntrack = "xlb_conntrack"
@@ -232,11 +312,16 @@ const (
 	xlbVarUnusedCt      = "unused_ct"
 	xlbVarUnusedDir     = "unused_dir"
 	xlbVarUnusedFlag    = "unused_flag"
+	xlbVarUnusedLimit   = "unused_limit"
 	xlbVarUnusedMode    = "unused_mode"
 	xlbVarUnusedPkt     = "unused_pkt"
 	xlbVarUnusedPstate  = "unused_pstate"
+	xlbVarUnusedRflag   = "unused_rflag"
+	xlbVarUnusedSrc     = "unused_src"
 	xlbVarUnusedStage   = "unused_stage"
 	xlbVarUnusedStat    = "unused_stat"
+	xlbVarUnusedSynmode = "unused_synmode"
+	xlbVarUnusedSynok   = "unused_synok"
 	xlbVarUnusedVport   = "unused_vport"
 )
 
@@ -298,6 +383,7 @@ type xlbMapSpecs struct {
 	XlbBkStats  *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
 	XlbConns    *ebpf.MapSpec `ebpf:"xlb_conns"`
 	XlbNow      *ebpf.MapSpec `ebpf:"xlb_now"`
+	XlbPortCur  *ebpf.MapSpec `ebpf:"xlb_port_cur"`
 	XlbPorts    *ebpf.MapSpec `ebpf:"xlb_ports"`
 	XlbProgs    *ebpf.MapSpec `ebpf:"xlb_progs"`
 	XlbRng      *ebpf.MapSpec `ebpf:"xlb_rng"`
@@ -306,7 +392,11 @@ type xlbMapSpecs struct {
 	XlbSel      *ebpf.MapSpec `ebpf:"xlb_sel"`
 	XlbServices *ebpf.MapSpec `ebpf:"xlb_services"`
 	XlbSettings *ebpf.MapSpec `ebpf:"xlb_settings"`
+	XlbSrc      *ebpf.MapSpec `ebpf:"xlb_src"`
+	XlbSrcSlots *ebpf.MapSpec `ebpf:"xlb_src_slots"`
 	XlbStats    *ebpf.MapSpec `ebpf:"xlb_stats"`
+	XlbSvcSrc   *ebpf.MapSpec `ebpf:"xlb_svc_src"`
+	XlbSynOk    *ebpf.MapSpec `ebpf:"xlb_syn_ok"`
 	XlbVipPorts *ebpf.MapSpec `ebpf:"xlb_vip_ports"`
 }
 
@@ -314,15 +404,20 @@ type xlbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type xlbVariableSpecs struct {
-	UnusedCt     *ebpf.VariableSpec `ebpf:"unused_ct"`
-	UnusedDir    *ebpf.VariableSpec `ebpf:"unused_dir"`
-	UnusedFlag   *ebpf.VariableSpec `ebpf:"unused_flag"`
-	UnusedMode   *ebpf.VariableSpec `ebpf:"unused_mode"`
-	UnusedPkt    *ebpf.VariableSpec `ebpf:"unused_pkt"`
-	UnusedPstate *ebpf.VariableSpec `ebpf:"unused_pstate"`
-	UnusedStage  *ebpf.VariableSpec `ebpf:"unused_stage"`
-	UnusedStat   *ebpf.VariableSpec `ebpf:"unused_stat"`
-	UnusedVport  *ebpf.VariableSpec `ebpf:"unused_vport"`
+	UnusedCt      *ebpf.VariableSpec `ebpf:"unused_ct"`
+	UnusedDir     *ebpf.VariableSpec `ebpf:"unused_dir"`
+	UnusedFlag    *ebpf.VariableSpec `ebpf:"unused_flag"`
+	UnusedLimit   *ebpf.VariableSpec `ebpf:"unused_limit"`
+	UnusedMode    *ebpf.VariableSpec `ebpf:"unused_mode"`
+	UnusedPkt     *ebpf.VariableSpec `ebpf:"unused_pkt"`
+	UnusedPstate  *ebpf.VariableSpec `ebpf:"unused_pstate"`
+	UnusedRflag   *ebpf.VariableSpec `ebpf:"unused_rflag"`
+	UnusedSrc     *ebpf.VariableSpec `ebpf:"unused_src"`
+	UnusedStage   *ebpf.VariableSpec `ebpf:"unused_stage"`
+	UnusedStat    *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedSynmode *ebpf.VariableSpec `ebpf:"unused_synmode"`
+	UnusedSynok   *ebpf.VariableSpec `ebpf:"unused_synok"`
+	UnusedVport   *ebpf.VariableSpec `ebpf:"unused_vport"`
 }
 
 // xlbObjects contains all objects after they have been loaded into the kernel.
@@ -349,6 +444,7 @@ type xlbMaps struct {
 	XlbBkStats  *ebpf.Map `ebpf:"xlb_bk_stats"`
 	XlbConns    *ebpf.Map `ebpf:"xlb_conns"`
 	XlbNow      *ebpf.Map `ebpf:"xlb_now"`
+	XlbPortCur  *ebpf.Map `ebpf:"xlb_port_cur"`
 	XlbPorts    *ebpf.Map `ebpf:"xlb_ports"`
 	XlbProgs    *ebpf.Map `ebpf:"xlb_progs"`
 	XlbRng      *ebpf.Map `ebpf:"xlb_rng"`
@@ -357,7 +453,11 @@ type xlbMaps struct {
 	XlbSel      *ebpf.Map `ebpf:"xlb_sel"`
 	XlbServices *ebpf.Map `ebpf:"xlb_services"`
 	XlbSettings *ebpf.Map `ebpf:"xlb_settings"`
+	XlbSrc      *ebpf.Map `ebpf:"xlb_src"`
+	XlbSrcSlots *ebpf.Map `ebpf:"xlb_src_slots"`
 	XlbStats    *ebpf.Map `ebpf:"xlb_stats"`
+	XlbSvcSrc   *ebpf.Map `ebpf:"xlb_svc_src"`
+	XlbSynOk    *ebpf.Map `ebpf:"xlb_syn_ok"`
 	XlbVipPorts *ebpf.Map `ebpf:"xlb_vip_ports"`
 }
 
@@ -367,6 +467,7 @@ func (m *xlbMaps) Close() error {
 		m.XlbBkStats,
 		m.XlbConns,
 		m.XlbNow,
+		m.XlbPortCur,
 		m.XlbPorts,
 		m.XlbProgs,
 		m.XlbRng,
@@ -375,7 +476,11 @@ func (m *xlbMaps) Close() error {
 		m.XlbSel,
 		m.XlbServices,
 		m.XlbSettings,
+		m.XlbSrc,
+		m.XlbSrcSlots,
 		m.XlbStats,
+		m.XlbSvcSrc,
+		m.XlbSynOk,
 		m.XlbVipPorts,
 	)
 }
@@ -384,15 +489,20 @@ func (m *xlbMaps) Close() error {
 //
 // It can be passed to loadXlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type xlbVariables struct {
-	UnusedCt     *ebpf.Variable `ebpf:"unused_ct"`
-	UnusedDir    *ebpf.Variable `ebpf:"unused_dir"`
-	UnusedFlag   *ebpf.Variable `ebpf:"unused_flag"`
-	UnusedMode   *ebpf.Variable `ebpf:"unused_mode"`
-	UnusedPkt    *ebpf.Variable `ebpf:"unused_pkt"`
-	UnusedPstate *ebpf.Variable `ebpf:"unused_pstate"`
-	UnusedStage  *ebpf.Variable `ebpf:"unused_stage"`
-	UnusedStat   *ebpf.Variable `ebpf:"unused_stat"`
-	UnusedVport  *ebpf.Variable `ebpf:"unused_vport"`
+	UnusedCt      *ebpf.Variable `ebpf:"unused_ct"`
+	UnusedDir     *ebpf.Variable `ebpf:"unused_dir"`
+	UnusedFlag    *ebpf.Variable `ebpf:"unused_flag"`
+	UnusedLimit   *ebpf.Variable `ebpf:"unused_limit"`
+	UnusedMode    *ebpf.Variable `ebpf:"unused_mode"`
+	UnusedPkt     *ebpf.Variable `ebpf:"unused_pkt"`
+	UnusedPstate  *ebpf.Variable `ebpf:"unused_pstate"`
+	UnusedRflag   *ebpf.Variable `ebpf:"unused_rflag"`
+	UnusedSrc     *ebpf.Variable `ebpf:"unused_src"`
+	UnusedStage   *ebpf.Variable `ebpf:"unused_stage"`
+	UnusedStat    *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedSynmode *ebpf.Variable `ebpf:"unused_synmode"`
+	UnusedSynok   *ebpf.Variable `ebpf:"unused_synok"`
+	UnusedVport   *ebpf.Variable `ebpf:"unused_vport"`
 }
 
 // xlbPrograms contains all programs after they have been loaded into the kernel.

@@ -17,23 +17,35 @@
 #include "xlb_maps.h"
 #include "xlb_csum.h"
 #include "xlb_common.h"
+#include "xlb_hash.h"
+#include "xlb_fib.h"
+#include "xlb_ports.h"
+#include "xlb_conn.h"
 #include "xlb_ct.h"
+#include "xlb_tcp.h"
+#include "xlb_syn.h"
 
 char _license[] SEC("license") = "Dual BSD/GPL";
 
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 
-/* Force BTF for the types the control plane reads (bpf2go -type). */
+/* Force BTF for the types the control plane reads (bpf2go -type, or by
+ * name: the counters and the limits). */
 const enum xlb_stage *unused_stage __attribute__((unused));
 const enum xlb_stat *unused_stat __attribute__((unused));
 const enum xlb_sel_mode *unused_mode __attribute__((unused));
 const enum xlb_conn_flag *unused_flag __attribute__((unused));
 const enum xlb_dir *unused_dir __attribute__((unused));
 const enum xlb_ct_state *unused_ct __attribute__((unused));
-const struct xlb_pkt *unused_pkt __attribute__((unused));
 const enum xlb_port_state *unused_pstate __attribute__((unused));
+const enum xlb_rconn_flag *unused_rflag __attribute__((unused));
+const enum xlb_syn_mode *unused_synmode __attribute__((unused));
+const enum xlb_limit *unused_limit __attribute__((unused));
+const struct xlb_pkt *unused_pkt __attribute__((unused));
 const struct xlb_vip_port *unused_vport __attribute__((unused));
+const struct xlb_src_slot *unused_src __attribute__((unused));
+const struct xlb_trusted *unused_synok __attribute__((unused));
 
 /* xlb_clock publishes the data path's clock (jiffies) in xlb_now; the
  * daemon runs it with BPF_PROG_TEST_RUN to age connections. */
@@ -56,20 +68,42 @@ int xlb_dispatch(struct xdp_md *ctx)
 	return pass(XLB_STAT_TAILCALL_FAIL);
 }
 
+/* source_index returns the index + 1 of daddr in xlb_src, or 0 when it is
+ * none of the source addresses. The first is compared directly, so one
+ * source address costs replies no lookup. */
+static __always_inline __u32 source_index(const struct xlb_cfg *cfg, __be32 daddr)
+{
+	struct xlb_src_slot *s;
+	__u32 slot;
+
+	if (daddr == cfg->src0)
+		return 1;
+	if (!cfg->src_mult)
+		return 0;
+	slot = (daddr * cfg->src_mult) >> 26;
+	s = bpf_map_lookup_elem(&xlb_src_slots, &slot);
+	if (!s || s->addr != daddr)
+		return 0;
+	return s->idx;
+}
+
 /* xlb_parse validates Ethernet/IPv4/TCP and decides whether the packet is
- * for a VIP (forward), a reply to xlb's source address (return) or neither
- * (passed to the kernel untouched). */
+ * for a VIP (forward), a reply to one of xlb's source addresses (return)
+ * or neither (passed to the kernel untouched). */
 SEC("xdp")
 int xlb_parse(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
+	struct xlb_vip_port *vp = NULL;
 	struct iphdr *ip;
 	struct tcphdr *tcp;
 	struct xlb_pkt *p;
-	__u32 tot_len, doff;
+	struct xlb_cfg *cfg;
+	__u32 tot_len, hlen, doff, src, port;
 	__u16 dport;
+	__u8 dir = 0;
 
 	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return pass(XLB_STAT_PASS_NOT_IPV4);
@@ -79,84 +113,101 @@ int xlb_parse(struct xdp_md *ctx)
 	if (ip->version != 4 || ip->ihl < 5)
 		return drop(XLB_STAT_DROP_IP_HDR);
 	tot_len = bpf_ntohs(ip->tot_len);
-	if (tot_len < ip->ihl * 4 || data + sizeof(*eth) + tot_len > end)
+	hlen = ip->ihl * 4;
+	if (tot_len < hlen || data + sizeof(*eth) + tot_len > end)
 		return drop(XLB_STAT_DROP_IP_LEN);
 	if (ip->protocol != IPPROTO_TCP)
 		return pass(XLB_STAT_PASS_NOT_TCP);
-	if (ip->ihl != 5)
-		return pass(XLB_STAT_PASS_IP_OPTIONS);
-	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+	/* A later fragment has no TCP header to tell whose it is; the
+	 * kernel drops it once its first fragment (dropped below if it is
+	 * xlb's) never comes. */
+	if (ip->frag_off & bpf_htons(IP_OFFSET))
 		return pass(XLB_STAT_PASS_FRAGMENT);
-	tcp = (void *)(ip + 1);
-	if ((void *)(tcp + 1) > end || tot_len < sizeof(*ip) + sizeof(*tcp))
+	tcp = (void *)ip + hlen;
+	if ((void *)(tcp + 1) > end || tot_len < hlen + sizeof(*tcp))
 		return drop(XLB_STAT_DROP_TCP_HDR);
 	doff = tcp->doff * 4;
-	if (doff < sizeof(*tcp) || sizeof(*ip) + doff > tot_len)
+	if (doff < sizeof(*tcp) || hlen + doff > tot_len)
 		return drop(XLB_STAT_DROP_TCP_HDR);
 
 	p = scratch();
-	if (!p)
+	cfg = config();
+	if (!p || !cfg)
 		return drop(XLB_STAT_DROP_INTERNAL);
+	dport = bpf_ntohs(tcp->dest);
+	src = source_index(cfg, ip->daddr);
+	if (src && dport >= cfg->port_lo && dport <= cfg->port_hi) {
+		dir = XLB_DIR_RET;
+	} else {
+		/* A port some VIP uses: when one VIP does, its service
+		 * comes with the port's entry, so established traffic pays
+		 * for no hash lookup. */
+		port = dport;
+		vp = bpf_map_lookup_elem(&xlb_vip_ports, &port);
+		if (vp && vp->svc && (vp->svc == XLB_VIP_MULTI || vp->addr == ip->daddr))
+			dir = XLB_DIR_FWD;
+	}
+	if (dir == XLB_DIR_FWD && vp && vp->svc == XLB_VIP_MULTI && (hlen != 20 || (ip->frag_off & bpf_htons(IP_MF)))) {
+		/* Options or a fragment on a port several VIPs share:
+		 * whether it is xlb's decides between drop and pass. */
+		struct xlb_vip key = { .addr = ip->daddr, .port = tcp->dest, .proto = IPPROTO_TCP };
+
+		if (!bpf_map_lookup_elem(&xlb_services, &key))
+			dir = 0;
+	}
+	if (!dir) {
+		if (hlen != 20)
+			return pass(XLB_STAT_PASS_IP_OPTIONS);
+		if (ip->frag_off & bpf_htons(IP_MF))
+			return pass(XLB_STAT_PASS_FRAGMENT);
+		return pass(XLB_STAT_PASS_NOT_OURS);
+	}
+	/* xlb's own traffic never goes to the host's stack, which would
+	 * answer a flow it does not know with a RST. */
+	if (hlen != 20)
+		return drop(XLB_STAT_DROP_IP_OPTIONS);
+	if (ip->frag_off & bpf_htons(IP_MF))
+		return drop(XLB_STAT_DROP_FRAGMENT);
+
 	p->flow.saddr = ip->saddr;
 	p->flow.daddr = ip->daddr;
 	p->flow.sport = tcp->source;
 	p->flow.dport = tcp->dest;
 	p->flow.proto = IPPROTO_TCP;
 	p->tcp_flags = ((__u8 *)tcp)[13];
-
-	dport = bpf_ntohs(tcp->dest);
-	struct xlb_cfg *cfg = config();
-	if (cfg && ip->daddr == cfg->snat_addr && dport >= cfg->port_lo && dport <= cfg->port_hi) {
-		p->dir = XLB_DIR_RET;
-		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_CONNTRACK);
-		return pass(XLB_STAT_TAILCALL_FAIL);
-	}
-	/* A port some VIP uses: conntrack looks the flow up first, and the
-	 * service only when there is no connection, so established
-	 * traffic pays for one hash lookup. */
-	__u32 port = dport;
-	struct xlb_vip_port *vp = bpf_map_lookup_elem(&xlb_vip_ports, &port);
-	if (vp && vp->svc) {
+	p->dir = dir;
+	if (dir == XLB_DIR_RET) {
+		p->src_idx = src - 1;
+	} else if (vp) {
 		p->vip = *vp;
-		p->dir = XLB_DIR_FWD;
-		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_CONNTRACK);
-		return pass(XLB_STAT_TAILCALL_FAIL);
 	}
-	return pass(XLB_STAT_PASS_NOT_OURS);
+	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_CONNTRACK);
+	return pass(XLB_STAT_TAILCALL_FAIL);
 }
 
-/* conn_expired reports whether a connection outlived its state's timeout. */
-static __always_inline int conn_expired(const struct xlb_cfg *cfg, __u32 flags, __u64 last, __u64 now)
+/* tcp_at returns the TCP header of a packet parse accepted. */
+static __always_inline struct tcphdr *tcp_at(struct xdp_md *ctx)
 {
-	__u32 st = conn_state(flags);
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct tcphdr *tcp = data + XLB_TCP_OFF;
 
-	if (st > XLB_CT_CLOSED)
+	if ((void *)(tcp + 1) > end)
+		return NULL;
+	return tcp;
+}
+
+/* tcp_payload_len returns how many bytes of data a packet parse accepted
+ * carries. */
+static __always_inline __u32 tcp_payload_len(struct xdp_md *ctx, const struct tcphdr *tcp)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + XLB_IP_OFF;
+
+	if ((void *)(ip + 1) > end)
 		return 0;
-	return now - last > cfg->timeout_j[st];
-}
-
-/* port_release frees, or holds for the backend's TIME_WAIT, the source
- * port of a connection that ends, if its way still belongs to it. */
-static __always_inline void port_release(const struct xlb_cfg *cfg, const struct xlb_conn *c)
-{
-	struct xlb_rconn *r = port_entry(cfg, bpf_ntohs(c->lport), c->baddr, c->bport);
-
-	if (!r || r->baddr != c->baddr || r->bport != c->bport || r->caddr != c->key.saddr ||
-	    r->cport != c->key.sport)
-		return;
-	/* Keep the port from reuse until the daemon's time-wait sweep
-	 * frees it when the backend may hold TIME_WAIT for it. */
-	r->state = (c->flags & XLB_CF_TW) ? XLB_PS_TW_HOLD : XLB_PS_FREE;
-}
-
-/* conn_end releases what a connection holds (its backend's count, its
- * source port) before its slot is reused. */
-static __always_inline void conn_end(const struct xlb_cfg *cfg, const struct xlb_conn *c, __u32 stat)
-{
-	if (!conn_closed(c->flags))
-		backend_uncount(c->backend_id);
-	port_release(cfg, c);
-	count(stat);
+	return bpf_ntohs(ip->tot_len) - sizeof(*ip) - tcp->doff * 4;
 }
 
 /* service_of finds the service of a VIP flow for a packet without a
@@ -183,29 +234,6 @@ static __always_inline int service_of(struct xlb_pkt *p)
 	return 1;
 }
 
-/* backend_nexthop returns the next hop towards a backend, shared by its
- * connections and looked up in the FIB at most once per nh_ttl. */
-static __always_inline struct xlb_backend_stats *backend_nexthop(struct xdp_md *ctx,
-								 const struct xlb_cfg *cfg, __u32 id,
-								 __be32 baddr, __u64 now)
-{
-	struct xlb_backend_stats *bs = bpf_map_lookup_elem(&xlb_bk_stats, &id);
-
-	if (!bs)
-		return NULL;
-	if (!bs->nh_j || now - bs->nh_j > cfg->nh_ttl_j) {
-		struct xlb_nh nh;
-
-		if (fib_nexthop(ctx, cfg->snat_addr, baddr, &nh) == BPF_FIB_LKUP_RET_SUCCESS) {
-			bs->nh = nh;
-			bs->nh_j = now;
-		} else if (!bs->nh_j) {
-			return NULL;
-		}
-	}
-	return bs;
-}
-
 /* forward_along hands the rewrite of an existing connection, read from
  * its slot at seq, to the rewrite stage. */
 static __always_inline int forward_along(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
@@ -214,11 +242,12 @@ static __always_inline int forward_along(struct xdp_md *ctx, const struct xlb_cf
 	struct xlb_backend_stats *bs;
 
 	c->last_seen_j = now;
-	p->new_saddr = cfg->snat_addr;
+	p->new_saddr = c->laddr;
 	p->new_daddr = c->baddr;
 	p->new_sport = c->lport;
 	p->new_dport = c->bport;
-	bs = backend_nexthop(ctx, cfg, c->backend_id, c->baddr, now);
+	p->seq_delta = c->seq_delta;
+	bs = backend_nexthop(ctx, cfg, c->backend_id, c->laddr, c->baddr, now);
 	if (!bs)
 		return drop(XLB_STAT_DROP_FIB);
 	p->nh = bs->nh;
@@ -228,12 +257,45 @@ static __always_inline int forward_along(struct xdp_md *ctx, const struct xlb_cf
 	return pass(XLB_STAT_TAILCALL_FAIL);
 }
 
+/* fwd_control follows a client's FIN or RST, and forwards any packet of
+ * an ended connection only while its source port is still its own. It
+ * returns 0 to go on, or a verdict. */
+static __always_inline int fwd_control(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
+				       struct xlb_conn *c, struct tcphdr *tcp, __u64 now)
+{
+	struct xlb_rconn *r = port_entry(cfg, c->src_idx, bpf_ntohs(c->lport), c->baddr, c->bport);
+	__u8 fl = p->tcp_flags;
+	__u32 seqb;
+
+	if (!r || !port_owned(r, c))
+		return drop(XLB_STAT_DROP_STALE);
+	if (!(fl & (TCP_FL_FIN | TCP_FL_RST)))
+		return 0;
+	seqb = bpf_ntohl(tcp->seq) + c->seq_delta;
+	if (!in_window(seqb, r->ack_b, XLB_WIN_CLIENT)) {
+		count(XLB_STAT_UNTRUSTED_RST_FIN);
+		return 0;
+	}
+	if (fl & TCP_FL_RST) {
+		conn_mark(c, XLB_CF_RST, r, now);
+		return 0;
+	}
+	/* The backend's next expected sequence number once it has the
+	 * FIN: the next connection on this port must start after it. */
+	r->tw_seq = seqb + tcp_payload_len(ctx, tcp) + 1;
+	r->flags |= XLB_RF_TW_SEQ;
+	conn_mark(c, XLB_CF_FIN_C, r, now);
+	return 0;
+}
+
 static __always_inline int conntrack_fwd(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
 					 __u64 now)
 {
 	__u8 fl = p->tcp_flags;
 	struct xlb_conn *c;
-	__u32 seq;
+	struct tcphdr *tcp;
+	__u32 seq, flags;
+	int v;
 
 	/* A SYN goes straight to select, which finds an existing
 	 * connection of its flow while it looks for a slot. */
@@ -241,15 +303,74 @@ static __always_inline int conntrack_fwd(struct xdp_md *ctx, const struct xlb_cf
 		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_SELECT);
 		return pass(XLB_STAT_TAILCALL_FAIL);
 	}
+	tcp = tcp_at(ctx);
+	if (!tcp)
+		return drop(XLB_STAT_DROP_INTERNAL);
 	c = ct_find(cfg, &p->flow, &seq);
 	if (!c) {
 		if (!service_of(p))
 			return pass(XLB_STAT_PASS_NOT_OURS);
+		/* A client's answer to a SYN challenge. */
+		if ((fl & TCP_FL_RST) && syn_validate(cfg, &p->flow, bpf_ntohl(tcp->seq), now))
+			return drop(XLB_STAT_SYN_VALIDATED);
 		return drop(XLB_STAT_DROP_NO_CONN);
 	}
-	if (fl & (TCP_FL_FIN | TCP_FL_RST))
-		conn_mark(c, tcp_conn_bits(fl, XLB_CF_FIN_C));
+	flags = c->flags;
+	if ((fl & (TCP_FL_FIN | TCP_FL_RST)) || conn_closed(flags)) {
+		v = fwd_control(ctx, cfg, p, c, tcp, now);
+		if (v)
+			return v;
+	} else if ((flags & (XLB_CF_SYNACK | XLB_CF_ESTAB)) == XLB_CF_SYNACK && (fl & TCP_FL_ACK) &&
+		   bpf_ntohl(tcp->ack_seq) == c->isn_b + 1) {
+		/* The client's ACK of the backend's SYN-ACK: only now is
+		 * the connection established. */
+		conn_mark(c, XLB_CF_ESTAB, NULL, now);
+	}
+	if ((fl & (TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_ACK)
+		c->ack_c = bpf_ntohl(tcp->ack_seq);
 	return forward_along(ctx, cfg, p, c, seq, now);
+}
+
+/* ret_control follows a backend's SYN-ACK, FIN or RST in its connection's
+ * slot, found from the way. */
+static __always_inline void ret_control(const struct xlb_cfg *cfg, struct xlb_pkt *p, struct xlb_rconn *r,
+					struct tcphdr *tcp, __u64 now)
+{
+	struct xlb_flow fk = {
+		.saddr = r->caddr,
+		.daddr = r->vaddr,
+		.sport = r->cport,
+		.dport = r->vport,
+		.proto = IPPROTO_TCP,
+	};
+	__u8 fl = p->tcp_flags;
+	__u32 seq, seqb = bpf_ntohl(tcp->seq);
+	struct xlb_conn *c = ct_find(cfg, &fk, &seq);
+	int ok;
+
+	/* The flow's connection may be a newer one on another port. */
+	if (!c || c->lport != p->flow.dport || c->baddr != p->flow.saddr || c->bport != p->flow.sport)
+		return;
+	if ((fl & (TCP_FL_SYN | TCP_FL_ACK | TCP_FL_RST)) == (TCP_FL_SYN | TCP_FL_ACK)) {
+		if (!(c->flags & XLB_CF_SYNACK)) {
+			c->isn_b = seqb;
+			c->ack_c = seqb + 1;
+		}
+		conn_mark(c, XLB_CF_SYNACK, r, now);
+		return;
+	}
+	if (!(fl & (TCP_FL_FIN | TCP_FL_RST)))
+		return;
+	if ((fl & TCP_FL_RST) && !(c->flags & XLB_CF_SYNACK))
+		/* A refused SYN: the RST acknowledges exactly the SYN. */
+		ok = (fl & TCP_FL_ACK) && bpf_ntohl(tcp->ack_seq) == r->ack_b;
+	else
+		ok = in_window(seqb, c->ack_c, XLB_WIN_BACKEND);
+	if (!ok) {
+		count(XLB_STAT_UNTRUSTED_RST_FIN);
+		return;
+	}
+	conn_mark(c, (fl & TCP_FL_RST) ? XLB_CF_RST : XLB_CF_FIN_B, r, now);
 }
 
 static __always_inline int conntrack_ret(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
@@ -257,45 +378,27 @@ static __always_inline int conntrack_ret(struct xdp_md *ctx, const struct xlb_cf
 {
 	__u8 fl = p->tcp_flags;
 	struct xlb_rconn *r;
+	struct tcphdr *tcp;
 
-	r = port_entry(cfg, bpf_ntohs(p->flow.dport), p->flow.saddr, p->flow.sport);
+	r = port_entry(cfg, p->src_idx, bpf_ntohs(p->flow.dport), p->flow.saddr, p->flow.sport);
 	if (!r || r->state == XLB_PS_FREE || r->baddr != p->flow.saddr || r->bport != p->flow.sport)
 		return pass(XLB_STAT_PASS_NOT_OURS);
-	if (fl & (TCP_FL_SYN | TCP_FL_FIN | TCP_FL_RST)) {
-		/* State changes live in the connection's slot. */
-		struct xlb_flow fk = {
-			.saddr = r->caddr,
-			.daddr = r->vaddr,
-			.sport = r->cport,
-			.dport = r->vport,
-			.proto = IPPROTO_TCP,
-		};
-		__u32 seq;
-		struct xlb_conn *c = ct_find(cfg, &fk, &seq);
-
-		if (c) {
-			__u32 bits = tcp_conn_bits(fl, XLB_CF_FIN_B);
-
-			/* A backend that closes first holds TIME_WAIT. */
-			if ((bits & XLB_CF_FIN_B) && !(c->flags & XLB_CF_FIN_C))
-				bits |= XLB_CF_TW;
-			if ((fl & (TCP_FL_SYN | TCP_FL_ACK)) == (TCP_FL_SYN | TCP_FL_ACK))
-				bits |= XLB_CF_ESTAB;
-			conn_mark(c, bits);
-		}
-	}
+	tcp = tcp_at(ctx);
+	if (!tcp)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	if (fl & (TCP_FL_SYN | TCP_FL_FIN | TCP_FL_RST))
+		ret_control(cfg, p, r, tcp, now);
+	/* What the backend acknowledged bounds the client's RST and FIN. A
+	 * RST's acknowledgement, valid or forged, moves nothing. */
+	if ((fl & (TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_ACK)
+		r->ack_b = bpf_ntohl(tcp->ack_seq);
 	r->last_seen_j = now;
-	if (now - r->nh_j > cfg->nh_ttl_j) {
-		struct xlb_nh nh;
-
-		if (fib_nexthop(ctx, r->vaddr, r->caddr, &nh) == BPF_FIB_LKUP_RET_SUCCESS)
-			r->nh = nh;
-		r->nh_j = now;
-	}
+	client_nexthop(ctx, cfg, r, now);
 	p->new_saddr = r->vaddr;
 	p->new_daddr = r->caddr;
 	p->new_sport = r->vport;
 	p->new_dport = r->cport;
+	p->seq_delta = r->seq_delta;
 	p->nh = r->nh;
 	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_REWRITE);
 	return pass(XLB_STAT_TAILCALL_FAIL);
@@ -394,72 +497,77 @@ static __always_inline __s64 select_backend(struct xlb_pkt *p)
 	return *id;
 }
 
-/* claim_port claims the backend's way of a free source port, walking
- * the range per backend as connect() does: a port comes back only after
- * the whole range was used, long after the backend's TIME_WAIT for it in
- * all but the busiest cases. One compare-and-swap per probe, so two CPUs
- * never share a way. Returns the way and its offset in the range. */
-static __always_inline struct xlb_rconn *claim_port(const struct xlb_cfg *cfg, struct xlb_backend_stats *bs,
-						    const struct xlb_backend *b, __u32 *off)
+/* client_addr_ok reports whether a SYN's source address could be a
+ * client's: not 0/8, loopback, multicast, reserved or broadcast, and not
+ * the VIP itself. */
+static __always_inline int client_addr_ok(__be32 saddr, __be32 daddr)
 {
-	__u32 range = (__u32)cfg->port_hi - cfg->port_lo + 1;
-	__u32 way = port_way(b->addr, b->port);
-	__u32 start, i;
+	__u32 top = bpf_ntohl(saddr) >> 24;
 
-	if (cfg->port_hi < cfg->port_lo)
-		return NULL;
-	/* Backends sharing a way start their walks far apart (their own
-	 * hash), and a walk resumes after the port it last claimed. */
-	start = (__u32)((__sync_fetch_and_add(&bs->port_seq, 1) + port_hash(b->addr, b->port)) % range);
-	for (i = 0; i < XLB_PORT_TRIES; i++) {
-		__u32 idx;
-		struct xlb_rconn *r;
+	return top != 0 && top != 127 && top < 224 && saddr != daddr;
+}
 
-		*off = (start + i) % range;
-		idx = way * range + *off;
-		r = bpf_map_lookup_elem(&xlb_ports, &idx);
-		if (!r)
-			return NULL;
-		if (__sync_val_compare_and_swap(&r->state, XLB_PS_FREE, XLB_PS_USED) == XLB_PS_FREE) {
-			if (i)
-				__sync_fetch_and_add(&bs->port_seq, i);
-			return r;
-		}
+/* first_source returns the first source address index at or after start
+ * (modulo XLB_MAX_SOURCES) in a service's mask, or -1. */
+static __always_inline int first_source(__u32 mask, __u32 start)
+{
+	__u32 k, s;
+
+	for (k = 0; k < XLB_MAX_SOURCES; k++) {
+		s = (start + k) & (XLB_MAX_SOURCES - 1);
+		if (mask & (1u << s))
+			return s;
 	}
-	return NULL;
+	return -1;
+}
+
+/* refuse answers a SYN with a RST that acknowledges it, so the client
+ * gives up at once instead of retrying for a minute. */
+static __always_inline int refuse(struct xdp_md *ctx, __u32 stat)
+{
+	struct tcphdr *tcp = tcp_at(ctx);
+
+	count(stat);
+	if (!tcp)
+		return XDP_DROP;
+	return tcp_reply(ctx, TCP_FL_RST | TCP_FL_ACK, 0, bpf_ntohl(tcp->seq) + 1 + tcp_payload_len(ctx, tcp));
 }
 
 /* xlb_select creates the connection of a SYN: it finds the service,
- * chooses a backend, takes a slot in the connection table and claims a
- * source port unique for that backend. A SYN whose flow has a live
- * connection (a retransmission) goes along it; one whose connection ended
- * (closed, or idle past its timeout) replaces it: a client may reuse its
- * port at once. */
+ * chooses a backend, takes a slot in the connection table, claims a
+ * source port unique for that backend on one of the service's source
+ * addresses and chooses the backend-side ISN. A SYN whose flow has a live
+ * connection (a retransmission) goes along it, with the same ISN; one
+ * whose connection ended (closed, or idle past its timeout) replaces it:
+ * a client may reuse its port at once. */
 SEC("xdp")
 int xlb_select(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
 	struct xlb_pkt *p = scratch();
 	struct xlb_backend_stats *bs;
 	struct xlb_conn *c = NULL;
+	struct xlb_rconn *r = NULL;
 	struct xlb_backend *b;
-	struct xlb_rconn *r;
 	struct xlb_cfg *cfg;
+	struct tcphdr *tcp;
+	struct ethhdr *eth;
 	__u64 now = bpf_jiffies64();
-	__u32 bid, seq = 0, off = 0;
+	__u32 bid, seq = 0, off = 0, mask, *maskp, isn, k, src = 0;
+	__be32 *laddr = NULL;
 	__s64 sel;
+	int first;
 
-	if (!p || (void *)(eth + 1) > end)
-		return drop(XLB_STAT_DROP_INTERNAL);
 	cfg = config();
-	if (!cfg)
+	if (!p || !cfg)
 		return drop(XLB_STAT_DROP_INTERNAL);
 	/* First whether the SYN is for a VIP at all: a SYN to another
 	 * address on a VIP's port must not take (or evict) a slot. */
 	if (!service_of(p))
 		return pass(XLB_STAT_PASS_NOT_OURS);
+	if (!client_addr_ok(p->flow.saddr, p->flow.daddr))
+		return drop(XLB_STAT_DROP_BAD_SOURCE);
+	if (!syn_csum_ok(ctx))
+		return drop(XLB_STAT_DROP_BAD_CSUM);
 
 	switch (ct_claim(cfg, &p->flow, &c, &seq)) {
 	case CT_EXISTS:
@@ -469,13 +577,13 @@ int xlb_select(struct xdp_md *ctx)
 			return forward_along(ctx, cfg, p, c, seq, now);
 		if (!ct_take(c, seq))
 			return drop(XLB_STAT_DROP_CT_RACE);
-		conn_end(cfg, c, XLB_STAT_RECYCLED);
+		conn_end(cfg, c, XLB_STAT_RECYCLED, now);
 		break;
 	case CT_NEW:
 		if (!c)
 			return drop(XLB_STAT_DROP_INTERNAL);
 		if (c->flags && !(c->flags & XLB_CF_DEAD))
-			conn_end(cfg, c, XLB_STAT_EVICTED);
+			conn_end(cfg, c, XLB_STAT_EVICTED, now);
 		break;
 	default:
 		return drop(XLB_STAT_DROP_CT_RACE);
@@ -486,20 +594,66 @@ int xlb_select(struct xdp_md *ctx)
 	sel = select_backend(p);
 	bid = sel;
 	b = sel < 0 ? NULL : bpf_map_lookup_elem(&xlb_backends, &bid);
-	if (!b || !b->weight) {
-		ct_publish(c);
-		return drop(XLB_STAT_DROP_NO_BACKEND);
+	maskp = bpf_map_lookup_elem(&xlb_svc_src, &p->svc_id);
+	mask = maskp ? *maskp : 0;
+	first = first_source(mask, flow_hash(&p->flow));
+	if (first >= 0) {
+		src = first;
+		laddr = bpf_map_lookup_elem(&xlb_src, &src);
 	}
-	bs = backend_nexthop(ctx, cfg, bid, b->addr, now);
+	if (!b || !b->weight || !laddr) {
+		ct_publish(c);
+		return refuse(ctx, XLB_STAT_RST_NO_BACKEND);
+	}
+	bs = backend_nexthop(ctx, cfg, bid, *laddr, b->addr, now);
 	if (!bs) {
 		ct_publish(c);
 		return drop(XLB_STAT_DROP_FIB);
 	}
-	r = claim_port(cfg, bs, b, &off);
-	if (!r) {
+	if (syn_challenge_due(cfg, bs, p->flow.saddr, now)) {
 		ct_publish(c);
-		return drop(XLB_STAT_DROP_NO_PORT);
+		count(XLB_STAT_SYN_CHALLENGE);
+		return tcp_reply(ctx, TCP_FL_SYN | TCP_FL_ACK, rand32(), syn_cookie(cfg, &p->flow, syn_slot(cfg, now)));
 	}
+	/* A port of the first source address with one free, from a start
+	 * that spreads flows over the service's addresses. */
+	for (k = 0; k < XLB_MAX_SOURCES; k++) {
+		__u32 s = (first + k) & (XLB_MAX_SOURCES - 1);
+
+		if (!(mask & (1u << s)))
+			continue;
+		r = claim_port(cfg, s, b->addr, b->port, &off, now);
+		if (r) {
+			src = s;
+			break;
+		}
+	}
+	laddr = bpf_map_lookup_elem(&xlb_src, &src);
+	tcp = tcp_at(ctx);
+	eth = (void *)(long)ctx->data;
+	if (!r || !laddr || !tcp) {
+		ct_publish(c);
+		__sync_fetch_and_add(&bs->no_port, 1);
+		return refuse(ctx, XLB_STAT_RST_NO_PORT);
+	}
+	if ((void *)(eth + 1) > (void *)(long)ctx->data_end) {
+		ct_publish(c);
+		return drop(XLB_STAT_DROP_INTERNAL);
+	}
+
+	c->key = p->flow;
+	c->laddr = *laddr;
+	c->baddr = b->addr;
+	c->bport = b->port;
+	c->lport = bpf_htons(cfg->port_lo + off);
+	c->backend_id = bid;
+	c->src_idx = src;
+	c->last_seen_j = now;
+	isn = backend_isn(cfg, r, c->laddr, c->lport, b->addr, b->port, now);
+	c->seq_delta = isn - bpf_ntohl(tcp->seq);
+	c->isn_b = 0;
+	c->ack_c = 0;
+	c->flags = XLB_CF_SYN;
 
 	/* Replies go back the way the SYN came (its MACs and interface)
 	 * until the return path asks the FIB, nh_ttl later. */
@@ -509,36 +663,35 @@ int xlb_select(struct xdp_md *ctx)
 	r->cport = p->flow.sport;
 	r->vaddr = p->flow.daddr;
 	r->vport = p->flow.dport;
+	r->flags = 0;
 	r->last_seen_j = now;
 	r->nh_j = now;
+	r->seq_delta = c->seq_delta;
+	r->ack_b = isn + 1;
 	r->nh.ifindex = ctx->ingress_ifindex;
 	__builtin_memcpy(r->nh.dmac, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(r->nh.smac, eth->h_dest, ETH_ALEN);
-
-	c->key = p->flow;
-	c->baddr = b->addr;
-	c->bport = b->port;
-	c->lport = bpf_htons(cfg->port_lo + off);
-	c->backend_id = bid;
-	c->last_seen_j = now;
-	c->flags = XLB_CF_SYN;
 	ct_publish(c);
 
 	__sync_fetch_and_add(&bs->active, 1);
+	__sync_fetch_and_add(&bs->half_open, 1);
 	__sync_fetch_and_add(&bs->new_conns, 1);
 	count(XLB_STAT_NEW_CONN);
 
-	p->new_saddr = cfg->snat_addr;
+	p->new_saddr = c->laddr;
 	p->new_daddr = b->addr;
 	p->new_sport = c->lport;
 	p->new_dport = b->port;
+	p->seq_delta = c->seq_delta;
 	p->nh = bs->nh;
 	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_REWRITE);
 	return pass(XLB_STAT_TAILCALL_FAIL);
 }
 
-/* xlb_rewrite applies the NAT chosen by conntrack or select: MACs, IPs and
- * ports, with incremental IPv4 and TCP checksum updates, and transmits. */
+/* xlb_rewrite applies the NAT chosen by conntrack or select: MACs, IPs,
+ * ports and the sequence translation (seq forward; ack and SACK blocks on
+ * the return; a SYN's timestamp option removed), with incremental IPv4
+ * and TCP checksum updates, and transmits. */
 SEC("xdp")
 int xlb_rewrite(struct xdp_md *ctx)
 {
@@ -548,6 +701,8 @@ int xlb_rewrite(struct xdp_md *ctx)
 	struct iphdr *ip = (void *)(eth + 1);
 	struct tcphdr *tcp = (void *)(ip + 1);
 	struct xlb_pkt *p = scratch();
+	__u32 optlen;
+	__be32 old;
 	__u64 acc;
 
 	if (!p || (void *)(tcp + 1) > end || ip->ihl != 5)
@@ -566,6 +721,22 @@ int xlb_rewrite(struct xdp_md *ctx)
 	acc = csum_acc32(acc, ip->daddr, p->new_daddr);
 	acc = csum_acc16(acc, tcp->source, p->new_sport);
 	acc = csum_acc16(acc, tcp->dest, p->new_dport);
+	optlen = tcp->doff * 4 - sizeof(*tcp);
+	if (p->dir == XLB_DIR_FWD) {
+		old = tcp->seq;
+		tcp->seq = seq_add(old, p->seq_delta);
+		acc = csum_acc32(acc, old, tcp->seq);
+		if ((p->tcp_flags & TCP_FL_SYN) && optlen)
+			acc = tcp_strip_ts(ctx, optlen, acc);
+	} else {
+		if (p->tcp_flags & TCP_FL_ACK) {
+			old = tcp->ack_seq;
+			tcp->ack_seq = seq_add(old, -p->seq_delta);
+			acc = csum_acc32(acc, old, tcp->ack_seq);
+		}
+		if (optlen)
+			acc = tcp_sack_sub(ctx, optlen, p->seq_delta, acc);
+	}
 	tcp->check = csum_finish(acc);
 
 	ip->saddr = p->new_saddr;

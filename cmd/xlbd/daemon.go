@@ -50,6 +50,7 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		PortHi:        cfg.SourcePorts.Hi,
 		ConntrackSize: uint32(cfg.Conntrack.MaxEntries),
 		Timeouts:      timeouts(cfg.Conntrack.Timeouts),
+		SYN:           synDefence(cfg.SYNDefence),
 		GCInterval:    cfg.Conntrack.GCInterval,
 		Logger:        log,
 		Selector:      d.pol,
@@ -197,6 +198,11 @@ func (d *daemon) reloadAndLog(ctx context.Context) {
 
 func timeouts(t config.Timeouts) dispatcher.Timeouts {
 	return dispatcher.Timeouts{SYN: t.SYN, Established: t.Established, FIN: t.FIN, Closed: t.Closed, TimeWait: t.TimeWait}
+}
+
+func synDefence(s config.SYNDefence) dispatcher.SYNDefence {
+	mode := map[string]dispatcher.SYNMode{"off": dispatcher.SYNOff, "auto": dispatcher.SYNAuto, "on": dispatcher.SYNOn}[s.Mode]
+	return dispatcher.SYNDefence{Mode: mode, HalfOpen: uint32(s.HalfOpen), TrustFor: s.TrustFor}
 }
 
 func services(cfg *config.Config) []balancer.Service {

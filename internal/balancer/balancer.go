@@ -45,6 +45,7 @@ type Options struct {
 	PortHi        uint16
 	ConntrackSize uint32
 	Timeouts      dispatcher.Timeouts
+	SYN           dispatcher.SYNDefence
 	GCInterval    time.Duration
 	Logger        *slog.Logger
 	// Selector computes selection tables (xlbd: the policy plugins).
@@ -171,8 +172,8 @@ func New(opts Options) (_ *Balancer, err error) {
 		opts:     opts,
 		log:      opts.Logger,
 		services: make(map[netip.AddrPort]*service),
-		svcIDs:   newIDAllocator(dispatcher.MaxServices),
-		bkIDs:    newIDAllocator(dispatcher.MaxBackends),
+		svcIDs:   newIDAllocator(uint32(dispatcher.MaxServices)),
+		bkIDs:    newIDAllocator(uint32(dispatcher.MaxBackends)),
 		kick:     make(chan struct{}, 1),
 	}
 	defer func() {
@@ -209,10 +210,11 @@ func New(opts Options) (_ *Balancer, err error) {
 		return nil, err
 	}
 	err = b.pipe.SetSettings(dispatcher.Settings{
-		SourceAddress:    b.source,
+		SourceAddresses:  []netip.Addr{b.source},
 		PortLo:           opts.PortLo,
 		PortHi:           opts.PortHi,
 		ConntrackTimeout: opts.Timeouts,
+		SYN:              opts.SYN,
 	})
 	if err != nil {
 		return nil, err

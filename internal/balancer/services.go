@@ -221,7 +221,7 @@ func (p *ServicesPlan) apply() error {
 			b.retire(bk)
 		}
 		if ps.svc == nil {
-			if err := b.pipe.SetService(svc.id, ps.spec.VIP); err != nil {
+			if err := b.pipe.SetService(svc.id, ps.spec.VIP, []int{0}); err != nil {
 				return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
 			}
 			b.services[ps.spec.VIP] = svc

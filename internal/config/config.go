@@ -60,6 +60,22 @@ type Config struct {
 	// XLBPriority is the place of xlb's own pipeline in the chain,
 	// 0 to 1000, lower runs first.
 	XLBPriority int `mapstructure:"xlb-priority"`
+	// SYNDefence configures the SYN flood defence.
+	SYNDefence SYNDefence `mapstructure:"syn-defence"`
+}
+
+// SYNDefence configures the SYN flood defence: SYNs from sources that have
+// not answered a challenge recently are challenged instead of served.
+type SYNDefence struct {
+	// Mode is auto (challenge while a backend has HalfOpen half-open
+	// connections or more), on (always) or off.
+	Mode string `mapstructure:"mode"`
+	// HalfOpen is the per-backend number of half-open connections from
+	// which auto challenges.
+	HalfOpen int `mapstructure:"half-open"`
+	// TrustFor is how long a source that answered a challenge is served
+	// without another.
+	TrustFor time.Duration `mapstructure:"trust-for"`
 }
 
 // PortRange is an inclusive range of ports, written "LO-HI".
@@ -80,7 +96,8 @@ type Conntrack struct {
 
 // Timeouts are idle timeouts of tracked connections, per TCP state.
 type Timeouts struct {
-	// SYN applies while the handshake is not complete.
+	// SYN applies while the handshake is not complete: until the
+	// client's ACK of the backend's SYN-ACK.
 	SYN time.Duration `mapstructure:"syn"`
 	// Established applies to established connections.
 	Established time.Duration `mapstructure:"established"`
@@ -88,8 +105,10 @@ type Timeouts struct {
 	FIN time.Duration `mapstructure:"fin"`
 	// Closed applies after a RST, or FINs in both directions.
 	Closed time.Duration `mapstructure:"closed"`
-	// TimeWait keeps a source port reserved after a connection whose
-	// backend closed first, while the backend holds TIME_WAIT for it.
+	// TimeWait is how long a source port rests after its connection
+	// ended before another connection may take it. The backend-side ISN
+	// makes a backend still in TIME_WAIT accept the next connection, so
+	// it only has to outlast the old connection's last packets.
 	TimeWait time.Duration `mapstructure:"time-wait"`
 }
 
@@ -156,13 +175,14 @@ func Default() *Config {
 			MaxEntries: DefaultMaxEntries,
 			GCInterval: time.Second,
 			Timeouts: Timeouts{
-				SYN:         60 * time.Second,
+				SYN:         5 * time.Second,
 				Established: 900 * time.Second,
 				FIN:         120 * time.Second,
 				Closed:      10 * time.Second,
-				TimeWait:    60 * time.Second,
+				TimeWait:    2 * time.Second,
 			},
 		},
+		SYNDefence: SYNDefence{Mode: "auto", HalfOpen: 1000, TrustFor: 10 * time.Minute},
 	}
 }
 
@@ -186,6 +206,9 @@ var envKeys = []string{
 	"conntrack.timeouts.fin",
 	"conntrack.timeouts.closed",
 	"conntrack.timeouts.time-wait",
+	"syn-defence.mode",
+	"syn-defence.half-open",
+	"syn-defence.trust-for",
 }
 
 // fileOnlyKeys are the keys that only the configuration file may set.
@@ -203,6 +226,7 @@ var flagKeys = map[string]string{
 	"pin-path":              "pin-path",
 	"log-level":             "log-level",
 	"conntrack-max-entries": "conntrack.max-entries",
+	"syn-defence":           "syn-defence.mode",
 }
 
 // EnvName returns the environment variable that sets key, such as
@@ -231,6 +255,7 @@ func NewFlagSet() *pflag.FlagSet {
 	fs.String("pin-path", d.PinPath, "bpffs `dir`ectory for pinned objects")
 	fs.String("log-level", d.LogLevel, "log `level`: debug, info, warn or error")
 	fs.Int("conntrack-max-entries", d.Conntrack.MaxEntries, "connection table `size`")
+	fs.String("syn-defence", d.SYNDefence.Mode, "SYN flood defence `mode`: auto, on or off")
 	return fs
 }
 
@@ -329,6 +354,9 @@ func setDefaults(v *viper.Viper, d *Config) {
 	v.SetDefault("services", nil)
 	v.SetDefault("chain", nil)
 	v.SetDefault("xlb-priority", d.XLBPriority)
+	v.SetDefault("syn-defence.mode", d.SYNDefence.Mode)
+	v.SetDefault("syn-defence.half-open", d.SYNDefence.HalfOpen)
+	v.SetDefault("syn-defence.trust-for", d.SYNDefence.TrustFor)
 }
 
 // readFile reads the YAML file at path and checks that it holds only known

@@ -235,6 +235,11 @@ var (
 				"time-wait":   leaf,
 			}},
 		}},
+		"syn-defence": {fields: map[string]*schema{
+			"mode":      leaf,
+			"half-open": leaf,
+			"trust-for": leaf,
+		}},
 		"services": {elem: &schema{fields: map[string]*schema{
 			"vip":    leaf,
 			"policy": leaf,

@@ -23,6 +23,9 @@ const (
 	MinGCInterval     = 100 * time.Millisecond
 	MaxGCInterval     = 60 * time.Second
 	MinTimeout        = time.Second
+	MinTimeWait       = 100 * time.Millisecond
+	MaxTimeWait       = 10 * time.Minute
+	MaxHalfOpen       = 1 << 24
 	MaxBackends       = 256
 	MaxWeight         = 65535
 	MaxPriority       = 1000
@@ -85,6 +88,9 @@ func (c *Config) Validate() error {
 	if err := c.Conntrack.validate(); err != nil {
 		return fmt.Errorf("conntrack.%w", err)
 	}
+	if err := c.SYNDefence.validate(); err != nil {
+		return fmt.Errorf("syn-defence.%w", err)
+	}
 	if err := validateServices(c.Services); err != nil {
 		return err
 	}
@@ -127,11 +133,29 @@ func (ct *Conntrack) validate() error {
 		{"established", ct.Timeouts.Established},
 		{"fin", ct.Timeouts.FIN},
 		{"closed", ct.Timeouts.Closed},
-		{"time-wait", ct.Timeouts.TimeWait},
 	} {
 		if t.d < MinTimeout {
 			return fmt.Errorf("timeouts.%s: %s below %s", t.key, t.d, MinTimeout)
 		}
+	}
+	if ct.Timeouts.TimeWait < MinTimeWait || ct.Timeouts.TimeWait > MaxTimeWait {
+		return fmt.Errorf("timeouts.time-wait: %s out of range %s..%s", ct.Timeouts.TimeWait, MinTimeWait, MaxTimeWait)
+	}
+	return nil
+}
+
+// validate returns errors that start with the key below syn-defence.
+func (s *SYNDefence) validate() error {
+	switch s.Mode {
+	case "auto", "on", "off":
+	default:
+		return fmt.Errorf("mode: %q is not auto, on or off", s.Mode)
+	}
+	if s.HalfOpen < 1 || s.HalfOpen > MaxHalfOpen {
+		return fmt.Errorf("half-open: %d out of range 1..%d", s.HalfOpen, MaxHalfOpen)
+	}
+	if s.TrustFor < time.Second || s.TrustFor > 24*time.Hour {
+		return fmt.Errorf("trust-for: %s out of range 1s..24h", s.TrustFor)
 	}
 	return nil
 }

@@ -59,6 +59,14 @@ type TCPOpts struct {
 	// packet were whole.
 	FragOffset    uint16
 	MoreFragments bool
+	// DontFragment sets the IPv4 DF flag.
+	DontFragment bool
+	// ZeroWindow sends a window of 0 instead of Window's default.
+	ZeroWindow bool
+	// Options are raw TCP option bytes (kind, length, data; EOL and NOP
+	// are one byte), padded with zeros (EOL) to a multiple of 4; they
+	// raise the data offset. They must be well-formed.
+	Options []byte
 	// DataOffsetOverride, when non-zero, is written as the TCP data offset
 	// (in 32-bit words) instead of the correct 5; the checksums still match
 	// the bytes, so the bogus offset is the only defect.
@@ -89,9 +97,18 @@ func TCP(o TCPOpts) []byte {
 		Window:     o.Window,
 		DataOffset: 5,
 	}
-	if tcp.Window == 0 {
+	if tcp.Window == 0 && !o.ZeroWindow {
 		tcp.Window = DefaultWindow
 	}
+	if o.DontFragment {
+		ip.Flags |= layers.IPv4DontFragment
+	}
+	topts, pad, err := tcpOptions(o.Options)
+	if err != nil {
+		panic(fmt.Sprintf("packet: %v", err))
+	}
+	tcp.Options, tcp.Padding = topts, pad
+	tcp.DataOffset = uint8(5 + (len(o.Options)+len(pad))/4)
 	if o.DataOffsetOverride != 0 {
 		tcp.DataOffset = o.DataOffsetOverride
 	}
@@ -122,6 +139,30 @@ func TCP(o TCPOpts) []byte {
 		}
 	}
 	return clone(buf.Bytes())
+}
+
+// tcpOptions splits raw TCP option bytes into gopacket's options and the
+// zero padding that makes them a multiple of 4 bytes.
+func tcpOptions(raw []byte) ([]layers.TCPOption, []byte, error) {
+	var out []layers.TCPOption
+	for i := 0; i < len(raw); {
+		kind := layers.TCPOptionKind(raw[i])
+		if kind == layers.TCPOptionKindEndList || kind == layers.TCPOptionKindNop {
+			out = append(out, layers.TCPOption{OptionType: kind, OptionLength: 1})
+			i++
+			continue
+		}
+		if i+1 >= len(raw) || raw[i+1] < 2 || i+int(raw[i+1]) > len(raw) {
+			return nil, nil, fmt.Errorf("tcp options %x: malformed at byte %d", raw, i)
+		}
+		n := int(raw[i+1])
+		out = append(out, layers.TCPOption{OptionType: kind, OptionLength: uint8(n), OptionData: raw[i+2 : i+n]})
+		i += n
+	}
+	if len(raw) > 40 {
+		return nil, nil, fmt.Errorf("tcp options: %d bytes, at most 40", len(raw))
+	}
+	return out, make([]byte, (4-len(raw)%4)%4), nil
 }
 
 // UDPOpts describes an Ethernet+IPv4+UDP packet.

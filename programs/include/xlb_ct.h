@@ -15,6 +15,7 @@
 #define XLB_CT_H
 
 #include "xlb_common.h"
+#include "xlb_hash.h"
 
 #define READ_U32(x) (*(volatile __u32 *)&(x))
 #define barrier() asm volatile("" ::: "memory")

@@ -33,7 +33,7 @@ struct {
 	__type(value, __u64);
 } xlb_stats SEC(".maps");
 
-/* Runtime settings (source address, port range, timeouts). */
+/* Runtime settings (port range, secrets, timeouts). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -67,8 +67,9 @@ struct {
 	__type(value, struct xlb_backend);
 } xlb_backends SEC(".maps");
 
-/* Backend id -> active and total connections, shared by all CPUs.
- * Mappable so the daemon can uncount expired connections atomically. */
+/* Backend id -> active, half-open and total connections and the cached
+ * next hop, shared by all CPUs. Mappable so the daemon can uncount
+ * expired connections atomically. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, XLB_MAX_BACKENDS);
@@ -140,11 +141,12 @@ struct {
 } xlb_conns SEC(".maps");
 
 /* Return table and source-port allocator in one: entry
- * way(backend) * ports + (port - port_lo) is the return side of
- * the connection holding that port towards that backend. Replies find it
- * with an array lookup; a new connection claims it with a
- * compare-and-swap. Sized by the daemon to the source-port range;
- * mappable so the daemon's sweeper can scan and free it. */
+ * (src * XLB_PORT_WAYS + way(backend)) * nports + (port - port_lo) is the
+ * return side of the connection holding that port of source address src
+ * towards that backend. Replies find it with an array lookup; a new
+ * connection claims it with a compare-and-swap. Sized by the daemon to
+ * the source addresses and port range; mappable so the daemon's sweeper
+ * can scan and free it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 22768 * XLB_PORT_WAYS);
@@ -152,5 +154,50 @@ struct {
 	__type(key, __u32);
 	__type(value, struct xlb_rconn);
 } xlb_ports SEC(".maps");
+
+/* Source address index -> address. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_MAX_SOURCES);
+	__type(key, __u32);
+	__type(value, __be32);
+} xlb_src SEC(".maps");
+
+/* The source addresses by a hash the daemon makes collision-free
+ * ((addr * src_mult) >> 26): parse finds whether a packet is a reply,
+ * and to which address, with one array lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_SRC_SLOTS);
+	__type(key, __u32);
+	__type(value, struct xlb_src_slot);
+} xlb_src_slots SEC(".maps");
+
+/* Service id -> the source addresses its connections use, a bit per
+ * index of xlb_src. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, __u32);
+} xlb_svc_src SEC(".maps");
+
+/* (source address, port way) -> the allocation cursor: every backend of
+ * the way, whatever service it serves, walks the range from it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_MAX_SOURCES * XLB_PORT_WAYS);
+	__type(key, __u32);
+	__type(value, __u32);
+} xlb_port_cur SEC(".maps");
+
+/* Sources validated by answering a SYN challenge, by a hash of the
+ * address (a collision only costs a new challenge). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_SYN_OK_SLOTS);
+	__type(key, __u32);
+	__type(value, struct xlb_trusted);
+} xlb_syn_ok SEC(".maps");
 
 #endif

@@ -4,6 +4,7 @@
 #define XLB_STRUCTS_H
 
 #include <linux/types.h>
+#include "xlb_consts.h"
 
 /* A TCP flow as it appears on the wire, addresses and ports in network
  * order. The key of a connection in xlb_conns (client -> VIP). */
@@ -25,7 +26,7 @@ struct xlb_vip {
 };
 
 struct xlb_service {
-	__u32 id;    /* index into xlb_sel and xlb_rr */
+	__u32 id;    /* index into xlb_sel, xlb_rr and xlb_svc_src */
 	__u32 flags; /* reserved */
 };
 
@@ -45,32 +46,37 @@ struct xlb_nh {
 /* A backend's runtime state, shared (not per-CPU) so least-conn sees one
  * figure; counters updated atomically. */
 struct xlb_backend_stats {
-	__s64 active;    /* open connections: +1 on create, -1 on close or expiry */
-	__u64 new_conns; /* connections created, ever */
-	__u64 port_seq;  /* source-port cursor: allocations walk the range */
-	__u64 nh_j;      /* when nh was looked up (jiffies); 0: never */
+	__s64 active;     /* open connections: +1 on create, -1 on close or expiry */
+	__u64 new_conns;  /* connections created, ever */
+	__s64 half_open;  /* connections whose handshake is not complete */
+	__u64 no_port;    /* SYNs refused for want of a free source port */
+	__u64 nh_j;       /* when nh was looked up (jiffies); 0: never */
 	struct xlb_nh nh; /* towards the backend, shared by its new connections */
 };
 
 /* A slot of xlb_conns, the connection table: a client flow and how to
- * rewrite its packets (source = the source address and lport, destination
- * = the backend). One cache line. See docs/stage-abi.md for the protocol
- * that lets CPUs and the daemon share slots without locks. */
+ * rewrite its packets. One cache line. See docs/stage-abi.md for the
+ * protocol that lets CPUs and the daemon share slots without locks. */
 struct xlb_conn {
 	__u32 seq;   /* even: stable; odd: being written. Taken by compare-and-swap */
 	__u32 flags; /* enum xlb_conn_flag, set with atomic or; 0: free slot */
 	struct xlb_flow key;
+	__be32 laddr; /* the source address towards the backend */
 	__be32 baddr; /* backend */
 	__be16 bport;
-	__be16 lport;
+	__be16 lport; /* the source port towards the backend */
 	__u32 backend_id;
-	__u32 pad;
 	__u64 last_seen_j; /* last client packet, jiffies */
-	__u64 pad2[2];
+	/* The backend-side ISN minus the client's: added to the client's
+	 * sequence numbers, taken from the backend's acknowledgements. */
+	__u32 seq_delta;
+	__u32 isn_b;   /* the backend's ISN, from its SYN-ACK */
+	__u32 ack_c;   /* the client's latest acknowledgement (backend sequence space) */
+	__u32 src_idx; /* index of laddr in xlb_src */
 };
 
 /* Value of xlb_ports, one way of a source port: the return side of a
- * connection, how to rewrite the backend's replies. */
+ * connection, how to rewrite the backend's replies. One cache line. */
 struct xlb_rconn {
 	__u32 state;  /* enum xlb_port_state, claimed with compare-and-swap */
 	__be32 baddr; /* the backend holding the way */
@@ -79,10 +85,15 @@ struct xlb_rconn {
 	__be32 caddr; /* client */
 	__be32 vaddr; /* VIP */
 	__be16 vport;
-	__u16 pad;
-	__u64 last_seen_j; /* last backend packet, jiffies */
-	__u64 nh_j;
+	__u16 flags; /* enum xlb_rconn_flag */
+	/* Last backend packet, jiffies; in XLB_PS_HOLD, when the hold began
+	 * (late packets of the ended connection extend it). */
+	__u64 last_seen_j;
+	__u32 nh_j;      /* low 32 bits of the jiffies when nh was looked up */
+	__u32 seq_delta; /* as in struct xlb_conn */
 	struct xlb_nh nh; /* towards the client */
+	__u32 tw_seq;    /* see XLB_RF_TW_SEQ */
+	__u32 ack_b;     /* the backend's latest acknowledgement (backend sequence space) */
 };
 
 /* Value of xlb_vip_ports: which VIP uses a TCP port. */
@@ -91,38 +102,54 @@ struct xlb_vip_port {
 	__u32 svc;   /* 0: none; service id + 1; XLB_VIP_MULTI: several */
 };
 
-/* Runtime settings, single entry of xlb_cfg. */
-struct xlb_cfg {
-	__be32 snat_addr; /* source address towards backends */
-	__u16 port_lo;    /* source port range, host order, inclusive */
-	__u16 port_hi;
-	__u32 ct_mask;      /* xlb_conns has ct_mask + 1 slots (a power of two) */
-	__u32 pad;
-	__u64 nh_ttl_j;     /* next hops are refreshed from the FIB after this */
-	__u64 timeout_j[4]; /* enum xlb_ct_state: syn, established, fin, closed */
+/* Value of xlb_src_slots: a source address and its index in xlb_src. */
+struct xlb_src_slot {
+	__be32 addr;
+	__u32 idx; /* index + 1; 0: empty slot */
 };
 
-enum xlb_ct_state {
-	XLB_CT_SYN = 0,
-	XLB_CT_ESTABLISHED = 1,
-	XLB_CT_FIN = 2,
-	XLB_CT_CLOSED = 3,
+/* Value of xlb_syn_ok: a source that answered a SYN challenge. */
+struct xlb_trusted {
+	__be32 addr;
+	__u32 until_j; /* low 32 bits of the jiffies until which it is trusted */
+};
+
+/* Runtime settings, single entry of xlb_settings. */
+struct xlb_cfg {
+	__u16 port_lo; /* source port range, host order, inclusive */
+	__u16 port_hi;
+	__u32 nports;  /* port_hi - port_lo + 1 */
+	__u32 ct_mask; /* xlb_conns has ct_mask + 1 slots (a power of two) */
+	__be32 src0;    /* the first source address (xlb_src[0]) */
+	__u32 src_mult; /* xlb_src_slots index: (addr * src_mult) >> 26; 0: only src0 */
+	__u32 isn_key[2];    /* secret of the ISN hash */
+	__u32 cookie_key[2]; /* secret of the SYN challenge cookie */
+	__u32 isn_per_j;     /* ISN clock: increments per jiffy (about 4 per microsecond) */
+	__u32 hold_j;        /* how long a port rests after its connection ended */
+	__u32 syn_mode;      /* enum xlb_syn_mode */
+	__u32 syn_half_open; /* per backend: half-open connections that start the defence */
+	__u32 syn_ok_j;      /* how long a validated source skips the challenge */
+	__u32 cookie_shift;  /* the cookie's clock: jiffies >> cookie_shift */
+	__u64 nh_ttl_j;      /* next hops are refreshed from the FIB after this */
+	__u64 timeout_j[XLB_CT_MAX]; /* idle timeouts by enum xlb_ct_state */
 };
 
 /* Per-packet state handed from stage to stage (xlb_scratch, per CPU).
  * See docs/stage-abi.md. */
 struct xlb_pkt {
-	struct xlb_flow flow; /* parse: as received */
+	struct xlb_flow flow;    /* parse: as received */
 	struct xlb_vip_port vip; /* parse: the VIP port's entry (forward) */
-	__u32 svc_id;         /* conntrack/select: the service of a new flow */
-	__u8 dir;             /* parse: enum xlb_dir */
-	__u8 tcp_flags;       /* parse: TCP flags byte */
-	__u16 pad;
+	__u32 svc_id;            /* conntrack/select: the service of a new flow */
+	__u8 dir;                /* parse: enum xlb_dir */
+	__u8 tcp_flags;          /* parse: TCP flags byte */
+	__u8 src_idx;            /* parse: the source address of a reply (return) */
+	__u8 pad;
 	/* conntrack/select: the rewrite to apply */
 	__be32 new_saddr;
 	__be32 new_daddr;
 	__be16 new_sport;
 	__be16 new_dport;
+	__u32 seq_delta; /* added to seq (forward), taken from ack and SACK (return) */
 	struct xlb_nh nh;
 };
 
