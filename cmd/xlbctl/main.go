@@ -169,8 +169,8 @@ func printStatus(w io.Writer, st control.Status) {
 	for _, s := range st.Services {
 		fmt.Fprintf(tw, "service %s\tpolicy %s\n", s.VIP, s.Policy)
 		for _, b := range s.Backends {
-			fmt.Fprintf(tw, "  backend %s\t%s\tweight %d\tactive %d\tnew/s %.1f\tnext hop: %s\n",
-				b.Address, b.State, b.Weight, b.Active, b.NewPerSec, b.NextHop)
+			fmt.Fprintf(tw, "  backend %s\t%s\tweight %d\tactive %d\thalf-open %d\tnew/s %.1f\tports %d used %d resting of %d\trefused %d\tnext hop: %s\n",
+				b.Address, b.State, b.Weight, b.Active, b.HalfOpen, b.NewPerSec, b.PortsUsed, b.PortsHeld, b.PortPool, b.NoPort, b.NextHop)
 		}
 	}
 	tw.Flush()

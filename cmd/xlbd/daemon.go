@@ -229,11 +229,14 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 		SourceAddress: d.bal.SourceAddress().String(),
 		Counters:      counters,
 	}
+	ports := d.bal.Pipeline().PortUse()
 	for _, s := range d.bal.Services() {
 		cs := control.Service{VIP: s.VIP.String(), Policy: s.Policy}
 		for _, b := range s.Backends {
+			use := ports[b.Address]
 			cs.Backends = append(cs.Backends, control.Backend{
-				Address: b.Address.String(), Weight: b.Weight, ID: b.ID, Active: b.Active, NewPerSec: b.NewPerSec,
+				Address: b.Address.String(), Weight: b.Weight, ID: b.ID, Active: b.Active, HalfOpen: b.HalfOpen,
+				NewPerSec: b.NewPerSec, PortsUsed: use.Used, PortsHeld: use.Held, PortPool: d.bal.PortPool(), NoPort: b.NoPort,
 				State: b.State.String(), NextHop: b.NextHop,
 			})
 		}

@@ -9,50 +9,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 )
-
-// load sends requests in the background, round robin over urls, until
-// stopped, and counts successes and failures.
-type load struct {
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup
-	ok, fail atomic.Int64
-	first    atomic.Value
-}
-
-func startLoad(c *http.Client, urls ...string) *load {
-	ctx, cancel := context.WithCancel(context.Background())
-	l := &load{cancel: cancel}
-	for w := range 4 {
-		l.wg.Add(1)
-		go func() {
-			defer l.wg.Done()
-			for i := w; ctx.Err() == nil; i++ {
-				if _, err := get(nil, c, urls[i%len(urls)]); err != nil {
-					if ctx.Err() != nil {
-						return
-					}
-					l.fail.Add(1)
-					l.first.CompareAndSwap(nil, err)
-					continue
-				}
-				l.ok.Add(1)
-			}
-		}()
-	}
-	return l
-}
-
-func (l *load) stop() (ok, fail int64, first any) {
-	l.cancel()
-	l.wg.Wait()
-	return l.ok.Load(), l.fail.Load(), l.first.Load()
-}
 
 // compileBPF compiles a BPF C source into dir and returns the object.
 func compileBPF(t *testing.T, src, dir string) string {
@@ -194,7 +154,7 @@ func TestReloadTransactional(t *testing.T) {
 			t.Errorf("pins of a member the refused reload would have added: %v", err)
 		}
 	}
-	l := startLoad(ct.c1.NS.HTTPClient(false), "http://"+vip80+"/", "http://"+vip8082+"/")
+	l := startLoad([]*http.Client{ct.c1.NS.HTTPClient(false)}, []string{"http://" + vip80 + "/", "http://" + vip8082 + "/"}, 4)
 
 	t.Run("a new service whose policy cannot start", func(t *testing.T) {
 		// /bin/true passes the checks (an executable) but is no plugin.
@@ -244,7 +204,7 @@ func TestReloadTransactional(t *testing.T) {
 		t.Errorf("%d requests failed (first: %v), %d succeeded", fail, first, ok)
 	}
 
-	l = startLoad(ct.c1.NS.HTTPClient(false), "http://"+vip80+"/")
+	l = startLoad([]*http.Client{ct.c1.NS.HTTPClient(false)}, []string{"http://" + vip80 + "/"}, 4)
 	t.Run("a good reload applies everything", func(t *testing.T) {
 		next := fmt.Sprintf("iface: eth0\npin-path: %s\nservices:\n  - {vip: %s, policy: hash, backends: [%s, %s]}\nchain:\n%s",
 			pinPath, vip80, a, c, filter(", priority: 20"))

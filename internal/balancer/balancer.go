@@ -76,8 +76,10 @@ type BackendState struct {
 	State plugins.BackendState
 	// NextHop is the neighbour keeper's view: the next hop, its interface
 	// and MAC, or why it is unreachable.
-	NextHop   string
-	Active    int64 // open connections
+	NextHop  string
+	Active   int64  // open connections
+	HalfOpen int64  // connections whose handshake is not complete
+	NoPort   uint64 // SYNs refused for want of a free source port
 	NewPerSec float64
 }
 
@@ -132,7 +134,13 @@ type backend struct {
 	lastNew uint64
 	lastAt  time.Time
 	rate    float64
+	noPort  uint64    // refusals already reported
+	warnAt  time.Time // when they were last reported
 }
+
+// noPortWarnEvery is how often, at most, the refusals of SYNs for want of
+// a free source port are logged per backend.
+const noPortWarnEvery = 10 * time.Second
 
 // Balancer owns the pipeline, its attachment and the host changes made
 // for it.
@@ -256,6 +264,10 @@ func (b *Balancer) Attachment() *dispatcher.Attachment { return b.att }
 // SourceAddress is the address used towards backends.
 func (b *Balancer) SourceAddress() netip.Addr { return b.source }
 
+// PortPool is the number of source ports a backend has on each source
+// address: the whole range, unless it shares its port way.
+func (b *Balancer) PortPool() int { return b.pipe.PortPool() }
+
 // Close detaches, releases the pipeline and undoes the host changes.
 func (b *Balancer) Close() error {
 	var errs []error
@@ -371,6 +383,12 @@ func (b *Balancer) sample() {
 				bk.rate = float64(st.NewConns-bk.lastNew) / dt
 			}
 			bk.lastNew, bk.lastAt = st.NewConns, now
+			if st.NoPort > bk.noPort && now.Sub(bk.warnAt) >= noPortWarnEvery {
+				b.log.Warn("source ports exhausted: SYNs refused with a RST", "vip", svc.spec.VIP.String(),
+					"backend", bk.spec.Address.String(), "refused", st.NoPort-bk.noPort,
+					"hint", "add source-addresses, widen source-ports or shorten conntrack.timeouts.time-wait")
+				bk.noPort, bk.warnAt = st.NoPort, now
+			}
 		}
 	}
 	kept := b.retired[:0]

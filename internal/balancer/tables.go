@@ -126,7 +126,8 @@ func (b *Balancer) state(svc *service) ServiceState {
 		stats, _ := b.pipe.BackendStats(bk.id)
 		_, hop := b.health(bk.spec.Address)
 		st.Backends = append(st.Backends, BackendState{
-			Backend: bk.spec, ID: bk.id, State: bk.state, NextHop: hop, Active: stats.Active, NewPerSec: bk.rate,
+			Backend: bk.spec, ID: bk.id, State: bk.state, NextHop: hop, Active: stats.Active, HalfOpen: stats.HalfOpen,
+			NoPort: stats.NoPort, NewPerSec: bk.rate,
 		})
 	}
 	return st

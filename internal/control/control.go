@@ -22,6 +22,7 @@ type Backend struct {
 	Weight    uint32  `json:"weight"`
 	ID        uint32  `json:"id"`
 	Active    int64   `json:"active"`
+	HalfOpen  int64   `json:"half_open"` // connections whose handshake is not complete
 	NewPerSec float64 `json:"new_per_sec"`
 	// State is "up", "down" (no new connections: its next hop does not
 	// answer) or "draining".
@@ -29,6 +30,14 @@ type Backend struct {
 	// NextHop is the neighbour keeper's view: "10.0.0.2 on eth0 at MAC",
 	// or why the next hop is unreachable.
 	NextHop string `json:"next_hop"`
+	// The backend's source-port pool: ports of live connections, ports
+	// resting after their connection ended, and the pool's size (over
+	// its source addresses; backends sharing a port way share it).
+	PortsUsed int `json:"ports_used"`
+	PortsHeld int `json:"ports_held"`
+	PortPool  int `json:"port_pool"`
+	// NoPort counts SYNs refused with a RST for want of a free port.
+	NoPort uint64 `json:"no_port"`
 }
 
 // Service is one service in a status report.

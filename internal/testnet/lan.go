@@ -54,6 +54,7 @@ type LAN struct {
 	opts        LANOptions
 	bridgeIndex int
 	peerProg    *ebpf.Program // the XDP_PASS program of NativePeerXDP
+	peerLinks   map[string]link.Link // the bridge-side XDP attachments, by host name
 }
 
 // Host is one machine on a LAN.
@@ -240,6 +241,10 @@ func (lan *LAN) attachPeerXDP(h *Host) {
 	if err != nil {
 		t.Fatalf("new lan: attach xdp pass to %s: %v", h.PeerIface, err)
 	}
+	if lan.peerLinks == nil {
+		lan.peerLinks = make(map[string]link.Link)
+	}
+	lan.peerLinks[h.Name] = l
 	t.Cleanup(func() {
 		// A link re-created by ReplaceLink took the old one's program
 		// with it: nothing to detach then.
@@ -265,6 +270,57 @@ func (lan *LAN) deleteLink(name string) {
 	if err != nil {
 		lan.t.Errorf("delete link %s in %s: %v", name, lan.Switch.Name, err)
 	}
+}
+
+// Lossy makes host h's link drop percent per cent of the frames in each
+// direction, at random, as `tc netem loss` would (this kernel has no
+// netem): an XDP program on the bridge-side veth drops what h sends, one
+// on h's interface (generic mode) what it receives. Cleanup restores the
+// link.
+func (lan *LAN) Lossy(h *Host, percent int) {
+	t := lan.t
+	t.Helper()
+	prog, err := newLossProgram(percent)
+	if err != nil {
+		t.Fatalf("lossy link: %v", err)
+	}
+	t.Cleanup(func() { prog.Close() })
+	if l, ok := lan.peerLinks[h.Name]; ok {
+		if err := l.Update(prog); err != nil {
+			t.Fatalf("lossy link: replace xdp on %s: %v", h.PeerIface, err)
+		}
+		pass, err := newPassProgram()
+		if err != nil {
+			t.Fatalf("lossy link: %v", err)
+		}
+		t.Cleanup(func() {
+			if err := l.Update(pass); err != nil {
+				t.Errorf("restore xdp pass on %s: %v", h.PeerIface, err)
+			}
+			pass.Close()
+		})
+	} else {
+		lan.attach(t, lan.Switch, prog, h.PeerIndex, h.PeerIface, link.XDPDriverMode)
+	}
+	lan.attach(t, h.NS, prog, h.Index, h.Iface+" of "+h.Name, link.XDPGenericMode)
+}
+
+// attach attaches prog to an interface of ns until cleanup.
+func (lan *LAN) attach(t TB, ns *NS, prog *ebpf.Program, ifindex int, name string, mode link.XDPAttachFlags) {
+	t.Helper()
+	var l link.Link
+	err := ns.Do(func() (err error) {
+		l, err = link.AttachXDP(link.XDPOptions{Program: prog, Interface: ifindex, Flags: mode})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("attach xdp to %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		if err := l.Close(); err != nil {
+			t.Errorf("detach xdp from %s: %v", name, err)
+		}
+	})
 }
 
 // Host returns the named host, failing the test if there is none.

@@ -119,6 +119,32 @@ func newPassProgram() (*ebpf.Program, error) {
 	return prog, nil
 }
 
+// newLossProgram loads an XDP program that drops percent per cent of
+// frames at random and passes the rest.
+func newLossProgram(percent int) (*ebpf.Program, error) {
+	if percent < 0 || percent > 100 {
+		return nil, fmt.Errorf("loss %d%%: out of range", percent)
+	}
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name: "xlbt_loss",
+		Type: ebpf.XDP,
+		Instructions: asm.Instructions{
+			asm.FnGetPrandomU32.Call(),
+			asm.Mod.Imm32(asm.R0, 100),
+			asm.JGE.Imm(asm.R0, int32(percent), "pass"),
+			asm.Mov.Imm(asm.R0, 1), // XDP_DROP
+			asm.Return(),
+			asm.Mov.Imm(asm.R0, 2).WithSymbol("pass"), // XDP_PASS
+			asm.Return(),
+		},
+		License: "GPL",
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load xdp loss program: %w", err)
+	}
+	return prog, nil
+}
+
 // NS is a named network namespace owned by one test.
 type NS struct {
 	Name string // the name under NetnsDir, random suffix included
