@@ -156,7 +156,7 @@ func printJSON(w io.Writer, v any, err error) error {
 }
 
 func printStatus(w io.Writer, st control.Status) {
-	fmt.Fprintf(w, "interface %s (%s), source address %s\n", st.Iface, st.XDPMode, st.SourceAddress)
+	fmt.Fprintf(w, "interface %s (%s), source addresses %s, ports %s\n", st.Iface, st.XDPMode, strings.Join(st.SourceAddresses, ","), st.SourcePorts)
 	if r := st.LastReload; r != nil {
 		at := r.At.Local().Format(time.DateTime)
 		if r.OK {

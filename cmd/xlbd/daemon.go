@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -43,17 +44,18 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		return nil, configError{err}
 	}
 	d.bal, err = balancer.New(balancer.Options{
-		Iface:         cfg.Iface,
-		XDPMode:       dispatcher.XDPMode(cfg.XDPMode),
-		SourceAddress: cfg.SourceAddress,
-		PortLo:        cfg.SourcePorts.Lo,
-		PortHi:        cfg.SourcePorts.Hi,
-		ConntrackSize: uint32(cfg.Conntrack.MaxEntries),
-		Timeouts:      timeouts(cfg.Conntrack.Timeouts),
-		SYN:           synDefence(cfg.SYNDefence),
-		GCInterval:    cfg.Conntrack.GCInterval,
-		Logger:        log,
-		Selector:      d.pol,
+		Iface:                cfg.Iface,
+		XDPMode:              dispatcher.XDPMode(cfg.XDPMode),
+		SourceAddresses:      cfg.SourceAddresses.Addrs(),
+		OtherSourceAddresses: cfg.AllSourceAddresses(),
+		PortLo:               cfg.SourcePorts.Lo,
+		PortHi:               cfg.SourcePorts.Hi,
+		ConntrackSize:        uint32(cfg.Conntrack.MaxEntries),
+		Timeouts:             timeouts(cfg.Conntrack.Timeouts),
+		SYN:                  synDefence(cfg.SYNDefence),
+		GCInterval:           cfg.Conntrack.GCInterval,
+		Logger:               log,
+		Selector:             d.pol,
 	})
 	if err != nil {
 		d.pol.Close()
@@ -134,9 +136,10 @@ func (d *daemon) reload(ctx context.Context) (res reloadResult, err error) {
 	if err != nil {
 		return res, err
 	}
-	if cfg.Iface != d.cfg.Iface || cfg.XDPMode != d.cfg.XDPMode || cfg.SourceAddress != d.cfg.SourceAddress ||
+	if cfg.Iface != d.cfg.Iface || cfg.XDPMode != d.cfg.XDPMode || !slices.Equal(cfg.AllSourceAddresses(), d.cfg.AllSourceAddresses()) ||
+		!slices.Equal(cfg.SourceAddresses.Addrs(), d.cfg.SourceAddresses.Addrs()) ||
 		cfg.SourcePorts != d.cfg.SourcePorts || cfg.Conntrack.MaxEntries != d.cfg.Conntrack.MaxEntries {
-		d.log.Warn("reload: iface, xdp-mode, source-address, source-ports and conntrack.max-entries need a restart; kept")
+		d.log.Warn("reload: iface, xdp-mode, the set of source addresses, source-ports and conntrack.max-entries need a restart; kept")
 	}
 	if err := checkPolicies(d.pol, cfg.Services); err != nil {
 		return res, err
@@ -212,7 +215,7 @@ func services(cfg *config.Config) []balancer.Service {
 		for _, b := range s.Backends {
 			bs = append(bs, balancer.Backend{Address: b.Address, Weight: b.Weight})
 		}
-		out = append(out, balancer.Service{VIP: s.VIP, Policy: s.Policy, Backends: bs})
+		out = append(out, balancer.Service{VIP: s.VIP, Policy: s.Policy, Backends: bs, SourceAddresses: s.SourceAddresses.Addrs()})
 	}
 	return out
 }
@@ -223,11 +226,15 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 	if err != nil {
 		return control.Status{}, err
 	}
+	lo, hi := d.bal.SourcePorts()
 	st := control.Status{
-		Iface:         d.cfg.Iface,
-		XDPMode:       d.cfg.XDPMode,
-		SourceAddress: d.bal.SourceAddress().String(),
-		Counters:      counters,
+		Iface:       d.cfg.Iface,
+		XDPMode:     d.cfg.XDPMode,
+		SourcePorts: fmt.Sprintf("%d-%d", lo, hi),
+		Counters:    counters,
+	}
+	for _, a := range d.bal.SourceAddresses() {
+		st.SourceAddresses = append(st.SourceAddresses, a.String())
 	}
 	ports := d.bal.Pipeline().PortUse()
 	for _, s := range d.bal.Services() {
@@ -236,7 +243,7 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 			use := ports[b.Address]
 			cs.Backends = append(cs.Backends, control.Backend{
 				Address: b.Address.String(), Weight: b.Weight, ID: b.ID, Active: b.Active, HalfOpen: b.HalfOpen,
-				NewPerSec: b.NewPerSec, PortsUsed: use.Used, PortsHeld: use.Held, PortPool: d.bal.PortPool(), NoPort: b.NoPort,
+				NewPerSec: b.NewPerSec, PortsUsed: use.Used, PortsHeld: use.Held, PortPool: s.PortPool, NoPort: b.NoPort,
 				State: b.State.String(), NextHop: b.NextHop,
 			})
 		}

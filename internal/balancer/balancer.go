@@ -38,9 +38,18 @@ var (
 
 // Options configure a Balancer.
 type Options struct {
-	Iface         string
-	XDPMode       dispatcher.XDPMode
-	SourceAddress netip.Addr // zero: the interface's primary IPv4 address
+	Iface   string
+	XDPMode dispatcher.XDPMode
+	// SourceAddresses are the addresses used towards backends by services
+	// that name none of their own. Empty: the interface's primary IPv4
+	// address.
+	SourceAddresses []netip.Addr
+	// OtherSourceAddresses are the further addresses services may name
+	// (Service.SourceAddresses): the data path is sized for all of them
+	// at start.
+	OtherSourceAddresses []netip.Addr
+	// PortLo and PortHi are the source-port range; zero means 10000-32767
+	// when a source address is one of the host's, 1024-65535 when none is.
 	PortLo        uint16
 	PortHi        uint16
 	ConntrackSize uint32
@@ -61,9 +70,13 @@ type Backend struct {
 
 // Service is a configured service.
 type Service struct {
-	VIP      netip.AddrPort
-	Policy   string
-	Backends []Backend
+	VIP    netip.AddrPort
+	Policy string
+	// SourceAddresses, when set, are the source addresses of the
+	// service's connections, among Options.SourceAddresses and
+	// Options.OtherSourceAddresses; empty means Options.SourceAddresses.
+	SourceAddresses []netip.Addr
+	Backends        []Backend
 }
 
 // BackendState is a backend as a Selector sees it, with its state and
@@ -76,10 +89,10 @@ type BackendState struct {
 	State plugins.BackendState
 	// NextHop is the neighbour keeper's view: the next hop, its interface
 	// and MAC, or why it is unreachable.
-	NextHop  string
-	Active   int64  // open connections
-	HalfOpen int64  // connections whose handshake is not complete
-	NoPort   uint64 // SYNs refused for want of a free source port
+	NextHop   string
+	Active    int64  // open connections
+	HalfOpen  int64  // connections whose handshake is not complete
+	NoPort    uint64 // SYNs refused for want of a free source port
 	NewPerSec float64
 }
 
@@ -88,6 +101,10 @@ type ServiceState struct {
 	VIP      netip.AddrPort
 	Policy   string
 	Backends []BackendState
+	// PortPool is how many source ports each backend of the service has:
+	// the range on each of the service's source addresses (backends
+	// sharing a port way share them).
+	PortPool int
 }
 
 // Selection is a selection table: a mode and indexes into
@@ -145,14 +162,15 @@ const noPortWarnEvery = 10 * time.Second
 // Balancer owns the pipeline, its attachment and the host changes made
 // for it.
 type Balancer struct {
-	opts   Options
-	log    *slog.Logger
-	pipe   *dispatcher.Pipeline
-	att    *dispatcher.Attachment
-	host   *host.Iface
-	source netip.Addr
-	neigh  *neigh.Keeper
-	kick   chan struct{} // asks the refresher for a round now
+	opts     Options
+	log      *slog.Logger
+	pipe     *dispatcher.Pipeline
+	att      *dispatcher.Attachment
+	host     *host.Iface
+	sources  []netip.Addr // by data-path index
+	defaults []int        // indexes of Options.SourceAddresses
+	neigh    *neigh.Keeper
+	kick     chan struct{} // asks the refresher for a round now
 
 	// mu guards the fields below. It is never held across a Selector call.
 	mu        sync.Mutex
@@ -195,32 +213,18 @@ func New(opts Options) (_ *Balancer, err error) {
 	if b.host, err = host.Open(opts.Iface); err != nil {
 		return nil, err
 	}
-	b.source = opts.SourceAddress
-	if !b.source.IsValid() {
-		if b.source, err = b.host.PrimaryIPv4(); err != nil {
-			return nil, err
-		}
-	}
-	if err := host.CheckPortRange(b.source, opts.PortLo, opts.PortHi); err != nil {
+	if err := b.prepareSources(); err != nil {
 		return nil, err
 	}
-	// Backends answer the source address: the host must answer ARP for
-	// it too when it is not one of its addresses.
-	added, err := b.host.AddAddress(b.source)
-	if err != nil {
-		return nil, err
-	}
-	if added {
-		b.log.Info("source address added", "address", b.source.String(), "iface", opts.Iface)
-	}
-	b.pipe, err = dispatcher.Load(dispatcher.Options{ConntrackSize: opts.ConntrackSize, PortLo: opts.PortLo, PortHi: opts.PortHi})
+	b.pipe, err = dispatcher.Load(dispatcher.Options{ConntrackSize: opts.ConntrackSize, PortLo: b.opts.PortLo,
+		PortHi: b.opts.PortHi, Sources: len(b.sources)})
 	if err != nil {
 		return nil, err
 	}
 	err = b.pipe.SetSettings(dispatcher.Settings{
-		SourceAddresses:  []netip.Addr{b.source},
-		PortLo:           opts.PortLo,
-		PortHi:           opts.PortHi,
+		SourceAddresses:  b.sources,
+		PortLo:           b.opts.PortLo,
+		PortHi:           b.opts.PortHi,
 		ConntrackTimeout: opts.Timeouts,
 		SYN:              opts.SYN,
 	})
@@ -231,6 +235,86 @@ func New(opts Options) (_ *Balancer, err error) {
 		return nil, err
 	}
 	return b, nil
+}
+
+// prepareSources settles the source addresses and the port range: the
+// interface's primary address when none is configured; the default range
+// by whether any is the host's; no overlap between the range and the
+// kernel's ephemeral ports on an address of the host's. An address that
+// is not the host's is added to the interface, since backends' replies
+// must reach it (ARP).
+func (b *Balancer) prepareSources() error {
+	b.sources = slices.Clone(b.opts.SourceAddresses)
+	if len(b.sources) == 0 {
+		a, err := b.host.PrimaryIPv4()
+		if err != nil {
+			return err
+		}
+		b.sources = []netip.Addr{a}
+	}
+	for i := range b.sources {
+		b.defaults = append(b.defaults, i)
+	}
+	for _, a := range b.opts.OtherSourceAddresses {
+		if !slices.Contains(b.sources, a) {
+			b.sources = append(b.sources, a)
+		}
+	}
+	if len(b.sources) > dispatcher.MaxSources {
+		return fmt.Errorf("%d source addresses: at most %d", len(b.sources), dispatcher.MaxSources)
+	}
+	local := make([]bool, len(b.sources))
+	anyLocal := false
+	for i, a := range b.sources {
+		var err error
+		if local[i], err = host.IsLocal(a); err != nil {
+			return err
+		}
+		anyLocal = anyLocal || local[i]
+	}
+	if b.opts.PortLo == 0 && b.opts.PortHi == 0 {
+		b.opts.PortLo, b.opts.PortHi = 1024, 65535
+		if anyLocal {
+			b.opts.PortLo, b.opts.PortHi = 10000, 32767
+		}
+	}
+	for i, a := range b.sources {
+		if local[i] {
+			if err := host.CheckPortRange(a, b.opts.PortLo, b.opts.PortHi); err != nil {
+				return err
+			}
+			continue
+		}
+		if _, err := b.host.AddAddress(a); err != nil {
+			return err
+		}
+		b.log.Info("source address added", "address", a.String(), "iface", b.opts.Iface)
+	}
+	return nil
+}
+
+// sourceIndexes returns the data-path indexes of a service's source
+// addresses: its own, or the defaults.
+func (b *Balancer) sourceIndexes(s Service) ([]int, error) {
+	if len(s.SourceAddresses) == 0 {
+		return b.defaults, nil
+	}
+	var out []int
+	for _, a := range s.SourceAddresses {
+		i := slices.Index(b.sources, a)
+		if i < 0 {
+			return nil, fmt.Errorf("service %s: source address %s was not configured when xlbd started (a new source address needs a restart)", s.VIP, a)
+		}
+		out = append(out, i)
+	}
+	return out, nil
+}
+
+// onSource reports whether a VIP lies on a source address inside the
+// source-port range, where replies are expected: its packets would be
+// taken for replies.
+func (b *Balancer) onSource(vip netip.AddrPort) bool {
+	return slices.Contains(b.sources, vip.Addr()) && vip.Port() >= b.opts.PortLo && vip.Port() <= b.opts.PortHi
 }
 
 // Attach attaches prog (nil: the pipeline's own entry, xlb_dispatch) to
@@ -250,7 +334,7 @@ func (b *Balancer) Attach(prog *ebpf.Program) error {
 		return err
 	}
 	b.att = att
-	b.log.Info("attached", "iface", b.opts.Iface, "xdp_mode", string(b.opts.XDPMode), "source_address", b.source.String(),
+	b.log.Info("attached", "iface", b.opts.Iface, "xdp_mode", string(b.opts.XDPMode), "source_addresses", fmt.Sprint(b.sources),
 		"source_ports", fmt.Sprintf("%d-%d", b.opts.PortLo, b.opts.PortHi))
 	return nil
 }
@@ -261,12 +345,22 @@ func (b *Balancer) Pipeline() *dispatcher.Pipeline { return b.pipe }
 // Attachment is the interface attachment, for chaining.
 func (b *Balancer) Attachment() *dispatcher.Attachment { return b.att }
 
-// SourceAddress is the address used towards backends.
-func (b *Balancer) SourceAddress() netip.Addr { return b.source }
+// SourceAddresses are the addresses used towards backends.
+func (b *Balancer) SourceAddresses() []netip.Addr { return slices.Clone(b.sources) }
 
-// PortPool is the number of source ports a backend has on each source
-// address: the whole range, unless it shares its port way.
-func (b *Balancer) PortPool() int { return b.pipe.PortPool() }
+// SourcePorts is the source-port range in force.
+func (b *Balancer) SourcePorts() (lo, hi uint16) { return b.opts.PortLo, b.opts.PortHi }
+
+// portPool is the number of source ports a backend of a service has: the
+// whole range on each of the service's source addresses, unless it shares
+// its port way with another backend.
+func (b *Balancer) portPool(s Service) int {
+	n := len(s.SourceAddresses)
+	if n == 0 {
+		n = len(b.defaults)
+	}
+	return n * b.pipe.PortPool()
+}
 
 // Close detaches, releases the pipeline and undoes the host changes.
 func (b *Balancer) Close() error {

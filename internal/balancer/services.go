@@ -98,8 +98,11 @@ func (b *Balancer) plan(p *ServicesPlan, specs []Service) error {
 			return fmt.Errorf("service %s: listed twice", s.VIP)
 		case len(s.Backends) == 0:
 			return fmt.Errorf("service %s: no backends", s.VIP)
-		case s.VIP.Addr() == b.source && s.VIP.Port() >= b.opts.PortLo && s.VIP.Port() <= b.opts.PortHi:
-			return fmt.Errorf("service %s: %w: vip %s is on the source address, source-ports %d-%d", s.VIP, ErrVIPInPorts, s.VIP, b.opts.PortLo, b.opts.PortHi)
+		case b.onSource(s.VIP):
+			return fmt.Errorf("service %s: %w: vip %s is on a source address, source-ports %d-%d", s.VIP, ErrVIPInPorts, s.VIP, b.opts.PortLo, b.opts.PortHi)
+		}
+		if _, err := b.sourceIndexes(s); err != nil {
+			return err
 		}
 		want[s.VIP] = true
 		ps := &plannedService{spec: s, svc: b.services[s.VIP]}
@@ -119,7 +122,7 @@ func (b *Balancer) plan(p *ServicesPlan, specs []Service) error {
 				running[bk.spec.Address] = bk
 			}
 		}
-		ps.state = ServiceState{VIP: s.VIP, Policy: s.Policy}
+		ps.state = ServiceState{VIP: s.VIP, Policy: s.Policy, PortPool: b.portPool(s)}
 		for _, spec := range s.Backends {
 			pb := plannedBackend{bk: running[spec.Address], spec: spec}
 			delete(running, spec.Address)
@@ -220,10 +223,16 @@ func (p *ServicesPlan) apply() error {
 		for _, bk := range ps.retire {
 			b.retire(bk)
 		}
+		// Published last for a new service; its source addresses may
+		// change for a running one.
+		srcs, err := b.sourceIndexes(ps.spec)
+		if err != nil {
+			return err
+		}
+		if err := b.pipe.SetService(svc.id, ps.spec.VIP, srcs); err != nil {
+			return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+		}
 		if ps.svc == nil {
-			if err := b.pipe.SetService(svc.id, ps.spec.VIP, []int{0}); err != nil {
-				return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
-			}
 			b.services[ps.spec.VIP] = svc
 			b.log.Info("service added", "vip", ps.spec.VIP.String(), "policy", ps.spec.Policy, "backends", len(ps.spec.Backends))
 		}

@@ -17,6 +17,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -32,10 +33,13 @@ type Config struct {
 	Iface string `mapstructure:"iface"`
 	// XDPMode is "native" or "generic".
 	XDPMode string `mapstructure:"xdp-mode"`
-	// SourceAddress is the address used towards backends. The zero value
-	// means the interface's primary IPv4 address, resolved by the daemon.
-	SourceAddress netip.Addr `mapstructure:"source-address"`
+	// SourceAddresses are the addresses used towards backends by
+	// services that name none of their own. Empty means the interface's
+	// primary IPv4 address, resolved by the daemon.
+	SourceAddresses AddrPool `mapstructure:"source-addresses"`
 	// SourcePorts is the range of source ports used towards backends.
+	// The zero value means the default: 10000-32767 when a source
+	// address is one of the host's, 1024-65535 when none is.
 	SourcePorts PortRange `mapstructure:"source-ports"`
 	// DefaultPolicy is the policy of services that name none.
 	DefaultPolicy string `mapstructure:"policy"`
@@ -81,8 +85,54 @@ type SYNDefence struct {
 // PortRange is an inclusive range of ports, written "LO-HI".
 type PortRange struct{ Lo, Hi uint16 }
 
-// String returns the range as "LO-HI".
-func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.Lo, r.Hi) }
+// String returns the range as "LO-HI", or "auto" for the zero value.
+func (r PortRange) String() string {
+	if r == (PortRange{}) {
+		return "auto"
+	}
+	return fmt.Sprintf("%d-%d", r.Lo, r.Hi)
+}
+
+// AddrPool is a list of IPv4 addresses and prefixes, written as a YAML
+// list or as one string separated by commas or spaces: "10.0.0.5,
+// 10.0.0.8/30". A prefix stands for every address in it.
+type AddrPool []netip.Prefix
+
+// Addrs lists the pool's addresses, in order, each once.
+func (p AddrPool) Addrs() []netip.Addr {
+	var out []netip.Addr
+	for _, pf := range p {
+		for a := pf.Masked().Addr(); pf.Contains(a); a = a.Next() {
+			if !slices.Contains(out, a) {
+				out = append(out, a)
+			}
+		}
+	}
+	return out
+}
+
+// String returns the pool as written in a configuration.
+func (p AddrPool) String() string {
+	out := make([]string, len(p))
+	for i, pf := range p {
+		if pf.IsSingleIP() {
+			out[i] = pf.Addr().String()
+		} else {
+			out[i] = pf.String()
+		}
+	}
+	return strings.Join(out, ",")
+}
+
+// AllSourceAddresses lists every source address the configuration uses:
+// the top-level ones, then those only services name.
+func (c *Config) AllSourceAddresses() []netip.Addr {
+	pool := slices.Clone(c.SourceAddresses)
+	for _, s := range c.Services {
+		pool = append(pool, s.SourceAddresses...)
+	}
+	return pool.Addrs()
+}
 
 // Conntrack configures the connection tracking table.
 type Conntrack struct {
@@ -121,6 +171,9 @@ type Service struct {
 	Policy string `mapstructure:"policy"`
 	// Backends receive the service's connections.
 	Backends []Backend `mapstructure:"backends"`
+	// SourceAddresses, when set, are the addresses this service's
+	// connections use towards its backends instead of the top-level ones.
+	SourceAddresses AddrPool `mapstructure:"source-addresses"`
 }
 
 // Backend is a real server behind a service.
@@ -165,7 +218,6 @@ const (
 func Default() *Config {
 	return &Config{
 		XDPMode:       DefaultXDPMode,
-		SourcePorts:   PortRange{Lo: 10000, Hi: 32767},
 		DefaultPolicy: DefaultPolicy,
 		Socket:        DefaultSocket,
 		PinPath:       DefaultPinPath,
@@ -191,7 +243,7 @@ func Default() *Config {
 var envKeys = []string{
 	"iface",
 	"xdp-mode",
-	"source-address",
+	"source-addresses",
 	"source-ports",
 	"policy",
 	"plugin-dir",
@@ -218,7 +270,7 @@ var fileOnlyKeys = []string{"plugin-sha256", "services", "chain"}
 var flagKeys = map[string]string{
 	"iface":                 "iface",
 	"xdp-mode":              "xdp-mode",
-	"source-address":        "source-address",
+	"source-address":        "source-addresses",
 	"source-ports":          "source-ports",
 	"policy":                "policy",
 	"plugin-dir":            "plugin-dir",
@@ -248,8 +300,8 @@ func NewFlagSet() *pflag.FlagSet {
 	fs.String("vip", "", "virtual service `IP:PORT`; needs at least one --backend")
 	fs.StringArray("backend", nil, "backend `IP:PORT[@WEIGHT]` of the --vip service (repeatable)")
 	fs.String("policy", d.DefaultPolicy, "default balancing `policy`: a name or an absolute path")
-	fs.String("source-address", "", "source `IP` towards backends (default: the interface's primary IPv4 address)")
-	fs.String("source-ports", d.SourcePorts.String(), "source port `range` LO-HI towards backends")
+	fs.StringArray("source-address", nil, "source `IP` or prefix towards backends (repeatable; default: the interface's primary IPv4 address)")
+	fs.String("source-ports", "", "source port `range` LO-HI towards backends (default: 10000-32767, or 1024-65535 when no source address is the host's)")
 	fs.String("plugin-dir", "", "policy plugin `dir`ectory (default: the directory of xlbd)")
 	fs.String("socket", d.Socket, "control socket `path`")
 	fs.String("pin-path", d.PinPath, "bpffs `dir`ectory for pinned objects")
@@ -336,8 +388,8 @@ func Parse(args []string) (*Config, error) {
 func setDefaults(v *viper.Viper, d *Config) {
 	v.SetDefault("iface", d.Iface)
 	v.SetDefault("xdp-mode", d.XDPMode)
-	v.SetDefault("source-address", d.SourceAddress)
-	v.SetDefault("source-ports", d.SourcePorts)
+	v.SetDefault("source-addresses", "")
+	v.SetDefault("source-ports", "")
 	v.SetDefault("policy", d.DefaultPolicy)
 	v.SetDefault("plugin-dir", d.PluginDir)
 	v.SetDefault("plugin-sha256", nil)

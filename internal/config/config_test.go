@@ -78,6 +78,7 @@ func TestParse(t *testing.T) {
 			file: exampleFile,
 			want: func(c *Config) {
 				c.Iface = "eth0"
+				c.SourcePorts = PortRange{Lo: 10000, Hi: 32767}
 				c.Conntrack.MaxEntries = 65536
 				c.Conntrack.Timeouts.Established = 15 * time.Minute
 				c.Services = []Service{svc("10.0.0.10:80", "hash", "10.0.0.2:8080", "10.0.0.3:8080@3")}
@@ -88,7 +89,7 @@ func TestParse(t *testing.T) {
 			file: `
 iface: ens1f0
 xdp-mode: generic
-source-address: 192.0.2.1
+source-addresses: [192.0.2.1, 192.0.2.8/30]
 source-ports: 1024-65535
 policy: /usr/lib/xlb/policy-maglev
 plugin-dir: /usr/lib/xlb
@@ -109,7 +110,7 @@ services:
 			want: func(c *Config) {
 				c.Iface = "ens1f0"
 				c.XDPMode = "generic"
-				c.SourceAddress = netip.MustParseAddr("192.0.2.1")
+				c.SourceAddresses = AddrPool{netip.MustParsePrefix("192.0.2.1/32"), netip.MustParsePrefix("192.0.2.8/30")}
 				c.SourcePorts = PortRange{Lo: 1024, Hi: 65535}
 				c.DefaultPolicy = "/usr/lib/xlb/policy-maglev"
 				c.PluginDir = "/usr/lib/xlb"
@@ -150,11 +151,14 @@ services:
 			name: "flags override the file",
 			file: exampleFile,
 			args: []string{"--iface", "eth9", "--xdp-mode", "generic", "--conntrack-max-entries", "2048",
-				"--source-ports", "40000-40099", "--log-level", "warn", "--socket", "/run/x.sock"},
+				"--source-ports", "40000-40099", "--log-level", "warn", "--socket", "/run/x.sock",
+				"--source-address", "10.9.0.1", "--source-address", "10.9.0.4/31", "--syn-defence", "on"},
 			want: func(c *Config) {
 				c.Iface = "eth9"
 				c.XDPMode = "generic"
 				c.SourcePorts = PortRange{Lo: 40000, Hi: 40099}
+				c.SourceAddresses = AddrPool{netip.MustParsePrefix("10.9.0.1/32"), netip.MustParsePrefix("10.9.0.4/31")}
+				c.SYNDefence.Mode = "on"
 				c.LogLevel = "warn"
 				c.Socket = "/run/x.sock"
 				c.Conntrack.MaxEntries = 2048
@@ -223,7 +227,7 @@ services:
 				"XLB_IFACE":                          "eth1",
 				"XLB_XDP_MODE":                       "generic",
 				"XLB_SOURCE_PORTS":                   "30000-30999",
-				"XLB_SOURCE_ADDRESS":                 "10.1.1.1",
+				"XLB_SOURCE_ADDRESSES":               "10.1.1.1, 10.1.1.2",
 				"XLB_POLICY":                         "maglev",
 				"XLB_CONNTRACK_MAX_ENTRIES":          "4096",
 				"XLB_CONNTRACK_GC_INTERVAL":          "5s",
@@ -234,7 +238,7 @@ services:
 				c.Iface = "eth1"
 				c.XDPMode = "generic"
 				c.SourcePorts = PortRange{Lo: 30000, Hi: 30999}
-				c.SourceAddress = netip.MustParseAddr("10.1.1.1")
+				c.SourceAddresses = AddrPool{netip.MustParsePrefix("10.1.1.1/32"), netip.MustParsePrefix("10.1.1.2/32")}
 				c.DefaultPolicy = "maglev"
 				c.Conntrack.MaxEntries = 4096
 				c.Conntrack.GCInterval = 5 * time.Second
@@ -376,7 +380,11 @@ chain:
 			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:http\n    backends: [10.0.0.2:80]\n",
 			wantErr: `services[0].vip: parse address "10.0.0.10:http": "http" is not a port`,
 		},
-		{name: "bad source-address", file: oneService + "source-address: eth0\n", wantErr: `source-address: parse address "eth0": not an IP address`},
+		{name: "bad source-addresses", file: oneService + "source-addresses: [eth0]\n", wantErr: `source-addresses: parse address "eth0": not an IP address`},
+		{name: "bad source prefix", file: oneService + "source-addresses: 10.0.0.0/33\n", wantErr: `source-addresses: parse prefix "10.0.0.0/33": want ADDR/BITS`},
+		{name: "the old source-address key", file: oneService + "source-address: 10.0.0.1\n", wantErr: `unknown key "source-address"`},
+		{name: "too many source addresses", file: oneService + "source-addresses: [10.0.0.0/28, 10.0.1.1]\n", wantErr: "source-addresses: 17 addresses over the top level and the services, at most 16"},
+		{name: "too big a source prefix", file: oneService + "source-addresses: 10.0.0.0/27\n", wantErr: "source-addresses: 10.0.0.0/27 holds more than 16 addresses"},
 		{name: "bad duration", file: oneService + "conntrack: {timeouts: {established: 15x}}\n", wantErr: `conntrack.timeouts.established: parse duration "15x": want a number with a unit such as 900s or 15m`},
 		{name: "duration without unit", file: oneService + "conntrack: {gc-interval: 5}\n", wantErr: "conntrack.gc-interval: want a duration with a unit such as 900s or 15m, got 5"},
 		{name: "bad duration in env", file: oneService, env: map[string]string{"XLB_CONNTRACK_TIMEOUTS_FIN": "soon"}, wantErr: `conntrack.timeouts.fin: parse duration "soon"`},
@@ -580,8 +588,11 @@ func TestValidate(t *testing.T) {
 		{name: "long iface", edit: func(c *Config) { c.Iface = "a-very-long-ifname" }, wantErr: `iface: "a-very-long-ifname" is longer than 15 bytes`},
 		{name: "iface with slash", edit: func(c *Config) { c.Iface = "eth0/1" }, wantErr: `iface: "eth0/1" is not an interface name`},
 		{name: "empty xdp-mode", edit: func(c *Config) { c.XDPMode = "" }, wantErr: `xdp-mode: "" is not native or generic`},
-		{name: "ipv6 source address", edit: func(c *Config) { c.SourceAddress = netip.MustParseAddr("2001:db8::1") }, wantErr: "source-address: 2001:db8::1 is not an IPv4 unicast address"},
-		{name: "unspecified source address", edit: func(c *Config) { c.SourceAddress = netip.MustParseAddr("0.0.0.0") }, wantErr: "source-address: 0.0.0.0 is not an IPv4 unicast address"},
+		{name: "ipv6 source address", edit: func(c *Config) { c.SourceAddresses = AddrPool{netip.MustParsePrefix("2001:db8::1/128")} }, wantErr: "source-addresses: 2001:db8::1/128 is not IPv4"},
+		{name: "unspecified source address", edit: func(c *Config) { c.SourceAddresses = AddrPool{netip.MustParsePrefix("0.0.0.0/32")} }, wantErr: "source-addresses: 0.0.0.0/32 is not a unicast address a host can use"},
+		{name: "service source address", edit: func(c *Config) {
+			c.Services[0].SourceAddresses = AddrPool{netip.MustParsePrefix("224.0.0.1/32")}
+		}, wantErr: "services[0].source-addresses: 224.0.0.1/32 is not a unicast address a host can use"},
 		{name: "single source port", edit: func(c *Config) { c.SourcePorts = PortRange{Lo: 5000, Hi: 5000} }},
 		{name: "source ports below 1024", edit: func(c *Config) { c.SourcePorts = PortRange{Lo: 1023, Hi: 5000} }, wantErr: "source-ports: 1023-5000: low below 1024"},
 		{name: "empty default policy", edit: func(c *Config) { c.DefaultPolicy = "" }, wantErr: `policy: "" is not a policy name`},

@@ -18,6 +18,7 @@ var (
 	addrType      = reflect.TypeFor[netip.Addr]()
 	addrPortType  = reflect.TypeFor[netip.AddrPort]()
 	portRangeType = reflect.TypeFor[PortRange]()
+	addrPoolType  = reflect.TypeFor[AddrPool]()
 	durationType  = reflect.TypeFor[time.Duration]()
 	backendType   = reflect.TypeFor[Backend]()
 )
@@ -45,7 +46,12 @@ func decodeHook() mapstructure.DecodeHookFuncType {
 			return parseAddrPort(s)
 		case portRangeType:
 			// A lone port arrives from YAML as a number.
+			if s, ok := data.(string); ok && s == "" {
+				return PortRange{}, nil
+			}
 			return parsePortRange(fmt.Sprint(data))
+		case addrPoolType:
+			return parseAddrPool(data)
 		case durationType:
 			s, ok := data.(string)
 			if !ok {
@@ -80,6 +86,46 @@ func parseAddr(s string) (netip.Addr, error) {
 		return netip.Addr{}, fmt.Errorf("parse address %q: not an IP address", s)
 	}
 	return a, nil
+}
+
+// parseAddrPool parses a list of addresses and prefixes, given as a list
+// or as one string separated by commas or spaces.
+func parseAddrPool(data any) (AddrPool, error) {
+	var items []string
+	switch d := data.(type) {
+	case string:
+		items = strings.FieldsFunc(d, func(r rune) bool { return r == ',' || r == ' ' })
+	case []string:
+		items = d
+	case []any:
+		for _, x := range d {
+			s, ok := x.(string)
+			if !ok {
+				return nil, fmt.Errorf("want an address or prefix, got %v", x)
+			}
+			items = append(items, s)
+		}
+	default:
+		return nil, fmt.Errorf("want a list of addresses and prefixes, got %v", data)
+	}
+	var out AddrPool
+	for _, it := range items {
+		it = strings.TrimSpace(it)
+		if strings.Contains(it, "/") {
+			pf, err := netip.ParsePrefix(it)
+			if err != nil {
+				return nil, fmt.Errorf("parse prefix %q: want ADDR/BITS", it)
+			}
+			out = append(out, pf)
+			continue
+		}
+		a, err := parseAddr(it)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, netip.PrefixFrom(a, a.BitLen()))
+	}
+	return out, nil
 }
 
 // parseAddrPort parses "IP:PORT".
@@ -213,17 +259,17 @@ type schema struct {
 var (
 	leaf      = &schema{}
 	rootShape = &schema{fields: map[string]*schema{
-		"iface":          leaf,
-		"xdp-mode":       leaf,
-		"source-address": leaf,
-		"source-ports":   leaf,
-		"policy":         leaf,
-		"plugin-dir":     leaf,
-		"plugin-sha256":  {anyKeys: true},
-		"socket":         leaf,
-		"pin-path":       leaf,
-		"log-level":      leaf,
-		"xlb-priority":   leaf,
+		"iface":            leaf,
+		"xdp-mode":         leaf,
+		"source-addresses": leaf,
+		"source-ports":     leaf,
+		"policy":           leaf,
+		"plugin-dir":       leaf,
+		"plugin-sha256":    {anyKeys: true},
+		"socket":           leaf,
+		"pin-path":         leaf,
+		"log-level":        leaf,
+		"xlb-priority":     leaf,
 		"conntrack": {fields: map[string]*schema{
 			"max-entries": leaf,
 			"gc-interval": leaf,
@@ -241,8 +287,9 @@ var (
 			"trust-for": leaf,
 		}},
 		"services": {elem: &schema{fields: map[string]*schema{
-			"vip":    leaf,
-			"policy": leaf,
+			"vip":              leaf,
+			"policy":           leaf,
+			"source-addresses": leaf,
 			"backends": {elem: &schema{orString: true, fields: map[string]*schema{
 				"address": leaf,
 				"weight":  leaf,

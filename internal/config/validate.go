@@ -17,21 +17,23 @@ import (
 
 // Limits checked by Validate.
 const (
-	MinSourcePort     = 1024
-	MinMaxEntries     = 1024
-	MaxMaxEntries     = 1 << 24
-	MinGCInterval     = 100 * time.Millisecond
-	MaxGCInterval     = 60 * time.Second
-	MinTimeout        = time.Second
-	MinTimeWait       = 100 * time.Millisecond
-	MaxTimeWait       = 10 * time.Minute
-	MaxHalfOpen       = 1 << 24
-	MaxBackends       = 256
-	MaxWeight         = 65535
-	MaxPriority       = 1000
-	maxIfaceLen       = 15  // IFNAMSIZ less the NUL
-	maxSocketPathLen  = 107 // sizeof(sun_path) less the NUL
-	maxChainMemberLen = 15
+	MinSourcePort = 1024
+	MinMaxEntries = 1024
+	MaxMaxEntries = 1 << 24
+	MinGCInterval = 100 * time.Millisecond
+	MaxGCInterval = 60 * time.Second
+	MinTimeout    = time.Second
+	// MaxSourceAddresses is the data path's limit (XLB_MAX_SOURCES).
+	MaxSourceAddresses = 16
+	MinTimeWait        = 100 * time.Millisecond
+	MaxTimeWait        = 10 * time.Minute
+	MaxHalfOpen        = 1 << 24
+	MaxBackends        = 256
+	MaxWeight          = 65535
+	MaxPriority        = 1000
+	maxIfaceLen        = 15  // IFNAMSIZ less the NUL
+	maxSocketPathLen   = 107 // sizeof(sun_path) less the NUL
+	maxChainMemberLen  = 15
 )
 
 // Verdicts are the names a chain member's continue-on may list.
@@ -49,10 +51,12 @@ func (c *Config) Validate() error {
 	if c.XDPMode != "native" && c.XDPMode != "generic" {
 		return fmt.Errorf("xdp-mode: %q is not native or generic", c.XDPMode)
 	}
-	if a := c.SourceAddress; a.IsValid() && (!a.Is4() || a.IsUnspecified() || a.IsMulticast()) {
-		return fmt.Errorf("source-address: %s is not an IPv4 unicast address", a)
+	if err := validatePool(c.SourceAddresses); err != nil {
+		return fmt.Errorf("source-addresses: %w", err)
 	}
-	if r := c.SourcePorts; r.Lo > r.Hi {
+	if r := c.SourcePorts; r == (PortRange{}) {
+		// auto
+	} else if r.Lo > r.Hi {
 		return fmt.Errorf("source-ports: %s: low above high", r)
 	} else if r.Lo < MinSourcePort {
 		return fmt.Errorf("source-ports: %s: low below %d", r, MinSourcePort)
@@ -94,6 +98,9 @@ func (c *Config) Validate() error {
 	if err := validateServices(c.Services); err != nil {
 		return err
 	}
+	if n := len(c.AllSourceAddresses()); n > MaxSourceAddresses {
+		return fmt.Errorf("source-addresses: %d addresses over the top level and the services, at most %d", n, MaxSourceAddresses)
+	}
 	if c.XLBPriority < 0 || c.XLBPriority > MaxPriority {
 		return fmt.Errorf("xlb-priority: %d out of range 0..%d", c.XLBPriority, MaxPriority)
 	}
@@ -108,6 +115,23 @@ func validateIface(name string) error {
 		return fmt.Errorf("%q is longer than %d bytes", name, maxIfaceLen)
 	case name == "." || name == ".." || strings.ContainsAny(name, "/: \t\n"):
 		return fmt.Errorf("%q is not an interface name", name)
+	}
+	return nil
+}
+
+// validatePool checks that every address of a pool is an IPv4 address a
+// host can use as a source.
+func validatePool(p AddrPool) error {
+	for _, pf := range p {
+		a := pf.Addr()
+		switch {
+		case !a.Is4():
+			return fmt.Errorf("%s is not IPv4", pf)
+		case pf.Bits() < 32-4:
+			return fmt.Errorf("%s holds more than %d addresses", pf, MaxSourceAddresses)
+		case a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() || a.IsLinkLocalUnicast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+			return fmt.Errorf("%s is not a unicast address a host can use", pf)
+		}
 	}
 	return nil
 }
@@ -172,6 +196,9 @@ func validateServices(services []Service) error {
 		}
 		if first, ok := vips[s.VIP]; ok {
 			return fmt.Errorf("%s: duplicate vip %s (also services[%d])", key, s.VIP, first)
+		}
+		if err := validatePool(s.SourceAddresses); err != nil {
+			return fmt.Errorf("%s.source-addresses: %w", key, err)
 		}
 		vips[s.VIP] = i
 		if s.Policy != "" {

@@ -49,13 +49,14 @@ type Service struct {
 
 // Status is xlbd's state.
 type Status struct {
-	Iface         string            `json:"iface"`
-	XDPMode       string            `json:"xdp_mode"`
-	SourceAddress string            `json:"source_address"`
-	Services      []Service         `json:"services"`
-	Policies      []PolicyStatus    `json:"policies"`
-	LastReload    *ReloadStatus     `json:"last_reload,omitempty"` // nil before the first
-	Counters      map[string]uint64 `json:"counters"`
+	Iface           string            `json:"iface"`
+	XDPMode         string            `json:"xdp_mode"`
+	SourceAddresses []string          `json:"source_addresses"`
+	SourcePorts     string            `json:"source_ports"` // LO-HI
+	Services        []Service         `json:"services"`
+	Policies        []PolicyStatus    `json:"policies"`
+	LastReload      *ReloadStatus     `json:"last_reload,omitempty"` // nil before the first
+	Counters        map[string]uint64 `json:"counters"`
 }
 
 // ReloadStatus is the outcome of the last configuration reload.
