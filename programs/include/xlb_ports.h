@@ -60,7 +60,12 @@ static __always_inline struct xlb_rconn *claim_port(const struct xlb_cfg *cfg, _
 	if (!cur || !range)
 		return NULL;
 	base = key * range;
-	start = __sync_fetch_and_add(cur, 1) % range;
+	/* The cursor moves only past a port taken: the ports in front of it
+	 * are the ones released first, so when the first is still resting
+	 * the others are too, and a refusal leaves it there for the next
+	 * SYN. Two CPUs reading it at once race for the port with the
+	 * compare-and-swap; the loser takes the next one. */
+	start = *cur % range;
 	for (i = 0; i < XLB_PORT_TRIES; i++) {
 		__u32 o = start + i, idx, st;
 		struct xlb_rconn *r;
@@ -77,8 +82,7 @@ static __always_inline struct xlb_rconn *claim_port(const struct xlb_cfg *cfg, _
 		if (st == XLB_PS_HOLD && now - r->last_seen_j <= cfg->hold_j)
 			continue;
 		if (st != XLB_PS_USED && __sync_val_compare_and_swap(&r->state, st, XLB_PS_USED) == st) {
-			if (i)
-				__sync_fetch_and_add(cur, i);
+			__sync_fetch_and_add(cur, i + 1);
 			*off = o;
 			return r;
 		}
