@@ -201,8 +201,16 @@ type snapshot struct {
 	c   xlbXlbConn
 }
 
-// read copies slot i if it holds a connection and is not being written.
-func (p *Pipeline) read(i uint32) (snapshot, bool) {
+// Slot states as a reader finds them.
+const (
+	slotFree = iota // never used, or a tombstone
+	slotBusy        // being written (odd) on every try
+	slotLive        // holds a connection
+)
+
+// readSlot copies slot i if it holds a connection and is not being
+// written, and says what it found.
+func (p *Pipeline) readSlot(i uint32) (snapshot, int) {
 	slot := p.connAt(i)
 	for try := 0; try < 3; try++ {
 		seq := atomic.LoadUint32(&slot.Seq)
@@ -214,11 +222,17 @@ func (p *Pipeline) read(i uint32) (snapshot, bool) {
 			continue
 		}
 		if c.Flags == 0 || c.Flags&ctDead != 0 {
-			return snapshot{}, false
+			return snapshot{}, slotFree
 		}
-		return snapshot{idx: i, seq: seq, c: c}, true
+		return snapshot{idx: i, seq: seq, c: c}, slotLive
 	}
-	return snapshot{}, false
+	return snapshot{}, slotBusy
+}
+
+// read copies slot i if it holds a connection and is not being written.
+func (p *Pipeline) read(i uint32) (snapshot, bool) {
+	s, st := p.readSlot(i)
+	return s, st == slotLive
 }
 
 // find returns the connection of a flow.
@@ -247,10 +261,10 @@ func (p *Pipeline) Conns() ([]Conn, error) {
 		return nil, err
 	}
 	var out []Conn
-	for i := uint32(0); i <= p.ctMask; i++ {
+	bitmap(p.ctBusy).each(func(i uint32) {
 		s, ok := p.read(i)
-		if !ok {
-			continue
+		if !ok || i > p.ctMask {
+			return
 		}
 		c := &s.c
 		out = append(out, Conn{
@@ -263,7 +277,7 @@ func (p *Pipeline) Conns() ([]Conn, error) {
 			Idle:      p.idle(now, c.LastSeenJ),
 			SeqDelta:  c.SeqDelta,
 		})
-	}
+	})
 	return out, nil
 }
 
@@ -282,77 +296,133 @@ type GCResult struct {
 // retransmissions to a spoofed client do not keep it); others live while
 // either side talks. It frees ways whose hold has passed (the data path
 // takes them anyway; this keeps the counts honest) and ways whose
-// connection is gone.
+// connection is gone. It visits only the slots and ways the occupancy
+// bitmaps mark, so its cost follows what is in use, not the tables' size.
 func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
 	var res GCResult
 	now, err := p.now()
 	if err != nil {
 		return res, err
 	}
-	for i := uint32(0); i <= p.ctMask; i++ {
-		s, ok := p.read(i)
-		if !ok {
-			continue
-		}
-		res.Scanned++
-		c := &s.c
-		timeout := t.byState(connState(c.Flags))
-		if p.idle(now, c.LastSeenJ) <= timeout {
-			continue
-		}
-		r := p.portEntry(c.SrcIdx, c.Lport, c.Baddr, c.Bport)
-		mine := r != nil && r.Baddr == c.Baddr && r.Bport == c.Bport && r.Caddr == c.Key.Saddr && r.Cport == c.Key.Sport
-		if mine && !connHalfOpen(c.Flags) && atomic.LoadUint32(&r.State) == portUsed &&
-			p.idle(now, atomic.LoadUint64(&r.LastSeenJ)) <= timeout {
-			continue // the backend side is still talking
-		}
-		if !p.take(s) {
-			continue // changed since it was read
-		}
-		slot := p.connAt(i)
-		// Flags and last_seen change in place: look again now that the
-		// slot is ours.
-		flags := atomic.LoadUint32(&slot.Flags)
-		if atomic.LoadUint64(&slot.LastSeenJ) != c.LastSeenJ || connState(flags) != connState(c.Flags) {
-			p.release(i)
-			continue
-		}
-		if mine {
-			atomic.StoreUint64(&r.LastSeenJ, now) // the hold starts now
-			atomic.CompareAndSwapUint32(&r.State, portUsed, portHold)
-		}
-		p.uncount(c.BackendId, flags)
-		atomic.StoreUint32(&slot.Flags, ctDead)
-		p.release(i)
-		res.Expired++
-	}
-
-	// Ways whose connection is gone: holds past their time, and ways
-	// left by a sweep race of their forward entry.
-	for i := range p.numPorts() {
-		r := p.portAt(i)
-		state := atomic.LoadUint32(&r.State)
-		if state == portFree {
-			continue
-		}
-		age := p.idle(now, atomic.LoadUint64(&r.LastSeenJ))
-		if state == portHold {
-			if age > t.hold() && atomic.CompareAndSwapUint32(&r.State, portHold, portFree) {
-				res.Released++
-			}
-			continue
-		}
-		if age <= t.Closed {
-			continue
-		}
-		fk := xlbXlbFlow{Saddr: r.Caddr, Daddr: r.Vaddr, Sport: r.Cport, Dport: r.Vport, Proto: unix.IPPROTO_TCP}
-		lport := portBE(p.portLo + uint16(i%p.nports))
-		if s, ok := p.find(&fk); ok && s.c.Lport == lport && s.c.Baddr == r.Baddr && s.c.Bport == r.Bport {
-			continue
-		}
-		if atomic.CompareAndSwapUint32(&r.State, portUsed, portFree) {
-			res.Orphans++
-		}
-	}
+	bitmap(p.ctBusy).sweep(func(i uint32) bool { return p.sweepConn(i, now, t, &res) }, func(i uint32) bool {
+		_, st := p.readSlot(i)
+		return st != slotFree
+	})
+	bitmap(p.portBusy).sweep(func(i uint32) bool { return p.sweepPort(i, now, t, &res) }, func(i uint32) bool {
+		return atomic.LoadUint32(&p.portAt(i).State) != portFree
+	})
 	return res, nil
+}
+
+// sweepConn expires slot i's connection if it is idle past its timeout,
+// and reports whether the slot is still in use.
+func (p *Pipeline) sweepConn(i uint32, now uint64, t Timeouts, res *GCResult) bool {
+	if i > p.ctMask {
+		return false
+	}
+	s, st := p.readSlot(i)
+	if st != slotLive {
+		return st == slotBusy
+	}
+	res.Scanned++
+	c := &s.c
+	timeout := t.byState(connState(c.Flags))
+	if p.idle(now, c.LastSeenJ) <= timeout {
+		return true
+	}
+	r := p.portEntry(c.SrcIdx, c.Lport, c.Baddr, c.Bport)
+	mine := r != nil && r.Baddr == c.Baddr && r.Bport == c.Bport && r.Caddr == c.Key.Saddr && r.Cport == c.Key.Sport
+	if mine && !connHalfOpen(c.Flags) && atomic.LoadUint32(&r.State) == portUsed &&
+		p.idle(now, atomic.LoadUint64(&r.LastSeenJ)) <= timeout {
+		return true // the backend side is still talking
+	}
+	if !p.take(s) {
+		return true // changed since it was read
+	}
+	slot := p.connAt(i)
+	// Flags and last_seen change in place: look again now that the slot
+	// is ours.
+	flags := atomic.LoadUint32(&slot.Flags)
+	if atomic.LoadUint64(&slot.LastSeenJ) != c.LastSeenJ || connState(flags) != connState(c.Flags) {
+		p.release(i)
+		return true
+	}
+	if mine {
+		atomic.StoreUint64(&r.LastSeenJ, now) // the hold starts now
+		atomic.CompareAndSwapUint32(&r.State, portUsed, portHold)
+	}
+	p.uncount(c.BackendId, flags)
+	atomic.StoreUint32(&slot.Flags, ctDead)
+	p.release(i)
+	res.Expired++
+	return false
+}
+
+// sweepPort frees way i if its hold has passed or its connection is gone,
+// and reports whether it is still in use.
+func (p *Pipeline) sweepPort(i uint32, now uint64, t Timeouts, res *GCResult) bool {
+	if i >= p.numPorts() {
+		return false
+	}
+	r := p.portAt(i)
+	state := atomic.LoadUint32(&r.State)
+	if state == portFree {
+		return false
+	}
+	age := p.idle(now, atomic.LoadUint64(&r.LastSeenJ))
+	if state == portHold {
+		if age > t.hold() && atomic.CompareAndSwapUint32(&r.State, portHold, portFree) {
+			res.Released++
+			return false
+		}
+		return true
+	}
+	if age <= t.Closed {
+		return true
+	}
+	fk := xlbXlbFlow{Saddr: r.Caddr, Daddr: r.Vaddr, Sport: r.Cport, Dport: r.Vport, Proto: unix.IPPROTO_TCP}
+	lport := portBE(p.portLo + uint16(i%p.nports))
+	if s, ok := p.find(&fk); ok && s.c.Lport == lport && s.c.Baddr == r.Baddr && s.c.Bport == r.Bport {
+		return true
+	}
+	if atomic.CompareAndSwapUint32(&r.State, portUsed, portFree) {
+		res.Orphans++
+		return false
+	}
+	return true
+}
+
+// bitmap is an occupancy bitmap the data path shares (mark_busy in
+// programs/include/xlb_common.h): a bit per slot or way, set after the
+// slot is filled.
+type bitmap []byte
+
+// each calls fn for every set bit's index.
+func (b bitmap) each(fn func(i uint32)) {
+	for w := 0; w < len(b)/8; w++ {
+		v := atomic.LoadUint64((*uint64)(unsafe.Pointer(&b[8*w])))
+		for v != 0 {
+			bit := uint32(bits.TrailingZeros64(v))
+			v &^= 1 << bit
+			fn(uint32(w)*64 + bit)
+		}
+	}
+}
+
+// sweep calls visit for every set bit's index; visit does its work and
+// reports whether the slot is still in use. The bit of one that is not is
+// cleared, and set again if occupied says the slot was filled meanwhile:
+// the data path sets the bit after it fills the slot, so a slot filled
+// after the check has its bit set by the data path itself.
+func (b bitmap) sweep(visit, occupied func(i uint32) bool) {
+	b.each(func(i uint32) {
+		if visit(i) {
+			return
+		}
+		word := (*uint64)(unsafe.Pointer(&b[8*(i/64)]))
+		atomic.AndUint64(word, ^(uint64(1) << (i % 64)))
+		if occupied(i) {
+			atomic.OrUint64(word, uint64(1)<<(i%64))
+		}
+	})
 }

@@ -111,6 +111,8 @@ type Pipeline struct {
 	bkStats   []byte // mmap of xlb_bk_stats
 	ports     []byte // mmap of xlb_ports
 	conns     []byte // mmap of xlb_conns
+	ctBusy    []byte // mmap of xlb_ct_busy
+	portBusy  []byte // mmap of xlb_port_busy
 	portLo    uint16
 	nports    uint32
 	nsrc      uint32 // source addresses the return table is sized for
@@ -151,6 +153,8 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	}
 	nsrc := uint32(opts.Sources)
 	spec.Maps["xlb_ports"].MaxEntries = nsrc * nports * uint32(PortWays)
+	spec.Maps["xlb_ct_busy"].MaxEntries = (slots + 63) / 64
+	spec.Maps["xlb_port_busy"].MaxEntries = (nsrc*nports*uint32(PortWays) + 63) / 64
 	names, err := statNames(spec.Types)
 	if err != nil {
 		return nil, err
@@ -205,13 +209,23 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("mmap connection table: %w", err)
 	}
+	for _, m := range []struct {
+		m    *ebpf.Map
+		to   *[]byte
+		name string
+	}{{p.objs.XlbCtBusy, &p.ctBusy, "connection table bitmap"}, {p.objs.XlbPortBusy, &p.portBusy, "source port bitmap"}} {
+		*m.to, err = unix.Mmap(m.m.FD(), 0, int(m.m.MaxEntries())*8, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			return nil, fmt.Errorf("mmap %s: %w", m.name, err)
+		}
+	}
 	return p, nil
 }
 
 // Close releases the programs and maps. An attachment made from the
 // pipeline must be closed first or it keeps the programs alive.
 func (p *Pipeline) Close() error {
-	for _, m := range []*[]byte{&p.bkStats, &p.ports, &p.conns} {
+	for _, m := range []*[]byte{&p.bkStats, &p.ports, &p.conns, &p.ctBusy, &p.portBusy} {
 		if *m != nil {
 			unix.Munmap(*m)
 			*m = nil

@@ -2,7 +2,11 @@ package dispatcher
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net/netip"
+	"os"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -195,4 +199,49 @@ func TestPortReuseRate(t *testing.T) {
 	if float64(n)/took.Seconds() < 10000 {
 		t.Errorf("only %.0f connections/s: the machine could not keep the pace, the test proves nothing", float64(n)/took.Seconds())
 	}
+}
+
+// BenchmarkSweepIdle reports what the conntrack sweeper costs with no
+// connection at three table sizes (conntrack.max-entries): the default
+// 262,144, 1 Mi and 16 Mi. It reports the time of one sweep
+// (cpu_share_at_1s: the share of a core one sweep a second takes) and how
+// much of the tables the sweep mapped into xlbd's memory (rss_mb_added).
+// The sweep visits only what the occupancy bitmaps mark, so neither
+// follows the tables' size beyond the bitmaps (a bit per slot).
+func BenchmarkSweepIdle(b *testing.B) {
+	for _, size := range []uint32{262144, 1 << 20, 1 << 24} {
+		b.Run(fmt.Sprintf("entries=%d", size), func(b *testing.B) {
+			e := newEnv(b, size)
+			before := rssKB(b)
+			b.ResetTimer()
+			for range b.N {
+				if _, err := e.p.GC(defaultTimeouts); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			perSweep := float64(b.Elapsed().Nanoseconds()) / float64(b.N)
+			b.ReportMetric(perSweep/1e9, "cpu_share_at_1s")
+			b.ReportMetric(float64(rssKB(b)-before)/1024, "rss_mb_added")
+		})
+	}
+}
+
+// rssKB is the process's resident set size.
+func rssKB(tb testing.TB) int64 {
+	raw, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			n, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			if err != nil {
+				tb.Fatal(err)
+			}
+			return n
+		}
+	}
+	tb.Fatal("no VmRSS in /proc/self/status")
+	return 0
 }

@@ -287,7 +287,9 @@ const (
 	xlbMapXlbBackends   = "xlb_backends"
 	xlbMapXlbBkStats    = "xlb_bk_stats"
 	xlbMapXlbConns      = "xlb_conns"
+	xlbMapXlbCtBusy     = "xlb_ct_busy"
 	xlbMapXlbNow        = "xlb_now"
+	xlbMapXlbPortBusy   = "xlb_port_busy"
 	xlbMapXlbPortCur    = "xlb_port_cur"
 	xlbMapXlbPorts      = "xlb_ports"
 	xlbMapXlbProgs      = "xlb_progs"
@@ -382,7 +384,9 @@ type xlbMapSpecs struct {
 	XlbBackends *ebpf.MapSpec `ebpf:"xlb_backends"`
 	XlbBkStats  *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
 	XlbConns    *ebpf.MapSpec `ebpf:"xlb_conns"`
+	XlbCtBusy   *ebpf.MapSpec `ebpf:"xlb_ct_busy"`
 	XlbNow      *ebpf.MapSpec `ebpf:"xlb_now"`
+	XlbPortBusy *ebpf.MapSpec `ebpf:"xlb_port_busy"`
 	XlbPortCur  *ebpf.MapSpec `ebpf:"xlb_port_cur"`
 	XlbPorts    *ebpf.MapSpec `ebpf:"xlb_ports"`
 	XlbProgs    *ebpf.MapSpec `ebpf:"xlb_progs"`
@@ -443,7 +447,9 @@ type xlbMaps struct {
 	XlbBackends *ebpf.Map `ebpf:"xlb_backends"`
 	XlbBkStats  *ebpf.Map `ebpf:"xlb_bk_stats"`
 	XlbConns    *ebpf.Map `ebpf:"xlb_conns"`
+	XlbCtBusy   *ebpf.Map `ebpf:"xlb_ct_busy"`
 	XlbNow      *ebpf.Map `ebpf:"xlb_now"`
+	XlbPortBusy *ebpf.Map `ebpf:"xlb_port_busy"`
 	XlbPortCur  *ebpf.Map `ebpf:"xlb_port_cur"`
 	XlbPorts    *ebpf.Map `ebpf:"xlb_ports"`
 	XlbProgs    *ebpf.Map `ebpf:"xlb_progs"`
@@ -466,7 +472,9 @@ func (m *xlbMaps) Close() error {
 		m.XlbBackends,
 		m.XlbBkStats,
 		m.XlbConns,
+		m.XlbCtBusy,
 		m.XlbNow,
+		m.XlbPortBusy,
 		m.XlbPortCur,
 		m.XlbPorts,
 		m.XlbProgs,

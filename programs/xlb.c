@@ -552,7 +552,7 @@ int xlb_select(struct xdp_md *ctx)
 	struct tcphdr *tcp;
 	struct ethhdr *eth;
 	__u64 now = bpf_jiffies64();
-	__u32 bid, seq = 0, off = 0, mask, *maskp, isn, k, src = 0;
+	__u32 bid, seq = 0, slot = 0, off = 0, mask, *maskp, isn, k, src = 0;
 	__be32 *laddr = NULL;
 	__s64 sel;
 	int first;
@@ -569,7 +569,7 @@ int xlb_select(struct xdp_md *ctx)
 	if (!syn_csum_ok(ctx))
 		return drop(XLB_STAT_DROP_BAD_CSUM);
 
-	switch (ct_claim(cfg, &p->flow, &c, &seq)) {
+	switch (ct_claim(cfg, &p->flow, &c, &seq, &slot)) {
 	case CT_EXISTS:
 		if (!c)
 			return drop(XLB_STAT_DROP_INTERNAL);
@@ -672,6 +672,7 @@ int xlb_select(struct xdp_md *ctx)
 	__builtin_memcpy(r->nh.dmac, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(r->nh.smac, eth->h_dest, ETH_ALEN);
 	ct_publish(c);
+	mark_busy(&xlb_ct_busy, slot);
 
 	__sync_fetch_and_add(&bs->active, 1);
 	__sync_fetch_and_add(&bs->half_open, 1);

@@ -42,4 +42,15 @@ static __always_inline int drop(__u32 stat)
 	return XDP_DROP;
 }
 
+/* mark_busy sets bit idx of an occupancy bitmap (xlb_ct_busy,
+ * xlb_port_busy), after the slot or way it stands for was filled. */
+static __always_inline void mark_busy(void *bitmap, __u32 idx)
+{
+	__u32 word = idx >> 6;
+	__u64 *w = bpf_map_lookup_elem(bitmap, &word);
+
+	if (w && !(*w & (1ULL << (idx & 63))))
+		__sync_fetch_and_or(w, 1ULL << (idx & 63));
+}
+
 #endif

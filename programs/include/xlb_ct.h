@@ -79,9 +79,9 @@ static __always_inline int ct_stable(const struct xlb_conn *c, __u32 seq)
  * recently seen one, taken (odd) for the caller (CT_NEW). A taken slot
  * may still hold the connection it evicts, for the caller to clean up. */
 static __always_inline int ct_claim(const struct xlb_cfg *cfg, const struct xlb_flow *k,
-				    struct xlb_conn **out, __u32 *seq)
+				    struct xlb_conn **out, __u32 *seq, __u32 *slot)
 {
-	__u32 h = flow_hash(k), i, best_seq = 0;
+	__u32 h = flow_hash(k), i, best_seq = 0, best_i = 0;
 	struct xlb_conn *best = NULL;
 	__u64 best_seen = 0;
 
@@ -101,6 +101,7 @@ static __always_inline int ct_claim(const struct xlb_cfg *cfg, const struct xlb_
 				best = c;
 				best_seq = s;
 				best_seen = 0;
+				best_i = i;
 			}
 			if (!c->flags)
 				break; /* never used: the flow is not further on */
@@ -109,6 +110,7 @@ static __always_inline int ct_claim(const struct xlb_cfg *cfg, const struct xlb_
 		if (ct_key_eq(&c->key, k)) {
 			*out = c;
 			*seq = s;
+			*slot = (h + i) & cfg->ct_mask;
 			return CT_EXISTS;
 		}
 		seen = c->last_seen_j | 1; /* above 0, which marks a free slot */
@@ -116,12 +118,14 @@ static __always_inline int ct_claim(const struct xlb_cfg *cfg, const struct xlb_
 			best = c;
 			best_seq = s;
 			best_seen = seen;
+			best_i = i;
 		}
 	}
 	if (!best || __sync_val_compare_and_swap(&best->seq, best_seq, best_seq + 1) != best_seq)
 		return CT_BUSY;
 	*out = best;
 	*seq = best_seq + 1;
+	*slot = (h + best_i) & cfg->ct_mask;
 	return CT_NEW;
 }
 

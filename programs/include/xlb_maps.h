@@ -155,6 +155,27 @@ struct {
 	__type(value, struct xlb_rconn);
 } xlb_ports SEC(".maps");
 
+/* Occupancy bitmaps of xlb_conns and xlb_ports, a bit per slot or way:
+ * the data path sets a bit when it fills the slot or takes the way, the
+ * daemon's sweeper visits only slots and ways whose bit is set and clears
+ * the bits of those it finds free, so a sweep costs what is in use, not
+ * the tables' size. Sized by the daemon; mappable for the sweeper. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 262144 * 2 / 64);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+} xlb_ct_busy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 22768 * XLB_PORT_WAYS / 64 + 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+} xlb_port_busy SEC(".maps");
+
 /* Source address index -> address. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

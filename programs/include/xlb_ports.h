@@ -83,13 +83,13 @@ static __always_inline struct xlb_rconn *claim_port(const struct xlb_cfg *cfg, _
 			continue;
 		if (st != XLB_PS_USED && __sync_val_compare_and_swap(&r->state, st, XLB_PS_USED) == st) {
 			__sync_fetch_and_add(cur, i + 1);
+			mark_busy(&xlb_port_busy, idx);
 			*off = o;
 			return r;
 		}
 	}
 	return NULL;
 }
-
 /* backend_isn chooses the initial sequence number the backend sees for a
  * new connection on way r (source laddr:lport, backend baddr:bport): a
  * keyed hash of the four-tuple plus a clock of about 4 per microsecond,
