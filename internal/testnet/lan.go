@@ -53,7 +53,7 @@ type LAN struct {
 	t           TB
 	opts        LANOptions
 	bridgeIndex int
-	peerProg    *ebpf.Program // the XDP_PASS program of NativePeerXDP
+	peerProg    *ebpf.Program        // the XDP_PASS program of NativePeerXDP
 	peerLinks   map[string]link.Link // the bridge-side XDP attachments, by host name
 }
 
