@@ -265,8 +265,8 @@ services:
 	if len(all) < 4*2*ports {
 		t.Errorf("only %d connections: the test did not outrun the %d ports per backend", len(all), ports)
 	}
-	if c := tp.counters(t); c["drop_no_port"] > 0 {
-		t.Errorf("drop_no_port = %d: ports were not freed", c["drop_no_port"])
+	if c := tp.counters(t); c["rst_no_port"] > 0 {
+		t.Errorf("rst_no_port = %d: ports were not freed", c["rst_no_port"])
 	}
 }
 
@@ -392,7 +392,8 @@ func backendStatus(st control.Status, a string) control.Backend {
 // removes every backend, under a steady stream of short connections: the
 // re-created backend gets new connections again within 3 s, a vanished
 // one stops getting them within 3 s, and with every backend gone the
-// service drops new connections (drop_no_backend) until one comes back.
+// service refuses new connections with a RST (rst_no_backend) until one
+// comes back.
 // Status shows each backend's state and next hop throughout.
 func TestBackendNextHop(t *testing.T) {
 	ct := newConfigTopo(t, "native")
@@ -474,7 +475,7 @@ func TestBackendNextHop(t *testing.T) {
 	})
 
 	t.Run("every backend gone", func(t *testing.T) {
-		before := tp.counters(t)["drop_no_backend"]
+		before := tp.counters(t)["rst_no_backend"]
 		ct.lan.RemoveLink(ct.ba)
 		deadline := time.Now().Add(within)
 		for backendStatus(tp.status(t), aAddr).State != "down" {
@@ -486,8 +487,8 @@ func TestBackendNextHop(t *testing.T) {
 		if _, err := tp.shortConn(tp.c1, time.Second); err == nil {
 			t.Errorf("a connection succeeded with every backend down")
 		}
-		if after := tp.counters(t)["drop_no_backend"]; after <= before {
-			t.Errorf("drop_no_backend %d -> %d: the service still selects a backend", before, after)
+		if after := tp.counters(t)["rst_no_backend"]; after <= before {
+			t.Errorf("rst_no_backend %d -> %d: the service still selects a backend", before, after)
 		}
 		if !strings.Contains(tp.d.Output(), "service has no selection table") {
 			t.Errorf("xlbd did not log that the service has no table")

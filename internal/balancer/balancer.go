@@ -109,8 +109,8 @@ type ServiceState struct {
 
 // Selection is a selection table: a mode and indexes into
 // ServiceState.Backends. An empty table means that no backend may take new
-// connections: the service then has no table, and its SYNs are dropped
-// (counter drop_no_backend).
+// connections: the service then has no table, and its SYNs are answered
+// with a RST (counter rst_no_backend).
 type Selection struct {
 	Mode  dispatcher.Mode
 	Table []int
