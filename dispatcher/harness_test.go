@@ -185,8 +185,16 @@ func newEnv(t testing.TB, ctSize uint32) *env {
 // is sized for it at load).
 func newEnvPorts(t testing.TB, ctSize uint32, lo, hi uint16) *env {
 	t.Helper()
+	return newEnvOpts(t, Options{ConntrackSize: ctSize, PortLo: lo, PortHi: hi})
+}
+
+// newEnvOpts is newEnv with the pipeline loaded with opts (one source
+// address, lbAddr, set whatever opts.Sources allows).
+func newEnvOpts(t testing.TB, opts Options) *env {
+	t.Helper()
 	testnet.RequirePrivileged(t)
-	p, err := Load(Options{ConntrackSize: ctSize, PortLo: lo, PortHi: hi})
+	lo, hi := opts.PortLo, opts.PortHi
+	p, err := Load(opts)
 	if err != nil {
 		t.Fatal(err)
 	}

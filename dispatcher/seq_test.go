@@ -277,3 +277,44 @@ func TestSYNChallenge(t *testing.T) {
 	e.expectFn(t, e.p.Entry(), fromClient(served, vip, s), xdpTX, func() []byte { return toBackend(e.mustConn(served, vip), s) },
 		map[string]uint64{"fwd": 1, "new_conn": 1})
 }
+
+// TestSourceSpread gives a service three source addresses: new flows
+// spread evenly over them (each within 15% of a third), and a second
+// service restricted to one of them uses only that one.
+func TestSourceSpread(t *testing.T) {
+	e := newEnvOpts(t, Options{ConntrackSize: 16384, PortLo: portLo, PortHi: portHi, Sources: 3})
+	srcs := []netip.Addr{lbAddr, netip.MustParseAddr("10.50.0.201"), netip.MustParseAddr("10.50.0.202")}
+	e.opts.SourceAddresses = srcs
+	e.must(e.p.SetSettings(e.opts))
+	e.must(e.p.SetService(1, vip, []int{0, 1, 2}))
+	e.must(e.p.SetService(2, vip2, []int{2}))
+	e.must(e.p.SetSelection(1, ModeRandom, []uint32{idA}))
+	e.must(e.p.SetSelection(2, ModeRandom, []uint32{idB}))
+	const n = 3000
+	for i := range n {
+		cl := netip.AddrPortFrom(netip.AddrFrom4([4]byte{11, 1, byte(i >> 8), byte(i)}), uint16(2000+i))
+		if v, _ := e.run(e.p.Entry(), fromClient(cl, vip, seg{flags: "S", seq: 1})); v != xdpTX {
+			t.Fatalf("syn %d: %s", i, verdictName(v))
+		}
+		if i < 100 {
+			if v, _ := e.run(e.p.Entry(), fromClient(cl, vip2, seg{flags: "S", seq: 1})); v != xdpTX {
+				t.Fatalf("syn %d to %s: %s", i, vip2, verdictName(v))
+			}
+		}
+	}
+	conns, err := e.p.Conns()
+	e.must(err)
+	count := map[netip.AddrPort]map[netip.Addr]int{vip: {}, vip2: {}}
+	for _, c := range conns {
+		count[c.VIP][c.Source.Addr()]++
+	}
+	t.Logf("by source address: %v", count)
+	for _, a := range srcs {
+		if got := count[vip][a]; got < n/3*85/100 || got > n/3*115/100 {
+			t.Errorf("%d of %d connections to %s from %s, want about a third", got, n, vip, a)
+		}
+	}
+	if len(count[vip2]) != 1 || count[vip2][srcs[2]] != 100 {
+		t.Errorf("connections to %s by source %v, want all 100 from %s", vip2, count[vip2], srcs[2])
+	}
+}

@@ -507,16 +507,17 @@ static __always_inline int client_addr_ok(__be32 saddr, __be32 daddr)
 	return top != 0 && top != 127 && top < 224 && saddr != daddr;
 }
 
-/* first_source returns the first source address index at or after start
- * (modulo XLB_MAX_SOURCES) in a service's mask, or -1. */
-static __always_inline int first_source(__u32 mask, __u32 start)
+/* first_source picks, from a flow's hash h, one of the source address
+ * indexes set in a service's mask, each as likely as the others, or -1. */
+static __always_inline int first_source(__u32 mask, __u32 h)
 {
-	__u32 k, s;
+	__u32 n = pick(h, __builtin_popcount(mask)), seen = 0, k;
 
 	for (k = 0; k < XLB_MAX_SOURCES; k++) {
-		s = (start + k) & (XLB_MAX_SOURCES - 1);
-		if (mask & (1u << s))
-			return s;
+		if (!(mask & (1u << k)))
+			continue;
+		if (seen++ == n)
+			return k;
 	}
 	return -1;
 }
@@ -615,8 +616,8 @@ int xlb_select(struct xdp_md *ctx)
 		count(XLB_STAT_SYN_CHALLENGE);
 		return tcp_reply(ctx, TCP_FL_SYN | TCP_FL_ACK, rand32(), syn_cookie(cfg, &p->flow, syn_slot(cfg, now)));
 	}
-	/* A port of the first source address with one free, from a start
-	 * that spreads flows over the service's addresses. */
+	/* A port of the first source address with one free, from the one
+	 * the flow's hash picks, so flows spread evenly over them. */
 	for (k = 0; k < XLB_MAX_SOURCES; k++) {
 		__u32 s = (first + k) & (XLB_MAX_SOURCES - 1);
 

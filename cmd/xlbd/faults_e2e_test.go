@@ -151,9 +151,9 @@ func (tp *topo) waitReplaced(t *testing.T, policy string, old int, since time.Ti
 // steady stream of short connections: the plugin is killed and replaced
 // within its deadline, `xlbctl status` answers quickly throughout, and
 // every short connection succeeds. The source-port range is small and the
-// closed timeout short, so the connections outrun the ports many times
-// over: they succeed only if the sweeper keeps freeing ports while the
-// plugin is stopped. Then a policy swap away from a stopped plugin.
+// ports' hold short (time-wait 100ms), so the connections go round the
+// ports many times over while the plugin is stopped. Then a policy swap
+// away from a stopped plugin.
 func TestPluginStopped(t *testing.T) {
 	ct := newConfigTopo(t, "native")
 	const ports = 128
@@ -161,7 +161,7 @@ func TestPluginStopped(t *testing.T) {
 source-ports: 20000-%d
 conntrack:
   gc-interval: 100ms
-  timeouts: {closed: 1s, fin: 2s, time-wait: 1s}
+  timeouts: {closed: 1s, fin: 2s, time-wait: 100ms}
 services:
   - vip: %s
     policy: least-conn
@@ -261,7 +261,7 @@ services:
 	if worst > time.Second {
 		t.Errorf("xlbctl status took up to %s while plugins were stopped", worst)
 	}
-	// The ports went round several times: the sweeper kept freeing them.
+	// The ports went round several times.
 	if len(all) < 4*2*ports {
 		t.Errorf("only %d connections: the test did not outrun the %d ports per backend", len(all), ports)
 	}

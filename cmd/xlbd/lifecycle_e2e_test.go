@@ -45,7 +45,8 @@ type load struct {
 	ok       int
 	errs     []error
 	worst    time.Duration
-	slow     int // requests over a second
+	slow     int             // requests over a second
+	took     []time.Duration // of the requests over 100 ms
 	backends map[string]int
 }
 
@@ -75,6 +76,9 @@ func startLoad(clients []*http.Client, urls []string, workers int) *load {
 				if took > time.Second {
 					l.slow++
 				}
+				if took > 100*time.Millisecond {
+					l.took = append(l.took, took)
+				}
 				l.mu.Unlock()
 			}
 		}()
@@ -99,10 +103,24 @@ func (l *load) stop() (ok, fail int64, first error) {
 // request over a second.
 func (l *load) check(t *testing.T, what string) {
 	t.Helper()
+	l.checkWithin(t, what, time.Second)
+}
+
+// checkWithin stops the load and fails the test for any failed request or
+// any request slower than limit.
+func (l *load) checkWithin(t *testing.T, what string, limit time.Duration) {
+	t.Helper()
 	l.stop()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	t.Logf("%s: %d requests, %d failed, %d over 1s, worst %v, by backend %v", what, l.ok+len(l.errs), len(l.errs), l.slow, l.worst, l.backends)
+	slow := 0
+	for _, d := range l.took {
+		if d > limit {
+			slow++
+		}
+	}
+	t.Logf("%s: %d requests, %d failed, %d over 1s, %d over %v, worst %v, by backend %v", what, l.ok+len(l.errs), len(l.errs), l.slow,
+		slow, limit, l.worst, l.backends)
 	for i, err := range l.errs {
 		if i == 5 {
 			t.Errorf("... and %d more", len(l.errs)-5)
@@ -110,8 +128,8 @@ func (l *load) check(t *testing.T, what string) {
 		}
 		t.Errorf("%s: %v", what, err)
 	}
-	if l.slow > 0 {
-		t.Errorf("%s: %d requests took over a second (worst %v)", what, l.slow, l.worst)
+	if slow > 0 {
+		t.Errorf("%s: %d requests took over %v (worst %v)", what, slow, limit, l.worst)
 	}
 }
 
@@ -288,7 +306,10 @@ func TestSYNFlood(t *testing.T) {
 	sent := spoofSYNs(t, ct.c2, ct.lb.MAC, ct.vip, flood)
 	t.Logf("%d spoofed SYNs sent in %v", sent, time.Since(start))
 	time.Sleep(2 * time.Second)
-	short.check(t, "new connections during the flood")
+	// Every request succeeds. A few new connections may wait for a
+	// retransmission (1 s) when one of their packets is lost among the
+	// flood's.
+	short.checkWithin(t, "new connections during the flood", 3*time.Second)
 	kept.check(t, "a kept-alive connection during the flood")
 	c := ct.counters(t)
 	t.Logf("counters: new_conn=%d syn_challenge=%d syn_validated=%d rst_no_port=%d", c["new_conn"], c["syn_challenge"], c["syn_validated"], c["rst_no_port"])
