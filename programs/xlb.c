@@ -703,9 +703,9 @@ int xlb_rewrite(struct xdp_md *ctx)
 	struct iphdr *ip = (void *)(eth + 1);
 	struct tcphdr *tcp = (void *)(ip + 1);
 	struct xlb_pkt *p = scratch();
+	__u64 acc, addrs;
 	__u32 optlen;
 	__be32 old;
-	__u64 acc;
 
 	if (!p || (void *)(tcp + 1) > end || ip->ihl != 5)
 		return drop(XLB_STAT_DROP_INTERNAL);
@@ -713,14 +713,12 @@ int xlb_rewrite(struct xdp_md *ctx)
 	__builtin_memcpy(eth->h_dest, p->nh.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
 
-	acc = csum_start(ip->check);
-	acc = csum_acc32(acc, ip->saddr, p->new_saddr);
-	acc = csum_acc32(acc, ip->daddr, p->new_daddr);
-	ip->check = csum_finish(acc);
+	/* The addresses' change counts in both checksums (the TCP one
+	 * through its pseudo-header). */
+	addrs = csum_acc32(csum_acc32(0, ip->saddr, p->new_saddr), ip->daddr, p->new_daddr);
+	ip->check = csum_finish(csum_start(ip->check) + addrs);
 
-	acc = csum_start(tcp->check);
-	acc = csum_acc32(acc, ip->saddr, p->new_saddr);
-	acc = csum_acc32(acc, ip->daddr, p->new_daddr);
+	acc = csum_start(tcp->check) + addrs;
 	acc = csum_acc16(acc, tcp->source, p->new_sport);
 	acc = csum_acc16(acc, tcp->dest, p->new_dport);
 	optlen = tcp->doff * 4 - sizeof(*tcp);

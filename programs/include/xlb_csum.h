@@ -6,12 +6,12 @@
 #include <linux/types.h>
 
 /* csum_acc32 adds the change of a 32-bit field from old to new to a
- * one's-complement accumulator: ~old + new, in 16-bit words. */
+ * one's-complement accumulator: ~old + new. The 32-bit halves are summed
+ * as they are: 2^16 is 1 modulo 0xffff, so csum_finish's folds give the
+ * same result as summing the 16-bit words. */
 static __always_inline __u64 csum_acc32(__u64 acc, __u32 old, __u32 new)
 {
-	__u32 nold = ~old;
-
-	return acc + (nold & 0xffff) + (nold >> 16) + (new & 0xffff) + (new >> 16);
+	return acc + (__u32)~old + new;
 }
 
 /* csum_acc16 adds the change of a 16-bit field. */
