@@ -180,9 +180,11 @@ func benchCaseRun(b *testing.B, e *env, fl *testRun, bc benchCase) {
 	b.ReportMetric(c-f, "ns_above_floor/pkt")
 }
 
-// TestDatapathCostTargets fails when a case costs more than twice its
-// target (median kernel ns above the floor's median, 20000 runs), which
-// catches gross regressions without flaking on a noisy machine.
+// TestDatapathCostTargets fails when a case costs more than three times
+// its target (median kernel ns above the floor's median, 20000 runs),
+// which catches gross regressions without flaking on a noisy machine: the
+// same build measures up to twice as slow on one machine of this kind as
+// on another, and slower again while other work shares its two cores.
 func TestDatapathCostTargets(t *testing.T) {
 	if testing.Short() {
 		t.Skip("cost measurement skipped in -short mode")
@@ -200,8 +202,8 @@ func TestDatapathCostTargets(t *testing.T) {
 		c, f := median(caseNs), median(floorNs)
 		target := costTargets[bc.name]
 		t.Logf("%-20s median %5.0f ns, floor %3.0f ns, above floor %5.0f ns (target %3.0f)", bc.name, c, f, c-f, target)
-		if c-f > 2*target {
-			t.Errorf("%s: %.0f ns above floor, more than twice the %.0f ns target", bc.name, c-f, target)
+		if c-f > 3*target {
+			t.Errorf("%s: %.0f ns above floor, more than three times the %.0f ns target", bc.name, c-f, target)
 		}
 	}
 }
