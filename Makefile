@@ -49,7 +49,8 @@ test: deps build
 # Benchmarks: kernel ns per packet beside the floor, and end-to-end
 # requests/s through xlb beside a direct path, in the same run.
 bench: build
-	$(GO) test -run '^$$' -bench . -benchtime 200000x -count 3 ./dispatcher/ | tee $(BIN)/bench-datapath.txt
+	$(GO) test -run '^$$' -bench 'Datapath|Chain|Select|TrafficCounters' -benchtime 200000x -count 3 ./dispatcher/ | tee $(BIN)/bench-datapath.txt
+	$(GO) test -run '^$$' -bench 'SweepIdle' -benchtime 20x -count 1 ./dispatcher/ | tee -a $(BIN)/bench-datapath.txt
 	$(GO) test -run '^$$' -bench EndToEnd -benchtime 1x -count 1 ./cmd/xlbd/ | tee $(BIN)/bench-e2e.txt
 	$(GO) test -run '^$$' -bench PolicySwap -benchtime 20x -count 1 ./cmd/xlbd/ | tee -a $(BIN)/bench-e2e.txt
 

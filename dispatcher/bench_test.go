@@ -39,8 +39,15 @@ type benchCase struct {
 // benchSetup builds the environment and the cases; the floor is returned
 // separately.
 func benchSetup(tb testing.TB) (*env, *testRun, []benchCase) {
+	return benchSetupOpts(tb, Options{})
+}
+
+// benchSetupOpts is benchSetup with the pipeline loaded with opts (its
+// table size and port range are the benchmark's own).
+func benchSetupOpts(tb testing.TB, opts Options) (*env, *testRun, []benchCase) {
 	// A wide source-port range for a stream of new flows.
-	e := newEnvPorts(tb, 65536, 1024, 65535)
+	opts.ConntrackSize, opts.PortLo, opts.PortHi = 65536, 1024, 65535
+	e := newEnvOpts(tb, opts)
 
 	var floor floorObjects
 	if err := loadFloorObjects(&floor, nil); err != nil {
@@ -206,4 +213,32 @@ func TestDatapathCostTargets(t *testing.T) {
 			t.Errorf("%s: %.0f ns above floor, more than three times the %.0f ns target", bc.name, c-f, target)
 		}
 	}
+}
+
+// BenchmarkTrafficCounters measures what counting each backend's packets
+// and bytes (xlb_bk_ctr, per CPU) costs an established flow's packet: the
+// established-forward case through a pipeline that counts and one loaded
+// with counting off, in alternating rounds, each beside the floor.
+func BenchmarkTrafficCounters(b *testing.B) {
+	on, flOn, casesOn := benchSetup(b)
+	off, flOff, casesOff := benchSetupOpts(b, Options{noTraffic: true})
+	const rounds = 10
+	var sumOn, sumOff float64
+	for range rounds {
+		for _, r := range []struct {
+			e   *env
+			fl  *testRun
+			bc  benchCase
+			sum *float64
+		}{{on, flOn, casesOn[0], &sumOn}, {off, flOff, casesOff[0], &sumOff}} {
+			c, f, err := measure(r.e, r.fl, r.bc, max(b.N/rounds, 1000), func() {}, func() {})
+			if err != nil {
+				b.Fatal(err)
+			}
+			*r.sum += mean(c) - mean(f)
+		}
+	}
+	b.ReportMetric(sumOn/rounds, "counted_ns_above_floor/pkt")
+	b.ReportMetric(sumOff/rounds, "uncounted_ns_above_floor/pkt")
+	b.ReportMetric((sumOn-sumOff)/rounds, "counting_ns/pkt")
 }

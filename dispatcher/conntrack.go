@@ -77,6 +77,13 @@ func (p *Pipeline) idle(now, last uint64) time.Duration {
 	return time.Duration(now-last) * p.tick
 }
 
+// idle32 is idle for a time kept as the low 32 bits of the jiffies (a
+// port way's), which wrap after 49 days at 1000 Hz: differences modulo
+// 2^32 stay right far longer than any timeout.
+func (p *Pipeline) idle32(now uint64, last uint32) time.Duration {
+	return time.Duration(uint32(now)-last) * p.tick
+}
+
 func addrPort(a uint32, p uint16) netip.AddrPort {
 	return netip.AddrPortFrom(addrFromBE(a), portBE(p))
 }
@@ -333,7 +340,7 @@ func (p *Pipeline) sweepConn(i uint32, now uint64, t Timeouts, res *GCResult) bo
 	r := p.portEntry(c.SrcIdx, c.Lport, c.Baddr, c.Bport)
 	mine := r != nil && r.Baddr == c.Baddr && r.Bport == c.Bport && r.Caddr == c.Key.Saddr && r.Cport == c.Key.Sport
 	if mine && !connHalfOpen(c.Flags) && atomic.LoadUint32(&r.State) == portUsed &&
-		p.idle(now, atomic.LoadUint64(&r.LastSeenJ)) <= timeout {
+		p.idle32(now, atomic.LoadUint32(&r.LastSeenJ)) <= timeout {
 		return true // the backend side is still talking
 	}
 	if !p.take(s) {
@@ -348,7 +355,7 @@ func (p *Pipeline) sweepConn(i uint32, now uint64, t Timeouts, res *GCResult) bo
 		return true
 	}
 	if mine {
-		atomic.StoreUint64(&r.LastSeenJ, now) // the hold starts now
+		atomic.StoreUint32(&r.LastSeenJ, uint32(now)) // the hold starts now
 		atomic.CompareAndSwapUint32(&r.State, portUsed, portHold)
 	}
 	p.uncount(c.BackendId, flags)
@@ -369,7 +376,7 @@ func (p *Pipeline) sweepPort(i uint32, now uint64, t Timeouts, res *GCResult) bo
 	if state == portFree {
 		return false
 	}
-	age := p.idle(now, atomic.LoadUint64(&r.LastSeenJ))
+	age := p.idle32(now, atomic.LoadUint32(&r.LastSeenJ))
 	if state == portHold {
 		if age > t.hold() && atomic.CompareAndSwapUint32(&r.State, portHold, portFree) {
 			res.Released++

@@ -102,6 +102,10 @@ type Options struct {
 	// Sources is how many source addresses the return table is sized
 	// for, 1 to MaxSources; 0 means 1.
 	Sources int
+
+	// noTraffic leaves each backend's traffic uncounted, for the
+	// benchmark that measures what counting costs.
+	noTraffic bool
 }
 
 // Pipeline holds the loaded programs and maps. The program array is held
@@ -155,6 +159,11 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	spec.Maps["xlb_ports"].MaxEntries = nsrc * nports * uint32(PortWays)
 	spec.Maps["xlb_ct_busy"].MaxEntries = (slots + 63) / 64
 	spec.Maps["xlb_port_busy"].MaxEntries = (nsrc*nports*uint32(PortWays) + 63) / 64
+	if opts.noTraffic {
+		if err := spec.Variables["xlb_count_traffic"].Set(uint32(0)); err != nil {
+			return nil, fmt.Errorf("turn traffic counting off: %w", err)
+		}
+	}
 	names, err := statNames(spec.Types)
 	if err != nil {
 		return nil, err
@@ -578,6 +587,50 @@ func (p *Pipeline) BackendStats(id uint32) (BackendStats, error) {
 	}, nil
 }
 
+// Traffic is a backend's packets and bytes (IPv4 total lengths), each
+// way, summed over CPUs.
+type Traffic struct {
+	ToBackendPackets, ToBackendBytes     uint64
+	FromBackendPackets, FromBackendBytes uint64
+}
+
+// BackendTraffic reads every backend's traffic, by backend id (ids with
+// none are left out), in one batch.
+func (p *Pipeline) BackendTraffic() (map[uint32]Traffic, error) {
+	keys := make([]uint32, MaxBackends)
+	vals := make([]xlbXlbTraffic, MaxBackends*p.cpus())
+	var cursor ebpf.MapBatchCursor
+	n, err := p.objs.XlbBkCtr.BatchLookup(&cursor, keys, vals, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, fmt.Errorf("read backend traffic: %w", err)
+	}
+	out := make(map[uint32]Traffic)
+	ncpu := p.cpus()
+	for i := range n {
+		var t Traffic
+		for _, v := range vals[i*ncpu : (i+1)*ncpu] {
+			t.ToBackendPackets += v.Packets[0]
+			t.ToBackendBytes += v.Bytes[0]
+			t.FromBackendPackets += v.Packets[1]
+			t.FromBackendBytes += v.Bytes[1]
+		}
+		if t != (Traffic{}) {
+			out[keys[i]] = t
+		}
+	}
+	return out, nil
+}
+
+// cpus is the number of possible CPUs: the number of values of a per-CPU
+// map entry.
+func (p *Pipeline) cpus() int {
+	n, err := ebpf.PossibleCPU()
+	if err != nil || n < 1 {
+		return 1
+	}
+	return n
+}
+
 // ResetBackendStats zeroes a backend's counts, for a newly allocated id.
 func (p *Pipeline) ResetBackendStats(id uint32) error {
 	if id >= uint32(MaxBackends) {
@@ -589,6 +642,9 @@ func (p *Pipeline) ResetBackendStats(id uint32) error {
 	atomic.StoreUint64(&s.NewConns, 0)
 	atomic.StoreUint64(&s.NoPort, 0)
 	atomic.StoreUint64(&s.NhJ, 0)
+	if err := p.objs.XlbBkCtr.Put(id, make([]xlbXlbTraffic, p.cpus())); err != nil {
+		return fmt.Errorf("reset traffic of backend %d: %w", id, err)
+	}
 	return nil
 }
 

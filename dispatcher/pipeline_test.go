@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"bytes"
+	"encoding/binary"
 	"net"
 	"net/netip"
 	"strings"
@@ -394,5 +395,52 @@ func TestPipelineSharedClientPort(t *testing.T) {
 	for _, c := range []Conn{conn1, conn2} {
 		s := seg{flags: "SA", seq: 7, ack: 2}
 		e.expect(t, e.p.Entry(), fromBackend(c.Backend, c.Source.Port(), s), xdpTX, toClient(c, s), map[string]uint64{"ret": 1})
+	}
+}
+
+// TestBackendTraffic checks each backend's packet and byte counters
+// (xlb_bk_ctr) against the packets sent each way: IPv4 total lengths.
+func TestBackendTraffic(t *testing.T) {
+	e := newEnv(t, 4096)
+	e.must(e.p.SetSelection(1, ModeRandom, []uint32{idA}))
+	cl := netip.AddrPortFrom(client1, 47000)
+	var c Conn
+	sent := [2]Traffic{}
+	send := func(back bool, s seg) {
+		t.Helper()
+		pkt := fromClient(cl, vip, s)
+		if back {
+			pkt = fromBackend(backendA, c.Source.Port(), s)
+		}
+		if v, _ := e.run(e.p.Entry(), pkt); v != xdpTX {
+			t.Fatalf("%s: %s", s.flags, verdictName(v))
+		}
+		n := uint64(binary.BigEndian.Uint16(pkt[14+2:]))
+		if back {
+			sent[0].FromBackendPackets++
+			sent[0].FromBackendBytes += n
+		} else {
+			sent[0].ToBackendPackets++
+			sent[0].ToBackendBytes += n
+		}
+	}
+	send(false, seg{flags: "S", seq: 1})
+	c = e.mustConn(cl, vip)
+	send(true, seg{flags: "SA", seq: 10, ack: c.SeqDelta + 2})
+	send(false, seg{flags: "A", seq: 2, ack: 11})
+	send(false, seg{flags: "PA", seq: 2, ack: 11, payload: []byte("GET / HTTP/1.0\r\n\r\n")})
+	send(true, seg{flags: "PA", seq: 11, ack: c.SeqDelta + 20, payload: make([]byte, 1000)})
+	got, err := e.p.BackendTraffic()
+	e.must(err)
+	if got[idA] != sent[0] {
+		t.Errorf("backend A's traffic %+v, want %+v", got[idA], sent[0])
+	}
+	if _, ok := got[idB]; ok {
+		t.Errorf("backend B has traffic: %+v", got[idB])
+	}
+	// A reused id starts from zero.
+	e.must(e.p.ResetBackendStats(idA))
+	if got, err := e.p.BackendTraffic(); err != nil || got[idA] != sent[1] {
+		t.Errorf("after a reset: %+v, %v", got[idA], err)
 	}
 }

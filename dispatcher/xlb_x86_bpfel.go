@@ -136,20 +136,21 @@ type xlbXlbNh struct {
 }
 
 type xlbXlbPkt struct {
-	_        structs.HostLayout
-	Flow     xlbXlbFlow
-	Vip      xlbXlbVipPort
-	SvcId    uint32
-	Dir      uint8
-	TcpFlags uint8
-	SrcIdx   uint8
-	Pad      uint8
-	NewSaddr uint32
-	NewDaddr uint32
-	NewSport uint16
-	NewDport uint16
-	SeqDelta uint32
-	Nh       xlbXlbNh
+	_         structs.HostLayout
+	Flow      xlbXlbFlow
+	Vip       xlbXlbVipPort
+	SvcId     uint32
+	Dir       uint8
+	TcpFlags  uint8
+	SrcIdx    uint8
+	Pad       uint8
+	BackendId uint32
+	NewSaddr  uint32
+	NewDaddr  uint32
+	NewSport  uint16
+	NewDport  uint16
+	SeqDelta  uint32
+	Nh        xlbXlbNh
 }
 
 type xlbXlbPortState uint32
@@ -170,7 +171,8 @@ type xlbXlbRconn struct {
 	Vaddr     uint32
 	Vport     uint16
 	Flags     uint16
-	LastSeenJ uint64
+	LastSeenJ uint32
+	BackendId uint32
 	NhJ       uint32
 	SeqDelta  uint32
 	Nh        xlbXlbNh
@@ -260,6 +262,12 @@ const (
 	xlbXlbSynModeXLB_SYN_ON   xlbXlbSynMode = 2
 )
 
+type xlbXlbTraffic struct {
+	_       structs.HostLayout
+	Packets [2]uint64
+	Bytes   [2]uint64
+}
+
 type xlbXlbTrusted struct {
 	_      structs.HostLayout
 	Addr   uint32
@@ -284,47 +292,50 @@ type xlbXlbVipPort struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	xlbMapXlbBackends   = "xlb_backends"
-	xlbMapXlbBkStats    = "xlb_bk_stats"
-	xlbMapXlbConns      = "xlb_conns"
-	xlbMapXlbCtBusy     = "xlb_ct_busy"
-	xlbMapXlbNow        = "xlb_now"
-	xlbMapXlbPortBusy   = "xlb_port_busy"
-	xlbMapXlbPortCur    = "xlb_port_cur"
-	xlbMapXlbPorts      = "xlb_ports"
-	xlbMapXlbProgs      = "xlb_progs"
-	xlbMapXlbRng        = "xlb_rng"
-	xlbMapXlbRr         = "xlb_rr"
-	xlbMapXlbScratch    = "xlb_scratch"
-	xlbMapXlbSel        = "xlb_sel"
-	xlbMapXlbServices   = "xlb_services"
-	xlbMapXlbSettings   = "xlb_settings"
-	xlbMapXlbSrc        = "xlb_src"
-	xlbMapXlbSrcSlots   = "xlb_src_slots"
-	xlbMapXlbStats      = "xlb_stats"
-	xlbMapXlbSvcSrc     = "xlb_svc_src"
-	xlbMapXlbSynOk      = "xlb_syn_ok"
-	xlbMapXlbVipPorts   = "xlb_vip_ports"
-	xlbProgXlbClock     = "xlb_clock"
-	xlbProgXlbConntrack = "xlb_conntrack"
-	xlbProgXlbDispatch  = "xlb_dispatch"
-	xlbProgXlbParse     = "xlb_parse"
-	xlbProgXlbRewrite   = "xlb_rewrite"
-	xlbProgXlbSelect    = "xlb_select"
-	xlbVarUnusedCt      = "unused_ct"
-	xlbVarUnusedDir     = "unused_dir"
-	xlbVarUnusedFlag    = "unused_flag"
-	xlbVarUnusedLimit   = "unused_limit"
-	xlbVarUnusedMode    = "unused_mode"
-	xlbVarUnusedPkt     = "unused_pkt"
-	xlbVarUnusedPstate  = "unused_pstate"
-	xlbVarUnusedRflag   = "unused_rflag"
-	xlbVarUnusedSrc     = "unused_src"
-	xlbVarUnusedStage   = "unused_stage"
-	xlbVarUnusedStat    = "unused_stat"
-	xlbVarUnusedSynmode = "unused_synmode"
-	xlbVarUnusedSynok   = "unused_synok"
-	xlbVarUnusedVport   = "unused_vport"
+	xlbMapXlbBackends     = "xlb_backends"
+	xlbMapXlbBkCtr        = "xlb_bk_ctr"
+	xlbMapXlbBkStats      = "xlb_bk_stats"
+	xlbMapXlbConns        = "xlb_conns"
+	xlbMapXlbCtBusy       = "xlb_ct_busy"
+	xlbMapXlbNow          = "xlb_now"
+	xlbMapXlbPortBusy     = "xlb_port_busy"
+	xlbMapXlbPortCur      = "xlb_port_cur"
+	xlbMapXlbPorts        = "xlb_ports"
+	xlbMapXlbProgs        = "xlb_progs"
+	xlbMapXlbRng          = "xlb_rng"
+	xlbMapXlbRr           = "xlb_rr"
+	xlbMapXlbScratch      = "xlb_scratch"
+	xlbMapXlbSel          = "xlb_sel"
+	xlbMapXlbServices     = "xlb_services"
+	xlbMapXlbSettings     = "xlb_settings"
+	xlbMapXlbSrc          = "xlb_src"
+	xlbMapXlbSrcSlots     = "xlb_src_slots"
+	xlbMapXlbStats        = "xlb_stats"
+	xlbMapXlbSvcSrc       = "xlb_svc_src"
+	xlbMapXlbSynOk        = "xlb_syn_ok"
+	xlbMapXlbVipPorts     = "xlb_vip_ports"
+	xlbProgXlbClock       = "xlb_clock"
+	xlbProgXlbConntrack   = "xlb_conntrack"
+	xlbProgXlbDispatch    = "xlb_dispatch"
+	xlbProgXlbParse       = "xlb_parse"
+	xlbProgXlbRewrite     = "xlb_rewrite"
+	xlbProgXlbSelect      = "xlb_select"
+	xlbVarUnusedCt        = "unused_ct"
+	xlbVarUnusedDir       = "unused_dir"
+	xlbVarUnusedFlag      = "unused_flag"
+	xlbVarUnusedLimit     = "unused_limit"
+	xlbVarUnusedMode      = "unused_mode"
+	xlbVarUnusedPkt       = "unused_pkt"
+	xlbVarUnusedPstate    = "unused_pstate"
+	xlbVarUnusedRflag     = "unused_rflag"
+	xlbVarUnusedSrc       = "unused_src"
+	xlbVarUnusedStage     = "unused_stage"
+	xlbVarUnusedStat      = "unused_stat"
+	xlbVarUnusedSynmode   = "unused_synmode"
+	xlbVarUnusedSynok     = "unused_synok"
+	xlbVarUnusedTraffic   = "unused_traffic"
+	xlbVarUnusedVport     = "unused_vport"
+	xlbVarXlbCountTraffic = "xlb_count_traffic"
 )
 
 // loadXlb returns the embedded CollectionSpec for xlb.
@@ -382,6 +393,7 @@ type xlbProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type xlbMapSpecs struct {
 	XlbBackends *ebpf.MapSpec `ebpf:"xlb_backends"`
+	XlbBkCtr    *ebpf.MapSpec `ebpf:"xlb_bk_ctr"`
 	XlbBkStats  *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
 	XlbConns    *ebpf.MapSpec `ebpf:"xlb_conns"`
 	XlbCtBusy   *ebpf.MapSpec `ebpf:"xlb_ct_busy"`
@@ -408,20 +420,22 @@ type xlbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type xlbVariableSpecs struct {
-	UnusedCt      *ebpf.VariableSpec `ebpf:"unused_ct"`
-	UnusedDir     *ebpf.VariableSpec `ebpf:"unused_dir"`
-	UnusedFlag    *ebpf.VariableSpec `ebpf:"unused_flag"`
-	UnusedLimit   *ebpf.VariableSpec `ebpf:"unused_limit"`
-	UnusedMode    *ebpf.VariableSpec `ebpf:"unused_mode"`
-	UnusedPkt     *ebpf.VariableSpec `ebpf:"unused_pkt"`
-	UnusedPstate  *ebpf.VariableSpec `ebpf:"unused_pstate"`
-	UnusedRflag   *ebpf.VariableSpec `ebpf:"unused_rflag"`
-	UnusedSrc     *ebpf.VariableSpec `ebpf:"unused_src"`
-	UnusedStage   *ebpf.VariableSpec `ebpf:"unused_stage"`
-	UnusedStat    *ebpf.VariableSpec `ebpf:"unused_stat"`
-	UnusedSynmode *ebpf.VariableSpec `ebpf:"unused_synmode"`
-	UnusedSynok   *ebpf.VariableSpec `ebpf:"unused_synok"`
-	UnusedVport   *ebpf.VariableSpec `ebpf:"unused_vport"`
+	UnusedCt        *ebpf.VariableSpec `ebpf:"unused_ct"`
+	UnusedDir       *ebpf.VariableSpec `ebpf:"unused_dir"`
+	UnusedFlag      *ebpf.VariableSpec `ebpf:"unused_flag"`
+	UnusedLimit     *ebpf.VariableSpec `ebpf:"unused_limit"`
+	UnusedMode      *ebpf.VariableSpec `ebpf:"unused_mode"`
+	UnusedPkt       *ebpf.VariableSpec `ebpf:"unused_pkt"`
+	UnusedPstate    *ebpf.VariableSpec `ebpf:"unused_pstate"`
+	UnusedRflag     *ebpf.VariableSpec `ebpf:"unused_rflag"`
+	UnusedSrc       *ebpf.VariableSpec `ebpf:"unused_src"`
+	UnusedStage     *ebpf.VariableSpec `ebpf:"unused_stage"`
+	UnusedStat      *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedSynmode   *ebpf.VariableSpec `ebpf:"unused_synmode"`
+	UnusedSynok     *ebpf.VariableSpec `ebpf:"unused_synok"`
+	UnusedTraffic   *ebpf.VariableSpec `ebpf:"unused_traffic"`
+	UnusedVport     *ebpf.VariableSpec `ebpf:"unused_vport"`
+	XlbCountTraffic *ebpf.VariableSpec `ebpf:"xlb_count_traffic"`
 }
 
 // xlbObjects contains all objects after they have been loaded into the kernel.
@@ -445,6 +459,7 @@ func (o *xlbObjects) Close() error {
 // It can be passed to loadXlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type xlbMaps struct {
 	XlbBackends *ebpf.Map `ebpf:"xlb_backends"`
+	XlbBkCtr    *ebpf.Map `ebpf:"xlb_bk_ctr"`
 	XlbBkStats  *ebpf.Map `ebpf:"xlb_bk_stats"`
 	XlbConns    *ebpf.Map `ebpf:"xlb_conns"`
 	XlbCtBusy   *ebpf.Map `ebpf:"xlb_ct_busy"`
@@ -470,6 +485,7 @@ type xlbMaps struct {
 func (m *xlbMaps) Close() error {
 	return _XlbClose(
 		m.XlbBackends,
+		m.XlbBkCtr,
 		m.XlbBkStats,
 		m.XlbConns,
 		m.XlbCtBusy,
@@ -497,20 +513,22 @@ func (m *xlbMaps) Close() error {
 //
 // It can be passed to loadXlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type xlbVariables struct {
-	UnusedCt      *ebpf.Variable `ebpf:"unused_ct"`
-	UnusedDir     *ebpf.Variable `ebpf:"unused_dir"`
-	UnusedFlag    *ebpf.Variable `ebpf:"unused_flag"`
-	UnusedLimit   *ebpf.Variable `ebpf:"unused_limit"`
-	UnusedMode    *ebpf.Variable `ebpf:"unused_mode"`
-	UnusedPkt     *ebpf.Variable `ebpf:"unused_pkt"`
-	UnusedPstate  *ebpf.Variable `ebpf:"unused_pstate"`
-	UnusedRflag   *ebpf.Variable `ebpf:"unused_rflag"`
-	UnusedSrc     *ebpf.Variable `ebpf:"unused_src"`
-	UnusedStage   *ebpf.Variable `ebpf:"unused_stage"`
-	UnusedStat    *ebpf.Variable `ebpf:"unused_stat"`
-	UnusedSynmode *ebpf.Variable `ebpf:"unused_synmode"`
-	UnusedSynok   *ebpf.Variable `ebpf:"unused_synok"`
-	UnusedVport   *ebpf.Variable `ebpf:"unused_vport"`
+	UnusedCt        *ebpf.Variable `ebpf:"unused_ct"`
+	UnusedDir       *ebpf.Variable `ebpf:"unused_dir"`
+	UnusedFlag      *ebpf.Variable `ebpf:"unused_flag"`
+	UnusedLimit     *ebpf.Variable `ebpf:"unused_limit"`
+	UnusedMode      *ebpf.Variable `ebpf:"unused_mode"`
+	UnusedPkt       *ebpf.Variable `ebpf:"unused_pkt"`
+	UnusedPstate    *ebpf.Variable `ebpf:"unused_pstate"`
+	UnusedRflag     *ebpf.Variable `ebpf:"unused_rflag"`
+	UnusedSrc       *ebpf.Variable `ebpf:"unused_src"`
+	UnusedStage     *ebpf.Variable `ebpf:"unused_stage"`
+	UnusedStat      *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedSynmode   *ebpf.Variable `ebpf:"unused_synmode"`
+	UnusedSynok     *ebpf.Variable `ebpf:"unused_synok"`
+	UnusedTraffic   *ebpf.Variable `ebpf:"unused_traffic"`
+	UnusedVport     *ebpf.Variable `ebpf:"unused_vport"`
+	XlbCountTraffic *ebpf.Variable `ebpf:"xlb_count_traffic"`
 }
 
 // xlbPrograms contains all programs after they have been loaded into the kernel.

@@ -27,6 +27,11 @@
 
 char _license[] SEC("license") = "Dual BSD/GPL";
 
+/* Whether rewrite counts each backend's traffic (xlb_bk_ctr); set at
+ * load time, and the verifier removes the code when it is 0. Off only to
+ * measure what counting costs. */
+volatile const __u32 xlb_count_traffic = 1;
+
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 
@@ -46,6 +51,7 @@ const struct xlb_pkt *unused_pkt __attribute__((unused));
 const struct xlb_vip_port *unused_vport __attribute__((unused));
 const struct xlb_src_slot *unused_src __attribute__((unused));
 const struct xlb_trusted *unused_synok __attribute__((unused));
+const struct xlb_traffic *unused_traffic __attribute__((unused));
 
 /* xlb_clock publishes the data path's clock (jiffies) in xlb_now; the
  * daemon runs it with BPF_PROG_TEST_RUN to age connections. */
@@ -247,6 +253,7 @@ static __always_inline int forward_along(struct xdp_md *ctx, const struct xlb_cf
 	p->new_sport = c->lport;
 	p->new_dport = c->bport;
 	p->seq_delta = c->seq_delta;
+	p->backend_id = c->backend_id;
 	bs = backend_nexthop(ctx, cfg, c->backend_id, c->laddr, c->baddr, now);
 	if (!bs)
 		return drop(XLB_STAT_DROP_FIB);
@@ -399,6 +406,7 @@ static __always_inline int conntrack_ret(struct xdp_md *ctx, const struct xlb_cf
 	p->new_sport = r->vport;
 	p->new_dport = r->cport;
 	p->seq_delta = r->seq_delta;
+	p->backend_id = r->backend_id;
 	p->nh = r->nh;
 	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_REWRITE);
 	return pass(XLB_STAT_TAILCALL_FAIL);
@@ -665,6 +673,7 @@ int xlb_select(struct xdp_md *ctx)
 	r->vaddr = p->flow.daddr;
 	r->vport = p->flow.dport;
 	r->flags = 0;
+	r->backend_id = bid;
 	r->last_seen_j = now;
 	r->nh_j = now;
 	r->seq_delta = c->seq_delta;
@@ -685,9 +694,24 @@ int xlb_select(struct xdp_md *ctx)
 	p->new_sport = c->lport;
 	p->new_dport = b->port;
 	p->seq_delta = c->seq_delta;
+	p->backend_id = bid;
 	p->nh = bs->nh;
 	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_REWRITE);
 	return pass(XLB_STAT_TAILCALL_FAIL);
+}
+
+/* backend_traffic counts a rewritten packet and its bytes for its
+ * connection's backend. */
+static __always_inline void backend_traffic(const struct xlb_pkt *p, const struct iphdr *ip)
+{
+	__u32 id = p->backend_id;
+	struct xlb_traffic *bc = bpf_map_lookup_elem(&xlb_bk_ctr, &id);
+	__u32 d = (p->dir - 1) & 1;
+
+	if (!xlb_count_traffic || !bc)
+		return;
+	bc->packets[d]++;
+	bc->bytes[d] += bpf_ntohs(ip->tot_len);
 }
 
 /* xlb_rewrite applies the NAT chosen by conntrack or select: MACs, IPs,
@@ -745,6 +769,7 @@ int xlb_rewrite(struct xdp_md *ctx)
 	tcp->dest = p->new_dport;
 
 	count(p->dir == XLB_DIR_FWD ? XLB_STAT_FWD : XLB_STAT_RET);
+	backend_traffic(p, ip);
 	if (p->nh.ifindex == ctx->ingress_ifindex)
 		return XDP_TX;
 	count(XLB_STAT_REDIRECT);

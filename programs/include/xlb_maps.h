@@ -78,6 +78,15 @@ struct {
 	__type(value, struct xlb_backend_stats);
 } xlb_bk_stats SEC(".maps");
 
+/* Backend id -> its packets and bytes each way, per CPU (the daemon sums
+ * them when it is asked). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XLB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct xlb_traffic);
+} xlb_bk_ctr SEC(".maps");
+
 /* Selection table template. Entry 0 is the header: mode in the low 8 bits,
  * entry count n above them; entries 1..n are backend ids. Every table
  * has the same size (256 KiB), so the verifier inlines its lookups

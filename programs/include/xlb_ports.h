@@ -79,7 +79,7 @@ static __always_inline struct xlb_rconn *claim_port(const struct xlb_cfg *cfg, _
 		if (!r)
 			return NULL;
 		st = r->state;
-		if (st == XLB_PS_HOLD && now - r->last_seen_j <= cfg->hold_j)
+		if (st == XLB_PS_HOLD && (__u32)now - r->last_seen_j <= cfg->hold_j)
 			continue;
 		if (st != XLB_PS_USED && __sync_val_compare_and_swap(&r->state, st, XLB_PS_USED) == st) {
 			__sync_fetch_and_add(cur, i + 1);

@@ -86,14 +86,24 @@ struct xlb_rconn {
 	__be32 vaddr; /* VIP */
 	__be16 vport;
 	__u16 flags; /* enum xlb_rconn_flag */
-	/* Last backend packet, jiffies; in XLB_PS_HOLD, when the hold began
-	 * (late packets of the ended connection extend it). */
-	__u64 last_seen_j;
+	/* Low 32 bits of the jiffies of the last backend packet; in
+	 * XLB_PS_HOLD, when the hold began (late packets of the ended
+	 * connection extend it). */
+	__u32 last_seen_j;
+	__u32 backend_id;
 	__u32 nh_j;      /* low 32 bits of the jiffies when nh was looked up */
 	__u32 seq_delta; /* as in struct xlb_conn */
 	struct xlb_nh nh; /* towards the client */
 	__u32 tw_seq;    /* see XLB_RF_TW_SEQ */
 	__u32 ack_b;     /* the backend's latest acknowledgement (backend sequence space) */
+};
+
+/* Value of xlb_bk_ctr: a backend's traffic on one CPU, by direction
+ * (enum xlb_dir - 1: 0 client to backend, 1 backend to client); bytes are
+ * IPv4 total lengths. */
+struct xlb_traffic {
+	__u64 packets[2];
+	__u64 bytes[2];
 };
 
 /* Value of xlb_vip_ports: which VIP uses a TCP port. */
@@ -144,6 +154,7 @@ struct xlb_pkt {
 	__u8 tcp_flags;          /* parse: TCP flags byte */
 	__u8 src_idx;            /* parse: the source address of a reply (return) */
 	__u8 pad;
+	__u32 backend_id;        /* conntrack/select: the connection's backend */
 	/* conntrack/select: the rewrite to apply */
 	__be32 new_saddr;
 	__be32 new_daddr;
