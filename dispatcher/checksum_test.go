@@ -42,7 +42,7 @@ func TestChecksumProperty(t *testing.T) {
 		for _, id := range backends {
 			e.must(e.p.SetBackend(id, netip.AddrPortFrom(randAddr(172), randPort()), 1))
 		}
-		e.must(e.p.SetService(uint32(10+i), vips[i], []int{0}))
+		e.must(e.p.SetService(uint32(10+i), vips[i], TCP, []int{0}))
 		e.must(e.p.SetSelection(uint32(10+i), ModeRandom, backends))
 	}
 

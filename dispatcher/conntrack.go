@@ -6,16 +6,15 @@ import (
 	"sync/atomic"
 	"time"
 	"unsafe"
-
-	"golang.org/x/sys/unix"
 )
 
 // Conn is one tracked connection, as read from the forward table.
 type Conn struct {
 	Client, VIP     netip.AddrPort
 	Backend, Source netip.AddrPort // Source: the load balancer's side
+	Protocol        uint8          // TCP or UDP
 	BackendID       uint32
-	State           string // syn, syn-recv, established, fin, closed
+	State           string // syn, syn-recv, established, fin, closed, udp
 	Idle            time.Duration
 	// SeqDelta is the backend-side ISN minus the client's: the data path
 	// adds it to the client's sequence numbers and takes it from the
@@ -33,6 +32,8 @@ func stateName(s uint32) string {
 		return "established"
 	case uint32(xlbXlbCtStateXLB_CT_FIN):
 		return "fin"
+	case uint32(xlbXlbCtStateXLB_CT_UDP):
+		return "udp"
 	}
 	return "closed"
 }
@@ -43,6 +44,7 @@ const (
 	cfFinC   = uint32(xlbXlbConnFlagXLB_CF_FIN_C)
 	cfFinB   = uint32(xlbXlbConnFlagXLB_CF_FIN_B)
 	cfRST    = uint32(xlbXlbConnFlagXLB_CF_RST)
+	cfUDP    = uint32(xlbXlbConnFlagXLB_CF_UDP)
 )
 
 // connClosed mirrors conn_closed() in programs/include/xlb_conn.h
@@ -52,11 +54,13 @@ func connClosed(flags uint32) bool {
 }
 
 // connHalfOpen mirrors conn_half_open().
-func connHalfOpen(flags uint32) bool { return flags&cfEstab == 0 && !connClosed(flags) }
+func connHalfOpen(flags uint32) bool { return flags&(cfEstab|cfUDP) == 0 && !connClosed(flags) }
 
 // connState mirrors conn_state().
 func connState(flags uint32) uint32 {
 	switch {
+	case flags&cfUDP != 0:
+		return uint32(xlbXlbCtStateXLB_CT_UDP)
 	case connClosed(flags):
 		return uint32(xlbXlbCtStateXLB_CT_CLOSED)
 	case flags&(cfFinC|cfFinB) != 0:
@@ -279,6 +283,7 @@ func (p *Pipeline) Conns() ([]Conn, error) {
 			VIP:       addrPort(c.Key.Daddr, c.Key.Dport),
 			Backend:   addrPort(c.Baddr, c.Bport),
 			Source:    addrPort(c.Laddr, c.Lport),
+			Protocol:  c.Key.Proto,
 			BackendID: c.BackendId,
 			State:     stateName(connState(c.Flags)),
 			Idle:      p.idle(now, c.LastSeenJ),
@@ -387,7 +392,11 @@ func (p *Pipeline) sweepPort(i uint32, now uint64, t Timeouts, res *GCResult) bo
 	if age <= t.Closed {
 		return true
 	}
-	fk := xlbXlbFlow{Saddr: r.Caddr, Daddr: r.Vaddr, Sport: r.Cport, Dport: r.Vport, Proto: unix.IPPROTO_TCP}
+	proto := uint8(TCP)
+	if uint32(r.Flags)&uint32(xlbXlbRconnFlagXLB_RF_UDP) != 0 {
+		proto = UDP
+	}
+	fk := xlbXlbFlow{Saddr: r.Caddr, Daddr: r.Vaddr, Sport: r.Cport, Dport: r.Vport, Proto: proto}
 	lport := portBE(p.portLo + uint16(i%p.nports))
 	if s, ok := p.find(&fk); ok && s.c.Lport == lport && s.c.Baddr == r.Baddr && s.c.Bport == r.Bport {
 		return true

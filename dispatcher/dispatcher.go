@@ -273,6 +273,8 @@ type Timeouts struct {
 	Established time.Duration
 	FIN         time.Duration
 	Closed      time.Duration
+	// UDP applies to UDP flows.
+	UDP time.Duration
 	// TimeWait is how long a source port rests after its connection
 	// ended before another connection may take it; 0 means 2s. The
 	// backend-side ISN makes a backend still in TIME_WAIT for the port
@@ -296,6 +298,8 @@ func (t Timeouts) byState(s uint32) time.Duration {
 		return t.Established
 	case uint32(xlbXlbCtStateXLB_CT_FIN):
 		return t.FIN
+	case uint32(xlbXlbCtStateXLB_CT_UDP):
+		return t.UDP
 	}
 	return t.Closed
 }
@@ -476,14 +480,24 @@ func sourceSlots(srcs []uint32) (uint32, []xlbXlbSrcSlot, error) {
 	return 0, nil, fmt.Errorf("%d source addresses: no collision-free slots", len(srcs))
 }
 
-// SetService maps a VIP to a service id whose connections use the source
-// addresses of the given indexes (into Settings.SourceAddresses).
-func (p *Pipeline) SetService(id uint32, vip netip.AddrPort, sources []int) error {
+// Protocols a service may balance.
+const (
+	TCP = unix.IPPROTO_TCP
+	UDP = unix.IPPROTO_UDP
+)
+
+// SetService maps a VIP and protocol (TCP or UDP) to a service id whose
+// connections use the source addresses of the given indexes (into
+// Settings.SourceAddresses).
+func (p *Pipeline) SetService(id uint32, vip netip.AddrPort, proto uint8, sources []int) error {
 	if id >= uint32(MaxServices) {
 		return fmt.Errorf("service %d: %w", id, ErrOutOfRange)
 	}
 	if !vip.Addr().Is4() {
 		return fmt.Errorf("vip %s: not IPv4", vip)
+	}
+	if proto != TCP && proto != UDP {
+		return fmt.Errorf("vip %s: protocol %d is neither TCP nor UDP", vip, proto)
 	}
 	var mask uint32
 	for _, i := range sources {
@@ -498,26 +512,27 @@ func (p *Pipeline) SetService(id uint32, vip netip.AddrPort, sources []int) erro
 	if err := p.objs.XlbSvcSrc.Put(id, mask); err != nil {
 		return fmt.Errorf("write source addresses of service %s: %w", vip, err)
 	}
-	k := vipKey(vip)
+	k := vipKey(vip, proto)
 	if err := p.objs.XlbServices.Put(&k, &xlbXlbService{Id: id}); err != nil {
 		return fmt.Errorf("write service %s: %w", vip, err)
 	}
-	return p.syncVIPPort(vip.Port())
+	return p.syncVIPPort(vip.Port(), proto)
 }
 
-// DeleteService removes a VIP. Existing connections keep flowing.
-func (p *Pipeline) DeleteService(vip netip.AddrPort) error {
-	k := vipKey(vip)
+// DeleteService removes a VIP's service of a protocol. Existing
+// connections keep flowing.
+func (p *Pipeline) DeleteService(vip netip.AddrPort, proto uint8) error {
+	k := vipKey(vip, proto)
 	if err := p.objs.XlbServices.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service %s: %w", vip, err)
 	}
-	return p.syncVIPPort(vip.Port())
+	return p.syncVIPPort(vip.Port(), proto)
 }
 
 // syncVIPPort rewrites a port's xlb_vip_ports entry from xlb_services:
 // none, the one VIP using it (its service found without a hash lookup),
 // or XLB_VIP_MULTI.
-func (p *Pipeline) syncVIPPort(port uint16) error {
+func (p *Pipeline) syncVIPPort(port uint16, proto uint8) error {
 	var (
 		k     xlbXlbVip
 		v     xlbXlbService
@@ -526,7 +541,7 @@ func (p *Pipeline) syncVIPPort(port uint16) error {
 	)
 	it := p.objs.XlbServices.Iterate()
 	for it.Next(&k, &v) {
-		if k.Port != portBE(port) {
+		if k.Port != portBE(port) || k.Proto != proto {
 			continue
 		}
 		n++
@@ -538,7 +553,11 @@ func (p *Pipeline) syncVIPPort(port uint16) error {
 	if n > 1 {
 		entry = xlbXlbVipPort{Svc: xlbVipMulti}
 	}
-	if err := p.objs.XlbVipPorts.Put(uint32(port), &entry); err != nil {
+	key := uint32(port)
+	if proto == UDP {
+		key |= 0x10000 // vip_port_key() in programs/include/xlb_common.h
+	}
+	if err := p.objs.XlbVipPorts.Put(key, &entry); err != nil {
 		return fmt.Errorf("write vip port %d: %w", port, err)
 	}
 	return nil
@@ -721,8 +740,8 @@ func (p *Pipeline) ClearSelection(svc uint32) error {
 	return nil
 }
 
-func vipKey(vip netip.AddrPort) xlbXlbVip {
-	return xlbXlbVip{Addr: addrBE(vip.Addr()), Port: portBE(vip.Port()), Proto: unix.IPPROTO_TCP}
+func vipKey(vip netip.AddrPort, proto uint8) xlbXlbVip {
+	return xlbXlbVip{Addr: addrBE(vip.Addr()), Port: portBE(vip.Port()), Proto: proto}
 }
 
 // addrBE returns an IPv4 address as the kernel stores it (network order

@@ -217,8 +217,8 @@ func newEnvOpts(t testing.TB, opts Options) *env {
 	}{{idA, backendA}, {idB, backendB}, {idC, backendC}, {idNoN, backendNoN}, {idL1, backendL1}} {
 		e.must(p.SetBackend(b.id, b.addr, 1))
 	}
-	e.must(p.SetService(1, vip, []int{0}))
-	e.must(p.SetService(2, vip2, []int{0}))
+	e.must(p.SetService(1, vip, TCP, []int{0}))
+	e.must(p.SetService(2, vip2, TCP, []int{0}))
 	e.must(p.SetSelection(1, ModeRandom, []uint32{idA, idB}))
 	return e
 }

@@ -79,7 +79,7 @@ func TestPipelineStateless(t *testing.T) {
 		// Pass-through: not for xlb.
 		{"arp", packet.ARP(packet.ARPOpts{SrcMAC: clientMAC(client1), SenderIP: client1, TargetIP: vipAddr}), xdpPass, map[string]uint64{"pass_not_ipv4": 1}},
 		{"vlan tagged", vlan, xdpPass, map[string]uint64{"pass_not_ipv4": 1}},
-		{"udp to vip", packet.UDP(packet.UDPOpts{SrcMAC: clientMAC(client1), DstMAC: lbMAC, Src: cl, Dst: vip, Payload: []byte("q")}), xdpPass, map[string]uint64{"pass_not_tcp": 1}},
+		{"udp to a vip port with no udp service", packet.UDP(packet.UDPOpts{SrcMAC: clientMAC(client1), DstMAC: lbMAC, Src: cl, Dst: vip, Payload: []byte("q")}), xdpPass, map[string]uint64{"pass_not_ours": 1}},
 		{"icmp to vip", packet.ICMPEcho(packet.ICMPOpts{SrcMAC: clientMAC(client1), DstMAC: lbMAC, Src: client1, Dst: vipAddr, ID: 1, Seq: 1}), xdpPass, map[string]uint64{"pass_not_tcp": 1}},
 		{"tcp to vip on another port", fromClient(cl, netip.AddrPortFrom(vipAddr, 22), seg{flags: "S"}), xdpPass, map[string]uint64{"pass_not_ours": 1}},
 		{"tcp to vip port on another address", fromClient(cl, netip.AddrPortFrom(netip.MustParseAddr("10.50.100.2"), 80), seg{flags: "S"}), xdpPass, map[string]uint64{"pass_not_ours": 1}},

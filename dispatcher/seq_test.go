@@ -286,8 +286,8 @@ func TestSourceSpread(t *testing.T) {
 	srcs := []netip.Addr{lbAddr, netip.MustParseAddr("10.50.0.201"), netip.MustParseAddr("10.50.0.202")}
 	e.opts.SourceAddresses = srcs
 	e.must(e.p.SetSettings(e.opts))
-	e.must(e.p.SetService(1, vip, []int{0, 1, 2}))
-	e.must(e.p.SetService(2, vip2, []int{2}))
+	e.must(e.p.SetService(1, vip, TCP, []int{0, 1, 2}))
+	e.must(e.p.SetService(2, vip2, TCP, []int{2}))
 	e.must(e.p.SetSelection(1, ModeRandom, []uint32{idA}))
 	e.must(e.p.SetSelection(2, ModeRandom, []uint32{idB}))
 	const n = 3000

@@ -48,7 +48,7 @@ type xlbXlbCfg struct {
 	CookieShift uint32
 	_           [4]byte
 	NhTtlJ      uint64
-	TimeoutJ    [5]uint64
+	TimeoutJ    [6]uint64
 }
 
 type xlbXlbConn struct {
@@ -77,6 +77,7 @@ const (
 	xlbXlbConnFlagXLB_CF_FIN_C  xlbXlbConnFlag = 8
 	xlbXlbConnFlagXLB_CF_FIN_B  xlbXlbConnFlag = 16
 	xlbXlbConnFlagXLB_CF_RST    xlbXlbConnFlag = 32
+	xlbXlbConnFlagXLB_CF_UDP    xlbXlbConnFlag = 64
 	xlbXlbConnFlagXLB_CF_DEAD   xlbXlbConnFlag = 2147483648
 )
 
@@ -88,7 +89,8 @@ const (
 	xlbXlbCtStateXLB_CT_ESTABLISHED xlbXlbCtState = 2
 	xlbXlbCtStateXLB_CT_FIN         xlbXlbCtState = 3
 	xlbXlbCtStateXLB_CT_CLOSED      xlbXlbCtState = 4
-	xlbXlbCtStateXLB_CT_MAX         xlbXlbCtState = 5
+	xlbXlbCtStateXLB_CT_UDP         xlbXlbCtState = 5
+	xlbXlbCtStateXLB_CT_MAX         xlbXlbCtState = 6
 )
 
 type xlbXlbDir uint32
@@ -184,6 +186,7 @@ type xlbXlbRconnFlag uint32
 
 const (
 	xlbXlbRconnFlagXLB_RF_TW_SEQ xlbXlbRconnFlag = 1
+	xlbXlbRconnFlagXLB_RF_UDP    xlbXlbRconnFlag = 2
 )
 
 type xlbXlbSelMode uint32
@@ -242,16 +245,19 @@ const (
 	xlbXlbStatXLB_STAT_DROP_BAD_CSUM     xlbXlbStat = 19
 	xlbXlbStatXLB_STAT_RST_NO_BACKEND    xlbXlbStat = 20
 	xlbXlbStatXLB_STAT_RST_NO_PORT       xlbXlbStat = 21
-	xlbXlbStatXLB_STAT_DROP_FIB          xlbXlbStat = 22
-	xlbXlbStatXLB_STAT_DROP_CT_RACE      xlbXlbStat = 23
-	xlbXlbStatXLB_STAT_DROP_STALE        xlbXlbStat = 24
-	xlbXlbStatXLB_STAT_EVICTED           xlbXlbStat = 25
-	xlbXlbStatXLB_STAT_SYN_CHALLENGE     xlbXlbStat = 26
-	xlbXlbStatXLB_STAT_SYN_VALIDATED     xlbXlbStat = 27
-	xlbXlbStatXLB_STAT_UNTRUSTED_RST_FIN xlbXlbStat = 28
-	xlbXlbStatXLB_STAT_DROP_INTERNAL     xlbXlbStat = 29
-	xlbXlbStatXLB_STAT_TAILCALL_FAIL     xlbXlbStat = 30
-	xlbXlbStatXLB_STAT_MAX               xlbXlbStat = 31
+	xlbXlbStatXLB_STAT_DROP_NO_BACKEND   xlbXlbStat = 22
+	xlbXlbStatXLB_STAT_DROP_NO_PORT      xlbXlbStat = 23
+	xlbXlbStatXLB_STAT_DROP_UDP_HDR      xlbXlbStat = 24
+	xlbXlbStatXLB_STAT_DROP_FIB          xlbXlbStat = 25
+	xlbXlbStatXLB_STAT_DROP_CT_RACE      xlbXlbStat = 26
+	xlbXlbStatXLB_STAT_DROP_STALE        xlbXlbStat = 27
+	xlbXlbStatXLB_STAT_EVICTED           xlbXlbStat = 28
+	xlbXlbStatXLB_STAT_SYN_CHALLENGE     xlbXlbStat = 29
+	xlbXlbStatXLB_STAT_SYN_VALIDATED     xlbXlbStat = 30
+	xlbXlbStatXLB_STAT_UNTRUSTED_RST_FIN xlbXlbStat = 31
+	xlbXlbStatXLB_STAT_DROP_INTERNAL     xlbXlbStat = 32
+	xlbXlbStatXLB_STAT_TAILCALL_FAIL     xlbXlbStat = 33
+	xlbXlbStatXLB_STAT_MAX               xlbXlbStat = 34
 )
 
 type xlbXlbSynMode uint32

@@ -10,6 +10,7 @@
 #include <linux/ip.h>
 #include <linux/in.h>
 #include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "xlb_consts.h"
@@ -103,13 +104,14 @@ int xlb_parse(struct xdp_md *ctx)
 	void *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 	struct xlb_vip_port *vp = NULL;
-	struct iphdr *ip;
+	struct udphdr *udp;
 	struct tcphdr *tcp;
+	struct iphdr *ip;
 	struct xlb_pkt *p;
 	struct xlb_cfg *cfg;
 	__u32 tot_len, hlen, doff, src, port;
 	__u16 dport;
-	__u8 dir = 0;
+	__u8 dir = 0, proto, flags = 0;
 
 	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return pass(XLB_STAT_PASS_NOT_IPV4);
@@ -122,25 +124,35 @@ int xlb_parse(struct xdp_md *ctx)
 	hlen = ip->ihl * 4;
 	if (tot_len < hlen || data + sizeof(*eth) + tot_len > end)
 		return drop(XLB_STAT_DROP_IP_LEN);
-	if (ip->protocol != IPPROTO_TCP)
+	proto = ip->protocol;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return pass(XLB_STAT_PASS_NOT_TCP);
-	/* A later fragment has no TCP header to tell whose it is; the
-	 * kernel drops it once its first fragment (dropped below if it is
-	 * xlb's) never comes. */
+	/* A later fragment has no ports to tell whose it is; the kernel
+	 * drops it once its first fragment (dropped below if it is xlb's)
+	 * never comes. */
 	if (ip->frag_off & bpf_htons(IP_OFFSET))
 		return pass(XLB_STAT_PASS_FRAGMENT);
+	/* TCP and UDP headers both start with the ports. */
 	tcp = (void *)ip + hlen;
-	if ((void *)(tcp + 1) > end || tot_len < hlen + sizeof(*tcp))
-		return drop(XLB_STAT_DROP_TCP_HDR);
-	doff = tcp->doff * 4;
-	if (doff < sizeof(*tcp) || hlen + doff > tot_len)
-		return drop(XLB_STAT_DROP_TCP_HDR);
+	udp = (void *)ip + hlen;
+	if (proto == IPPROTO_TCP) {
+		if ((void *)(tcp + 1) > end || tot_len < hlen + sizeof(*tcp))
+			return drop(XLB_STAT_DROP_TCP_HDR);
+		doff = tcp->doff * 4;
+		if (doff < sizeof(*tcp) || hlen + doff > tot_len)
+			return drop(XLB_STAT_DROP_TCP_HDR);
+		flags = ((__u8 *)tcp)[13];
+	} else {
+		if ((void *)(udp + 1) > end || bpf_ntohs(udp->len) < sizeof(*udp) ||
+		    hlen + bpf_ntohs(udp->len) > tot_len)
+			return drop(XLB_STAT_DROP_UDP_HDR);
+	}
 
 	p = scratch();
 	cfg = config();
 	if (!p || !cfg)
 		return drop(XLB_STAT_DROP_INTERNAL);
-	dport = bpf_ntohs(tcp->dest);
+	dport = bpf_ntohs(udp->dest);
 	src = source_index(cfg, ip->daddr);
 	if (src && dport >= cfg->port_lo && dport <= cfg->port_hi) {
 		dir = XLB_DIR_RET;
@@ -148,7 +160,7 @@ int xlb_parse(struct xdp_md *ctx)
 		/* A port some VIP uses: when one VIP does, its service
 		 * comes with the port's entry, so established traffic pays
 		 * for no hash lookup. */
-		port = dport;
+		port = vip_port_key(dport, proto);
 		vp = bpf_map_lookup_elem(&xlb_vip_ports, &port);
 		if (vp && vp->svc && (vp->svc == XLB_VIP_MULTI || vp->addr == ip->daddr))
 			dir = XLB_DIR_FWD;
@@ -156,7 +168,7 @@ int xlb_parse(struct xdp_md *ctx)
 	if (dir == XLB_DIR_FWD && vp && vp->svc == XLB_VIP_MULTI && (hlen != 20 || (ip->frag_off & bpf_htons(IP_MF)))) {
 		/* Options or a fragment on a port several VIPs share:
 		 * whether it is xlb's decides between drop and pass. */
-		struct xlb_vip key = { .addr = ip->daddr, .port = tcp->dest, .proto = IPPROTO_TCP };
+		struct xlb_vip key = { .addr = ip->daddr, .port = udp->dest, .proto = proto };
 
 		if (!bpf_map_lookup_elem(&xlb_services, &key))
 			dir = 0;
@@ -177,10 +189,10 @@ int xlb_parse(struct xdp_md *ctx)
 
 	p->flow.saddr = ip->saddr;
 	p->flow.daddr = ip->daddr;
-	p->flow.sport = tcp->source;
-	p->flow.dport = tcp->dest;
-	p->flow.proto = IPPROTO_TCP;
-	p->tcp_flags = ((__u8 *)tcp)[13];
+	p->flow.sport = udp->source;
+	p->flow.dport = udp->dest;
+	p->flow.proto = proto;
+	p->tcp_flags = flags;
 	p->dir = dir;
 	if (dir == XLB_DIR_RET) {
 		p->src_idx = src - 1;
@@ -230,7 +242,7 @@ static __always_inline int service_of(struct xlb_pkt *p)
 	struct xlb_vip vip = {
 		.addr = p->flow.daddr,
 		.port = p->flow.dport,
-		.proto = IPPROTO_TCP,
+		.proto = p->flow.proto,
 	};
 	struct xlb_service *svc = bpf_map_lookup_elem(&xlb_services, &vip);
 
@@ -295,6 +307,22 @@ static __always_inline int fwd_control(struct xdp_md *ctx, const struct xlb_cfg 
 	return 0;
 }
 
+/* conntrack_udp forwards a UDP packet along its flow, or hands the first
+ * packet of a new flow to select. */
+static __always_inline int conntrack_udp(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
+					 __u64 now)
+{
+	__u32 seq;
+	struct xlb_conn *c = ct_find(cfg, &p->flow, &seq);
+
+	if (c)
+		return forward_along(ctx, cfg, p, c, seq, now);
+	if (!service_of(p))
+		return pass(XLB_STAT_PASS_NOT_OURS);
+	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_SELECT);
+	return pass(XLB_STAT_TAILCALL_FAIL);
+}
+
 static __always_inline int conntrack_fwd(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
 					 __u64 now)
 {
@@ -304,6 +332,8 @@ static __always_inline int conntrack_fwd(struct xdp_md *ctx, const struct xlb_cf
 	__u32 seq, flags;
 	int v;
 
+	if (p->flow.proto == IPPROTO_UDP)
+		return conntrack_udp(ctx, cfg, p, now);
 	/* A SYN goes straight to select, which finds an existing
 	 * connection of its flow while it looks for a slot. */
 	if ((fl & (TCP_FL_SYN | TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_SYN) {
@@ -388,17 +418,21 @@ static __always_inline int conntrack_ret(struct xdp_md *ctx, const struct xlb_cf
 	struct tcphdr *tcp;
 
 	r = port_entry(cfg, p->src_idx, bpf_ntohs(p->flow.dport), p->flow.saddr, p->flow.sport);
-	if (!r || r->state == XLB_PS_FREE || r->baddr != p->flow.saddr || r->bport != p->flow.sport)
+	if (!r || r->state == XLB_PS_FREE || r->baddr != p->flow.saddr || r->bport != p->flow.sport ||
+	    !(r->flags & XLB_RF_UDP) != (p->flow.proto == IPPROTO_TCP))
 		return pass(XLB_STAT_PASS_NOT_OURS);
-	tcp = tcp_at(ctx);
-	if (!tcp)
-		return drop(XLB_STAT_DROP_INTERNAL);
-	if (fl & (TCP_FL_SYN | TCP_FL_FIN | TCP_FL_RST))
-		ret_control(cfg, p, r, tcp, now);
-	/* What the backend acknowledged bounds the client's RST and FIN. A
-	 * RST's acknowledgement, valid or forged, moves nothing. */
-	if ((fl & (TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_ACK)
-		r->ack_b = bpf_ntohl(tcp->ack_seq);
+	if (p->flow.proto == IPPROTO_TCP) {
+		tcp = tcp_at(ctx);
+		if (!tcp)
+			return drop(XLB_STAT_DROP_INTERNAL);
+		if (fl & (TCP_FL_SYN | TCP_FL_FIN | TCP_FL_RST))
+			ret_control(cfg, p, r, tcp, now);
+		/* What the backend acknowledged bounds the client's RST
+		 * and FIN. A RST's acknowledgement, valid or forged, moves
+		 * nothing. */
+		if ((fl & (TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_ACK)
+			r->ack_b = bpf_ntohl(tcp->ack_seq);
+	}
 	r->last_seen_j = now;
 	client_nexthop(ctx, cfg, r, now);
 	p->new_saddr = r->vaddr;
@@ -530,6 +564,39 @@ static __always_inline int first_source(__u32 mask, __u32 h)
 	return -1;
 }
 
+/* State of the walk over a service's source addresses for a free port
+ * (bpf_loop: the verifier checks its body once, where an open-coded walk
+ * of 16 addresses of 16 probes each is too much for it). */
+struct source_walk {
+	__u32 mask;  /* the service's source addresses */
+	__u32 first; /* the one to start from */
+	__be32 baddr;
+	__be16 bport;
+	__u16 pad;
+	__u64 now;
+	__s32 idx; /* out: the way taken in xlb_ports, or -1 */
+	__u32 src; /* out: its source address */
+	__u32 off; /* out: its port's offset in the range */
+};
+
+static long source_step(__u64 k, void *arg)
+{
+	struct source_walk *w = arg;
+	__u32 s = (w->first + k) & (XLB_MAX_SOURCES - 1), off = 0;
+	struct xlb_cfg *cfg = config();
+	struct xlb_rconn *r;
+
+	if (!cfg || !(w->mask & (1u << s)))
+		return 0;
+	r = claim_port(cfg, s, w->baddr, w->bport, &off, w->now);
+	if (!r)
+		return 0;
+	w->idx = (s * XLB_PORT_WAYS + port_way(w->baddr, w->bport)) * cfg->nports + off;
+	w->src = s;
+	w->off = off;
+	return 1;
+}
+
 /* refuse answers a SYN with a RST that acknowledges it, so the client
  * gives up at once instead of retrying for a minute. */
 static __always_inline int refuse(struct xdp_md *ctx, __u32 stat)
@@ -561,10 +628,10 @@ int xlb_select(struct xdp_md *ctx)
 	struct tcphdr *tcp;
 	struct ethhdr *eth;
 	__u64 now = bpf_jiffies64();
-	__u32 bid, seq = 0, slot = 0, off = 0, mask, *maskp, isn, k, src = 0;
+	__u32 bid, seq = 0, slot = 0, off = 0, mask, *maskp, isn = 0, src = 0;
 	__be32 *laddr = NULL;
 	__s64 sel;
-	int first;
+	int first, udp;
 
 	cfg = config();
 	if (!p || !cfg)
@@ -575,8 +642,9 @@ int xlb_select(struct xdp_md *ctx)
 		return pass(XLB_STAT_PASS_NOT_OURS);
 	if (!client_addr_ok(p->flow.saddr, p->flow.daddr))
 		return drop(XLB_STAT_DROP_BAD_SOURCE);
-	if (!syn_csum_ok(ctx))
+	if (!l4_csum_ok(ctx, p->flow.proto))
 		return drop(XLB_STAT_DROP_BAD_CSUM);
+	udp = p->flow.proto == IPPROTO_UDP;
 
 	switch (ct_claim(cfg, &p->flow, &c, &seq, &slot)) {
 	case CT_EXISTS:
@@ -612,39 +680,41 @@ int xlb_select(struct xdp_md *ctx)
 	}
 	if (!b || !b->weight || !laddr) {
 		ct_publish(c);
-		return refuse(ctx, XLB_STAT_RST_NO_BACKEND);
+		return udp ? drop(XLB_STAT_DROP_NO_BACKEND) : refuse(ctx, XLB_STAT_RST_NO_BACKEND);
 	}
 	bs = backend_nexthop(ctx, cfg, bid, *laddr, b->addr, now);
 	if (!bs) {
 		ct_publish(c);
 		return drop(XLB_STAT_DROP_FIB);
 	}
-	if (syn_challenge_due(cfg, bs, p->flow.saddr, now)) {
+	if (!udp && syn_challenge_due(cfg, bs, p->flow.saddr, now)) {
 		ct_publish(c);
 		count(XLB_STAT_SYN_CHALLENGE);
 		return tcp_reply(ctx, TCP_FL_SYN | TCP_FL_ACK, rand32(), syn_cookie(cfg, &p->flow, syn_slot(cfg, now)));
 	}
 	/* A port of the first source address with one free, from the one
 	 * the flow's hash picks, so flows spread evenly over them. */
-	for (k = 0; k < XLB_MAX_SOURCES; k++) {
-		__u32 s = (first + k) & (XLB_MAX_SOURCES - 1);
+	{
+		struct source_walk w = {
+			.mask = mask, .first = first, .baddr = b->addr, .bport = b->port, .now = now, .idx = -1,
+		};
 
-		if (!(mask & (1u << s)))
-			continue;
-		r = claim_port(cfg, s, b->addr, b->port, &off, now);
-		if (r) {
-			src = s;
-			break;
+		bpf_loop(XLB_MAX_SOURCES, source_step, &w, 0);
+		if (w.idx >= 0) {
+			__u32 idx = w.idx;
+
+			r = bpf_map_lookup_elem(&xlb_ports, &idx);
+			src = w.src;
+			off = w.off;
 		}
 	}
 	laddr = bpf_map_lookup_elem(&xlb_src, &src);
-	tcp = tcp_at(ctx);
-	eth = (void *)(long)ctx->data;
-	if (!r || !laddr || !tcp) {
+	if (!r || !laddr) {
 		ct_publish(c);
 		__sync_fetch_and_add(&bs->no_port, 1);
-		return refuse(ctx, XLB_STAT_RST_NO_PORT);
+		return udp ? drop(XLB_STAT_DROP_NO_PORT) : refuse(ctx, XLB_STAT_RST_NO_PORT);
 	}
+	eth = (void *)(long)ctx->data;
 	if ((void *)(eth + 1) > (void *)(long)ctx->data_end) {
 		ct_publish(c);
 		return drop(XLB_STAT_DROP_INTERNAL);
@@ -658,11 +728,20 @@ int xlb_select(struct xdp_md *ctx)
 	c->backend_id = bid;
 	c->src_idx = src;
 	c->last_seen_j = now;
-	isn = backend_isn(cfg, r, c->laddr, c->lport, b->addr, b->port, now);
-	c->seq_delta = isn - bpf_ntohl(tcp->seq);
+	c->seq_delta = 0;
+	if (!udp) {
+		tcp = tcp_at(ctx);
+		if (!tcp) {
+			__sync_val_compare_and_swap(&r->state, XLB_PS_USED, XLB_PS_FREE);
+			ct_publish(c);
+			return drop(XLB_STAT_DROP_INTERNAL);
+		}
+		isn = backend_isn(cfg, r, c->laddr, c->lport, b->addr, b->port, now);
+		c->seq_delta = isn - bpf_ntohl(tcp->seq);
+	}
 	c->isn_b = 0;
 	c->ack_c = 0;
-	c->flags = XLB_CF_SYN;
+	c->flags = udp ? XLB_CF_UDP : XLB_CF_SYN;
 
 	/* Replies go back the way the SYN came (its MACs and interface)
 	 * until the return path asks the FIB, nh_ttl later. */
@@ -672,7 +751,7 @@ int xlb_select(struct xdp_md *ctx)
 	r->cport = p->flow.sport;
 	r->vaddr = p->flow.daddr;
 	r->vport = p->flow.dport;
-	r->flags = 0;
+	r->flags = udp ? XLB_RF_UDP : 0;
 	r->backend_id = bid;
 	r->last_seen_j = now;
 	r->nh_j = now;
@@ -685,7 +764,8 @@ int xlb_select(struct xdp_md *ctx)
 	mark_busy(&xlb_ct_busy, slot);
 
 	__sync_fetch_and_add(&bs->active, 1);
-	__sync_fetch_and_add(&bs->half_open, 1);
+	if (!udp)
+		__sync_fetch_and_add(&bs->half_open, 1);
 	__sync_fetch_and_add(&bs->new_conns, 1);
 	count(XLB_STAT_NEW_CONN);
 
@@ -714,34 +794,39 @@ static __always_inline void backend_traffic(const struct xlb_pkt *p, const struc
 	bc->bytes[d] += bpf_ntohs(ip->tot_len);
 }
 
-/* xlb_rewrite applies the NAT chosen by conntrack or select: MACs, IPs,
- * ports and the sequence translation (seq forward; ack and SACK blocks on
- * the return; a SYN's timestamp option removed), with incremental IPv4
- * and TCP checksum updates, and transmits. */
-SEC("xdp")
-int xlb_rewrite(struct xdp_md *ctx)
+/* rewrite_udp rewrites a UDP datagram's ports and checksum: a checksum of
+ * 0 (none, in IPv4) stays 0; a computed 0 is sent as 0xffff (RFC 768). */
+static __always_inline int rewrite_udp(const struct xlb_pkt *p, struct udphdr *udp, void *end, __u64 addrs)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = (void *)(eth + 1);
-	struct tcphdr *tcp = (void *)(ip + 1);
-	struct xlb_pkt *p = scratch();
-	__u64 acc, addrs;
+	__u16 sum;
+	__u64 acc;
+
+	if ((void *)(udp + 1) > end)
+		return -1;
+	if (udp->check) {
+		acc = csum_start(udp->check) + addrs;
+		acc = csum_acc16(acc, udp->source, p->new_sport);
+		acc = csum_acc16(acc, udp->dest, p->new_dport);
+		sum = csum_finish(acc);
+		udp->check = sum ? sum : 0xffff;
+	}
+	udp->source = p->new_sport;
+	udp->dest = p->new_dport;
+	return 0;
+}
+
+/* rewrite_tcp rewrites a TCP segment's ports, translates its sequence
+ * numbers (seq forward; ack and SACK blocks on the return), removes a
+ * SYN's timestamp option and updates its checksum. */
+static __always_inline int rewrite_tcp(struct xdp_md *ctx, const struct xlb_pkt *p, struct tcphdr *tcp, void *end,
+				       __u64 addrs)
+{
 	__u32 optlen;
 	__be32 old;
+	__u64 acc;
 
-	if (!p || (void *)(tcp + 1) > end || ip->ihl != 5)
-		return drop(XLB_STAT_DROP_INTERNAL);
-
-	__builtin_memcpy(eth->h_dest, p->nh.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
-
-	/* The addresses' change counts in both checksums (the TCP one
-	 * through its pseudo-header). */
-	addrs = csum_acc32(csum_acc32(0, ip->saddr, p->new_saddr), ip->daddr, p->new_daddr);
-	ip->check = csum_finish(csum_start(ip->check) + addrs);
-
+	if ((void *)(tcp + 1) > end)
+		return -1;
 	acc = csum_start(tcp->check) + addrs;
 	acc = csum_acc16(acc, tcp->source, p->new_sport);
 	acc = csum_acc16(acc, tcp->dest, p->new_dport);
@@ -762,11 +847,49 @@ int xlb_rewrite(struct xdp_md *ctx)
 			acc = tcp_sack_sub(ctx, optlen, p->seq_delta, acc);
 	}
 	tcp->check = csum_finish(acc);
-
-	ip->saddr = p->new_saddr;
-	ip->daddr = p->new_daddr;
 	tcp->source = p->new_sport;
 	tcp->dest = p->new_dport;
+	return 0;
+}
+
+/* xlb_rewrite applies the NAT chosen by conntrack or select: MACs, IPs,
+ * ports, and for TCP the sequence translation, with incremental IPv4 and
+ * TCP or UDP checksum updates, and transmits. */
+SEC("xdp")
+int xlb_rewrite(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct xlb_pkt *p = scratch();
+	__u64 addrs;
+	int err;
+
+	if (!p || (void *)(ip + 1) > end || ip->ihl != 5)
+		return drop(XLB_STAT_DROP_INTERNAL);
+
+	/* The addresses' change counts in both checksums (the L4 one
+	 * through its pseudo-header). */
+	addrs = csum_acc32(csum_acc32(0, ip->saddr, p->new_saddr), ip->daddr, p->new_daddr);
+	if (p->flow.proto == IPPROTO_UDP)
+		err = rewrite_udp(p, (void *)(ip + 1), end, addrs);
+	else
+		err = rewrite_tcp(ctx, p, (void *)(ip + 1), end, addrs);
+	if (err)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	/* The packet may have moved under a helper: take it afresh. */
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	ip->check = csum_finish(csum_start(ip->check) + addrs);
+	ip->saddr = p->new_saddr;
+	ip->daddr = p->new_daddr;
+	__builtin_memcpy(eth->h_dest, p->nh.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
 
 	count(p->dir == XLB_DIR_FWD ? XLB_STAT_FWD : XLB_STAT_RET);
 	backend_traffic(p, ip);

@@ -76,9 +76,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return printJSON(stdout, cs, err)
 		}
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "CLIENT\tVIP\tSOURCE\tBACKEND\tSTATE\tIDLE")
+		fmt.Fprintln(tw, "PROTO\tCLIENT\tVIP\tSOURCE\tBACKEND\tSTATE\tIDLE")
 		for _, x := range cs {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", x.Client, x.VIP, x.Source, x.Backend, x.State, time.Duration(x.IdleMS)*time.Millisecond)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", x.Protocol, x.Client, x.VIP, x.Source, x.Backend, x.State, time.Duration(x.IdleMS)*time.Millisecond)
 		}
 		return tw.Flush()
 	case len(a) == 3 && a[0] == "policy" && a[1] == "set":
@@ -167,7 +167,7 @@ func printStatus(w io.Writer, st control.Status) {
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	for _, s := range st.Services {
-		fmt.Fprintf(tw, "service %s\tpolicy %s\n", s.VIP, s.Policy)
+		fmt.Fprintf(tw, "service %s/%s\tpolicy %s\n", s.VIP, s.Protocol, s.Policy)
 		for _, b := range s.Backends {
 			fmt.Fprintf(tw, "  backend %s\t%s\tweight %d\tactive %d\thalf-open %d\tnew/s %.1f\tports %d used %d resting of %d\trefused %d\tnext hop: %s\n",
 				b.Address, b.State, b.Weight, b.Active, b.HalfOpen, b.NewPerSec, b.PortsUsed, b.PortsHeld, b.PortPool, b.NoPort, b.NextHop)

@@ -200,7 +200,7 @@ func (d *daemon) reloadAndLog(ctx context.Context) {
 }
 
 func timeouts(t config.Timeouts) dispatcher.Timeouts {
-	return dispatcher.Timeouts{SYN: t.SYN, Established: t.Established, FIN: t.FIN, Closed: t.Closed, TimeWait: t.TimeWait}
+	return dispatcher.Timeouts{SYN: t.SYN, Established: t.Established, FIN: t.FIN, Closed: t.Closed, UDP: t.UDP, TimeWait: t.TimeWait}
 }
 
 func synDefence(s config.SYNDefence) dispatcher.SYNDefence {
@@ -215,7 +215,11 @@ func services(cfg *config.Config) []balancer.Service {
 		for _, b := range s.Backends {
 			bs = append(bs, balancer.Backend{Address: b.Address, Weight: b.Weight})
 		}
-		out = append(out, balancer.Service{VIP: s.VIP, Policy: s.Policy, Backends: bs, SourceAddresses: s.SourceAddresses.Addrs()})
+		proto := balancer.TCP
+		if s.Protocol == "udp" {
+			proto = balancer.UDP
+		}
+		out = append(out, balancer.Service{VIP: s.VIP, Protocol: proto, Policy: s.Policy, Backends: bs, SourceAddresses: s.SourceAddresses.Addrs()})
 	}
 	return out
 }
@@ -238,7 +242,7 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 	}
 	ports := d.bal.Pipeline().PortUse()
 	for _, s := range d.bal.Services() {
-		cs := control.Service{VIP: s.VIP.String(), Policy: s.Policy}
+		cs := control.Service{VIP: s.VIP.String(), Protocol: s.Protocol.String(), Policy: s.Policy}
 		for _, b := range s.Backends {
 			use := ports[b.Address]
 			cs.Backends = append(cs.Backends, control.Backend{
@@ -270,8 +274,13 @@ func (d *daemon) Conns(context.Context) ([]control.Conn, error) {
 	}
 	out := make([]control.Conn, 0, len(conns))
 	for _, c := range conns {
+		proto := "tcp"
+		if c.Protocol == dispatcher.UDP {
+			proto = "udp"
+		}
 		out = append(out, control.Conn{
-			Client: c.Client.String(), VIP: c.VIP.String(), Backend: c.Backend.String(),
+			Protocol: proto,
+			Client:   c.Client.String(), VIP: c.VIP.String(), Backend: c.Backend.String(),
 			Source: c.Source.String(), State: c.State, IdleMS: c.Idle.Milliseconds(),
 		})
 	}

@@ -70,14 +70,62 @@ type Backend struct {
 
 // Service is a configured service.
 type Service struct {
-	VIP    netip.AddrPort
-	Policy string
+	VIP      netip.AddrPort
+	Protocol Protocol // TCP (the zero value means TCP) or UDP
+	Policy   string
 	// SourceAddresses, when set, are the source addresses of the
 	// service's connections, among Options.SourceAddresses and
 	// Options.OtherSourceAddresses; empty means Options.SourceAddresses.
 	SourceAddresses []netip.Addr
 	Backends        []Backend
 }
+
+// Protocol is a service's transport protocol.
+type Protocol uint8
+
+// The protocols a service may balance.
+const (
+	TCP Protocol = iota // the zero value
+	UDP
+)
+
+func (p Protocol) String() string {
+	if p == UDP {
+		return "udp"
+	}
+	return "tcp"
+}
+
+// number is the protocol's IP protocol number.
+func (p Protocol) number() uint8 {
+	if p == UDP {
+		return dispatcher.UDP
+	}
+	return dispatcher.TCP
+}
+
+// ServiceKey names a service: its VIP and protocol (a TCP and a UDP
+// service may share a VIP and port).
+type ServiceKey struct {
+	VIP      netip.AddrPort
+	Protocol Protocol
+}
+
+func (k ServiceKey) String() string { return k.VIP.String() + "/" + k.Protocol.String() }
+
+// Compare orders keys by VIP, then protocol.
+func (k ServiceKey) Compare(o ServiceKey) int {
+	if c := k.VIP.Compare(o.VIP); c != 0 {
+		return c
+	}
+	return int(k.Protocol) - int(o.Protocol)
+}
+
+// Key is the service's key.
+func (s Service) Key() ServiceKey { return ServiceKey{s.VIP, s.Protocol} }
+
+// Key is the service's key.
+func (s ServiceState) Key() ServiceKey { return ServiceKey{s.VIP, s.Protocol} }
 
 // BackendState is a backend as a Selector sees it, with its state and
 // live load.
@@ -99,6 +147,7 @@ type BackendState struct {
 // ServiceState is a service as a Selector sees it.
 type ServiceState struct {
 	VIP      netip.AddrPort
+	Protocol Protocol
 	Policy   string
 	Backends []BackendState
 	// PortPool is how many source ports each backend of the service has:
@@ -174,7 +223,7 @@ type Balancer struct {
 
 	// mu guards the fields below. It is never held across a Selector call.
 	mu        sync.Mutex
-	services  map[netip.AddrPort]*service
+	services  map[ServiceKey]*service
 	svcIDs    idAllocator
 	bkIDs     idAllocator
 	retired   []uint32     // backend ids waiting for their connections to end
@@ -197,7 +246,7 @@ func New(opts Options) (_ *Balancer, err error) {
 	b := &Balancer{
 		opts:     opts,
 		log:      opts.Logger,
-		services: make(map[netip.AddrPort]*service),
+		services: make(map[ServiceKey]*service),
 		svcIDs:   newIDAllocator(uint32(dispatcher.MaxServices)),
 		bkIDs:    newIDAllocator(uint32(dispatcher.MaxBackends)),
 		kick:     make(chan struct{}, 1),
@@ -303,7 +352,7 @@ func (b *Balancer) sourceIndexes(s Service) ([]int, error) {
 	for _, a := range s.SourceAddresses {
 		i := slices.Index(b.sources, a)
 		if i < 0 {
-			return nil, fmt.Errorf("service %s: source address %s was not configured when xlbd started (a new source address needs a restart)", s.VIP, a)
+			return nil, fmt.Errorf("service %s: source address %s was not configured when xlbd started (a new source address needs a restart)", s.Key(), a)
 		}
 		out = append(out, i)
 	}
@@ -394,8 +443,9 @@ func (b *Balancer) SetServices(ctx context.Context, specs []Service) error {
 	return p.Commit()
 }
 
-func (b *Balancer) removeService(vip netip.AddrPort, svc *service) error {
-	if err := b.pipe.DeleteService(vip); err != nil {
+func (b *Balancer) removeService(key ServiceKey, svc *service) error {
+	vip := key.VIP
+	if err := b.pipe.DeleteService(vip, key.Protocol.number()); err != nil {
 		return err
 	}
 	if err := b.pipe.ClearSelection(svc.id); err != nil {
@@ -405,8 +455,8 @@ func (b *Balancer) removeService(vip netip.AddrPort, svc *service) error {
 		b.retire(bk)
 	}
 	b.svcIDs.free(svc.id)
-	delete(b.services, vip)
-	b.log.Info("service removed", "vip", vip.String())
+	delete(b.services, key)
+	b.log.Info("service removed", "vip", vip.String(), "protocol", key.Protocol.String())
 	return b.dropVIP(vip.Addr())
 }
 
@@ -418,7 +468,7 @@ func (b *Balancer) dropVIP(a netip.Addr) error {
 		return nil
 	}
 	for other := range b.services {
-		if other.Addr() == a {
+		if other.VIP.Addr() == a {
 			return nil
 		}
 	}
@@ -457,7 +507,7 @@ func (b *Balancer) Services() []ServiceState {
 	for _, svc := range b.services {
 		out = append(out, b.state(svc))
 	}
-	slices.SortFunc(out, func(x, y ServiceState) int { return x.VIP.Compare(y.VIP) })
+	slices.SortFunc(out, func(x, y ServiceState) int { return x.Key().Compare(y.Key()) })
 	return out
 }
 

@@ -23,7 +23,7 @@ type ServicesPlan struct {
 	b        *Balancer
 	gen      uint64
 	services []*plannedService // as wanted, in order
-	remove   []netip.AddrPort  // running services that go
+	remove   []ServiceKey      // running services that go
 	svcIDs   []uint32          // reserved for new services
 	bkIDs    []uint32          // reserved for new backends
 	vips     []netip.Addr      // addresses added to the interface for new services
@@ -91,11 +91,11 @@ func (b *Balancer) plan(p *ServicesPlan, specs []Service) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	p.gen = b.svcGen
-	want := make(map[netip.AddrPort]bool, len(specs))
+	want := make(map[ServiceKey]bool, len(specs))
 	for _, s := range specs {
 		switch {
-		case want[s.VIP]:
-			return fmt.Errorf("service %s: listed twice", s.VIP)
+		case want[s.Key()]:
+			return fmt.Errorf("service %s: listed twice", s.Key())
 		case len(s.Backends) == 0:
 			return fmt.Errorf("service %s: no backends", s.VIP)
 		case b.onSource(s.VIP):
@@ -104,8 +104,8 @@ func (b *Balancer) plan(p *ServicesPlan, specs []Service) error {
 		if _, err := b.sourceIndexes(s); err != nil {
 			return err
 		}
-		want[s.VIP] = true
-		ps := &plannedService{spec: s, svc: b.services[s.VIP]}
+		want[s.Key()] = true
+		ps := &plannedService{spec: s, svc: b.services[s.Key()]}
 		if ps.svc != nil {
 			ps.id = ps.svc.id
 		} else {
@@ -122,7 +122,7 @@ func (b *Balancer) plan(p *ServicesPlan, specs []Service) error {
 				running[bk.spec.Address] = bk
 			}
 		}
-		ps.state = ServiceState{VIP: s.VIP, Policy: s.Policy, PortPool: b.portPool(s)}
+		ps.state = ServiceState{VIP: s.VIP, Protocol: s.Protocol, Policy: s.Policy, PortPool: b.portPool(s)}
 		for _, spec := range s.Backends {
 			pb := plannedBackend{bk: running[spec.Address], spec: spec}
 			delete(running, spec.Address)
@@ -153,9 +153,9 @@ func (b *Balancer) plan(p *ServicesPlan, specs []Service) error {
 		}
 		p.services = append(p.services, ps)
 	}
-	for vip := range b.services {
-		if !want[vip] {
-			p.remove = append(p.remove, vip)
+	for key := range b.services {
+		if !want[key] {
+			p.remove = append(p.remove, key)
 		}
 	}
 	return nil
@@ -229,17 +229,18 @@ func (p *ServicesPlan) apply() error {
 		if err != nil {
 			return err
 		}
-		if err := b.pipe.SetService(svc.id, ps.spec.VIP, srcs); err != nil {
+		if err := b.pipe.SetService(svc.id, ps.spec.VIP, ps.spec.Protocol.number(), srcs); err != nil {
 			return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
 		}
 		if ps.svc == nil {
-			b.services[ps.spec.VIP] = svc
-			b.log.Info("service added", "vip", ps.spec.VIP.String(), "policy", ps.spec.Policy, "backends", len(ps.spec.Backends))
+			b.services[ps.spec.Key()] = svc
+			b.log.Info("service added", "vip", ps.spec.VIP.String(), "protocol", ps.spec.Protocol.String(), "policy", ps.spec.Policy,
+				"backends", len(ps.spec.Backends))
 		}
 	}
-	for _, vip := range p.remove {
-		if err := b.removeService(vip, b.services[vip]); err != nil {
-			return fmt.Errorf("service %s: %w", vip, err)
+	for _, key := range p.remove {
+		if err := b.removeService(key, b.services[key]); err != nil {
+			return fmt.Errorf("service %s: %w", key, err)
 		}
 	}
 	return nil

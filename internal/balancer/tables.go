@@ -121,7 +121,7 @@ func (b *Balancer) install(svc *service, c choice, now time.Time) error {
 // state is the snapshot of svc a Selector sees and status shows. Caller
 // holds b.mu.
 func (b *Balancer) state(svc *service) ServiceState {
-	st := ServiceState{VIP: svc.spec.VIP, Policy: svc.spec.Policy, PortPool: b.portPool(svc.spec)}
+	st := ServiceState{VIP: svc.spec.VIP, Protocol: svc.spec.Protocol, Policy: svc.spec.Policy, PortPool: b.portPool(svc.spec)}
 	for _, bk := range svc.backends {
 		stats, _ := b.pipe.BackendStats(bk.id)
 		_, hop := b.health(bk.spec.Address)
@@ -191,7 +191,7 @@ func (b *Balancer) SetPolicy(ctx context.Context, vip netip.AddrPort, policy str
 		}
 		b.mu.Lock()
 		overtaken := slices.ContainsFunc(jobs, func(j job) bool {
-			return b.services[j.st.VIP] != j.svc || j.svc.gen != j.gen
+			return b.services[j.st.Key()] != j.svc || j.svc.gen != j.gen
 		})
 		if overtaken {
 			b.mu.Unlock()
@@ -279,7 +279,7 @@ func (b *Balancer) Refresh(ctx context.Context) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for _, j := range jobs {
-		if b.services[j.st.VIP] != j.svc || j.svc.gen != j.gen {
+		if b.services[j.st.Key()] != j.svc || j.svc.gen != j.gen {
 			continue // changed meanwhile: that change recomputed it or marked it stale
 		}
 		err := j.err

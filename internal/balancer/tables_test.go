@@ -51,7 +51,7 @@ func (g *gated) Select(ctx context.Context, svc ServiceState) (Selection, error)
 func table(b *Balancer, vip netip.AddrPort) ([]string, bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	svc := b.services[vip]
+	svc := b.services[ServiceKey{VIP: vip}]
 	if svc == nil || svc.none {
 		return nil, false
 	}

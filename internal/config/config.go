@@ -124,6 +124,14 @@ func (p AddrPool) String() string {
 	return strings.Join(out, ",")
 }
 
+// protocol is the service's protocol, tcp when unset.
+func (s Service) protocol() string {
+	if s.Protocol == "" {
+		return "tcp"
+	}
+	return s.Protocol
+}
+
 // AllSourceAddresses lists every source address the configuration uses:
 // the top-level ones, then those only services name.
 func (c *Config) AllSourceAddresses() []netip.Addr {
@@ -155,6 +163,8 @@ type Timeouts struct {
 	FIN time.Duration `mapstructure:"fin"`
 	// Closed applies after a RST, or FINs in both directions.
 	Closed time.Duration `mapstructure:"closed"`
+	// UDP applies to UDP flows: one ends when it has been idle this long.
+	UDP time.Duration `mapstructure:"udp"`
 	// TimeWait is how long a source port rests after its connection
 	// ended before another connection may take it. The backend-side ISN
 	// makes a backend still in TIME_WAIT accept the next connection, so
@@ -166,6 +176,8 @@ type Timeouts struct {
 type Service struct {
 	// VIP is the virtual address and port, IPv4 only.
 	VIP netip.AddrPort `mapstructure:"vip"`
+	// Protocol is tcp or udp; Parse fills in tcp when it is empty.
+	Protocol string `mapstructure:"protocol"`
 	// Policy names the balancing policy; Parse fills in DefaultPolicy
 	// when it is empty.
 	Policy string `mapstructure:"policy"`
@@ -231,6 +243,7 @@ func Default() *Config {
 				Established: 900 * time.Second,
 				FIN:         120 * time.Second,
 				Closed:      10 * time.Second,
+				UDP:         30 * time.Second,
 				TimeWait:    2 * time.Second,
 			},
 		},
@@ -258,6 +271,7 @@ var envKeys = []string{
 	"conntrack.timeouts.fin",
 	"conntrack.timeouts.closed",
 	"conntrack.timeouts.time-wait",
+	"conntrack.timeouts.udp",
 	"syn-defence.mode",
 	"syn-defence.half-open",
 	"syn-defence.trust-for",
@@ -298,6 +312,7 @@ func NewFlagSet() *pflag.FlagSet {
 	fs.String("iface", "", "network `interface` to attach to (required)")
 	fs.String("xdp-mode", d.XDPMode, "XDP attach `mode`: native or generic")
 	fs.String("vip", "", "virtual service `IP:PORT`; needs at least one --backend")
+	fs.String("protocol", "tcp", "`protocol` of the --vip service: tcp or udp")
 	fs.StringArray("backend", nil, "backend `IP:PORT[@WEIGHT]` of the --vip service (repeatable)")
 	fs.String("policy", d.DefaultPolicy, "default balancing `policy`: a name or an absolute path")
 	fs.StringArray("source-address", nil, "source `IP` or prefix towards backends (repeatable; default: the interface's primary IPv4 address)")
@@ -376,6 +391,9 @@ func Parse(args []string) (*Config, error) {
 		if cfg.Services[i].Policy == "" {
 			cfg.Services[i].Policy = cfg.DefaultPolicy
 		}
+		if cfg.Services[i].Protocol == "" {
+			cfg.Services[i].Protocol = "tcp"
+		}
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -403,6 +421,7 @@ func setDefaults(v *viper.Viper, d *Config) {
 	v.SetDefault("conntrack.timeouts.fin", d.Conntrack.Timeouts.FIN)
 	v.SetDefault("conntrack.timeouts.closed", d.Conntrack.Timeouts.Closed)
 	v.SetDefault("conntrack.timeouts.time-wait", d.Conntrack.Timeouts.TimeWait)
+	v.SetDefault("conntrack.timeouts.udp", d.Conntrack.Timeouts.UDP)
 	v.SetDefault("services", nil)
 	v.SetDefault("chain", nil)
 	v.SetDefault("xlb-priority", d.XLBPriority)
@@ -474,7 +493,8 @@ func addFlagService(fs *pflag.FlagSet, cfg *Config) error {
 	case len(backends) == 0:
 		return fmt.Errorf("--vip %s: needs at least one --backend", vip)
 	}
-	svc := Service{Backends: make([]Backend, 0, len(backends))}
+	proto, _ := fs.GetString("protocol")
+	svc := Service{Protocol: proto, Backends: make([]Backend, 0, len(backends))}
 	var err error
 	if svc.VIP, err = parseAddrPort(vip); err != nil {
 		return fmt.Errorf("--vip: %w", err)
@@ -487,7 +507,7 @@ func addFlagService(fs *pflag.FlagSet, cfg *Config) error {
 		svc.Backends = append(svc.Backends, b)
 	}
 	for i := range cfg.Services {
-		if cfg.Services[i].VIP == svc.VIP {
+		if cfg.Services[i].VIP == svc.VIP && cfg.Services[i].protocol() == svc.protocol() {
 			cfg.Services[i] = svc
 			return nil
 		}

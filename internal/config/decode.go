@@ -279,6 +279,7 @@ var (
 				"fin":         leaf,
 				"closed":      leaf,
 				"time-wait":   leaf,
+				"udp":         leaf,
 			}},
 		}},
 		"syn-defence": {fields: map[string]*schema{
@@ -288,6 +289,7 @@ var (
 		}},
 		"services": {elem: &schema{fields: map[string]*schema{
 			"vip":              leaf,
+			"protocol":         leaf,
 			"policy":           leaf,
 			"source-addresses": leaf,
 			"backends": {elem: &schema{orString: true, fields: map[string]*schema{

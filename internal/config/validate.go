@@ -157,6 +157,7 @@ func (ct *Conntrack) validate() error {
 		{"established", ct.Timeouts.Established},
 		{"fin", ct.Timeouts.FIN},
 		{"closed", ct.Timeouts.Closed},
+		{"udp", ct.Timeouts.UDP},
 	} {
 		if t.d < MinTimeout {
 			return fmt.Errorf("timeouts.%s: %s below %s", t.key, t.d, MinTimeout)
@@ -188,19 +189,26 @@ func validateServices(services []Service) error {
 	if len(services) == 0 {
 		return errors.New("services: none defined (give them in the config file, or with --vip and --backend)")
 	}
-	vips := make(map[netip.AddrPort]int, len(services))
+	type svcKey struct {
+		vip   netip.AddrPort
+		proto string
+	}
+	vips := make(map[svcKey]int, len(services))
 	for i, s := range services {
 		key := fmt.Sprintf("services[%d]", i)
 		if err := validateEndpoint(s.VIP); err != nil {
 			return fmt.Errorf("%s.vip: %w", key, err)
 		}
-		if first, ok := vips[s.VIP]; ok {
-			return fmt.Errorf("%s: duplicate vip %s (also services[%d])", key, s.VIP, first)
+		if s.Protocol != "tcp" && s.Protocol != "udp" {
+			return fmt.Errorf("%s.protocol: %q is not tcp or udp", key, s.Protocol)
+		}
+		if first, ok := vips[svcKey{s.VIP, s.Protocol}]; ok {
+			return fmt.Errorf("%s: duplicate vip %s/%s (also services[%d])", key, s.VIP, s.Protocol, first)
 		}
 		if err := validatePool(s.SourceAddresses); err != nil {
 			return fmt.Errorf("%s.source-addresses: %w", key, err)
 		}
-		vips[s.VIP] = i
+		vips[svcKey{s.VIP, s.Protocol}] = i
 		if s.Policy != "" {
 			if err := plugins.CheckPolicy(s.Policy); err != nil {
 				return fmt.Errorf("%s.policy: %w", key, err)

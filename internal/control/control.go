@@ -43,6 +43,7 @@ type Backend struct {
 // Service is one service in a status report.
 type Service struct {
 	VIP      string    `json:"vip"`
+	Protocol string    `json:"protocol"` // tcp or udp
 	Policy   string    `json:"policy"`
 	Backends []Backend `json:"backends"`
 }
@@ -81,12 +82,13 @@ type PolicyStatus struct {
 
 // Conn is one tracked connection.
 type Conn struct {
-	Client  string `json:"client"`
-	VIP     string `json:"vip"`
-	Backend string `json:"backend"`
-	Source  string `json:"source"`
-	State   string `json:"state"`
-	IdleMS  int64  `json:"idle_ms"`
+	Protocol string `json:"protocol"` // tcp or udp
+	Client   string `json:"client"`
+	VIP      string `json:"vip"`
+	Backend  string `json:"backend"`
+	Source   string `json:"source"`
+	State    string `json:"state"`
+	IdleMS   int64  `json:"idle_ms"`
 }
 
 // PolicyRequest asks for a service's policy (all services if Service is

@@ -4,6 +4,7 @@
 #define XLB_COMMON_H
 
 #include <linux/bpf.h>
+#include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "xlb_maps.h"
@@ -40,6 +41,13 @@ static __always_inline int drop(__u32 stat)
 {
 	count(stat);
 	return XDP_DROP;
+}
+
+/* vip_port_key is the index of a port's entry in xlb_vip_ports: TCP
+ * ports first, then UDP ports. */
+static __always_inline __u32 vip_port_key(__u16 port, __u8 proto)
+{
+	return (__u32)port | (proto == IPPROTO_UDP ? 0x10000 : 0);
 }
 
 /* mark_busy sets bit idx of an occupancy bitmap (xlb_ct_busy,

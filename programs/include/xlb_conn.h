@@ -14,14 +14,17 @@ static __always_inline int conn_closed(__u32 flags)
 	       (flags & (XLB_CF_FIN_C | XLB_CF_FIN_B)) == (XLB_CF_FIN_C | XLB_CF_FIN_B);
 }
 
-/* conn_half_open reports whether a connection's handshake is unfinished. */
+/* conn_half_open reports whether a TCP connection's handshake is
+ * unfinished. */
 static __always_inline int conn_half_open(__u32 flags)
 {
-	return !(flags & XLB_CF_ESTAB) && !conn_closed(flags);
+	return !(flags & (XLB_CF_ESTAB | XLB_CF_UDP)) && !conn_closed(flags);
 }
 
 static __always_inline __u32 conn_state(__u32 flags)
 {
+	if (flags & XLB_CF_UDP)
+		return XLB_CT_UDP;
 	if (conn_closed(flags))
 		return XLB_CT_CLOSED;
 	if (flags & (XLB_CF_FIN_C | XLB_CF_FIN_B))

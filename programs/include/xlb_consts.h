@@ -38,6 +38,7 @@ enum xlb_conn_flag {
 	XLB_CF_FIN_C = 1 << 3,  /* an in-window FIN from the client */
 	XLB_CF_FIN_B = 1 << 4,  /* an in-window FIN from the backend */
 	XLB_CF_RST = 1 << 5,    /* an in-window RST from either side */
+	XLB_CF_UDP = 1 << 6,    /* a UDP flow: no handshake, an idle timeout of its own */
 	/* A slot whose connection ended (a tombstone): free for a new one,
 	 * but scans go on past it. A slot never used has no flags at all,
 	 * and scans stop there: no flow of the window lies beyond it. */
@@ -52,7 +53,8 @@ enum xlb_ct_state {
 	XLB_CT_ESTABLISHED = 2, /* the three-way handshake completed */
 	XLB_CT_FIN = 3,         /* a FIN seen */
 	XLB_CT_CLOSED = 4,      /* a RST, or FINs both ways */
-	XLB_CT_MAX = 5,
+	XLB_CT_UDP = 5,         /* a UDP flow */
+	XLB_CT_MAX = 6,
 };
 
 /* State of a source-port way (struct xlb_rconn.state). */
@@ -70,6 +72,8 @@ enum xlb_rconn_flag {
 	/* tw_seq holds the backend's next expected sequence number after
 	 * the client's FIN: the next connection's ISN must lie after it. */
 	XLB_RF_TW_SEQ = 1 << 0,
+	/* The way's connection is a UDP flow: TCP packets are not its. */
+	XLB_RF_UDP = 1 << 1,
 };
 
 /* SYN flood defence (struct xlb_cfg.syn_mode). */
@@ -88,7 +92,7 @@ enum xlb_stat {
 	XLB_STAT_CLOSED,           /* connections closed by FIN/RST */
 	XLB_STAT_REDIRECT,         /* transmitted through another interface */
 	XLB_STAT_PASS_NOT_IPV4,    /* passed: not IPv4 */
-	XLB_STAT_PASS_NOT_TCP,     /* passed: not TCP */
+	XLB_STAT_PASS_NOT_TCP,     /* passed: neither TCP nor UDP, nor an ICMP error about a flow */
 	XLB_STAT_PASS_IP_OPTIONS,  /* passed: IPv4 options, not for xlb */
 	XLB_STAT_PASS_FRAGMENT,    /* passed: IPv4 fragment, not for xlb or not the first */
 	XLB_STAT_PASS_NOT_OURS,    /* passed: not for a VIP nor a reply */
@@ -103,6 +107,9 @@ enum xlb_stat {
 	XLB_STAT_DROP_BAD_CSUM,    /* dropped: SYN with a wrong IPv4 or TCP checksum */
 	XLB_STAT_RST_NO_BACKEND,   /* answered with a RST: no usable backend */
 	XLB_STAT_RST_NO_PORT,      /* answered with a RST: no free source port for the backend */
+	XLB_STAT_DROP_NO_BACKEND,  /* dropped: a UDP flow with no usable backend */
+	XLB_STAT_DROP_NO_PORT,     /* dropped: a UDP flow with no free source port */
+	XLB_STAT_DROP_UDP_HDR,     /* dropped: UDP header cut short or length inconsistent */
 	XLB_STAT_DROP_FIB,         /* dropped: no route or neighbour towards the backend */
 	XLB_STAT_DROP_CT_RACE,     /* dropped: the connection's slot was being rewritten */
 	XLB_STAT_DROP_STALE,       /* dropped: packet of an ended connection whose port moved on */

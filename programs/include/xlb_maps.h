@@ -41,12 +41,12 @@ struct {
 	__type(value, struct xlb_cfg);
 } xlb_settings SEC(".maps");
 
-/* TCP port -> the VIP using it: a first filter so that traffic to other
+/* TCP or UDP port -> the VIP using it: a first filter so that traffic to other
  * ports never pays for a hash lookup, and, when one VIP uses the port
  * (the common case), its service without one. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 2 * 65536); /* TCP ports, then UDP ports (vip_port_key) */
 	__type(key, __u32);
 	__type(value, struct xlb_vip_port);
 } xlb_vip_ports SEC(".maps");

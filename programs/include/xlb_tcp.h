@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* TCP at the byte level: sequence translation, options, checksums checked
- * in full, and replies built from a received SYN. Every function here
- * works on a packet that parse accepted: Ethernet, IPv4 without options
- * (IHL 5), TCP with a data offset inside the packet. */
+/* TCP and UDP at the byte level: sequence translation, options,
+ * checksums checked in full, and replies built from a received SYN. Every
+ * function here works on a packet that parse accepted: Ethernet, IPv4
+ * without options (IHL 5), TCP with a data offset inside the packet or
+ * UDP with a length inside it. */
 #ifndef XLB_TCP_H
 #define XLB_TCP_H
 
@@ -179,17 +180,20 @@ static __always_inline __u64 csum_words(const __u16 *p, __u32 n)
 	return sum;
 }
 
-/* tcp_pseudo sums the TCP pseudo-header. */
-static __always_inline __u64 tcp_pseudo(__be32 saddr, __be32 daddr, __u32 len)
+/* l4_pseudo sums the TCP or UDP pseudo-header. */
+static __always_inline __u64 l4_pseudo(__be32 saddr, __be32 daddr, __u8 proto, __u32 len)
 {
-	return (saddr & 0xffff) + (saddr >> 16) + (daddr & 0xffff) + (daddr >> 16) + bpf_htons(IPPROTO_TCP) +
+	return (saddr & 0xffff) + (saddr >> 16) + (daddr & 0xffff) + (daddr >> 16) + bpf_htons(proto) +
 	       bpf_htons(len);
 }
 
-/* syn_csum_ok checks a received SYN's IPv4 and TCP checksums in full, so
- * that a corrupted or forged SYN never takes a connection slot or a
- * source port. */
-static __always_inline int syn_csum_ok(struct xdp_md *ctx)
+/* l4_csum_ok checks the IPv4 and TCP or UDP checksums of the first
+ * packet of a flow (a TCP SYN, or a UDP datagram) in full, so that a
+ * corrupted or forged packet never takes a connection slot or a source
+ * port. A UDP checksum of 0 means none (RFC 768); a UDP datagram of more
+ * than XLB_MAX_SYN_LEN bytes is taken unchecked, a TCP SYN that long is
+ * refused. */
+static __always_inline int l4_csum_ok(struct xdp_md *ctx, __u8 proto)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -198,14 +202,16 @@ static __always_inline int syn_csum_ok(struct xdp_md *ctx)
 	__u32 len, i;
 	__u64 sum;
 
-	if ((void *)(ip + 1) > end)
+	if ((void *)(ip + 1) > end || (void *)(w + 4) > end)
 		return 0;
 	if (csum_fold(csum_words((void *)ip, 10)) != 0)
 		return 0;
 	len = bpf_ntohs(ip->tot_len) - 20;
+	if (proto == IPPROTO_UDP && (w[3] == 0 || len > XLB_MAX_SYN_LEN))
+		return 1;
 	if (len > XLB_MAX_SYN_LEN)
 		return 0;
-	sum = tcp_pseudo(ip->saddr, ip->daddr, len);
+	sum = l4_pseudo(ip->saddr, ip->daddr, proto, len);
 	for (i = 0; i < XLB_MAX_SYN_LEN / 2; i++) {
 		if (2 * i + 1 >= len)
 			break;
@@ -282,7 +288,7 @@ static __always_inline int tcp_reply(struct xdp_md *ctx, __u8 flags, __u32 seq, 
 	tcp->window = 0;
 	tcp->check = 0;
 	tcp->urg_ptr = 0;
-	tcp->check = csum_fold(tcp_pseudo(saddr, daddr, 20) + csum_words((void *)tcp, 10));
+	tcp->check = csum_fold(l4_pseudo(saddr, daddr, IPPROTO_TCP, 20) + csum_words((void *)tcp, 10));
 	return XDP_TX;
 }
 
