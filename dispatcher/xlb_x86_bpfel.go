@@ -145,7 +145,7 @@ type xlbXlbPkt struct {
 	Dir       uint8
 	TcpFlags  uint8
 	SrcIdx    uint8
-	Pad       uint8
+	Icmp      uint8
 	BackendId uint32
 	NewSaddr  uint32
 	NewDaddr  uint32
@@ -255,9 +255,10 @@ const (
 	xlbXlbStatXLB_STAT_SYN_CHALLENGE     xlbXlbStat = 29
 	xlbXlbStatXLB_STAT_SYN_VALIDATED     xlbXlbStat = 30
 	xlbXlbStatXLB_STAT_UNTRUSTED_RST_FIN xlbXlbStat = 31
-	xlbXlbStatXLB_STAT_DROP_INTERNAL     xlbXlbStat = 32
-	xlbXlbStatXLB_STAT_TAILCALL_FAIL     xlbXlbStat = 33
-	xlbXlbStatXLB_STAT_MAX               xlbXlbStat = 34
+	xlbXlbStatXLB_STAT_ICMP_ERROR        xlbXlbStat = 32
+	xlbXlbStatXLB_STAT_DROP_INTERNAL     xlbXlbStat = 33
+	xlbXlbStatXLB_STAT_TAILCALL_FAIL     xlbXlbStat = 34
+	xlbXlbStatXLB_STAT_MAX               xlbXlbStat = 35
 )
 
 type xlbXlbSynMode uint32

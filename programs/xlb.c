@@ -94,6 +94,57 @@ static __always_inline __u32 source_index(const struct xlb_cfg *cfg, __be32 dadd
 	return s->idx;
 }
 
+/* ICMP errors that may be about a flow's packet (RFC 792). */
+#define ICMP_DEST_UNREACH 3
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_HLEN 8
+
+/* parse_icmp takes an ICMP error about a packet xlb sent to a backend (its
+ * quoted header from one of the source addresses, in the source-port
+ * range) to conntrack, described as the reply it would be, so that the
+ * error reaches the client translated back: path MTU discovery needs the
+ * "fragmentation needed" errors of the path between the load balancer and
+ * a backend. Other ICMP (echo requests to a VIP, errors about the host's
+ * own packets) goes to the kernel. */
+static __always_inline int parse_icmp(struct xdp_md *ctx, struct iphdr *ip, __u32 hlen, __u32 tot_len)
+{
+	void *end = (void *)(long)ctx->data_end;
+	__u8 *icmp = (void *)ip + 20;
+	struct iphdr *in = (void *)ip + 20 + ICMP_HLEN;
+	struct udphdr *l4 = (void *)(in + 1);
+	struct xlb_cfg *cfg;
+	struct xlb_pkt *p;
+	__u32 src;
+	__u16 sport;
+
+	if (hlen != 20 || (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)) || (void *)(l4 + 1) > end ||
+	    tot_len < 20 + ICMP_HLEN + 20 + 8)
+		return pass(XLB_STAT_PASS_NOT_TCP);
+	if (icmp[0] != ICMP_DEST_UNREACH && icmp[0] != ICMP_TIME_EXCEEDED)
+		return pass(XLB_STAT_PASS_NOT_TCP);
+	if (in->version != 4 || in->ihl != 5 || (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
+		return pass(XLB_STAT_PASS_NOT_TCP);
+	p = scratch();
+	cfg = config();
+	if (!p || !cfg)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	src = source_index(cfg, in->saddr);
+	sport = bpf_ntohs(l4->source);
+	if (!src || in->saddr != ip->daddr || sport < cfg->port_lo || sport > cfg->port_hi)
+		return pass(XLB_STAT_PASS_NOT_TCP);
+	p->flow.saddr = in->daddr;
+	p->flow.daddr = in->saddr;
+	p->flow.sport = l4->dest;
+	p->flow.dport = l4->source;
+	p->flow.proto = in->protocol;
+	p->tcp_flags = 0;
+	p->dir = XLB_DIR_RET;
+	p->src_idx = src - 1;
+	p->icmp = 1;
+	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_CONNTRACK);
+	return pass(XLB_STAT_TAILCALL_FAIL);
+}
+
 /* xlb_parse validates Ethernet/IPv4/TCP and decides whether the packet is
  * for a VIP (forward), a reply to one of xlb's source addresses (return)
  * or neither (passed to the kernel untouched). */
@@ -125,6 +176,8 @@ int xlb_parse(struct xdp_md *ctx)
 	if (tot_len < hlen || data + sizeof(*eth) + tot_len > end)
 		return drop(XLB_STAT_DROP_IP_LEN);
 	proto = ip->protocol;
+	if (proto == IPPROTO_ICMP)
+		return parse_icmp(ctx, ip, hlen, tot_len);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return pass(XLB_STAT_PASS_NOT_TCP);
 	/* A later fragment has no ports to tell whose it is; the kernel
@@ -194,6 +247,7 @@ int xlb_parse(struct xdp_md *ctx)
 	p->flow.proto = proto;
 	p->tcp_flags = flags;
 	p->dir = dir;
+	p->icmp = 0;
 	if (dir == XLB_DIR_RET) {
 		p->src_idx = src - 1;
 	} else if (vp) {
@@ -421,7 +475,9 @@ static __always_inline int conntrack_ret(struct xdp_md *ctx, const struct xlb_cf
 	if (!r || r->state == XLB_PS_FREE || r->baddr != p->flow.saddr || r->bport != p->flow.sport ||
 	    !(r->flags & XLB_RF_UDP) != (p->flow.proto == IPPROTO_TCP))
 		return pass(XLB_STAT_PASS_NOT_OURS);
-	if (p->flow.proto == IPPROTO_TCP) {
+	if (p->icmp) {
+		/* An error is no sign of life: it changes nothing. */
+	} else if (p->flow.proto == IPPROTO_TCP) {
 		tcp = tcp_at(ctx);
 		if (!tcp)
 			return drop(XLB_STAT_DROP_INTERNAL);
@@ -852,6 +908,77 @@ static __always_inline int rewrite_tcp(struct xdp_md *ctx, const struct xlb_pkt 
 	return 0;
 }
 
+/* rewrite_icmp translates an ICMP error about a packet xlb sent to a
+ * backend back to the client: outer source the VIP, destination the
+ * client; the quoted packet as the client sent it (source the client,
+ * destination the VIP, its ports, a TCP sequence number back in the
+ * client's space), with the quoted IPv4 and TCP or UDP checksums and the
+ * ICMP checksum updated incrementally. A quoted TCP checksum is updated
+ * when the error quotes it. */
+static __always_inline int rewrite_icmp(struct xdp_md *ctx, const struct xlb_pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	__u16 *icsum = (void *)ip + 20 + 2;
+	struct iphdr *in = (void *)ip + 20 + ICMP_HLEN;
+	__u8 *l4 = (void *)(in + 1);
+	__u16 *lsum = NULL, old16;
+	__u64 outer, inner, l4acc, icmp;
+	__be32 old32;
+
+	if ((void *)(l4 + 8) > end)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	outer = csum_acc32(csum_acc32(0, ip->saddr, p->new_saddr), ip->daddr, p->new_daddr);
+	ip->check = csum_finish(csum_start(ip->check) + outer);
+	ip->saddr = p->new_saddr;
+	ip->daddr = p->new_daddr;
+
+	/* The quoted packet went from the source address to the backend: it
+	 * becomes the client's to the VIP. */
+	inner = csum_acc32(csum_acc32(0, in->saddr, p->new_daddr), in->daddr, p->new_saddr);
+	l4acc = inner;
+	l4acc = csum_acc16(l4acc, *(__be16 *)l4, p->new_dport);
+	l4acc = csum_acc16(l4acc, *(__be16 *)(l4 + 2), p->new_sport);
+	icmp = csum_start(*icsum) + l4acc; /* the quoted addresses and ports */
+	old16 = in->check;
+	in->check = csum_finish(csum_start(in->check) + inner);
+	icmp = csum_acc16(icmp, old16, in->check);
+	in->saddr = p->new_daddr;
+	in->daddr = p->new_saddr;
+	*(__be16 *)l4 = p->new_dport;
+	*(__be16 *)(l4 + 2) = p->new_sport;
+	if (p->flow.proto == IPPROTO_TCP) {
+		old32 = *(__be32 *)(l4 + 4);
+		*(__be32 *)(l4 + 4) = seq_add(old32, -p->seq_delta);
+		l4acc = csum_acc32(l4acc, old32, *(__be32 *)(l4 + 4));
+		icmp = csum_acc32(icmp, old32, *(__be32 *)(l4 + 4));
+		if ((void *)(l4 + 18) <= end && (void *)l4 + 18 <= (void *)ip + bpf_ntohs(ip->tot_len))
+			lsum = (void *)(l4 + 16);
+	} else if (*(__u16 *)(l4 + 6)) {
+		lsum = (void *)(l4 + 6);
+	}
+	if (lsum && (void *)(lsum + 1) <= end) {
+		old16 = *lsum;
+		*lsum = csum_finish(csum_start(old16) + l4acc);
+		if (p->flow.proto == IPPROTO_UDP && !*lsum)
+			*lsum = 0xffff;
+		icmp = csum_acc16(icmp, old16, *lsum);
+	}
+	if ((void *)(icsum + 1) > end)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	*icsum = csum_finish(icmp);
+
+	__builtin_memcpy(eth->h_dest, p->nh.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
+	count(XLB_STAT_ICMP_ERROR);
+	if (p->nh.ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	count(XLB_STAT_REDIRECT);
+	return bpf_redirect(p->nh.ifindex, 0);
+}
+
 /* xlb_rewrite applies the NAT chosen by conntrack or select: MACs, IPs,
  * ports, and for TCP the sequence translation, with incremental IPv4 and
  * TCP or UDP checksum updates, and transmits. */
@@ -868,6 +995,8 @@ int xlb_rewrite(struct xdp_md *ctx)
 
 	if (!p || (void *)(ip + 1) > end || ip->ihl != 5)
 		return drop(XLB_STAT_DROP_INTERNAL);
+	if (p->icmp)
+		return rewrite_icmp(ctx, p);
 
 	/* The addresses' change counts in both checksums (the L4 one
 	 * through its pseudo-header). */

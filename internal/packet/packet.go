@@ -211,6 +211,31 @@ func ICMPEcho(o ICMPOpts) []byte {
 	return serialize(ethLayer(o.SrcMAC, o.DstMAC, layers.EthernetTypeIPv4), ip, icmp, gopacket.Payload(o.Payload))
 }
 
+// ICMPErrorOpts describes an Ethernet+IPv4+ICMP error message: its type
+// and code, the 4 bytes after the checksum (for "fragmentation needed"
+// the next hop's MTU in the low 16 bits) and the quoted packet (from its
+// IPv4 header on).
+type ICMPErrorOpts struct {
+	SrcMAC, DstMAC net.HardwareAddr
+	Src, Dst       netip.Addr // IPv4 only
+	Type, Code     uint8
+	Rest           uint32
+	Quote          []byte
+	TTL            uint8 // 0 means DefaultTTL
+	ID             uint16
+}
+
+// ICMPError builds an ICMP error message with correct checksums.
+func ICMPError(o ICMPErrorOpts) []byte {
+	ip := ipv4Layer(o.Src, o.Dst, layers.IPProtocolICMPv4, o.TTL, o.ID)
+	icmp := &layers.ICMPv4{
+		TypeCode: layers.CreateICMPv4TypeCode(o.Type, o.Code),
+		Id:       uint16(o.Rest >> 16),
+		Seq:      uint16(o.Rest),
+	}
+	return serialize(ethLayer(o.SrcMAC, o.DstMAC, layers.EthernetTypeIPv4), ip, icmp, gopacket.Payload(o.Quote))
+}
+
 // ARPOpts describes an Ethernet ARP packet. DstMAC defaults to broadcast and
 // SrcMAC to DefaultSrcMAC; the sender hardware address is SrcMAC.
 type ARPOpts struct {

@@ -350,3 +350,53 @@ func (lan *LAN) AddrInSubnet(i int) netip.Addr {
 	}
 	return a
 }
+
+// Link connects two namespaces with a veth pair of the given MTU, named
+// name in a and name+"p" in b, addressed aAddr and bAddr (prefixes), up,
+// with TX checksum offload off at both ends as LAN hosts have it. The
+// pair goes with a's namespace.
+func Link(t TB, a, b *NS, name string, mtu int, aAddr, bAddr netip.Prefix) {
+	t.Helper()
+	peer := name + "p"
+	err := a.Do(func() error {
+		veth := &netlink.Veth{
+			LinkAttrs:     netlink.LinkAttrs{Name: name, MTU: mtu},
+			PeerName:      peer,
+			PeerNamespace: netlink.NsFd(int(b.handle)),
+		}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return fmt.Errorf("add veth %s: %w", name, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("link %s: %v", name, err)
+	}
+	for _, end := range []struct {
+		ns   *NS
+		name string
+		addr netip.Prefix
+	}{{a, name, aAddr}, {b, peer, bAddr}} {
+		err := end.ns.Do(func() error {
+			l, err := netlink.LinkByName(end.name)
+			if err != nil {
+				return err
+			}
+			if err := netlink.LinkSetMTU(l, mtu); err != nil {
+				return fmt.Errorf("set mtu of %s: %w", end.name, err)
+			}
+			addr := &netlink.Addr{IPNet: &net.IPNet{IP: end.addr.Addr().AsSlice(), Mask: net.CIDRMask(end.addr.Bits(), end.addr.Addr().BitLen())}}
+			if err := netlink.AddrAdd(l, addr); err != nil {
+				return fmt.Errorf("add %v to %s: %w", addr, end.name, err)
+			}
+			off := false
+			if _, err := ethtoolTxChecksum(end.name, &off); err != nil {
+				return err
+			}
+			return netlink.LinkSetUp(l)
+		})
+		if err != nil {
+			t.Fatalf("link %s: %v", name, err)
+		}
+	}
+}

@@ -117,6 +117,7 @@ enum xlb_stat {
 	XLB_STAT_SYN_CHALLENGE,    /* SYNs answered with a challenge (SYN flood defence) */
 	XLB_STAT_SYN_VALIDATED,    /* sources validated by their answer to a challenge */
 	XLB_STAT_UNTRUSTED_RST_FIN, /* RST or FIN outside the tracked window: forwarded, state kept */
+	XLB_STAT_ICMP_ERROR,       /* ICMP errors about a flow translated back to its client */
 	XLB_STAT_DROP_INTERNAL,    /* dropped: a stage's internal state was missing */
 	XLB_STAT_TAILCALL_FAIL,    /* passed: a stage slot was empty */
 	XLB_STAT_MAX,

@@ -153,7 +153,10 @@ struct xlb_pkt {
 	__u8 dir;                /* parse: enum xlb_dir */
 	__u8 tcp_flags;          /* parse: TCP flags byte */
 	__u8 src_idx;            /* parse: the source address of a reply (return) */
-	__u8 pad;
+	/* parse: an ICMP error about a flow's packet to its backend; flow
+	 * then describes that packet seen as a reply (backend -> source
+	 * address), so that conntrack finds its way as for a reply. */
+	__u8 icmp;
 	__u32 backend_id;        /* conntrack/select: the connection's backend */
 	/* conntrack/select: the rewrite to apply */
 	__be32 new_saddr;
