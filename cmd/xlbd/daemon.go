@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"slices"
 	"sync"
@@ -17,17 +18,20 @@ import (
 	"github.com/xlb-project/xlb/internal/chain"
 	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/control"
+	"github.com/xlb-project/xlb/internal/metrics"
 	"github.com/xlb-project/xlb/internal/policy"
 )
 
 // daemon ties the configuration, the balancer and the control socket.
 type daemon struct {
-	cfg   *config.Config
-	args  []string
-	log   *slog.Logger
-	bal   *balancer.Balancer
-	pol   *policy.Manager
-	chain *chain.Chain
+	cfg      *config.Config
+	args     []string
+	log      *slog.Logger
+	bal      *balancer.Balancer
+	pol      *policy.Manager
+	chain    *chain.Chain
+	metrics  *metrics.Metrics
+	metricsL net.Listener // nil when metrics-address is not set
 
 	reloading sync.Mutex // serialises reloads (and only them)
 
@@ -40,7 +44,14 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 	if err := checkChain(cfg); err != nil {
 		return nil, configError{err}
 	}
+	d.metrics = metrics.New(d)
+	if cfg.MetricsAddress != "" {
+		if d.metricsL, err = metrics.Listen(cfg.MetricsAddress); err != nil {
+			return nil, configError{fmt.Errorf("metrics-address: %w", err)}
+		}
+	}
 	if d.pol, err = newPolicies(cfg, d); err != nil {
+		d.closeMetrics()
 		return nil, configError{err}
 	}
 	d.bal, err = balancer.New(balancer.Options{
@@ -59,6 +70,7 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 	})
 	if err != nil {
 		d.pol.Close()
+		d.closeMetrics()
 		return nil, err
 	}
 	// The chain and the services are ready before anything is attached,
@@ -80,7 +92,14 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 	return d, nil
 }
 
+func (d *daemon) closeMetrics() {
+	if d.metricsL != nil {
+		d.metricsL.Close()
+	}
+}
+
 func (d *daemon) Close() error {
+	d.closeMetrics()
 	err := d.bal.Close()
 	d.pol.Close()
 	if cerr := d.chain.Close(); err == nil {
@@ -95,6 +114,9 @@ func (d *daemon) Run(ctx context.Context, hup <-chan os.Signal) error {
 	g.Go(func() error { return d.bal.Run(ctx) })
 	g.Go(func() error { return d.pol.Watch(ctx, 200*time.Millisecond, d.bal.Invalidate) })
 	g.Go(func() error { return control.Serve(ctx, d.cfg.Socket, d) })
+	if d.metricsL != nil {
+		g.Go(func() error { return d.metrics.Serve(ctx, d.metricsL) })
+	}
 	g.Go(func() error {
 		for {
 			select {
@@ -105,7 +127,7 @@ func (d *daemon) Run(ctx context.Context, hup <-chan os.Signal) error {
 			}
 		}
 	})
-	d.log.Info("ready", "iface", d.cfg.Iface, "services", len(d.cfg.Services), "socket", d.cfg.Socket)
+	d.log.Info("ready", "iface", d.cfg.Iface, "services", len(d.cfg.Services), "socket", d.cfg.Socket, "metrics_address", d.cfg.MetricsAddress)
 	return g.Wait()
 }
 
@@ -267,7 +289,10 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 }
 
 // Conns implements control.Handler.
-func (d *daemon) Conns(context.Context) ([]control.Conn, error) {
+func (d *daemon) Conns(_ context.Context, f control.ConnFilter) ([]control.Conn, error) {
+	if err := f.Validate(); err != nil {
+		return nil, err
+	}
 	conns, err := d.bal.Pipeline().Conns()
 	if err != nil {
 		return nil, err
@@ -278,11 +303,14 @@ func (d *daemon) Conns(context.Context) ([]control.Conn, error) {
 		if c.Protocol == dispatcher.UDP {
 			proto = "udp"
 		}
-		out = append(out, control.Conn{
+		cc := control.Conn{
 			Protocol: proto,
 			Client:   c.Client.String(), VIP: c.VIP.String(), Backend: c.Backend.String(),
 			Source: c.Source.String(), State: c.State, IdleMS: c.Idle.Milliseconds(),
-		})
+		}
+		if f.Match(cc) {
+			out = append(out, cc)
+		}
 	}
 	return out, nil
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/xlb-project/xlb/internal/config"
+	"github.com/xlb-project/xlb/internal/version"
 )
 
 func main() {
@@ -38,6 +39,10 @@ func (e configError) Unwrap() error { return e.error }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	cfg, err := config.Parse(args)
+	if errors.Is(err, config.ErrVersion) {
+		fmt.Fprintln(stdout, "xlbd", version.Read())
+		return nil
+	}
 	if errors.Is(err, pflag.ErrHelp) {
 		fmt.Fprintln(stdout, "Usage: xlbd [flags]")
 		fs := config.NewFlagSet()
@@ -48,7 +53,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return configError{err}
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: logLevel(cfg.LogLevel)}))
+	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat)
 	d, err := newDaemon(ctx, cfg, args, log)
 	if err != nil {
 		return err
@@ -63,6 +68,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	return d.Run(ctx, hup)
+}
+
+// newLogger logs at level in format "text" (key=value) or "json".
+func newLogger(w io.Writer, level, format string) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: logLevel(level)}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
 }
 
 func logLevel(s string) slog.Level {

@@ -69,6 +69,7 @@ func (d *daemon) SetPolicy(ctx context.Context, req control.PolicyRequest) (cont
 		return control.PolicyResult{}, fmt.Errorf("set policy %s: %w", req.Policy, err)
 	}
 	took := time.Since(start)
+	d.metrics.ObserveSwap(took)
 	d.pol.Prune(d.bal.Policies())
 	res := control.PolicyResult{Took: took.String()}
 	for _, v := range vips {

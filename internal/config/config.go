@@ -55,6 +55,12 @@ type Config struct {
 	PinPath string `mapstructure:"pin-path"`
 	// LogLevel is one of debug, info, warn, error.
 	LogLevel string `mapstructure:"log-level"`
+	// LogFormat is "text" (slog's key=value lines) or "json" (one JSON
+	// object per line).
+	LogFormat string `mapstructure:"log-format"`
+	// MetricsAddress is where the Prometheus endpoint listens, as
+	// "[IP]:PORT"; empty means no endpoint.
+	MetricsAddress string `mapstructure:"metrics-address"`
 	// Conntrack sizes the connection table and sets its timeouts.
 	Conntrack Conntrack `mapstructure:"conntrack"`
 	// Services are the virtual services to balance.
@@ -214,6 +220,9 @@ type ChainMember struct {
 	ContinueOn []string `mapstructure:"continue-on"`
 }
 
+// ErrVersion is returned by Parse for --version.
+var ErrVersion = errors.New("version requested")
+
 // Default values.
 const (
 	DefaultXDPMode    = "native"
@@ -222,6 +231,7 @@ const (
 	DefaultPinPath    = "/sys/fs/bpf/xlb"
 	DefaultPriority   = 50 // a chain member's, as libxdp's XDP_DEFAULT_RUN_PRIO
 	DefaultLogLevel   = "info"
+	DefaultLogFormat  = "text"
 	DefaultMaxEntries = 262144
 )
 
@@ -235,6 +245,7 @@ func Default() *Config {
 		PinPath:       DefaultPinPath,
 		XLBPriority:   DefaultPriority,
 		LogLevel:      DefaultLogLevel,
+		LogFormat:     DefaultLogFormat,
 		Conntrack: Conntrack{
 			MaxEntries: DefaultMaxEntries,
 			GCInterval: time.Second,
@@ -263,6 +274,8 @@ var envKeys = []string{
 	"socket",
 	"pin-path",
 	"log-level",
+	"log-format",
+	"metrics-address",
 	"xlb-priority",
 	"conntrack.max-entries",
 	"conntrack.gc-interval",
@@ -291,6 +304,8 @@ var flagKeys = map[string]string{
 	"socket":                "socket",
 	"pin-path":              "pin-path",
 	"log-level":             "log-level",
+	"log-format":            "log-format",
+	"metrics-address":       "metrics-address",
 	"conntrack-max-entries": "conntrack.max-entries",
 	"syn-defence":           "syn-defence.mode",
 }
@@ -308,6 +323,7 @@ func NewFlagSet() *pflag.FlagSet {
 	d := Default()
 	fs := pflag.NewFlagSet("xlbd", pflag.ContinueOnError)
 	fs.SortFlags = false
+	fs.Bool("version", false, "print the version and exit")
 	fs.String("config", "", "YAML configuration `file`")
 	fs.String("iface", "", "network `interface` to attach to (required)")
 	fs.String("xdp-mode", d.XDPMode, "XDP attach `mode`: native or generic")
@@ -321,6 +337,8 @@ func NewFlagSet() *pflag.FlagSet {
 	fs.String("socket", d.Socket, "control socket `path`")
 	fs.String("pin-path", d.PinPath, "bpffs `dir`ectory for pinned objects")
 	fs.String("log-level", d.LogLevel, "log `level`: debug, info, warn or error")
+	fs.String("log-format", d.LogFormat, "log `format`: text or json")
+	fs.String("metrics-address", "", "serve Prometheus metrics on `[IP]:PORT` (default: no endpoint)")
 	fs.Int("conntrack-max-entries", d.Conntrack.MaxEntries, "connection table `size`")
 	fs.String("syn-defence", d.SYNDefence.Mode, "SYN flood defence `mode`: auto, on or off")
 	return fs
@@ -330,12 +348,16 @@ func NewFlagSet() *pflag.FlagSet {
 // the --config file if given, applies XLB_* environment variables,
 // validates, and returns the result. It touches no kernel state.
 //
-// A --help flag returns an error wrapping pflag.ErrHelp.
+// A --help flag returns an error wrapping pflag.ErrHelp, --version
+// ErrVersion.
 func Parse(args []string) (*Config, error) {
 	fs := NewFlagSet()
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
 		return nil, fmt.Errorf("parse flags: %w", err)
+	}
+	if v, _ := fs.GetBool("version"); v {
+		return nil, ErrVersion
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("parse flags: unexpected argument %q", fs.Arg(0))
@@ -414,6 +436,8 @@ func setDefaults(v *viper.Viper, d *Config) {
 	v.SetDefault("socket", d.Socket)
 	v.SetDefault("pin-path", d.PinPath)
 	v.SetDefault("log-level", d.LogLevel)
+	v.SetDefault("log-format", d.LogFormat)
+	v.SetDefault("metrics-address", d.MetricsAddress)
 	v.SetDefault("conntrack.max-entries", d.Conntrack.MaxEntries)
 	v.SetDefault("conntrack.gc-interval", d.Conntrack.GCInterval)
 	v.SetDefault("conntrack.timeouts.syn", d.Conntrack.Timeouts.SYN)

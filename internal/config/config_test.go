@@ -99,6 +99,8 @@ plugin-sha256:
 socket: /tmp/xlbd.sock
 pin-path: /sys/fs/bpf/xlb-test
 log-level: debug
+log-format: json
+metrics-address: 127.0.0.1:9190
 conntrack:
   max-entries: 1024
   gc-interval: 250ms
@@ -121,6 +123,8 @@ services:
 				c.Socket = "/tmp/xlbd.sock"
 				c.PinPath = "/sys/fs/bpf/xlb-test"
 				c.LogLevel = "debug"
+				c.LogFormat = "json"
+				c.MetricsAddress = "127.0.0.1:9190"
 				c.Conntrack = Conntrack{
 					MaxEntries: 1024,
 					GCInterval: 250 * time.Millisecond,
@@ -145,6 +149,18 @@ services:
 				c.Iface = "eth0"
 				c.Services = []Service{svc("10.0.0.10:443", "random",
 					"10.0.0.2:8443", "10.0.0.3:9000@7", "10.0.0.4:443@65535", "10.0.0.5:1")}
+			},
+		},
+		{
+			name: "log-format from the environment, metrics-address from a flag",
+			file: oneService,
+			env:  map[string]string{"XLB_LOG_FORMAT": "json", "XLB_METRICS_ADDRESS": "127.0.0.1:1"},
+			args: []string{"--metrics-address", ":9100"},
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.LogFormat = "json"
+				c.MetricsAddress = ":9100"
+				c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:8080")}
 			},
 		},
 		{
@@ -460,6 +476,11 @@ chain:
 		{name: "bad default policy", file: oneService, args: []string{"--policy", "Round Robin"}, wantErr: `policy: "Round Robin" is not a policy name nor an absolute path ([a-z0-9][a-z0-9-]*)`},
 		{name: "bad xlb-priority", file: oneService, env: map[string]string{"XLB_XLB_PRIORITY": "2000"}, wantErr: "xlb-priority: 2000 out of range 0..1000"},
 		{name: "bad log-level", file: oneService, env: map[string]string{"XLB_LOG_LEVEL": "verbose"}, wantErr: `log-level: "verbose" is not debug, info, warn or error`},
+		{name: "bad log-format", file: oneService, args: []string{"--log-format", "logfmt"}, wantErr: `log-format: "logfmt" is not text or json`},
+		{name: "bad log-format in env", file: oneService, env: map[string]string{"XLB_LOG_FORMAT": "JSON"}, wantErr: `log-format: "JSON" is not text or json`},
+		{name: "metrics-address without port", file: oneService + "metrics-address: 127.0.0.1\n", wantErr: `metrics-address: "127.0.0.1" is not [IP]:PORT`},
+		{name: "metrics-address host name", file: oneService, env: map[string]string{"XLB_METRICS_ADDRESS": "localhost:9100"}, wantErr: `metrics-address: "localhost:9100": "localhost" is not an IP address`},
+		{name: "metrics-address port 0", file: oneService, args: []string{"--metrics-address", ":0"}, wantErr: `metrics-address: ":0": "0" is not a port from 1 to 65535`},
 		{name: "max-entries too small", file: oneService + "conntrack: {max-entries: 100}\n", wantErr: "conntrack.max-entries: 100 out of range 1024..16777216"},
 		{name: "gc-interval too short", file: oneService + "conntrack: {gc-interval: 10ms}\n", wantErr: "conntrack.gc-interval: 10ms out of range 100ms..1m0s"},
 		{name: "timeout below 1s", file: oneService + "conntrack: {timeouts: {syn: 500ms}}\n", wantErr: "conntrack.timeouts.syn: 500ms below 1s"},
@@ -534,11 +555,18 @@ func TestParseHelp(t *testing.T) {
 	}
 }
 
+func TestParseVersion(t *testing.T) {
+	_, err := Parse([]string{"--iface", "eth0", "--version"})
+	if !errors.Is(err, ErrVersion) {
+		t.Fatalf("Parse(--version) error = %v, want ErrVersion", err)
+	}
+}
+
 func TestNewFlagSet(t *testing.T) {
 	fs := NewFlagSet()
 	for _, name := range []string{
 		"config", "iface", "xdp-mode", "vip", "backend", "policy", "source-address", "source-ports",
-		"plugin-dir", "socket", "pin-path", "log-level", "conntrack-max-entries",
+		"plugin-dir", "socket", "pin-path", "log-level", "log-format", "metrics-address", "conntrack-max-entries",
 	} {
 		if fs.Lookup(name) == nil {
 			t.Errorf("flag --%s missing", name)

@@ -269,6 +269,8 @@ var (
 		"socket":           leaf,
 		"pin-path":         leaf,
 		"log-level":        leaf,
+		"log-format":       leaf,
+		"metrics-address":  leaf,
 		"xlb-priority":     leaf,
 		"conntrack": {fields: map[string]*schema{
 			"max-entries": leaf,

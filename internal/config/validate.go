@@ -4,11 +4,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -89,6 +91,12 @@ func (c *Config) Validate() error {
 	default:
 		return fmt.Errorf("log-level: %q is not debug, info, warn or error", c.LogLevel)
 	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		return fmt.Errorf("log-format: %q is not text or json", c.LogFormat)
+	}
+	if err := validateListen(c.MetricsAddress); err != nil {
+		return fmt.Errorf("metrics-address: %w", err)
+	}
 	if err := c.Conntrack.validate(); err != nil {
 		return fmt.Errorf("conntrack.%w", err)
 	}
@@ -105,6 +113,27 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("xlb-priority: %d out of range 0..%d", c.XLBPriority, MaxPriority)
 	}
 	return validateChain(c.Chain)
+}
+
+// validateListen accepts "" (off), ":PORT" and "IP:PORT" with a port
+// other than 0.
+func validateListen(s string) error {
+	if s == "" {
+		return nil
+	}
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("%q is not [IP]:PORT", s)
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return fmt.Errorf("%q: %q is not an IP address", s, host)
+		}
+	}
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+		return fmt.Errorf("%q: %q is not a port from 1 to 65535", s, port)
+	}
+	return nil
 }
 
 func validateIface(name string) error {

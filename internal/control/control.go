@@ -11,8 +11,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -91,6 +95,83 @@ type Conn struct {
 	IdleMS   int64  `json:"idle_ms"`
 }
 
+// ConnFilter selects connections; empty fields match every connection.
+type ConnFilter struct {
+	VIP      string `json:"vip,omitempty"`      // IP:PORT
+	Backend  string `json:"backend,omitempty"`  // IP:PORT
+	State    string `json:"state,omitempty"`    // one of ConnStates
+	Protocol string `json:"protocol,omitempty"` // tcp or udp
+}
+
+// ConnStates are the states a connection is reported in: TCP's five,
+// and udp for every UDP flow.
+var ConnStates = []string{"syn", "syn-recv", "established", "fin", "closed", "udp"}
+
+// ConnProtocols are the protocols a connection is reported with.
+var ConnProtocols = []string{"tcp", "udp"}
+
+// Validate checks that the filter's fields are well formed.
+func (f ConnFilter) Validate() error {
+	for _, x := range []struct{ name, v string }{{"vip", f.VIP}, {"backend", f.Backend}} {
+		if x.v == "" {
+			continue
+		}
+		if _, err := netip.ParseAddrPort(x.v); err != nil {
+			return fmt.Errorf("%s filter %q is not IP:PORT", x.name, x.v)
+		}
+	}
+	if f.State != "" && !slices.Contains(ConnStates, f.State) {
+		return fmt.Errorf("state filter %q is not one of %s", f.State, strings.Join(ConnStates, ", "))
+	}
+	if f.Protocol != "" && !slices.Contains(ConnProtocols, f.Protocol) {
+		return fmt.Errorf("protocol filter %q is not one of %s", f.Protocol, strings.Join(ConnProtocols, ", "))
+	}
+	return nil
+}
+
+// Match tells whether c passes the filter.
+func (f ConnFilter) Match(c Conn) bool {
+	return (f.VIP == "" || f.VIP == c.VIP) && (f.Backend == "" || f.Backend == c.Backend) && (f.State == "" || f.State == c.State) &&
+		(f.Protocol == "" || f.Protocol == c.Protocol)
+}
+
+// Stats are the figures `xlbctl stats` shows. Figures are keyed by name
+// so that new ones (such as per-backend packets and bytes) need no new
+// message: a client shows the names it knows in its own order and any
+// other after them.
+type Stats struct {
+	// Counters are the data path's global counters, summed over CPUs.
+	Counters map[string]uint64 `json:"counters"`
+	// Ports is the source-port table's use.
+	Ports    PortUse        `json:"ports"`
+	Services []ServiceStats `json:"services"`
+}
+
+// PortUse counts source-port ways: taken by connections, held for a
+// backend's TIME_WAIT, and all there are.
+type PortUse struct {
+	Used     int `json:"used"`
+	Held     int `json:"held"`
+	Capacity int `json:"capacity"`
+}
+
+// ServiceStats are a service's backends' figures.
+type ServiceStats struct {
+	VIP      string         `json:"vip"`
+	Policy   string         `json:"policy"`
+	Backends []BackendStats `json:"backends"`
+}
+
+// BackendStats are one backend's figures.
+type BackendStats struct {
+	Address string `json:"address"`
+	// Gauges are values now, such as "active" (open connections).
+	Gauges map[string]int64 `json:"gauges"`
+	// Counters only grow while the backend is configured, such as
+	// "new_conns" (connections created).
+	Counters map[string]uint64 `json:"counters"`
+}
+
 // PolicyRequest asks for a service's policy (all services if Service is
 // empty) to be swapped.
 type PolicyRequest struct {
@@ -121,7 +202,8 @@ type ChainMember struct {
 // the operator.
 type Handler interface {
 	Status(ctx context.Context) (Status, error)
-	Conns(ctx context.Context) ([]Conn, error)
+	Conns(ctx context.Context, f ConnFilter) ([]Conn, error)
+	Stats(ctx context.Context) (Stats, error)
 	SetPolicy(ctx context.Context, req PolicyRequest) (PolicyResult, error)
 	ChainList(ctx context.Context) ([]ChainMember, error)
 	ChainAdd(ctx context.Context, m ChainMember) error
@@ -160,7 +242,12 @@ func Serve(ctx context.Context, path string, h Handler) error {
 		send(w, v, err)
 	})
 	mux.HandleFunc("GET /v1/conns", func(w http.ResponseWriter, r *http.Request) {
-		v, err := h.Conns(r.Context())
+		q := r.URL.Query()
+		v, err := h.Conns(r.Context(), ConnFilter{VIP: q.Get("vip"), Backend: q.Get("backend"), State: q.Get("state"), Protocol: q.Get("protocol")})
+		send(w, v, err)
+	})
+	mux.HandleFunc("GET /v1/stats", func(w http.ResponseWriter, r *http.Request) {
+		v, err := h.Stats(r.Context())
 		send(w, v, err)
 	})
 	mux.HandleFunc("POST /v1/policy", func(w http.ResponseWriter, r *http.Request) {
@@ -233,12 +320,25 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 
 // Client talks to xlbd.
 type Client struct {
-	hc *http.Client
+	path string
+	hc   *http.Client
 }
+
+// DialError says that xlbd could not be reached on its socket; Err is
+// the cause (such as fs.ErrNotExist, syscall.ECONNREFUSED,
+// fs.ErrPermission or context.DeadlineExceeded).
+type DialError struct {
+	Socket string
+	Err    error
+}
+
+func (e *DialError) Error() string { return fmt.Sprintf("reach xlbd at %s: %v", e.Socket, e.Err) }
+
+func (e *DialError) Unwrap() error { return e.Err }
 
 // NewClient returns a client for the socket at path.
 func NewClient(path string) *Client {
-	return &Client{hc: &http.Client{Transport: &http.Transport{
+	return &Client{path: path, hc: &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
@@ -261,7 +361,20 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return fmt.Errorf("reach xlbd: %w", err)
+		// The URL is internal to this package: report the socket.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		var oe *net.OpError
+		if errors.As(err, &oe) {
+			err = oe.Err
+		}
+		var se *os.SyscallError
+		if errors.As(err, &se) {
+			err = se.Err
+		}
+		return &DialError{Socket: c.path, Err: err}
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -283,10 +396,31 @@ func (c *Client) Status(ctx context.Context) (Status, error) {
 	return s, c.do(ctx, http.MethodGet, "/v1/status", nil, &s)
 }
 
-// Conns lists tracked connections.
+// Conns lists every tracked connection.
 func (c *Client) Conns(ctx context.Context) ([]Conn, error) {
+	return c.FindConns(ctx, ConnFilter{})
+}
+
+// FindConns lists the tracked connections that pass f.
+func (c *Client) FindConns(ctx context.Context, f ConnFilter) ([]Conn, error) {
+	q := url.Values{}
+	for k, v := range map[string]string{"vip": f.VIP, "backend": f.Backend, "state": f.State, "protocol": f.Protocol} {
+		if v != "" {
+			q.Set(k, v)
+		}
+	}
+	path := "/v1/conns"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
 	var cs []Conn
-	return cs, c.do(ctx, http.MethodGet, "/v1/conns", nil, &cs)
+	return cs, c.do(ctx, http.MethodGet, path, nil, &cs)
+}
+
+// Stats fetches counters and gauges.
+func (c *Client) Stats(ctx context.Context) (Stats, error) {
+	var s Stats
+	return s, c.do(ctx, http.MethodGet, "/v1/stats", nil, &s)
 }
 
 // SetPolicy swaps a policy.

@@ -1,0 +1,483 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/xlb-project/xlb/internal/config"
+	"github.com/xlb-project/xlb/internal/control"
+	"github.com/xlb-project/xlb/internal/version"
+)
+
+// daemon is what the commands need from xlbd, whatever carries it:
+// internal/control's client over the unix socket today.
+type daemon interface {
+	Status(ctx context.Context) (control.Status, error)
+	FindConns(ctx context.Context, f control.ConnFilter) ([]control.Conn, error)
+	Stats(ctx context.Context) (control.Stats, error)
+	SetPolicy(ctx context.Context, req control.PolicyRequest) (control.PolicyResult, error)
+	ChainList(ctx context.Context) ([]control.ChainMember, error)
+	ChainAdd(ctx context.Context, m control.ChainMember) error
+	ChainRemove(ctx context.Context, name string) error
+}
+
+// usageError is a command line xlbctl does not understand (exit status 2);
+// cmd is the command whose help to read, such as "xlbctl chain add".
+type usageError struct {
+	error
+	cmd string
+}
+
+func (e usageError) Unwrap() error { return e.error }
+
+// runError is an error of a command that ran (exit status 1).
+type runError struct{ error }
+
+func (e runError) Unwrap() error { return e.error }
+
+// builtinPolicies are the policies xlb ships, offered by completion.
+var builtinPolicies = []string{"random", "hash", "least-conn"}
+
+// cli holds the global flags and the connection to xlbd.
+type cli struct {
+	socket  string
+	timeout time.Duration
+	json    bool
+	stdout  io.Writer
+}
+
+func (c *cli) dial() daemon { return control.NewClient(c.socket) }
+
+// call runs f against xlbd within the timeout, and turns a failure to
+// reach it into advice.
+func (c *cli) call(ctx context.Context, f func(context.Context, daemon) error) error {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	return explain(f(ctx, c.dial()), c.timeout)
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	root := newRoot(stdout, stderr)
+	root.SetArgs(args)
+	cmd, err := root.ExecuteContextC(ctx)
+	var re runError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &re):
+		return re.error
+	}
+	return usageError{err, cmd.CommandPath()}
+}
+
+// oneArg accepts exactly one argument, described by what.
+func oneArg(what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != 1 {
+			return fmt.Errorf("%s takes one %s, not %d arguments", strings.TrimPrefix(cmd.CommandPath(), "xlbctl "), what, len(args))
+		}
+		return nil
+	}
+}
+
+// runE marks the errors of a command's own work, as opposed to cobra's
+// errors about the command line.
+func runE(f func(cmd *cobra.Command, args []string) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		if err := f(cmd, args); err != nil {
+			return runError{err}
+		}
+		return nil
+	}
+}
+
+func newRoot(stdout, stderr io.Writer) *cobra.Command {
+	c := &cli{stdout: stdout}
+	root := &cobra.Command{
+		Use:   "xlbctl",
+		Short: "Control a running xlbd",
+		Long: `xlbctl talks to a running xlbd over its control socket: status, tracked
+connections, counters, policy swaps and the XDP chain.`,
+		Version:           version.Read().String(),
+		SilenceErrors:     true,
+		SilenceUsage:      true,
+		Args:              cobra.NoArgs,
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE:              showHelp,
+	}
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.SetVersionTemplate("xlbctl {{.Version}}\n")
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
+	pf := root.PersistentFlags()
+	pf.StringVar(&c.socket, "socket", envOr("XLB_SOCKET", config.DefaultSocket), "xlbd's control socket (environment: XLB_SOCKET)")
+	pf.DurationVar(&c.timeout, "timeout", 30*time.Second, "how long to wait for xlbd")
+	pf.BoolVar(&c.json, "json", false, "print JSON")
+	root.AddGroup(&cobra.Group{ID: "xlbd", Title: "Commands:"})
+	for _, sub := range []*cobra.Command{c.statusCmd(), c.connsCmd(), c.statsCmd(), c.policyCmd(), c.chainCmd()} {
+		sub.GroupID = "xlbd"
+		root.AddCommand(sub)
+	}
+	return root
+}
+
+// showHelp is the action of a command that only groups others: it
+// prints its help (an unknown subcommand is refused by its Args).
+func showHelp(cmd *cobra.Command, _ []string) error { return cmd.Help() }
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func (c *cli) statusCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:               "status",
+		Short:             "Show the interface, services, backends, policy plugins and counters",
+		Args:              cobra.NoArgs,
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE: runE(func(cmd *cobra.Command, _ []string) error {
+			var st control.Status
+			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
+				st, err = d.Status(ctx)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return printJSON(c.stdout, st)
+			}
+			printStatus(c.stdout, st)
+			return nil
+		}),
+	}
+}
+
+func (c *cli) connsCmd() *cobra.Command {
+	var f control.ConnFilter
+	cmd := &cobra.Command{
+		Use:   "conns",
+		Short: "List tracked connections",
+		Long: `List the connections in xlb's connection table: client, VIP, the load
+balancer's source address and port towards the backend, backend, state and
+idle time, TCP and UDP alike. The filters combine: only connections matching all are listed.`,
+		Example: `  xlbctl conns --vip 10.0.0.10:80 --state established
+  xlbctl conns --backend 10.0.0.21:8080`,
+		Args:              cobra.NoArgs,
+		ValidArgsFunction: cobra.NoFileCompletions,
+		PreRunE: func(*cobra.Command, []string) error {
+			return f.Validate()
+		},
+		RunE: runE(func(cmd *cobra.Command, _ []string) error {
+			var cs []control.Conn
+			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
+				cs, err = d.FindConns(ctx, f)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if c.json {
+				if cs == nil {
+					cs = []control.Conn{}
+				}
+				return printJSON(c.stdout, cs)
+			}
+			return printConns(c.stdout, cs)
+		}),
+	}
+	cmd.Flags().StringVar(&f.VIP, "vip", "", "only connections to this `VIP:PORT`")
+	cmd.Flags().StringVar(&f.Backend, "backend", "", "only connections to this backend `IP:PORT`")
+	cmd.Flags().StringVar(&f.State, "state", "", "only connections in this `state`: "+strings.Join(control.ConnStates, ", "))
+	cmd.Flags().StringVar(&f.Protocol, "protocol", "", "only connections of this `protocol`: "+strings.Join(control.ConnProtocols, ", "))
+	_ = cmd.RegisterFlagCompletionFunc("vip", c.completeVIPs)
+	_ = cmd.RegisterFlagCompletionFunc("backend", c.completeBackends)
+	_ = cmd.RegisterFlagCompletionFunc("state", cobra.FixedCompletions(control.ConnStates, cobra.ShellCompDirectiveNoFileComp))
+	_ = cmd.RegisterFlagCompletionFunc("protocol", cobra.FixedCompletions(control.ConnProtocols, cobra.ShellCompDirectiveNoFileComp))
+	return cmd
+}
+
+func (c *cli) statsCmd() *cobra.Command {
+	var rate bool
+	var interval time.Duration
+	cmd := &cobra.Command{
+		Use:   "stats",
+		Short: "Show counters per service and backend, or their rates",
+		Long: `Show, in the manner of ipvsadm -Ln --stats, each service and its backends
+with their open connections (ActiveConn) and the connections created since
+the backend was configured (Conns), then the source-port table's use and
+the data path's counters.
+
+With --rate, two readings --interval apart give per-second rates instead,
+in the manner of ipvsadm -Ln --rate: new connections per second (CPS) and
+each counter per second. Open connections are shown as they are at the
+second reading.`,
+		Example: `  xlbctl stats
+  xlbctl stats --rate --interval 5s`,
+		Args:              cobra.NoArgs,
+		ValidArgsFunction: cobra.NoFileCompletions,
+		PreRunE: func(*cobra.Command, []string) error {
+			if interval <= 0 {
+				return fmt.Errorf("--interval %s: want a positive duration", interval)
+			}
+			return nil
+		},
+		RunE: runE(func(cmd *cobra.Command, _ []string) error {
+			var first, second control.Stats
+			var t0, t1 time.Time
+			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
+				t0 = time.Now()
+				first, err = d.Stats(ctx)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if !rate {
+				if c.json {
+					return printJSON(c.stdout, first)
+				}
+				return printStats(c.stdout, first)
+			}
+			select {
+			case <-cmd.Context().Done():
+				return cmd.Context().Err()
+			case <-time.After(interval):
+			}
+			err = c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
+				t1 = time.Now()
+				second, err = d.Stats(ctx)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			r := rates(first, second, t1.Sub(t0))
+			if c.json {
+				return printJSON(c.stdout, r)
+			}
+			return printRates(c.stdout, r)
+		}),
+	}
+	cmd.Flags().BoolVar(&rate, "rate", false, "show rates per second between two readings")
+	cmd.Flags().DurationVar(&interval, "interval", time.Second, "with --rate: time between the two readings")
+	return cmd
+}
+
+func (c *cli) policyCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:               "policy",
+		Short:             "Change services' selection policy",
+		Args:              cobra.NoArgs,
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE:              showHelp,
+	}
+	var service string
+	set := &cobra.Command{
+		Use:   "set NAME",
+		Short: "Swap the policy of every service, or of one with --service",
+		Long: `Start the policy's plugin, install its selection tables for the services
+and stop plugins no longer in use. NAME is a policy name looked up in
+xlbd's plugin directory (random, hash, least-conn, or a third party's) or
+the path of a plugin binary. Established connections keep their backends.`,
+		Example: `  xlbctl policy set hash
+  xlbctl policy set least-conn --service 10.0.0.10:80
+  xlbctl policy set /opt/xlb/xlb-policy-custom`,
+		Args: oneArg("policy NAME or plugin path"),
+		ValidArgsFunction: func(cmd *cobra.Command, args []string, _ string) ([]cobra.Completion, cobra.ShellCompDirective) {
+			if len(args) > 0 {
+				return nil, cobra.ShellCompDirectiveNoFileComp
+			}
+			names := slices.Clone(builtinPolicies)
+			if st, err := c.quickStatus(cmd.Context()); err == nil {
+				for _, p := range st.Policies {
+					if !slices.Contains(names, p.Name) {
+						names = append(names, p.Name)
+					}
+				}
+			}
+			// A path to a plugin binary is a file.
+			return names, cobra.ShellCompDirectiveDefault
+		},
+		PreRunE: func(*cobra.Command, []string) error {
+			if service == "" {
+				return nil
+			}
+			if _, err := netip.ParseAddrPort(service); err != nil {
+				return fmt.Errorf("--service %q is not VIP:PORT", service)
+			}
+			return nil
+		},
+		RunE: runE(func(cmd *cobra.Command, args []string) error {
+			name := args[0]
+			if strings.ContainsRune(name, '/') && !filepath.IsAbs(name) {
+				abs, err := filepath.Abs(name)
+				if err != nil {
+					return err
+				}
+				name = abs
+			}
+			var r control.PolicyResult
+			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
+				r, err = d.SetPolicy(ctx, control.PolicyRequest{Policy: name, Service: service})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return printJSON(c.stdout, r)
+			}
+			fmt.Fprintf(c.stdout, "policy %s in force for %s (took %s)\n", args[0], strings.Join(r.Services, ", "), r.Took)
+			return nil
+		}),
+	}
+	set.Flags().StringVar(&service, "service", "", "only this service (`VIP:PORT`)")
+	_ = set.RegisterFlagCompletionFunc("service", c.completeVIPs)
+	cmd.AddCommand(set)
+	return cmd
+}
+
+func (c *cli) chainCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:               "chain",
+		Short:             "List, add and remove XDP programs chained with xlb",
+		Args:              cobra.NoArgs,
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE:              showHelp,
+	}
+	list := &cobra.Command{
+		Use:               "list",
+		Short:             "List the chain in the order it runs",
+		Args:              cobra.NoArgs,
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE: runE(func(cmd *cobra.Command, _ []string) error {
+			var ms []control.ChainMember
+			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
+				ms, err = d.ChainList(ctx)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return printJSON(c.stdout, ms)
+			}
+			return printChain(c.stdout, ms)
+		}),
+	}
+	var m control.ChainMember
+	add := &cobra.Command{
+		Use:   "add NAME --object FILE",
+		Short: "Add an XDP program to the chain",
+		Long: `Load an XDP program from an ELF object and run it in the chain at its
+priority (lower runs first; xlb's own pipeline is the member "xlb").
+docs/chain-protocol.md describes what a member must do.`,
+		Example:           `  xlbctl chain add ddos --object /usr/lib/xlb/filter.o --priority 10 --continue-on pass`,
+		Args:              oneArg("member NAME"),
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE: runE(func(cmd *cobra.Command, args []string) error {
+			obj, err := filepath.Abs(m.Object)
+			if err != nil {
+				return err
+			}
+			member := m
+			member.Name, member.Object = args[0], obj
+			if err := c.call(cmd.Context(), func(ctx context.Context, d daemon) error { return d.ChainAdd(ctx, member) }); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.stdout, "chain member %s added\n", args[0])
+			return nil
+		}),
+	}
+	add.Flags().StringVar(&m.Object, "object", "", "ELF object `file` (required)")
+	add.Flags().StringVar(&m.Program, "program", "", "XDP program `name` in the object (default: its only XDP program)")
+	add.Flags().IntVar(&m.Priority, "priority", -1, "priority 0 to 1000, lower runs first (default: the object's XDP_RUN_CONFIG, or 50)")
+	add.Flags().StringSliceVar(&m.ContinueOn, "continue-on", nil, "`verdicts` after which the chain goes on: "+strings.Join(config.Verdicts, ", ")+" (default pass)")
+	_ = add.MarkFlagRequired("object")
+	_ = add.MarkFlagFilename("object", "o")
+	_ = add.RegisterFlagCompletionFunc("continue-on", cobra.FixedCompletions(config.Verdicts, cobra.ShellCompDirectiveNoFileComp))
+	remove := &cobra.Command{
+		Use:   "remove NAME",
+		Short: "Remove a program from the chain",
+		Args:  oneArg("member NAME"),
+		ValidArgsFunction: func(cmd *cobra.Command, args []string, _ string) ([]cobra.Completion, cobra.ShellCompDirective) {
+			if len(args) > 0 {
+				return nil, cobra.ShellCompDirectiveNoFileComp
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Second)
+			defer cancel()
+			ms, err := c.dial().ChainList(ctx)
+			if err != nil {
+				return nil, cobra.ShellCompDirectiveNoFileComp
+			}
+			var names []cobra.Completion
+			for _, m := range ms {
+				if !m.Builtin {
+					names = append(names, m.Name)
+				}
+			}
+			return names, cobra.ShellCompDirectiveNoFileComp
+		},
+		RunE: runE(func(cmd *cobra.Command, args []string) error {
+			if err := c.call(cmd.Context(), func(ctx context.Context, d daemon) error { return d.ChainRemove(ctx, args[0]) }); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.stdout, "chain member %s removed\n", args[0])
+			return nil
+		}),
+	}
+	cmd.AddCommand(list, add, remove)
+	return cmd
+}
+
+// quickStatus asks xlbd for its status within 2 s, for completions.
+func (c *cli) quickStatus(ctx context.Context) (control.Status, error) {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	return c.dial().Status(ctx)
+}
+
+func (c *cli) completeVIPs(cmd *cobra.Command, _ []string, _ string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	st, err := c.quickStatus(cmd.Context())
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	var out []cobra.Completion
+	for _, s := range st.Services {
+		out = append(out, s.VIP)
+	}
+	return out, cobra.ShellCompDirectiveNoFileComp
+}
+
+func (c *cli) completeBackends(cmd *cobra.Command, _ []string, _ string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	st, err := c.quickStatus(cmd.Context())
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	var out []cobra.Completion
+	for _, s := range st.Services {
+		for _, b := range s.Backends {
+			if !slices.Contains(out, b.Address) {
+				out = append(out, b.Address)
+			}
+		}
+	}
+	return out, cobra.ShellCompDirectiveNoFileComp
+}

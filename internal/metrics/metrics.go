@@ -1,0 +1,355 @@
+// Package metrics exports xlb's figures to Prometheus. A collector reads
+// the data path at scrape time through a Source (xlbd): the global
+// counters, each backend's figures, the source-port table's use and the
+// policy plugins; the policy swap time is a histogram that xlbd observes.
+//
+// Per-backend figures are defined once, in BackendFigures: the collector
+// and `xlbctl stats` (through the control socket) both read that table, so
+// a figure the data path starts keeping, such as packets and bytes per
+// backend, is one more row there.
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/xlb-project/xlb/dispatcher"
+)
+
+// Snapshot is the state the collector exports, read at scrape time.
+type Snapshot struct {
+	// Counters are the data path's global counters by name, summed over
+	// CPUs (dispatcher.Pipeline.Stats).
+	Counters map[string]uint64
+	Services []Service
+	Ports    PortUse
+	Plugins  []Plugin
+}
+
+// Service is a configured service and its backends.
+type Service struct {
+	VIP      netip.AddrPort
+	Policy   string
+	Backends []Backend
+}
+
+// Backend is a configured backend with the data path's figures for it.
+type Backend struct {
+	Address netip.AddrPort
+	Stats   dispatcher.BackendStats
+}
+
+// PortUse counts source-port ways (dispatcher.Pipeline.PortsInUse):
+// taken by a connection, held for a backend's TIME_WAIT, and all there are.
+type PortUse struct {
+	Used, Held, Capacity int
+}
+
+// Plugin is a policy's plugin process.
+type Plugin struct {
+	Policy   string
+	Up       bool
+	Restarts int
+}
+
+// Source gives the collector a snapshot at each scrape.
+type Source interface {
+	Snapshot(ctx context.Context) (Snapshot, error)
+}
+
+// Kind says how a figure behaves.
+type Kind int
+
+// Kinds of figures.
+const (
+	Gauge   Kind = iota // a value now
+	Counter             // only grows while its backend is configured
+)
+
+// BackendFigure is one per-backend figure of the data path.
+type BackendFigure struct {
+	Key    string // name in the control protocol's BackendStats and in `xlbctl stats`
+	Metric string // Prometheus metric name
+	Help   string
+	Kind   Kind
+	Value  func(dispatcher.BackendStats) float64
+}
+
+// BackendFigures are the per-backend figures, in the order `xlbctl stats`
+// shows them. The data path keeps them in xlb_bk_stats
+// (dispatcher.BackendStats).
+var BackendFigures = []BackendFigure{
+	{
+		Key: "active", Metric: "xlb_backend_active_connections", Kind: Gauge,
+		Help:  "Open connections to the backend (the data path's count; a connection stops counting at its close or expiry).",
+		Value: func(s dispatcher.BackendStats) float64 { return float64(max(s.Active, 0)) },
+	},
+	{
+		Key: "new_conns", Metric: "xlb_backend_new_connections_total", Kind: Counter,
+		Help:  "Connections the data path has given the backend since it was configured.",
+		Value: func(s dispatcher.BackendStats) float64 { return float64(s.NewConns) },
+	},
+}
+
+// Metric names of figures that are not per backend.
+const (
+	nameServiceActive  = "xlb_service_active_connections"
+	nameServiceNew     = "xlb_service_new_connections_total"
+	nameServiceInfo    = "xlb_service_info"
+	nameDropped        = "xlb_dropped_packets_total"
+	namePassed         = "xlb_passed_packets_total"
+	nameTransmitted    = "xlb_transmitted_packets_total"
+	nameConnEvents     = "xlb_connection_events_total"
+	nameOther          = "xlb_datapath_events_total"
+	namePortWays       = "xlb_source_port_ways"
+	namePortCapacity   = "xlb_source_port_ways_capacity"
+	namePluginUp       = "xlb_policy_plugin_up"
+	namePluginRestarts = "xlb_policy_plugin_restarts_total"
+	nameSwapSeconds    = "xlb_policy_swap_seconds"
+	nameScrapeErrors   = "xlb_scrape_errors_total"
+)
+
+// counterMetric maps a data path counter's name (from the enum xlb_stat)
+// to its metric and label. Drop and pass reasons come from the name's
+// prefix, so a reason added to the data path is exported without a
+// change here.
+func counterMetric(name string) (metric, labelValue string) {
+	switch {
+	case strings.HasPrefix(name, "drop_"):
+		return nameDropped, strings.TrimPrefix(name, "drop_")
+	case strings.HasPrefix(name, "pass_"):
+		return namePassed, strings.TrimPrefix(name, "pass_")
+	case name == "tailcall_fail":
+		return namePassed, name
+	case name == "fwd":
+		return nameTransmitted, "to_backend"
+	case name == "ret":
+		return nameTransmitted, "to_client"
+	case name == "redirect":
+		return nameTransmitted, "redirected"
+	case name == "new_conn", name == "recycled", name == "closed", name == "evicted":
+		return nameConnEvents, name
+	}
+	return nameOther, name
+}
+
+// Metrics is xlb's Prometheus registry.
+type Metrics struct {
+	reg  *prometheus.Registry
+	swap prometheus.Histogram
+}
+
+// New returns a registry with the collector reading src, the policy swap
+// histogram, and Go's process and runtime collectors.
+func New(src Source) *Metrics {
+	m := &Metrics{
+		reg: prometheus.NewRegistry(),
+		swap: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: nameSwapSeconds,
+			Help: "Time from a policy swap request (xlbctl policy set) to the new selection tables in force, starting the new plugin included.",
+			// From 5 ms to about 10 s.
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 12),
+		}),
+	}
+	m.reg.MustRegister(newCollector(src), m.swap,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// ObserveSwap records a policy swap's duration.
+func (m *Metrics) ObserveSwap(d time.Duration) { m.swap.Observe(d.Seconds()) }
+
+// Gatherer is the registry, for tests and other exporters.
+func (m *Metrics) Gatherer() prometheus.Gatherer { return m.reg }
+
+// Listen opens addr for Serve; it is separate so that a bad address is
+// found before anything else is set up.
+func Listen(addr string) (net.Listener, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	return l, nil
+}
+
+// Serve answers /metrics on l until ctx ends, then closes l.
+func (m *Metrics) Serve(ctx context.Context, l net.Listener) error {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	err := srv.Serve(l)
+	<-done
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return fmt.Errorf("serve metrics: %w", err)
+}
+
+// collector reads a Snapshot at each scrape.
+type collector struct {
+	src Source
+
+	backend        []*prometheus.Desc // by BackendFigures index
+	serviceActive  *prometheus.Desc
+	serviceNew     *prometheus.Desc
+	serviceInfo    *prometheus.Desc
+	dropped        *prometheus.Desc
+	passed         *prometheus.Desc
+	transmitted    *prometheus.Desc
+	connEvents     *prometheus.Desc
+	other          *prometheus.Desc
+	portWays       *prometheus.Desc
+	portCapacity   *prometheus.Desc
+	pluginUp       *prometheus.Desc
+	pluginRestarts *prometheus.Desc
+	scrapeErrors   *prometheus.Desc
+
+	mu      sync.Mutex
+	errors  uint64
+	seen    map[netip.AddrPort]map[netip.AddrPort]uint64 // service -> backend -> new connections at the last scrape
+	carried map[netip.AddrPort]uint64                    // service -> new connections of its removed backends
+}
+
+func newCollector(src Source) *collector {
+	c := &collector{
+		src:            src,
+		serviceActive:  prometheus.NewDesc(nameServiceActive, "Open connections of the service (the sum over its backends).", []string{"service"}, nil),
+		serviceNew:     prometheus.NewDesc(nameServiceNew, "Connections the data path has created for the service, its removed backends' included (those counted until the scrape before their removal).", []string{"service"}, nil),
+		serviceInfo:    prometheus.NewDesc(nameServiceInfo, "A configured service and its policy (always 1).", []string{"service", "policy"}, nil),
+		dropped:        prometheus.NewDesc(nameDropped, "Packets the data path dropped, by reason.", []string{"reason"}, nil),
+		passed:         prometheus.NewDesc(namePassed, "Packets the data path handed to the kernel untouched, by reason.", []string{"reason"}, nil),
+		transmitted:    prometheus.NewDesc(nameTransmitted, "Packets the data path rewrote and sent: to a backend, to a client, or redirected through another interface (also counted in to_backend or to_client).", []string{"direction"}, nil),
+		connEvents:     prometheus.NewDesc(nameConnEvents, "Connection table events: new_conn (created), closed (FIN/RST seen), recycled (an ended entry replaced by a new SYN), evicted (a live entry replaced because its window was full).", []string{"event"}, nil),
+		other:          prometheus.NewDesc(nameOther, "Data path counters not exported under another name.", []string{"counter"}, nil),
+		portWays:       prometheus.NewDesc(namePortWays, "Source-port ways by state: used by a connection, or held for a backend's TIME_WAIT.", []string{"state"}, nil),
+		portCapacity:   prometheus.NewDesc(namePortCapacity, "Source-port ways there are: the ports of source-ports times the ways per port.", nil, nil),
+		pluginUp:       prometheus.NewDesc(namePluginUp, "Whether the policy's plugin process is running (1) or down and waiting to be restarted (0).", []string{"policy"}, nil),
+		pluginRestarts: prometheus.NewDesc(namePluginRestarts, "Restarts of the policy's plugin after it exited, hung or failed to start.", []string{"policy"}, nil),
+		scrapeErrors:   prometheus.NewDesc(nameScrapeErrors, "Scrapes that could not read the data path.", nil, nil),
+		seen:           make(map[netip.AddrPort]map[netip.AddrPort]uint64),
+		carried:        make(map[netip.AddrPort]uint64),
+	}
+	for _, f := range BackendFigures {
+		c.backend = append(c.backend, prometheus.NewDesc(f.Metric, f.Help, []string{"service", "backend"}, nil))
+	}
+	return c
+}
+
+// Describe implements prometheus.Collector.
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range c.backend {
+		ch <- d
+	}
+	for _, d := range []*prometheus.Desc{c.serviceActive, c.serviceNew, c.serviceInfo, c.dropped, c.passed,
+		c.transmitted, c.connEvents, c.other, c.portWays, c.portCapacity, c.pluginUp, c.pluginRestarts, c.scrapeErrors} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	snap, err := c.src.Snapshot(ctx)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err != nil {
+		c.errors++
+		ch <- prometheus.NewInvalidMetric(c.scrapeErrors, err)
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(c.scrapeErrors, prometheus.CounterValue, float64(c.errors))
+	for name, v := range snap.Counters {
+		metric, value := counterMetric(name)
+		ch <- prometheus.MustNewConstMetric(c.descFor(metric), prometheus.CounterValue, float64(v), value)
+	}
+	c.collectServices(ch, snap.Services)
+	ch <- prometheus.MustNewConstMetric(c.portWays, prometheus.GaugeValue, float64(snap.Ports.Used), "used")
+	ch <- prometheus.MustNewConstMetric(c.portWays, prometheus.GaugeValue, float64(snap.Ports.Held), "held")
+	ch <- prometheus.MustNewConstMetric(c.portCapacity, prometheus.GaugeValue, float64(snap.Ports.Capacity))
+	for _, p := range snap.Plugins {
+		up := 0.0
+		if p.Up {
+			up = 1
+		}
+		ch <- prometheus.MustNewConstMetric(c.pluginUp, prometheus.GaugeValue, up, p.Policy)
+		ch <- prometheus.MustNewConstMetric(c.pluginRestarts, prometheus.CounterValue, float64(p.Restarts), p.Policy)
+	}
+}
+
+func (c *collector) descFor(metric string) *prometheus.Desc {
+	switch metric {
+	case nameDropped:
+		return c.dropped
+	case namePassed:
+		return c.passed
+	case nameTransmitted:
+		return c.transmitted
+	case nameConnEvents:
+		return c.connEvents
+	}
+	return c.other
+}
+
+// collectServices exports per-backend figures and per-service sums. A
+// service's new-connection counter must not go down when a backend is
+// removed, so the last count seen of a removed backend is carried over;
+// connections it got between that scrape and its removal are not.
+// Caller holds c.mu.
+func (c *collector) collectServices(ch chan<- prometheus.Metric, services []Service) {
+	alive := make(map[netip.AddrPort]bool, len(services))
+	for _, s := range services {
+		svc := s.VIP.String()
+		alive[s.VIP] = true
+		ch <- prometheus.MustNewConstMetric(c.serviceInfo, prometheus.GaugeValue, 1, svc, s.Policy)
+		prev := c.seen[s.VIP]
+		now := make(map[netip.AddrPort]uint64, len(s.Backends))
+		var active, created float64
+		for _, b := range s.Backends {
+			for i, f := range BackendFigures {
+				vt := prometheus.GaugeValue
+				if f.Kind == Counter {
+					vt = prometheus.CounterValue
+				}
+				ch <- prometheus.MustNewConstMetric(c.backend[i], vt, f.Value(b.Stats), svc, b.Address.String())
+			}
+			active += float64(max(b.Stats.Active, 0))
+			created += float64(b.Stats.NewConns)
+			now[b.Address] = b.Stats.NewConns
+		}
+		for addr, n := range prev {
+			// Gone, or removed and added again (its count restarted).
+			if m, ok := now[addr]; !ok || m < n {
+				c.carried[s.VIP] += n
+			}
+		}
+		c.seen[s.VIP] = now
+		ch <- prometheus.MustNewConstMetric(c.serviceActive, prometheus.GaugeValue, active, svc)
+		ch <- prometheus.MustNewConstMetric(c.serviceNew, prometheus.CounterValue, created+float64(c.carried[s.VIP]), svc)
+	}
+	for vip := range c.seen {
+		if !alive[vip] {
+			delete(c.seen, vip)
+			delete(c.carried, vip)
+		}
+	}
+}
