@@ -1,7 +1,15 @@
-# xlb: build, generate, test, benchmark and demo.
+# xlb: build, generate, test, benchmark, demo and install.
 # `sudo make demo` and `sudo make test` are the README's two commands.
 SHELL := /bin/bash
-GO    ?= go
+# A go new enough for go.mod, also where sudo's PATH does not reach
+# (/usr/local/go/bin): scripts/find-go. `make GO=/path/to/go` overrides.
+ifeq ($(origin GO),undefined)
+GO := $(shell scripts/find-go 2>/dev/null || echo go)
+endif
+# Tests run `go` themselves: the same one.
+ifneq ($(findstring /,$(GO)),)
+export PATH := $(dir $(GO)):$(PATH)
+endif
 BIN   := bin
 # Binaries and the packages they come from.
 CMDS := xlbd:./cmd/xlbd xlbctl:./cmd/xlbctl xlb-demo:./cmd/xlb-demo
@@ -10,16 +18,55 @@ PLUGINS := xlb-policy-random:./plugins/random/cmd/xlb-policy-random \
 	xlb-policy-least-conn:./plugins/leastconn/cmd/xlb-policy-least-conn
 TESTLOG ?= $(BIN)/test.log
 
-.PHONY: all deps build generate check-generated test bench demo clean
+# Installed layout (make install PREFIX=... DESTDIR=...): xlbd finds its
+# plugins in $(PLUGINDIR), which is ../lib/xlb/plugins from $(BINDIR).
+PREFIX     ?= /usr/local
+SYSCONFDIR ?= /etc
+BINDIR     := $(PREFIX)/bin
+PLUGINDIR  := $(PREFIX)/lib/xlb/plugins
+UNITDIR    := $(PREFIX)/lib/systemd/system
+DOCDIR     := $(PREFIX)/share/doc/xlb
+DATADIR    := $(PREFIX)/share
+
+.PHONY: all check-go deps build generate check-generated test bench demo install clean
 
 all: build
 
-build:
+check-go:
+	@scripts/find-go --check "$(GO)"
+
+# -buildvcs=auto: --version names the git revision (GOFLAGS may say false).
+build: check-go
 	@mkdir -p $(BIN)
 	@set -e; for t in $(CMDS) $(PLUGINS); do \
 		name=$${t%%:*}; pkg=$${t#*:}; \
-		if [ -d "$$pkg" ]; then echo "go build -o $(BIN)/$$name $$pkg"; $(GO) build -o $(BIN)/$$name $$pkg; fi; \
+		if [ -d "$$pkg" ]; then echo "go build -o $(BIN)/$$name $$pkg"; $(GO) build -buildvcs=auto -o $(BIN)/$$name $$pkg; fi; \
 	done
+
+# Binaries, plugins, the systemd unit, shell completion, docs and the
+# Grafana dashboard; the configuration file only if there is none (an
+# operator's file is never overwritten).
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR) \
+		$(DESTDIR)$(SYSCONFDIR)/xlb $(DESTDIR)$(DATADIR)/bash-completion/completions \
+		$(DESTDIR)$(DATADIR)/zsh/site-functions $(DESTDIR)$(DATADIR)/fish/vendor_completions.d
+	install -m 0755 $(BIN)/xlbd $(BIN)/xlbctl $(DESTDIR)$(BINDIR)/
+	@set -e; for t in $(PLUGINS); do \
+		echo "install -m 0755 $(BIN)/$${t%%:*} $(DESTDIR)$(PLUGINDIR)/"; install -m 0755 $(BIN)/$${t%%:*} $(DESTDIR)$(PLUGINDIR)/; \
+	done
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' \
+		packaging/xlbd.service.in > $(DESTDIR)$(UNITDIR)/xlbd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/xlbd.service
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/xlb/xlb.yaml ]; then \
+		echo "$(DESTDIR)$(SYSCONFDIR)/xlb/xlb.yaml exists: kept"; \
+	else \
+		echo "install -m 0644 packaging/xlb.yaml $(DESTDIR)$(SYSCONFDIR)/xlb/xlb.yaml"; \
+		install -m 0644 packaging/xlb.yaml $(DESTDIR)$(SYSCONFDIR)/xlb/xlb.yaml; \
+	fi
+	$(BIN)/xlbctl completion bash > $(DESTDIR)$(DATADIR)/bash-completion/completions/xlbctl
+	$(BIN)/xlbctl completion zsh > $(DESTDIR)$(DATADIR)/zsh/site-functions/_xlbctl
+	$(BIN)/xlbctl completion fish > $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/xlbctl.fish
+	install -m 0644 README.md docs/*.md docs/grafana-dashboard.json $(DESTDIR)$(DOCDIR)/
 
 # Packages the tests and `make generate` need (clang, libbpf-dev, protoc,
 # libxdp-dev, xdp-tools, ...), installed when missing; bpffs mounted.

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/metrics"
 	"github.com/xlb-project/xlb/internal/policy"
+	"github.com/xlb-project/xlb/internal/sdnotify"
 )
 
 // daemon ties the configuration, the balancer and the control socket.
@@ -31,7 +33,8 @@ type daemon struct {
 	pol      *policy.Manager
 	chain    *chain.Chain
 	metrics  *metrics.Metrics
-	metricsL net.Listener // nil when metrics-address is not set
+	metricsL net.Listener       // nil when metrics-address is not set
+	notify   *sdnotify.Notifier // systemd's Type=notify; nil sends nothing
 
 	reloading sync.Mutex // serialises reloads (and only them)
 
@@ -123,11 +126,23 @@ func (d *daemon) Run(ctx context.Context, hup <-chan os.Signal) error {
 			case <-ctx.Done():
 				return nil
 			case <-hup:
-				d.reloadAndLog(ctx)
+				d.notifyErr(d.notify.Reloading())
+				if err := d.reloadAndLog(ctx); err != nil {
+					msg, _, _ := strings.Cut(err.Error(), "\n")
+					d.notifyErr(d.notify.Ready("last reload failed: " + msg))
+				} else {
+					d.notifyErr(d.notify.Ready(d.statusLine()))
+				}
 			}
 		}
 	})
+	g.Go(func() error {
+		<-ctx.Done()
+		d.notifyErr(d.notify.Stopping())
+		return nil
+	})
 	d.log.Info("ready", "iface", d.cfg.Iface, "services", len(d.cfg.Services), "socket", d.cfg.Socket, "metrics_address", d.cfg.MetricsAddress)
+	d.notifyErr(d.notify.Ready(d.statusLine()))
 	return g.Wait()
 }
 
@@ -141,6 +156,17 @@ type reloadResult struct {
 // errPartlyApplied marks a reload that failed while switching (a kernel
 // map update failed): part of the new configuration is in force.
 var errPartlyApplied = errors.New("reload partly applied")
+
+// statusLine is the line `systemctl status` shows.
+func (d *daemon) statusLine() string {
+	return fmt.Sprintf("serving %d services on %s", len(d.cfg.Services), d.cfg.Iface)
+}
+
+func (d *daemon) notifyErr(err error) {
+	if err != nil {
+		d.log.Warn("notify systemd", "err", err)
+	}
+}
 
 // reload re-reads the configuration from the same arguments and applies
 // its services, their policies and the chain as one transaction: first
@@ -199,7 +225,7 @@ func (d *daemon) reload(ctx context.Context) (res reloadResult, err error) {
 
 // reloadAndLog reloads and logs the outcome: ERROR with what failed, or
 // INFO "reloaded".
-func (d *daemon) reloadAndLog(ctx context.Context) {
+func (d *daemon) reloadAndLog(ctx context.Context) error {
 	at := time.Now()
 	res, err := d.reload(ctx)
 	last := &control.ReloadStatus{At: at, OK: err == nil}
@@ -219,6 +245,7 @@ func (d *daemon) reloadAndLog(ctx context.Context) {
 	default:
 		d.log.Info("reloaded", "services", res.Services, "chain_changes", res.Chain, "took", res.Took.String())
 	}
+	return err
 }
 
 func timeouts(t config.Timeouts) dispatcher.Timeouts {

@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/xlb-project/xlb/internal/config"
+	"github.com/xlb-project/xlb/internal/sdnotify"
 	"github.com/xlb-project/xlb/internal/version"
 )
 
@@ -54,19 +55,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return configError{err}
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat)
+	// Before anything starts: a SIGHUP during the start is a reload once
+	// ready, and the plugins do not inherit systemd's socket.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	notify := sdnotify.FromEnv()
 	d, err := newDaemon(ctx, cfg, args, log)
 	if err != nil {
 		return err
 	}
+	d.notify = notify
 	defer func() {
 		if cerr := d.Close(); cerr != nil {
 			log.Error("shut down", "err", cerr)
 		}
 		log.Info("stopped")
 	}()
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	return d.Run(ctx, hup)
 }
 

@@ -14,7 +14,9 @@ import (
 )
 
 // pluginDir is where policy names are looked up: the configured
-// directory, or the one holding the xlbd binary.
+// directory; else, for an installed xlbd (make install puts it in
+// PREFIX/bin), PREFIX/lib/xlb/plugins when that directory exists; else
+// the directory holding the xlbd binary (a build in bin/).
 func pluginDir(cfg *config.Config) (string, error) {
 	if cfg.PluginDir != "" {
 		return cfg.PluginDir, nil
@@ -23,7 +25,12 @@ func pluginDir(cfg *config.Config) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("find plugin directory: %w", err)
 	}
-	return filepath.Dir(exe), nil
+	dir := filepath.Dir(exe)
+	installed := filepath.Join(dir, "..", "lib", "xlb", "plugins")
+	if fi, err := os.Stat(installed); err == nil && fi.IsDir() {
+		return filepath.Clean(installed), nil
+	}
+	return dir, nil
 }
 
 func newPolicies(cfg *config.Config, d *daemon) (*policy.Manager, error) {

@@ -413,6 +413,11 @@ chain:
 		{name: "no iface", file: "services:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80]\n", wantErr: "iface: required (set iface in the file, --iface or XLB_IFACE)"},
 		{name: "no services", args: []string{"--iface", "eth0"}, wantErr: "services: none defined"},
 		{
+			name:    "nothing filled in",
+			file:    "# everything commented out\n#iface: eth0\n",
+			wantErr: "iface: required (set iface in the file, --iface or XLB_IFACE); services: none defined (give them in the config file, or with --vip and --backend)",
+		},
+		{
 			name:    "services do not come from env",
 			args:    []string{"--iface", "eth0"},
 			env:     map[string]string{"XLB_SERVICES": "- {vip: 10.0.0.10:80, backends: [10.0.0.2:80]}"},
@@ -688,4 +693,41 @@ func backends(n int) []Backend {
 		bs[i] = Backend{Address: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 80), Weight: 1}
 	}
 	return bs
+}
+
+// TestPackagedConfig checks the default /etc/xlb/xlb.yaml that make
+// install puts in place: as shipped, xlbd refuses it naming the two
+// settings to fill in; with its examples uncommented it is valid, so it
+// names no key that does not exist.
+func TestPackagedConfig(t *testing.T) {
+	const path = "../../packaging/xlb.yaml"
+	_, err := Parse([]string{"--config", path})
+	want := "iface: required (set iface in the file, --iface or XLB_IFACE); services: none defined"
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("Parse(packaged file) error = %v, want %q", err, want)
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, l := range strings.Split(string(raw), "\n") {
+		// "#key: value" and "#  indented: value" are examples; "# text"
+		// is prose.
+		if strings.HasPrefix(l, "#") && len(l) > 1 && (l[1] != ' ' || strings.HasPrefix(l, "#  ")) {
+			l = l[1:]
+		}
+		lines = append(lines, l)
+	}
+	filled := filepath.Join(t.TempDir(), "xlb.yaml")
+	if err := os.WriteFile(filled, []byte(strings.Join(lines, "\n")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := Parse([]string{"--config", filled})
+	if err != nil {
+		t.Fatalf("packaged file with its examples uncommented: %v", err)
+	}
+	if cfg.Iface != "eth0" || len(cfg.Services) != 1 || cfg.MetricsAddress == "" {
+		t.Errorf("uncommented examples parsed as %+v", cfg)
+	}
 }

@@ -47,6 +47,11 @@ var memberName = regexp.MustCompile(`^[a-z0-9-]{1,15}$`)
 // "key: problem". It does not look at network interfaces; the one file it
 // checks is each chain member's object.
 func (c *Config) Validate() error {
+	if c.Iface == "" && len(c.Services) == 0 {
+		// Nothing filled in yet, as in the packaged default file: name
+		// both required settings at once.
+		return fmt.Errorf("iface: %w; %w", validateIface(""), validateServices(nil))
+	}
 	if err := validateIface(c.Iface); err != nil {
 		return fmt.Errorf("iface: %w", err)
 	}
