@@ -21,6 +21,7 @@ import (
 	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/metrics"
 	"github.com/xlb-project/xlb/internal/policy"
+	"github.com/xlb-project/xlb/internal/preflight"
 	"github.com/xlb-project/xlb/internal/sdnotify"
 )
 
@@ -47,6 +48,9 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 	if err := checkChain(cfg); err != nil {
 		return nil, configError{err}
 	}
+	if err := preflight.Check(cfg); err != nil {
+		return nil, configError{err}
+	}
 	d.metrics = metrics.New(d)
 	if cfg.MetricsAddress != "" {
 		if d.metricsL, err = metrics.Listen(cfg.MetricsAddress); err != nil {
@@ -54,6 +58,11 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		}
 	}
 	if d.pol, err = newPolicies(cfg, d); err != nil {
+		d.closeMetrics()
+		return nil, configError{err}
+	}
+	if err := startPolicies(ctx, d.pol, cfg.Services); err != nil {
+		d.pol.Close()
 		d.closeMetrics()
 		return nil, configError{err}
 	}
@@ -188,6 +197,11 @@ func (d *daemon) reload(ctx context.Context) (res reloadResult, err error) {
 		!slices.Equal(cfg.SourceAddresses.Addrs(), d.cfg.SourceAddresses.Addrs()) ||
 		cfg.SourcePorts != d.cfg.SourcePorts || cfg.Conntrack.MaxEntries != d.cfg.Conntrack.MaxEntries {
 		d.log.Warn("reload: iface, xdp-mode, the set of source addresses, source-ports and conntrack.max-entries need a restart; kept")
+	}
+	kept := *cfg
+	kept.Iface, kept.SourceAddresses, kept.SourcePorts = d.cfg.Iface, d.cfg.SourceAddresses, d.cfg.SourcePorts
+	if err := preflight.Check(&kept); err != nil {
+		return res, err
 	}
 	if err := checkPolicies(d.pol, cfg.Services); err != nil {
 		return res, err

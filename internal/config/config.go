@@ -99,6 +99,19 @@ func (r PortRange) String() string {
 	return fmt.Sprintf("%d-%d", r.Lo, r.Hi)
 }
 
+// Resolve returns the range in force: r, or for "auto" (the zero value)
+// 10000-32767 when a source address is one of the host's (outside the
+// kernel's default ephemeral ports), else 1024-65535.
+func (r PortRange) Resolve(anyLocal bool) PortRange {
+	switch {
+	case r != (PortRange{}):
+		return r
+	case anyLocal:
+		return PortRange{Lo: 10000, Hi: 32767}
+	}
+	return PortRange{Lo: 1024, Hi: 65535}
+}
+
 // AddrPool is a list of IPv4 addresses and prefixes, written as a YAML
 // list or as one string separated by commas or spaces: "10.0.0.5,
 // 10.0.0.8/30". A prefix stands for every address in it.

@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"reflect"
@@ -30,6 +31,24 @@ func decodeHook() mapstructure.DecodeHookFuncType {
 	return func(from, to reflect.Type, data any) (any, error) {
 		if from == to {
 			return data, nil
+		}
+		kind := to.Kind()
+		if kind == reflect.Pointer {
+			kind = to.Elem().Kind()
+		}
+		switch kind {
+		case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+			reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+			// YAML reads 1024.7, 1.5e6 and integers beyond 64 bits as
+			// floats, which a weak decode would truncate.
+			if f, ok := data.(float64); ok {
+				return nil, wholeNumberError(f)
+			}
+		case reflect.String:
+			switch data.(type) {
+			case int, int64, uint64, float64:
+				return nil, fmt.Errorf("want text, got the number %v: YAML reads unquoted digits as a number; write the value in quotes", data)
+			}
 		}
 		switch to {
 		case addrType:
@@ -206,6 +225,9 @@ func backendFromMap(m map[string]any) (Backend, error) {
 		return Backend{}, fmt.Errorf("address: %w", err)
 	}
 	if w, ok := m["weight"]; ok {
+		if f, ok := w.(float64); ok {
+			return Backend{}, fmt.Errorf("weight: %w", wholeNumberError(f))
+		}
 		if b.Weight, err = parseWeight(fmt.Sprint(w)); err != nil {
 			return Backend{}, fmt.Errorf("weight: %w", err)
 		}
@@ -219,6 +241,14 @@ func parseWeight(s string) (uint32, error) {
 		return 0, fmt.Errorf("parse weight %q: not a whole number up to 65535", s)
 	}
 	return uint32(w), nil
+}
+
+// wholeNumberError refuses a float where a whole number is wanted.
+func wholeNumberError(f float64) error {
+	if f == math.Trunc(f) && math.Abs(f) >= 1<<63 {
+		return fmt.Errorf("%s is too large", strconv.FormatFloat(f, 'g', -1, 64))
+	}
+	return fmt.Errorf("want a whole number, got %s (write it without a decimal point or an exponent)", strconv.FormatFloat(f, 'g', -1, 64))
 }
 
 // decodeError turns a mapstructure error into "key: problem", taking the

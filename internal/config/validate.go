@@ -286,6 +286,9 @@ func validateEndpoint(ap netip.AddrPort) error {
 		return fmt.Errorf("%s is not IPv4", ap)
 	case a.IsUnspecified() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
 		return fmt.Errorf("%s is not a unicast address", ap)
+	case a.IsLoopback():
+		// The data path sees only packets that arrive on iface.
+		return fmt.Errorf("%s is a loopback address: xlb only sees packets that arrive on iface", ap)
 	case ap.Port() == 0:
 		return fmt.Errorf("%s: port 0", ap)
 	}
