@@ -111,6 +111,7 @@ func TestInstall(t *testing.T) {
 		"usr/local/share/bash-completion/completions/xlbctl",
 		"usr/local/share/doc/xlb/configuration.md",
 		"usr/local/share/doc/xlb/grafana-dashboard.json",
+		"usr/local/share/doc/xlb/operations.md",
 		"usr/local/share/fish/vendor_completions.d/xlbctl.fish",
 		"usr/local/share/zsh/site-functions/_xlbctl",
 	}
