@@ -6,6 +6,7 @@ import (
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/metrics"
+	"github.com/xlb-project/xlb/plugins"
 )
 
 // Snapshot implements metrics.Source: the data path's counters, each
@@ -25,7 +26,7 @@ func (d *daemon) Snapshot(context.Context) (metrics.Snapshot, error) {
 			if err != nil {
 				return metrics.Snapshot{}, err
 			}
-			ms.Backends = append(ms.Backends, metrics.Backend{Address: b.Address, Stats: st})
+			ms.Backends = append(ms.Backends, metrics.Backend{Address: b.Address, Up: b.State == plugins.StateUp, Stats: st})
 		}
 		snap.Services = append(snap.Services, ms)
 	}

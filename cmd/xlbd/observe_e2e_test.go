@@ -93,6 +93,11 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("backend %s has %v new connections before any request", b, v)
 		}
 	}
+	for _, b := range []string{backendA, backendB} {
+		if v := mustValue(t, fams, "xlb_backend_up", map[string]string{"service": svc, "backend": b}); v != 1 {
+			t.Errorf("backend %s up = %v", b, v)
+		}
+	}
 	if v := mustValue(t, fams, "xlb_source_port_ways_capacity", nil); v != float64((32767-10000+1)*dispatcher.PortWays) {
 		t.Errorf("source-port capacity %v, want %d", v, (32767-10000+1)*dispatcher.PortWays)
 	}

@@ -47,6 +47,7 @@ type Service struct {
 // Backend is a configured backend with the data path's figures for it.
 type Backend struct {
 	Address netip.AddrPort
+	Up      bool // takes new connections (its next hop answers)
 	Stats   dispatcher.BackendStats
 }
 
@@ -104,6 +105,7 @@ var BackendFigures = []BackendFigure{
 
 // Metric names of figures that are not per backend.
 const (
+	nameBackendUp      = "xlb_backend_up"
 	nameServiceActive  = "xlb_service_active_connections"
 	nameServiceNew     = "xlb_service_new_connections_total"
 	nameServiceInfo    = "xlb_service_info"
@@ -209,6 +211,7 @@ type collector struct {
 	src Source
 
 	backend        []*prometheus.Desc // by BackendFigures index
+	backendUp      *prometheus.Desc
 	serviceActive  *prometheus.Desc
 	serviceNew     *prometheus.Desc
 	serviceInfo    *prometheus.Desc
@@ -232,6 +235,7 @@ type collector struct {
 func newCollector(src Source) *collector {
 	c := &collector{
 		src:            src,
+		backendUp:      prometheus.NewDesc(nameBackendUp, "Whether the backend takes new connections (1), or is down (0): its next hop does not answer ARP.", []string{"service", "backend"}, nil),
 		serviceActive:  prometheus.NewDesc(nameServiceActive, "Open connections of the service (the sum over its backends).", []string{"service"}, nil),
 		serviceNew:     prometheus.NewDesc(nameServiceNew, "Connections the data path has created for the service, its removed backends' included (those counted until the scrape before their removal).", []string{"service"}, nil),
 		serviceInfo:    prometheus.NewDesc(nameServiceInfo, "A configured service and its policy (always 1).", []string{"service", "policy"}, nil),
@@ -259,7 +263,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range c.backend {
 		ch <- d
 	}
-	for _, d := range []*prometheus.Desc{c.serviceActive, c.serviceNew, c.serviceInfo, c.dropped, c.passed,
+	for _, d := range []*prometheus.Desc{c.backendUp, c.serviceActive, c.serviceNew, c.serviceInfo, c.dropped, c.passed,
 		c.transmitted, c.connEvents, c.other, c.portWays, c.portCapacity, c.pluginUp, c.pluginRestarts, c.scrapeErrors} {
 		ch <- d
 	}
@@ -332,6 +336,11 @@ func (c *collector) collectServices(ch chan<- prometheus.Metric, services []Serv
 				}
 				ch <- prometheus.MustNewConstMetric(c.backend[i], vt, f.Value(b.Stats), svc, b.Address.String())
 			}
+			up := 0.0
+			if b.Up {
+				up = 1
+			}
+			ch <- prometheus.MustNewConstMetric(c.backendUp, prometheus.GaugeValue, up, svc, b.Address.String())
 			active += float64(max(b.Stats.Active, 0))
 			created += float64(b.Stats.NewConns)
 			now[b.Address] = b.Stats.NewConns

@@ -43,7 +43,7 @@ func service(backends ...Backend) Snapshot {
 }
 
 func bk(a netip.AddrPort, active int64, created uint64) Backend {
-	return Backend{Address: a, Stats: dispatcher.BackendStats{Active: active, NewConns: created}}
+	return Backend{Address: a, Up: true, Stats: dispatcher.BackendStats{Active: active, NewConns: created}}
 }
 
 func gather(t *testing.T, m *Metrics) map[string]*dto.MetricFamily {
@@ -97,6 +97,7 @@ func TestCounters(t *testing.T) {
 		{"xlb_backend_active_connections", map[string]string{"service": vip.String(), "backend": bkA.String()}, 2},
 		{"xlb_backend_new_connections_total", map[string]string{"service": vip.String(), "backend": bkA.String()}, 5},
 		{"xlb_service_info", map[string]string{"service": vip.String(), "policy": "hash"}, 1},
+		{"xlb_backend_up", map[string]string{"service": vip.String(), "backend": bkA.String()}, 1},
 	} {
 		if got, ok := sample(fams, tt.name, tt.labels); !ok || got != tt.want {
 			t.Errorf("%s%v = %v (found %v), want %v", tt.name, tt.labels, got, ok, tt.want)
