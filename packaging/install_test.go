@@ -12,12 +12,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/xlb-project/xlb/internal/testnet"
+	"github.com/xlb-project/xlb/internal/xlbtest"
 )
 
 // notifySocket listens where xlbd's sd_notify messages go, as systemd's
@@ -48,24 +48,6 @@ func (n *notifySocket) next(t *testing.T, timeout time.Duration) string {
 		t.Fatalf("no sd_notify message within %s: %v", timeout, err)
 	}
 	return string(buf[:k])
-}
-
-// outBuffer collects a process's output.
-type outBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (o *outBuffer) Write(p []byte) (int, error) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.b.Write(p)
-}
-
-func (o *outBuffer) String() string {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.b.String()
 }
 
 // capBits are the capability numbers of linux/capability.h that the unit
@@ -204,7 +186,7 @@ func TestInstall(t *testing.T) {
 	})
 
 	notify := newNotifySocket(t)
-	out := &outBuffer{}
+	out := &xlbtest.SyncBuffer{}
 	cmd := run(bset, []string{"NOTIFY_SOCKET=" + notify.path}, "--config", conf)
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {

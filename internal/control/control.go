@@ -272,7 +272,14 @@ func Serve(ctx context.Context, path string, h Handler) error {
 	mux.HandleFunc("DELETE /v1/chain/{name}", func(w http.ResponseWriter, r *http.Request) {
 		send(w, struct{}{}, h.ChainRemove(r.Context(), r.PathValue("name")))
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	err = ServeHTTP(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, l)
+	_ = os.Remove(path)
+	return err
+}
+
+// ServeHTTP serves srv on l until ctx ends, then shuts it down, giving
+// requests in flight 2 s.
+func ServeHTTP(ctx context.Context, srv *http.Server, l net.Listener) error {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -281,9 +288,8 @@ func Serve(ctx context.Context, path string, h Handler) error {
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	}()
-	err = srv.Serve(l)
+	err := srv.Serve(l)
 	<-done
-	_ = os.Remove(path)
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}

@@ -11,7 +11,6 @@ package metrics
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -25,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/xlb-project/xlb/dispatcher"
+	"github.com/xlb-project/xlb/internal/control"
 )
 
 // Snapshot is the state the collector exports, read at scrape time.
@@ -189,21 +189,10 @@ func Listen(addr string) (net.Listener, error) {
 func (m *Metrics) Serve(ctx context.Context, l net.Listener) error {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	}()
-	err := srv.Serve(l)
-	<-done
-	if errors.Is(err, http.ErrServerClosed) {
-		return nil
+	if err := control.ServeHTTP(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, l); err != nil {
+		return fmt.Errorf("serve metrics: %w", err)
 	}
-	return fmt.Errorf("serve metrics: %w", err)
+	return nil
 }
 
 // collector reads a Snapshot at each scrape.

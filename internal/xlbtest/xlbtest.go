@@ -107,6 +107,9 @@ type Daemon struct {
 	err    error
 }
 
+// SyncBuffer collects a process's output; it is safe for concurrent use.
+type SyncBuffer = syncBuffer
+
 type syncBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
