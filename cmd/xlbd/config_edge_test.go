@@ -38,9 +38,9 @@ func TestConfigEdgeCases(t *testing.T) {
 		{name: "loopback interface", file: "iface: lo\n" + service(vip, a),
 			wantMsg: []string{"iface: lo is the loopback interface"}},
 		{name: "/bin/true as the policy", file: "iface: eth0\n" + service(vip, a) + "    policy: /bin/true\n",
-			wantMsg: []string{"services[0].policy: plugin /bin/true did not start or answer"}},
+			wantMsg: []string{"services[0].policy: plugin /bin/true did not start"}},
 		{name: "/bin/true as the second service's policy", file: good + "  - vip: " + ct.lb.IP.String() + ":81\n    backends: [" + a + "]\n    policy: /bin/true\n",
-			wantMsg: []string{"services[1].policy: plugin /bin/true did not start or answer"}},
+			wantMsg: []string{"services[1].policy: plugin /bin/true did not start"}},
 		// Accepted before.
 		{name: "max-entries 1024.7", file: good + "conntrack: {max-entries: 1024.7}\n",
 			wantMsg: []string{"conntrack.max-entries: want a whole number, got 1024.7"}},

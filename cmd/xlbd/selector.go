@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/xlb-project/xlb/internal/balancer"
 	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/policy"
@@ -57,23 +56,18 @@ func checkPolicies(m *policy.Manager, svcs []config.Service) error {
 	return nil
 }
 
-// startPolicies starts the plugin of every policy in use and asks it for
-// a table of its first service, before anything is loaded or attached: a
-// binary that is not a policy plugin (such as /bin/true, which fails the
-// handshake) is a configuration error naming its service's policy. The
-// plugins stay running for the balancer.
+// startPolicies starts the plugin of every policy in use, before anything
+// is loaded or attached: a binary that is not a policy plugin (such as
+// /bin/true, which fails the handshake) is a configuration error naming
+// its service's policy. The plugins stay running for the balancer.
 func startPolicies(ctx context.Context, m *policy.Manager, svcs []config.Service) error {
 	started := map[string]bool{}
 	for i, svc := range svcs {
 		if started[svc.Policy] {
 			continue
 		}
-		st := balancer.ServiceState{VIP: svc.VIP, Policy: svc.Policy}
-		for _, b := range svc.Backends {
-			st.Backends = append(st.Backends, balancer.BackendState{Backend: balancer.Backend{Address: b.Address, Weight: b.Weight}})
-		}
-		if _, err := m.Select(ctx, st); err != nil {
-			return fmt.Errorf("services[%d].policy: plugin %s did not start or answer: %w", i, svc.Policy, err)
+		if err := m.Start(ctx, svc.Policy); err != nil {
+			return fmt.Errorf("services[%d].policy: plugin %s did not start: %w", i, svc.Policy, err)
 		}
 		started[svc.Policy] = true
 	}

@@ -162,6 +162,13 @@ func (k *Keeper) inNetNS(fn func() error) error {
 			return // the thread stays locked and is discarded
 		}
 		defer orig.Close()
+		if orig.Equal(k.ns) {
+			// Already there: setns(2) would need CAP_SYS_ADMIN for nothing.
+			err = fn()
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
 		if err := netns.Set(k.ns); err != nil {
 			errc <- fmt.Errorf("enter netns: %w", err)
 			return

@@ -161,7 +161,15 @@ func New(opts Options) (*Keeper, error) {
 			return nil, fmt.Errorf("open current netns: %w", err)
 		}
 	}
-	nl, err := netlink.NewHandleAt(ns)
+	// NewHandleAt enters ns with setns(2), which needs CAP_SYS_ADMIN even
+	// for the namespace the thread is in; xlbd runs without it.
+	var nl *netlink.Handle
+	var err error
+	if opts.NetNS <= 0 {
+		nl, err = netlink.NewHandle()
+	} else {
+		nl, err = netlink.NewHandleAt(ns)
+	}
 	if err != nil {
 		if opts.NetNS <= 0 {
 			ns.Close()

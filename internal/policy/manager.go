@@ -122,6 +122,19 @@ func (m *Manager) Check(name string) error {
 	return plugins.VerifySHA256(file, sum)
 }
 
+// Start starts the policy's plugin unless it runs, without asking it for
+// anything: xlbd does it for every policy in use before it loads the data
+// path, so that a binary that fails the plugin handshake is refused as a
+// configuration error.
+func (m *Manager) Start(ctx context.Context, name string) error {
+	r, err := m.get(name)
+	if err != nil {
+		return err
+	}
+	_, err = m.client(ctx, r)
+	return err
+}
+
 func (m *Manager) get(name string) (*run, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -14,7 +14,7 @@ import (
 // Info is what a binary was built from. Empty fields are unknown.
 type Info struct {
 	Module    string // module path
-	Version   string // module version: "(devel)" for a build from a checkout
+	Version   string // module version: for a build from a clean git checkout, a pseudo-version made from its revision; "(devel)" otherwise
 	Revision  string // VCS revision (commit hash)
 	Time      string // the revision's commit time, RFC 3339
 	Modified  bool   // the checkout had uncommitted changes
@@ -46,8 +46,8 @@ func fromBuildInfo(bi *debug.BuildInfo) Info {
 }
 
 // String is the line `--version` prints after the program's name, such as
-// "(devel) github.com/xlb-project/xlb, revision 64c7bb2... (modified),
-// committed 2026-12-04T16:20:13Z, go1.26.8 linux/amd64".
+// "v0.0.0-20261204162013-64c7bb26947f github.com/xlb-project/xlb, revision
+// 64c7bb2..., committed 2026-12-04T16:20:13Z, go1.26.8 linux/amd64".
 func (i Info) String() string {
 	v := i.Version
 	if v == "" {
