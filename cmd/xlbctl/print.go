@@ -110,6 +110,11 @@ type column struct {
 var columns = []column{
 	{"active", "ActiveConn", "ActiveConn"},
 	{"new_conns", "Conns", "CPS"},
+	{"half_open", "HalfOpen", "HalfOpen"},
+	{"no_port", "NoPort", "NoPort/s"},
+	{"ports_used", "PortsUsed", "PortsUsed"},
+	{"ports_held", "PortsResting", "PortsResting"},
+	{"port_pool", "PortPool", "PortPool"},
 	{"packets_in", "InPkts", "InPPS"},
 	{"packets_out", "OutPkts", "OutPPS"},
 	{"bytes_in", "InBytes", "InBPS"},

@@ -19,6 +19,7 @@ func (d *daemon) Snapshot(context.Context) (metrics.Snapshot, error) {
 		return metrics.Snapshot{}, err
 	}
 	snap := metrics.Snapshot{Counters: counters}
+	ports := pipe.PortUse()
 	for _, s := range d.bal.Services() {
 		ms := metrics.Service{VIP: s.VIP, Policy: s.Policy}
 		for _, b := range s.Backends {
@@ -26,13 +27,14 @@ func (d *daemon) Snapshot(context.Context) (metrics.Snapshot, error) {
 			if err != nil {
 				return metrics.Snapshot{}, err
 			}
-			ms.Backends = append(ms.Backends, metrics.Backend{Address: b.Address, Up: b.State == plugins.StateUp, Stats: st})
+			ms.Backends = append(ms.Backends, metrics.Backend{Address: b.Address, Up: b.State == plugins.StateUp, Stats: st,
+				Ports: ports[b.Address], PortPool: s.PortPool})
 		}
 		snap.Services = append(snap.Services, ms)
 	}
 	used, held := pipe.PortsInUse()
-	ports := int(d.cfg.SourcePorts.Hi) - int(d.cfg.SourcePorts.Lo) + 1
-	snap.Ports = metrics.PortUse{Used: used, Held: held, Capacity: ports * dispatcher.PortWays}
+	capacity := len(d.bal.SourceAddresses()) * pipe.PortPool() * dispatcher.PortWays
+	snap.Ports = metrics.PortUse{Used: used, Held: held, Capacity: capacity}
 	for _, p := range d.pol.Statuses() {
 		snap.Plugins = append(snap.Plugins, metrics.Plugin{Policy: p.Name, Up: p.Pid > 0, Restarts: p.Restarts})
 	}
@@ -55,7 +57,7 @@ func (d *daemon) Stats(ctx context.Context) (control.Stats, error) {
 		for _, b := range s.Backends {
 			cb := control.BackendStats{Address: b.Address.String(), Gauges: map[string]int64{}, Counters: map[string]uint64{}}
 			for _, f := range metrics.BackendFigures {
-				v := f.Value(b.Stats)
+				v := f.Value(b)
 				if f.Kind == metrics.Counter {
 					cb.Counters[f.Key] = uint64(v)
 				} else {

@@ -124,9 +124,15 @@ func TestMetrics(t *testing.T) {
 	if v := mustValue(t, fams, "xlb_transmitted_packets_total", map[string]string{"direction": "to_client"}); v < 3*n {
 		t.Errorf("packets to clients %v, want at least %d", v, 3*n)
 	}
-	for _, reason := range []string{"no_conn", "no_backend", "no_port", "fib"} {
+	for _, reason := range []string{"no_conn", "fib", "bad_csum", "stale"} {
 		mustValue(t, fams, "xlb_dropped_packets_total", map[string]string{"reason": reason})
 	}
+	for _, reason := range []string{"no_backend", "no_port"} {
+		if v := mustValue(t, fams, "xlb_rejected_syns_total", map[string]string{"reason": reason}); v != 0 {
+			t.Errorf("%v SYNs answered with a RST for %s", v, reason)
+		}
+	}
+	mustValue(t, fams, "xlb_syn_defence_total", map[string]string{"event": "challenge"})
 	mustValue(t, fams, "xlb_passed_packets_total", map[string]string{"reason": "not_ours"})
 	if v := mustValue(t, fams, "xlb_passed_packets_total", map[string]string{"reason": "not_ipv4"}); v == 0 {
 		t.Errorf("no packets passed as not IPv4 (ARP passes)")
@@ -171,6 +177,18 @@ func TestMetrics(t *testing.T) {
 	}
 	if used < 4 {
 		t.Errorf("source-port ways used %v with 4 open connections", used)
+	}
+	var backendUsed, pool float64
+	for _, b := range []string{backendA, backendB} {
+		backendUsed += mustValue(t, fams, "xlb_backend_source_ports_used", map[string]string{"service": svc, "backend": b})
+		pool = mustValue(t, fams, "xlb_backend_source_port_pool", map[string]string{"service": svc, "backend": b})
+		mustValue(t, fams, "xlb_backend_half_open_connections", map[string]string{"service": svc, "backend": b})
+		if v := mustValue(t, fams, "xlb_backend_no_port_total", map[string]string{"service": svc, "backend": b}); v != 0 {
+			t.Errorf("backend %s: %v SYNs refused for want of a port", b, v)
+		}
+	}
+	if backendUsed != used || pool != 32767-10000+1 {
+		t.Errorf("backends' source ports used %v (all: %v), pool %v, want %d", backendUsed, used, pool, 32767-10000+1)
 	}
 
 	// A policy swap is timed.

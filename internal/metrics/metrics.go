@@ -49,6 +49,11 @@ type Backend struct {
 	Address netip.AddrPort
 	Up      bool // takes new connections (its next hop answers)
 	Stats   dispatcher.BackendStats
+	// Ports are the source-port ways of its connections, live and
+	// resting; PortPool is how many ports it has (its service's
+	// source addresses times the range).
+	Ports    dispatcher.PortUse
+	PortPool int
 }
 
 // PortUse counts source-port ways (dispatcher.Pipeline.PortsInUse):
@@ -84,7 +89,7 @@ type BackendFigure struct {
 	Metric string // Prometheus metric name
 	Help   string
 	Kind   Kind
-	Value  func(dispatcher.BackendStats) float64
+	Value  func(Backend) float64
 }
 
 // BackendFigures are the per-backend figures, in the order `xlbctl stats`
@@ -94,12 +99,37 @@ var BackendFigures = []BackendFigure{
 	{
 		Key: "active", Metric: "xlb_backend_active_connections", Kind: Gauge,
 		Help:  "Open connections to the backend (the data path's count; a connection stops counting at its close or expiry).",
-		Value: func(s dispatcher.BackendStats) float64 { return float64(max(s.Active, 0)) },
+		Value: func(b Backend) float64 { return float64(max(b.Stats.Active, 0)) },
 	},
 	{
 		Key: "new_conns", Metric: "xlb_backend_new_connections_total", Kind: Counter,
 		Help:  "Connections the data path has given the backend since it was configured.",
-		Value: func(s dispatcher.BackendStats) float64 { return float64(s.NewConns) },
+		Value: func(b Backend) float64 { return float64(b.Stats.NewConns) },
+	},
+	{
+		Key: "half_open", Metric: "xlb_backend_half_open_connections", Kind: Gauge,
+		Help:  "Connections to the backend whose handshake is not complete.",
+		Value: func(b Backend) float64 { return float64(max(b.Stats.HalfOpen, 0)) },
+	},
+	{
+		Key: "no_port", Metric: "xlb_backend_no_port_total", Kind: Counter,
+		Help:  "SYNs for the backend refused for want of a free source port.",
+		Value: func(b Backend) float64 { return float64(b.Stats.NoPort) },
+	},
+	{
+		Key: "ports_used", Metric: "xlb_backend_source_ports_used", Kind: Gauge,
+		Help:  "Source ports held by the backend's live connections.",
+		Value: func(b Backend) float64 { return float64(b.Ports.Used) },
+	},
+	{
+		Key: "ports_held", Metric: "xlb_backend_source_ports_resting", Kind: Gauge,
+		Help:  "Source ports of the backend resting after their connection ended (conntrack.timeouts.time-wait).",
+		Value: func(b Backend) float64 { return float64(b.Ports.Held) },
+	},
+	{
+		Key: "port_pool", Metric: "xlb_backend_source_port_pool", Kind: Gauge,
+		Help:  "Source ports the backend has: the range on each of its service's source addresses (backends sharing a port way share them).",
+		Value: func(b Backend) float64 { return float64(b.PortPool) },
 	},
 }
 
@@ -113,6 +143,8 @@ const (
 	namePassed         = "xlb_passed_packets_total"
 	nameTransmitted    = "xlb_transmitted_packets_total"
 	nameConnEvents     = "xlb_connection_events_total"
+	nameRejected       = "xlb_rejected_syns_total"
+	nameSYNDefence     = "xlb_syn_defence_total"
 	nameOther          = "xlb_datapath_events_total"
 	namePortWays       = "xlb_source_port_ways"
 	namePortCapacity   = "xlb_source_port_ways_capacity"
@@ -132,6 +164,10 @@ func counterMetric(name string) (metric, labelValue string) {
 		return nameDropped, strings.TrimPrefix(name, "drop_")
 	case strings.HasPrefix(name, "pass_"):
 		return namePassed, strings.TrimPrefix(name, "pass_")
+	case strings.HasPrefix(name, "rst_"):
+		return nameRejected, strings.TrimPrefix(name, "rst_")
+	case strings.HasPrefix(name, "syn_"):
+		return nameSYNDefence, strings.TrimPrefix(name, "syn_")
 	case name == "tailcall_fail":
 		return namePassed, name
 	case name == "fwd":
@@ -140,7 +176,7 @@ func counterMetric(name string) (metric, labelValue string) {
 		return nameTransmitted, "to_client"
 	case name == "redirect":
 		return nameTransmitted, "redirected"
-	case name == "new_conn", name == "recycled", name == "closed", name == "evicted":
+	case name == "new_conn", name == "recycled", name == "closed", name == "evicted", name == "untrusted_rst_fin":
 		return nameConnEvents, name
 	}
 	return nameOther, name
@@ -208,6 +244,8 @@ type collector struct {
 	passed         *prometheus.Desc
 	transmitted    *prometheus.Desc
 	connEvents     *prometheus.Desc
+	rejected       *prometheus.Desc
+	synDefence     *prometheus.Desc
 	other          *prometheus.Desc
 	portWays       *prometheus.Desc
 	portCapacity   *prometheus.Desc
@@ -231,7 +269,9 @@ func newCollector(src Source) *collector {
 		dropped:        prometheus.NewDesc(nameDropped, "Packets the data path dropped, by reason.", []string{"reason"}, nil),
 		passed:         prometheus.NewDesc(namePassed, "Packets the data path handed to the kernel untouched, by reason.", []string{"reason"}, nil),
 		transmitted:    prometheus.NewDesc(nameTransmitted, "Packets the data path rewrote and sent: to a backend, to a client, or redirected through another interface (also counted in to_backend or to_client).", []string{"direction"}, nil),
-		connEvents:     prometheus.NewDesc(nameConnEvents, "Connection table events: new_conn (created), closed (FIN/RST seen), recycled (an ended entry replaced by a new SYN), evicted (a live entry replaced because its window was full).", []string{"event"}, nil),
+		connEvents:     prometheus.NewDesc(nameConnEvents, "Connection table events: new_conn (created), closed (FIN/RST seen), recycled (an ended entry replaced by a new SYN), evicted (a live entry replaced because its window was full), untrusted_rst_fin (a RST or FIN outside the tracked window: forwarded, state kept).", []string{"event"}, nil),
+		rejected:       prometheus.NewDesc(nameRejected, "SYNs the data path answered with a RST, by reason: no_backend (no usable backend), no_port (no free source port for the backend).", []string{"reason"}, nil),
+		synDefence:     prometheus.NewDesc(nameSYNDefence, "SYN flood defence: challenge (SYNs answered with a challenge), validated (sources that answered one).", []string{"event"}, nil),
 		other:          prometheus.NewDesc(nameOther, "Data path counters not exported under another name.", []string{"counter"}, nil),
 		portWays:       prometheus.NewDesc(namePortWays, "Source-port ways by state: used by a connection, or held for a backend's TIME_WAIT.", []string{"state"}, nil),
 		portCapacity:   prometheus.NewDesc(namePortCapacity, "Source-port ways there are: the ports of source-ports times the ways per port.", nil, nil),
@@ -253,7 +293,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 		ch <- d
 	}
 	for _, d := range []*prometheus.Desc{c.backendUp, c.serviceActive, c.serviceNew, c.serviceInfo, c.dropped, c.passed,
-		c.transmitted, c.connEvents, c.other, c.portWays, c.portCapacity, c.pluginUp, c.pluginRestarts, c.scrapeErrors} {
+		c.transmitted, c.connEvents, c.rejected, c.synDefence, c.other, c.portWays, c.portCapacity, c.pluginUp, c.pluginRestarts, c.scrapeErrors} {
 		ch <- d
 	}
 }
@@ -299,6 +339,10 @@ func (c *collector) descFor(metric string) *prometheus.Desc {
 		return c.transmitted
 	case nameConnEvents:
 		return c.connEvents
+	case nameRejected:
+		return c.rejected
+	case nameSYNDefence:
+		return c.synDefence
 	}
 	return c.other
 }
@@ -323,7 +367,7 @@ func (c *collector) collectServices(ch chan<- prometheus.Metric, services []Serv
 				if f.Kind == Counter {
 					vt = prometheus.CounterValue
 				}
-				ch <- prometheus.MustNewConstMetric(c.backend[i], vt, f.Value(b.Stats), svc, b.Address.String())
+				ch <- prometheus.MustNewConstMetric(c.backend[i], vt, f.Value(b), svc, b.Address.String())
 			}
 			up := 0.0
 			if b.Up {

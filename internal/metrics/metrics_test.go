@@ -35,7 +35,8 @@ var (
 
 func service(backends ...Backend) Snapshot {
 	return Snapshot{
-		Counters: map[string]uint64{"fwd": 1, "drop_no_conn": 2, "pass_not_ours": 3, "tailcall_fail": 4, "new_conn": 5, "something_new": 6},
+		Counters: map[string]uint64{"fwd": 1, "drop_no_conn": 2, "pass_not_ours": 3, "tailcall_fail": 4, "new_conn": 5, "something_new": 6,
+			"rst_no_port": 7, "syn_challenge": 8, "untrusted_rst_fin": 9},
 		Services: []Service{{VIP: vip, Policy: "hash", Backends: backends}},
 		Ports:    PortUse{Used: 1, Held: 2, Capacity: 8},
 		Plugins:  []Plugin{{Policy: "hash", Up: true, Restarts: 1}},
@@ -43,7 +44,8 @@ func service(backends ...Backend) Snapshot {
 }
 
 func bk(a netip.AddrPort, active int64, created uint64) Backend {
-	return Backend{Address: a, Up: true, Stats: dispatcher.BackendStats{Active: active, NewConns: created}}
+	return Backend{Address: a, Up: true, Stats: dispatcher.BackendStats{Active: active, NewConns: created, HalfOpen: 1, NoPort: 2},
+		Ports: dispatcher.PortUse{Used: 3, Held: 4}, PortPool: 22768}
 }
 
 func gather(t *testing.T, m *Metrics) map[string]*dto.MetricFamily {
@@ -89,6 +91,9 @@ func TestCounters(t *testing.T) {
 		{"xlb_passed_packets_total", map[string]string{"reason": "tailcall_fail"}, 4},
 		{"xlb_connection_events_total", map[string]string{"event": "new_conn"}, 5},
 		{"xlb_datapath_events_total", map[string]string{"counter": "something_new"}, 6},
+		{"xlb_rejected_syns_total", map[string]string{"reason": "no_port"}, 7},
+		{"xlb_syn_defence_total", map[string]string{"event": "challenge"}, 8},
+		{"xlb_connection_events_total", map[string]string{"event": "untrusted_rst_fin"}, 9},
 		{"xlb_source_port_ways", map[string]string{"state": "used"}, 1},
 		{"xlb_source_port_ways", map[string]string{"state": "held"}, 2},
 		{"xlb_source_port_ways_capacity", nil, 8},
@@ -98,6 +103,11 @@ func TestCounters(t *testing.T) {
 		{"xlb_backend_new_connections_total", map[string]string{"service": vip.String(), "backend": bkA.String()}, 5},
 		{"xlb_service_info", map[string]string{"service": vip.String(), "policy": "hash"}, 1},
 		{"xlb_backend_up", map[string]string{"service": vip.String(), "backend": bkA.String()}, 1},
+		{"xlb_backend_half_open_connections", map[string]string{"service": vip.String(), "backend": bkA.String()}, 1},
+		{"xlb_backend_no_port_total", map[string]string{"service": vip.String(), "backend": bkA.String()}, 2},
+		{"xlb_backend_source_ports_used", map[string]string{"service": vip.String(), "backend": bkA.String()}, 3},
+		{"xlb_backend_source_ports_resting", map[string]string{"service": vip.String(), "backend": bkA.String()}, 4},
+		{"xlb_backend_source_port_pool", map[string]string{"service": vip.String(), "backend": bkA.String()}, 22768},
 	} {
 		if got, ok := sample(fams, tt.name, tt.labels); !ok || got != tt.want {
 			t.Errorf("%s%v = %v (found %v), want %v", tt.name, tt.labels, got, ok, tt.want)
