@@ -497,7 +497,7 @@ chain:
 		{name: "numeric interface name", file: "iface: 0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80]\n", wantErr: "iface: want text, got the number 0"},
 		{name: "loopback vip", file: "iface: eth0\nservices:\n  - vip: 127.0.0.1:80\n    backends: [10.0.0.2:80]\n", wantErr: "services[0].vip: 127.0.0.1:80 is a loopback address: xlb only sees packets that arrive on iface"},
 		{name: "loopback backend", args: []string{"--iface", "eth0", "--vip", "10.0.0.10:80", "--backend", "127.0.0.2:8080"}, wantErr: "services[0].backends[0]: 127.0.0.2:8080 is a loopback address"},
-		{name: "loopback source-address", file: oneService + "source-address: 127.0.0.1\n", wantErr: "source-address: 127.0.0.1 is not an IPv4 unicast address outside 127.0.0.0/8"},
+		{name: "loopback source address", file: oneService + "source-addresses: [127.0.0.1]\n", wantErr: "source-addresses: 127.0.0.1/32 is not a unicast address a host can use"},
 		{name: "max-entries too small", file: oneService + "conntrack: {max-entries: 100}\n", wantErr: "conntrack.max-entries: 100 out of range 1024..16777216"},
 		{name: "gc-interval too short", file: oneService + "conntrack: {gc-interval: 10ms}\n", wantErr: "conntrack.gc-interval: 10ms out of range 100ms..1m0s"},
 		{name: "timeout below 1s", file: oneService + "conntrack: {timeouts: {syn: 500ms}}\n", wantErr: "conntrack.timeouts.syn: 500ms below 1s"},

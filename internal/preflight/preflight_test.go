@@ -67,7 +67,7 @@ func TestPreflight(t *testing.T) {
 		{"no such interface", cfg(func(c *config.Config) { c.Iface = "nosuch0" }), `iface: no interface "nosuch0" on this host`},
 		{"loopback", cfg(func(c *config.Config) { c.Iface = "lo" }), "iface: lo is the loopback interface"},
 		{"no IPv4 address", cfg(func(c *config.Config) { c.Iface = "bare0" }), "iface: bare0 has no IPv4 address: give it one, or set source-addresses"},
-		{"no IPv4 address but a source-address", cfg(func(c *config.Config) {
+		{"no IPv4 address but source-addresses", cfg(func(c *config.Config) {
 			c.Iface = "bare0"
 			c.SourceAddresses = config.AddrPool{netip.MustParsePrefix("10.77.0.9/32")}
 		}), ""},
