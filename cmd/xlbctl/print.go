@@ -105,8 +105,7 @@ type column struct {
 }
 
 // columns are the per-backend figures in the order shown, named as
-// ipvsadm names them. The packet and byte figures are not reported by
-// xlbd yet; they show once it reports them under these keys.
+// ipvsadm names them.
 var columns = []column{
 	{"active", "ActiveConn", "ActiveConn"},
 	{"new_conns", "Conns", "CPS"},
@@ -192,7 +191,7 @@ func printStats(w io.Writer, st control.Stats) error {
 			}
 			sums[i] = fmt.Sprintf("%.0f", sum)
 		}
-		fmt.Fprintf(tw, "TCP  %s\t%s\t%s\t\n", s.VIP, s.Policy, strings.Join(sums, "\t"))
+		fmt.Fprintf(tw, "%s  %s\t%s\t%s\t\n", protoColumn(s.Protocol), s.VIP, s.Policy, strings.Join(sums, "\t"))
 		for _, b := range s.Backends {
 			vals := make([]string, len(keys))
 			for i, k := range keys {
@@ -226,6 +225,7 @@ type Rates struct {
 // ServiceRates are a service's backends' rates.
 type ServiceRates struct {
 	VIP      string         `json:"vip"`
+	Protocol string         `json:"protocol"`
 	Policy   string         `json:"policy"`
 	Backends []BackendRates `json:"backends"`
 }
@@ -248,14 +248,14 @@ func rates(a, b control.Stats, dt time.Duration) Rates {
 	before := map[string]control.BackendStats{}
 	for _, s := range a.Services {
 		for _, bk := range s.Backends {
-			before[s.VIP+" "+bk.Address] = bk
+			before[s.VIP+"/"+s.Protocol+" "+bk.Address] = bk
 		}
 	}
 	for _, s := range b.Services {
-		sr := ServiceRates{VIP: s.VIP, Policy: s.Policy}
+		sr := ServiceRates{VIP: s.VIP, Protocol: s.Protocol, Policy: s.Policy}
 		for _, bk := range s.Backends {
 			br := BackendRates{Address: bk.Address, Gauges: bk.Gauges}
-			if old, ok := before[s.VIP+" "+bk.Address]; ok {
+			if old, ok := before[s.VIP+"/"+s.Protocol+" "+bk.Address]; ok {
 				br.Rates = map[string]float64{}
 				for k, v := range bk.Counters {
 					br.Rates[k] = float64(v-min(v, old.Counters[k])) / secs
@@ -272,7 +272,7 @@ func printRates(w io.Writer, r Rates) error {
 	// The same columns as printStats, from the second reading.
 	var st control.Stats
 	for _, s := range r.Services {
-		ss := control.ServiceStats{VIP: s.VIP}
+		ss := control.ServiceStats{VIP: s.VIP, Protocol: s.Protocol}
 		for _, b := range s.Backends {
 			cb := control.BackendStats{Gauges: b.Gauges, Counters: map[string]uint64{}}
 			for k := range b.Rates {
@@ -308,7 +308,7 @@ func printRates(w io.Writer, r Rates) error {
 			}
 			sums[i] = formatRate(sum, gauge[k])
 		}
-		fmt.Fprintf(tw, "TCP  %s\t%s\t%s\t\n", s.VIP, s.Policy, strings.Join(sums, "\t"))
+		fmt.Fprintf(tw, "%s  %s\t%s\t%s\t\n", protoColumn(s.Protocol), s.VIP, s.Policy, strings.Join(sums, "\t"))
 		for _, b := range s.Backends {
 			vals := make([]string, len(keys))
 			for i, k := range keys {
@@ -334,4 +334,12 @@ func formatRate(v float64, gauge bool) string {
 		return fmt.Sprintf("%.0f", v)
 	}
 	return fmt.Sprintf("%.1f", v)
+}
+
+// protoColumn is a service's protocol as ipvsadm shows it: TCP or UDP.
+func protoColumn(p string) string {
+	if p == "" {
+		return "TCP"
+	}
+	return strings.ToUpper(p)
 }

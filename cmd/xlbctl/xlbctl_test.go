@@ -37,7 +37,7 @@ func TestHelp(t *testing.T) {
 		{[]string{"-h"}, []string{"Usage:"}},
 		{[]string{"help"}, []string{"Usage:"}},
 		{nil, []string{"Usage:", "status"}},
-		{[]string{"conns", "--help"}, []string{"--vip VIP:PORT", "--backend IP:PORT", "--state state", "syn, established, fin, closed"}},
+		{[]string{"conns", "--help"}, []string{"--vip VIP:PORT", "--backend IP:PORT", "--state state", "syn, syn-recv, established, fin, closed, udp"}},
 		{[]string{"stats", "--help"}, []string{"ipvsadm", "--rate", "--interval"}},
 		{[]string{"policy", "set", "--help"}, []string{"--service VIP:PORT", "least-conn"}},
 		{[]string{"chain", "--help"}, []string{"add", "list", "remove"}},
@@ -179,7 +179,8 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"chain", "add", "fw"}, []string{`required flag(s) "object" not set`}},
 		{[]string{"conns", "--vip", "10.0.0.1"}, []string{`vip filter "10.0.0.1" is not IP:PORT`}},
 		{[]string{"conns", "--backend", "backend-a:80"}, []string{`backend filter "backend-a:80" is not IP:PORT`}},
-		{[]string{"conns", "--state", "open"}, []string{`state filter "open" is not one of syn, established, fin, closed`}},
+		{[]string{"conns", "--state", "open"}, []string{`state filter "open" is not one of syn, syn-recv, established, fin, closed, udp`}},
+		{[]string{"conns", "--protocol", "sctp"}, []string{`protocol filter "sctp" is not one of tcp, udp`}},
 		{[]string{"stats", "--interval", "0s", "--rate"}, []string{"--interval 0s: want a positive duration"}},
 		{[]string{"--timeout", "soon", "status"}, []string{`invalid argument "soon" for "--timeout"`}},
 	}

@@ -20,15 +20,20 @@ func (d *daemon) Snapshot(context.Context) (metrics.Snapshot, error) {
 	}
 	snap := metrics.Snapshot{Counters: counters}
 	ports := pipe.PortUse()
+	traffic, err := pipe.BackendTraffic()
+	if err != nil {
+		return metrics.Snapshot{}, err
+	}
 	for _, s := range d.bal.Services() {
-		ms := metrics.Service{VIP: s.VIP, Policy: s.Policy}
+		ms := metrics.Service{VIP: s.VIP, Protocol: s.Protocol.String(), Policy: s.Policy}
 		for _, b := range s.Backends {
 			st, err := pipe.BackendStats(b.ID)
 			if err != nil {
 				return metrics.Snapshot{}, err
 			}
 			ms.Backends = append(ms.Backends, metrics.Backend{Address: b.Address, Up: b.State == plugins.StateUp, Stats: st,
-				Ports: ports[b.Address], PortPool: s.PortPool})
+				Traffic: traffic[b.ID],
+				Ports:   ports[b.Address], PortPool: s.PortPool})
 		}
 		snap.Services = append(snap.Services, ms)
 	}
@@ -53,7 +58,7 @@ func (d *daemon) Stats(ctx context.Context) (control.Stats, error) {
 		Ports:    control.PortUse{Used: snap.Ports.Used, Held: snap.Ports.Held, Capacity: snap.Ports.Capacity},
 	}
 	for _, s := range snap.Services {
-		cs := control.ServiceStats{VIP: s.VIP.String(), Policy: s.Policy}
+		cs := control.ServiceStats{VIP: s.VIP.String(), Protocol: s.Protocol, Policy: s.Policy}
 		for _, b := range s.Backends {
 			cb := control.BackendStats{Address: b.Address.String(), Gauges: map[string]int64{}, Counters: map[string]uint64{}}
 			for _, f := range metrics.BackendFigures {

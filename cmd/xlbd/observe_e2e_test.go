@@ -112,6 +112,19 @@ func TestMetrics(t *testing.T) {
 	if int(gotA) != seen["backend-a"] || int(gotB) != seen["backend-b"] {
 		t.Errorf("new connections: metrics a=%v b=%v, answers %v", gotA, gotB, seen)
 	}
+	// Each connection carried a SYN, an ACK and a request to its backend
+	// and a SYN-ACK and an answer back; every packet is an IP packet of
+	// 40 to 1500 bytes.
+	for b, conns := range map[string]float64{backendA: gotA, backendB: gotB} {
+		labels := map[string]string{"service": svc, "protocol": "tcp", "backend": b}
+		in := mustValue(t, fams, "xlb_backend_packets_in_total", labels)
+		out := mustValue(t, fams, "xlb_backend_packets_out_total", labels)
+		bin := mustValue(t, fams, "xlb_backend_bytes_in_total", labels)
+		bout := mustValue(t, fams, "xlb_backend_bytes_out_total", labels)
+		if in < 3*conns || out < 2*conns || bin < 40*in || bin > 1500*in || bout < 40*out || bout > 1500*out {
+			t.Errorf("backend %s after %v connections: packets in %v out %v, bytes in %v out %v", b, conns, in, out, bin, bout)
+		}
+	}
 	if v := mustValue(t, fams, "xlb_service_new_connections_total", map[string]string{"service": svc}); v != n {
 		t.Errorf("service new connections %v, want %d", v, n)
 	}
@@ -259,7 +272,7 @@ func TestCLIAgainstDaemon(t *testing.T) {
 			t.Fatalf("%v: %s", err, out)
 		}
 		t.Logf("xlbctl stats:\n%s", out)
-		for _, want := range []string{"Prot LocalAddress:Port", "ActiveConn", "Conns", "TCP  " + svc, "  -> " + backendA,
+		for _, want := range []string{"Prot LocalAddress:Port", "ActiveConn", "Conns", "InPkts", "OutBytes", "TCP  " + svc, "  -> " + backendA,
 			"source-port ways:", "counters:", "new_conn"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("stats lacks %q", want)
@@ -289,6 +302,9 @@ func TestCLIAgainstDaemon(t *testing.T) {
 			name := "backend-a"
 			if b.Address != backendA {
 				name = "backend-b"
+			}
+			if n := uint64(byBackend[name]); b.Counters["packets_in"] < 3*n || b.Counters["packets_out"] < 2*n || b.Counters["bytes_in"] < 40*b.Counters["packets_in"] {
+				t.Errorf("stats --json %s: traffic %+v after %d connections", b.Address, b.Counters, n)
 			}
 			if b.Counters["new_conns"] != uint64(byBackend[name]) || b.Gauges["active"] != int64(byBackend[name]) {
 				t.Errorf("stats --json %s: %+v, want %d new and active", b.Address, b, byBackend[name])

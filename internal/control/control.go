@@ -158,6 +158,7 @@ type PortUse struct {
 // ServiceStats are a service's backends' figures.
 type ServiceStats struct {
 	VIP      string         `json:"vip"`
+	Protocol string         `json:"protocol"` // tcp or udp
 	Policy   string         `json:"policy"`
 	Backends []BackendStats `json:"backends"`
 }

@@ -40,15 +40,22 @@ type Snapshot struct {
 // Service is a configured service and its backends.
 type Service struct {
 	VIP      netip.AddrPort
+	Protocol string // tcp or udp: a VIP and port may carry a service of each
 	Policy   string
 	Backends []Backend
 }
+
+// key tells services apart: by VIP and protocol.
+func (s Service) key() string { return s.VIP.String() + "/" + s.Protocol }
 
 // Backend is a configured backend with the data path's figures for it.
 type Backend struct {
 	Address netip.AddrPort
 	Up      bool // takes new connections (its next hop answers)
 	Stats   dispatcher.BackendStats
+	// Traffic is the packets and bytes the data path forwarded to and
+	// from the backend (dispatcher.Pipeline.BackendTraffic).
+	Traffic dispatcher.Traffic
 	// Ports are the source-port ways of its connections, live and
 	// resting; PortPool is how many ports it has (its service's
 	// source addresses times the range).
@@ -130,6 +137,26 @@ var BackendFigures = []BackendFigure{
 		Key: "port_pool", Metric: "xlb_backend_source_port_pool", Kind: Gauge,
 		Help:  "Source ports the backend has: the range on each of its service's source addresses (backends sharing a port way share them).",
 		Value: func(b Backend) float64 { return float64(b.PortPool) },
+	},
+	{
+		Key: "packets_in", Metric: "xlb_backend_packets_in_total", Kind: Counter,
+		Help:  "Packets the data path forwarded to the backend (client to backend).",
+		Value: func(b Backend) float64 { return float64(b.Traffic.ToBackendPackets) },
+	},
+	{
+		Key: "packets_out", Metric: "xlb_backend_packets_out_total", Kind: Counter,
+		Help:  "Packets the data path brought back from the backend (backend to client).",
+		Value: func(b Backend) float64 { return float64(b.Traffic.FromBackendPackets) },
+	},
+	{
+		Key: "bytes_in", Metric: "xlb_backend_bytes_in_total", Kind: Counter,
+		Help:  "Bytes of IP packets the data path forwarded to the backend, as they left xlb.",
+		Value: func(b Backend) float64 { return float64(b.Traffic.ToBackendBytes) },
+	},
+	{
+		Key: "bytes_out", Metric: "xlb_backend_bytes_out_total", Kind: Counter,
+		Help:  "Bytes of IP packets the data path brought back from the backend, as they left xlb.",
+		Value: func(b Backend) float64 { return float64(b.Traffic.FromBackendBytes) },
 	},
 }
 
@@ -255,17 +282,17 @@ type collector struct {
 
 	mu      sync.Mutex
 	errors  uint64
-	seen    map[netip.AddrPort]map[netip.AddrPort]uint64 // service -> backend -> new connections at the last scrape
-	carried map[netip.AddrPort]uint64                    // service -> new connections of its removed backends
+	seen    map[string]map[netip.AddrPort]uint64 // service key -> backend -> new connections at the last scrape
+	carried map[string]uint64                    // service key -> new connections of its removed backends
 }
 
 func newCollector(src Source) *collector {
 	c := &collector{
 		src:            src,
-		backendUp:      prometheus.NewDesc(nameBackendUp, "Whether the backend takes new connections (1), or is down (0): its next hop does not answer ARP.", []string{"service", "backend"}, nil),
-		serviceActive:  prometheus.NewDesc(nameServiceActive, "Open connections of the service (the sum over its backends).", []string{"service"}, nil),
-		serviceNew:     prometheus.NewDesc(nameServiceNew, "Connections the data path has created for the service, its removed backends' included (those counted until the scrape before their removal).", []string{"service"}, nil),
-		serviceInfo:    prometheus.NewDesc(nameServiceInfo, "A configured service and its policy (always 1).", []string{"service", "policy"}, nil),
+		backendUp:      prometheus.NewDesc(nameBackendUp, "Whether the backend takes new connections (1), or is down (0): its next hop does not answer ARP.", []string{"service", "protocol", "backend"}, nil),
+		serviceActive:  prometheus.NewDesc(nameServiceActive, "Open connections of the service (the sum over its backends).", []string{"service", "protocol"}, nil),
+		serviceNew:     prometheus.NewDesc(nameServiceNew, "Connections the data path has created for the service, its removed backends' included (those counted until the scrape before their removal).", []string{"service", "protocol"}, nil),
+		serviceInfo:    prometheus.NewDesc(nameServiceInfo, "A configured service and its policy (always 1).", []string{"service", "protocol", "policy"}, nil),
 		dropped:        prometheus.NewDesc(nameDropped, "Packets the data path dropped, by reason.", []string{"reason"}, nil),
 		passed:         prometheus.NewDesc(namePassed, "Packets the data path handed to the kernel untouched, by reason.", []string{"reason"}, nil),
 		transmitted:    prometheus.NewDesc(nameTransmitted, "Packets the data path rewrote and sent: to a backend, to a client, or redirected through another interface (also counted in to_backend or to_client).", []string{"direction"}, nil),
@@ -278,11 +305,11 @@ func newCollector(src Source) *collector {
 		pluginUp:       prometheus.NewDesc(namePluginUp, "Whether the policy's plugin process is running (1) or down and waiting to be restarted (0).", []string{"policy"}, nil),
 		pluginRestarts: prometheus.NewDesc(namePluginRestarts, "Restarts of the policy's plugin after it exited, hung or failed to start.", []string{"policy"}, nil),
 		scrapeErrors:   prometheus.NewDesc(nameScrapeErrors, "Scrapes that could not read the data path.", nil, nil),
-		seen:           make(map[netip.AddrPort]map[netip.AddrPort]uint64),
-		carried:        make(map[netip.AddrPort]uint64),
+		seen:           make(map[string]map[netip.AddrPort]uint64),
+		carried:        make(map[string]uint64),
 	}
 	for _, f := range BackendFigures {
-		c.backend = append(c.backend, prometheus.NewDesc(f.Metric, f.Help, []string{"service", "backend"}, nil))
+		c.backend = append(c.backend, prometheus.NewDesc(f.Metric, f.Help, []string{"service", "protocol", "backend"}, nil))
 	}
 	return c
 }
@@ -353,12 +380,12 @@ func (c *collector) descFor(metric string) *prometheus.Desc {
 // connections it got between that scrape and its removal are not.
 // Caller holds c.mu.
 func (c *collector) collectServices(ch chan<- prometheus.Metric, services []Service) {
-	alive := make(map[netip.AddrPort]bool, len(services))
+	alive := make(map[string]bool, len(services))
 	for _, s := range services {
-		svc := s.VIP.String()
-		alive[s.VIP] = true
-		ch <- prometheus.MustNewConstMetric(c.serviceInfo, prometheus.GaugeValue, 1, svc, s.Policy)
-		prev := c.seen[s.VIP]
+		svc, key := s.VIP.String(), s.key()
+		alive[key] = true
+		ch <- prometheus.MustNewConstMetric(c.serviceInfo, prometheus.GaugeValue, 1, svc, s.Protocol, s.Policy)
+		prev := c.seen[key]
 		now := make(map[netip.AddrPort]uint64, len(s.Backends))
 		var active, created float64
 		for _, b := range s.Backends {
@@ -367,13 +394,13 @@ func (c *collector) collectServices(ch chan<- prometheus.Metric, services []Serv
 				if f.Kind == Counter {
 					vt = prometheus.CounterValue
 				}
-				ch <- prometheus.MustNewConstMetric(c.backend[i], vt, f.Value(b), svc, b.Address.String())
+				ch <- prometheus.MustNewConstMetric(c.backend[i], vt, f.Value(b), svc, s.Protocol, b.Address.String())
 			}
 			up := 0.0
 			if b.Up {
 				up = 1
 			}
-			ch <- prometheus.MustNewConstMetric(c.backendUp, prometheus.GaugeValue, up, svc, b.Address.String())
+			ch <- prometheus.MustNewConstMetric(c.backendUp, prometheus.GaugeValue, up, svc, s.Protocol, b.Address.String())
 			active += float64(max(b.Stats.Active, 0))
 			created += float64(b.Stats.NewConns)
 			now[b.Address] = b.Stats.NewConns
@@ -381,17 +408,17 @@ func (c *collector) collectServices(ch chan<- prometheus.Metric, services []Serv
 		for addr, n := range prev {
 			// Gone, or removed and added again (its count restarted).
 			if m, ok := now[addr]; !ok || m < n {
-				c.carried[s.VIP] += n
+				c.carried[key] += n
 			}
 		}
-		c.seen[s.VIP] = now
-		ch <- prometheus.MustNewConstMetric(c.serviceActive, prometheus.GaugeValue, active, svc)
-		ch <- prometheus.MustNewConstMetric(c.serviceNew, prometheus.CounterValue, created+float64(c.carried[s.VIP]), svc)
+		c.seen[key] = now
+		ch <- prometheus.MustNewConstMetric(c.serviceActive, prometheus.GaugeValue, active, svc, s.Protocol)
+		ch <- prometheus.MustNewConstMetric(c.serviceNew, prometheus.CounterValue, created+float64(c.carried[key]), svc, s.Protocol)
 	}
-	for vip := range c.seen {
-		if !alive[vip] {
-			delete(c.seen, vip)
-			delete(c.carried, vip)
+	for key := range c.seen {
+		if !alive[key] {
+			delete(c.seen, key)
+			delete(c.carried, key)
 		}
 	}
 }
