@@ -40,7 +40,7 @@ func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
 // svc builds a service from backends written "IP:PORT" or "IP:PORT@WEIGHT".
 func svc(vip, policy string, backends ...string) Service {
-	s := Service{VIP: ap(vip), Policy: policy}
+	s := Service{VIP: ap(vip), Protocol: "tcp", Policy: policy}
 	for _, b := range backends {
 		addr, w, ok := strings.Cut(b, "@")
 		weight := uint32(1)
@@ -104,9 +104,10 @@ metrics-address: 127.0.0.1:9190
 conntrack:
   max-entries: 1024
   gc-interval: 250ms
-  timeouts: {syn: 5s, established: 1h, fin: 30s, closed: 1s, time-wait: 2m}
+  timeouts: {syn: 5s, established: 1h, fin: 30s, closed: 1s, udp: 45s, time-wait: 2m}
 services:
   - vip: 10.0.0.10:80
+    protocol: tcp
     backends: [10.0.0.2:80]
 `,
 			want: func(c *Config) {
@@ -128,7 +129,7 @@ services:
 				c.Conntrack = Conntrack{
 					MaxEntries: 1024,
 					GCInterval: 250 * time.Millisecond,
-					Timeouts:   Timeouts{SYN: 5 * time.Second, Established: time.Hour, FIN: 30 * time.Second, Closed: time.Second, TimeWait: 2 * time.Minute},
+					Timeouts:   Timeouts{SYN: 5 * time.Second, Established: time.Hour, FIN: 30 * time.Second, Closed: time.Second, UDP: 45 * time.Second, TimeWait: 2 * time.Minute},
 				}
 				c.Services = []Service{svc("10.0.0.10:80", "/usr/lib/xlb/policy-maglev", "10.0.0.2:80")}
 			},
@@ -161,6 +162,17 @@ services:
 				c.LogFormat = "json"
 				c.MetricsAddress = ":9100"
 				c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:8080")}
+			},
+		},
+		{
+			name: "a tcp and a udp service on one vip and port",
+			file: "iface: eth0\nservices:\n  - {vip: 10.0.0.10:53, backends: [10.0.0.2:53]}\n  - {vip: 10.0.0.10:53, protocol: udp, backends: [10.0.0.3:53]}\n",
+			args: []string{"--vip", "10.0.0.11:53", "--protocol", "udp", "--backend", "10.0.0.4:53"},
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				udp := func(s Service) Service { s.Protocol = "udp"; return s }
+				c.Services = []Service{svc("10.0.0.10:53", "random", "10.0.0.2:53"), udp(svc("10.0.0.10:53", "random", "10.0.0.3:53")),
+					udp(svc("10.0.0.11:53", "random", "10.0.0.4:53"))}
 			},
 		},
 		{
@@ -436,7 +448,22 @@ chain:
 		{
 			name:    "duplicate vip",
 			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80]\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.3:80]\n",
-			wantErr: "services[1]: duplicate vip 10.0.0.10:80 (also services[0])",
+			wantErr: "services[1]: duplicate vip 10.0.0.10:80/tcp (also services[0])",
+		},
+		{
+			name:    "duplicate udp vip",
+			file:    "iface: eth0\nservices:\n  - {vip: 10.0.0.10:53, protocol: udp, backends: [10.0.0.2:53]}\n  - {vip: 10.0.0.10:53, protocol: udp, backends: [10.0.0.3:53]}\n",
+			wantErr: "services[1]: duplicate vip 10.0.0.10:53/udp (also services[0])",
+		},
+		{
+			name:    "unknown protocol",
+			file:    "iface: eth0\nservices:\n  - {vip: 10.0.0.10:80, protocol: sctp, backends: [10.0.0.2:80]}\n",
+			wantErr: `services[0].protocol: "sctp" is not tcp or udp`,
+		},
+		{
+			name:    "unknown protocol flag",
+			args:    []string{"--iface", "eth0", "--vip", "10.0.0.10:80", "--protocol", "TCP", "--backend", "10.0.0.2:80"},
+			wantErr: `services[0].protocol: "TCP" is not tcp or udp`,
 		},
 		{
 			name:    "same ip, other port is no duplicate but a bad weight is refused",
