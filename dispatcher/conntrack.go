@@ -1,8 +1,10 @@
 package dispatcher
 
 import (
+	"fmt"
 	"math/bits"
 	"net/netip"
+	"runtime"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -348,26 +350,78 @@ func (p *Pipeline) sweepConn(i uint32, now uint64, t Timeouts, res *GCResult) bo
 		p.idle32(now, atomic.LoadUint32(&r.LastSeenJ)) <= timeout {
 		return true // the backend side is still talking
 	}
-	if !p.take(s) {
+	if !p.end(i, s, now, true) {
 		return true // changed since it was read
+	}
+	res.Expired++
+	return false
+}
+
+// end ends slot i's connection, read as s: it uncounts it from its
+// backend, starts its source port's hold and frees the slot. With
+// unchanged, it gives up (and reports false) if the connection saw a
+// packet or changed state since s was read.
+func (p *Pipeline) end(i uint32, s snapshot, now uint64, unchanged bool) bool {
+	c := &s.c
+	if !p.take(s) {
+		return false
 	}
 	slot := p.connAt(i)
 	// Flags and last_seen change in place: look again now that the slot
 	// is ours.
 	flags := atomic.LoadUint32(&slot.Flags)
-	if atomic.LoadUint64(&slot.LastSeenJ) != c.LastSeenJ || connState(flags) != connState(c.Flags) {
+	if unchanged && (atomic.LoadUint64(&slot.LastSeenJ) != c.LastSeenJ || connState(flags) != connState(c.Flags)) {
 		p.release(i)
-		return true
+		return false
 	}
-	if mine {
+	r := p.portEntry(c.SrcIdx, c.Lport, c.Baddr, c.Bport)
+	if r != nil && r.Baddr == c.Baddr && r.Bport == c.Bport && r.Caddr == c.Key.Saddr && r.Cport == c.Key.Sport {
 		atomic.StoreUint32(&r.LastSeenJ, uint32(now)) // the hold starts now
 		atomic.CompareAndSwapUint32(&r.State, portUsed, portHold)
 	}
 	p.uncount(c.BackendId, flags)
 	atomic.StoreUint32(&slot.Flags, ctDead)
 	p.release(i)
-	res.Expired++
-	return false
+	return true
+}
+
+// EndBackendConns ends every connection to backend id at once, as expiry
+// would: its source ports start their hold and its counts drop to zero.
+// The data path answers each client's next segment with a RST (it belongs
+// to no connection). The backend is not told: during the port's hold its
+// packets of such a connection still reach the client, which resets its
+// end. It returns how many connections it ended.
+func (p *Pipeline) EndBackendConns(id uint32) (int, error) {
+	if id >= uint32(MaxBackends) {
+		return 0, fmt.Errorf("backend %d: %w", id, ErrOutOfRange)
+	}
+	now, err := p.now()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	bitmap(p.ctBusy).each(func(i uint32) {
+		if i > p.ctMask {
+			return
+		}
+		// A slot being written is retried for a moment: it may be a
+		// new connection to this backend.
+		for try := 0; try < 100; try++ {
+			s, st := p.readSlot(i)
+			if st == slotBusy {
+				runtime.Gosched()
+				continue
+			}
+			if st != slotLive || s.c.BackendId != id {
+				return
+			}
+			if p.end(i, s, now, false) {
+				n++
+				return
+			}
+		}
+	})
+	return n, nil
 }
 
 // sweepPort frees way i if its hold has passed or its connection is gone,

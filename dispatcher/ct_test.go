@@ -78,12 +78,13 @@ func TestConnTableEviction(t *testing.T) {
 		(r.State == portUsed && r.Caddr == addrBE(flows[0].Addr())) {
 		t.Errorf("the evicted connection's port %d is still in use: %+v", victim.Source.Port(), r)
 	}
-	// The survivors still flow; the evicted flow's packets find nothing.
+	// The survivors still flow; the evicted flow's packets find nothing
+	// and are answered with a RST.
 	for _, cl := range flows[1 : ctWays+1] {
 		e.expectFn(t, e.p.Entry(), fromClient(cl, vip, data), xdpTX, func() []byte { return toBackend(e.mustConn(cl, vip), data) },
 			map[string]uint64{"fwd": 1})
 	}
-	e.expect(t, e.p.Entry(), fromClient(flows[0], vip, data), xdpDrop, nil, map[string]uint64{"drop_no_conn": 1})
+	e.expect(t, e.p.Entry(), fromClient(flows[0], vip, data), xdpTX, reset(flows[0], vip, "R", data.ack, 0), map[string]uint64{"reset_no_conn": 1})
 
 	// Close one with RST and sweep it: its slot becomes a tombstone that
 	// scans pass over (the flows after it in the window are still found)
@@ -111,3 +112,63 @@ func TestConnTableEviction(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestEndBackendConns ends one backend's connections from the control
+// plane: they are uncounted and their ports rest, each client's next
+// segment is answered with a RST, another backend's connections are
+// untouched, and a client may connect again at once.
+func TestEndBackendConns(t *testing.T) {
+	e := newEnv(t, 4096)
+	syn := seg{flags: "S", seq: 1}
+	open := func(id uint32, n int, first byte) []netip.AddrPort {
+		e.must(e.p.SetSelection(1, ModeRandom, []uint32{id}))
+		var out []netip.AddrPort
+		for i := range n {
+			cl := netip.AddrPortFrom(netip.AddrFrom4([4]byte{12, 0, first, byte(i)}), 30000)
+			e.expectFn(t, e.p.Entry(), fromClient(cl, vip, syn), xdpTX, func() []byte { return toBackend(e.mustConn(cl, vip), syn) },
+				map[string]uint64{"fwd": 1, "new_conn": 1})
+			out = append(out, cl)
+		}
+		return out
+	}
+	onA, onB := open(idA, 5, 1), open(idB, 3, 2)
+	if a, b := e.backendStats(idA).Active, e.backendStats(idB).Active; a != 5 || b != 3 {
+		t.Fatalf("active a=%d b=%d before, want 5 and 3", a, b)
+	}
+	_, heldBefore := e.p.PortsInUse()
+
+	n, err := e.p.EndBackendConns(idA)
+	if err != nil || n != 5 {
+		t.Fatalf("EndBackendConns(a) = %d, %v; want 5 ended", n, err)
+	}
+	if st := e.backendStats(idA); st.Active != 0 || st.HalfOpen != 0 {
+		t.Errorf("backend a after its connections ended: %+v", st)
+	}
+	if got := e.backendStats(idB).Active; got != 3 {
+		t.Errorf("backend b active %d, want 3 untouched", got)
+	}
+	if _, held := e.p.PortsInUse(); held-heldBefore != 5 {
+		t.Errorf("%d more ports resting, want the 5 of the ended connections", held-heldBefore)
+	}
+	data := seg{flags: "PA", seq: 2, ack: 500, payload: []byte("x")}
+	for _, cl := range onA {
+		e.expect(t, e.p.Entry(), fromClient(cl, vip, data), xdpTX, reset(cl, vip, "R", data.ack, 0), map[string]uint64{"reset_no_conn": 1})
+	}
+	for _, cl := range onB {
+		e.expectFn(t, e.p.Entry(), fromClient(cl, vip, data), xdpTX, func() []byte { return toBackend(e.mustConn(cl, vip), data) },
+			map[string]uint64{"fwd": 1})
+	}
+	// The selection now has b only: a's client connects again at once.
+	cl := onA[0]
+	e.expectFn(t, e.p.Entry(), fromClient(cl, vip, syn), xdpTX, func() []byte { return toBackend(e.mustConn(cl, vip), syn) },
+		map[string]uint64{"fwd": 1, "new_conn": 1})
+	if c := e.mustConn(cl, vip); c.Backend.Addr() != backendB.Addr() {
+		t.Errorf("reconnected to %s, want backend b", c.Backend)
+	}
+	if n, err := e.p.EndBackendConns(idA); err != nil || n != 0 {
+		t.Errorf("EndBackendConns(a) again = %d, %v; want nothing to end", n, err)
+	}
+	if _, err := e.p.EndBackendConns(uint32(MaxBackends)); err == nil {
+		t.Errorf("EndBackendConns of an id out of range succeeded")
+	}
+}

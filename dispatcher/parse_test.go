@@ -56,6 +56,47 @@ func refusal(cl, dst netip.AddrPort, s seg) []byte {
 	}), 54)
 }
 
+// reset is the RST xlb sends client cl from dst for a segment of no
+// connection.
+func reset(cl, dst netip.AddrPort, flags string, seq, ack uint32) []byte {
+	return packet.Truncate(packet.TCP(packet.TCPOpts{
+		SrcMAC: lbMAC, DstMAC: clientMAC(cl.Addr()), Src: dst, Dst: cl, Flags: flags,
+		Seq: seq, Ack: ack, ZeroWindow: true, DontFragment: true,
+	}), 54)
+}
+
+// TestStraySegmentsReset: a segment for a VIP that belongs to no
+// connection (not a SYN, not a RST) is answered with a RST built as RFC
+// 9293 3.10.7.1 says a closed port answers: with the segment's ACK as its
+// sequence number, or, without an ACK, acknowledging the segment. The
+// expected RSTs are built by internal/packet, not by the code under test.
+func TestStraySegmentsReset(t *testing.T) {
+	e := newEnv(t, 4096)
+	cl := netip.AddrPortFrom(client1, 40000)
+	rst := func(flags string, seq, ack uint32) []byte { return reset(cl, vip, flags, seq, ack) }
+	tests := []struct {
+		name string
+		in   seg
+		want []byte
+	}{
+		{"ack", seg{flags: "A", seq: 2, ack: 3}, rst("R", 3, 0)},
+		{"data", seg{flags: "PA", seq: 2, ack: 7000, payload: []byte("hello")}, rst("R", 7000, 0)},
+		{"fin-ack", seg{flags: "FA", seq: 2, ack: 0xfffffff0}, rst("R", 0xfffffff0, 0)},
+		{"syn-ack", seg{flags: "SA", seq: 2, ack: 99}, rst("R", 99, 0)},
+		{"fin without ack", seg{flags: "F", seq: 2}, rst("RA", 0, 3)},
+		{"data without ack", seg{flags: "P", seq: 0xffffffff, payload: []byte("hi")}, rst("RA", 0, 1)},
+		{"fin and data without ack", seg{flags: "PF", seq: 10, payload: []byte("abc")}, rst("RA", 0, 14)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e.expect(t, e.p.Entry(), fromClient(cl, vip, tt.in), xdpTX, tt.want, map[string]uint64{"reset_no_conn": 1})
+			if _, ok := e.conn(cl, vip); ok {
+				t.Errorf("a stray segment created a connection")
+			}
+		})
+	}
+}
+
 // TestPipelineStateless covers packets whose fate does not depend on
 // earlier packets: passed, dropped or malformed. None may be rewritten,
 // and none may create a connection.
@@ -109,13 +150,12 @@ func TestPipelineStateless(t *testing.T) {
 		{"syn with a bad tcp checksum", mutate(syn, func(b []byte) []byte { b[14+20+16] ^= 0x01; return b }), xdpDrop, map[string]uint64{"drop_bad_csum": 1}},
 		{"syn with a bad ip checksum", func() []byte { b := slices.Clone(syn); b[14+10] ^= 0x01; return b }(), xdpDrop, map[string]uint64{"drop_bad_csum": 1}},
 
-		// Dropped: for a VIP but without a connection.
-		{"ack without entry", fromClient(cl, vip, seg{flags: "A", seq: 2, ack: 3}), xdpDrop, map[string]uint64{"drop_no_conn": 1}},
-		{"data without entry", fromClient(cl, vip, seg{flags: "PA", seq: 2, payload: []byte("hi")}), xdpDrop, map[string]uint64{"drop_no_conn": 1}},
-		{"fin without entry", fromClient(cl, vip, seg{flags: "FA", seq: 2}), xdpDrop, map[string]uint64{"drop_no_conn": 1}},
+		// Dropped: a RST for a VIP without a connection (never answered;
+		// TestStraySegmentsReset covers the segments that are).
 		{"rst without entry", fromClient(cl, vip, seg{flags: "R", seq: 2}), xdpDrop, map[string]uint64{"drop_no_conn": 1}},
-		{"syn-ack to vip", fromClient(cl, vip, seg{flags: "SA", seq: 2}), xdpDrop, map[string]uint64{"drop_no_conn": 1}},
 		{"syn-rst to vip", fromClient(cl, vip, seg{flags: "SR", seq: 2}), xdpDrop, map[string]uint64{"drop_no_conn": 1}},
+		{"ack without entry from broadcast", fromClient(netip.AddrPortFrom(netip.MustParseAddr("255.255.255.255"), 40000), vip, seg{flags: "A", seq: 2, ack: 3}), xdpDrop, map[string]uint64{"drop_bad_source": 1}},
+		{"ack without entry, bad checksum", mutate(fromClient(cl, vip, seg{flags: "A", seq: 2, ack: 3}), func(b []byte) []byte { b[14+20+16] ^= 0x01; return b }), xdpDrop, map[string]uint64{"drop_bad_csum": 1}},
 
 		// Malformed.
 		{"ethernet header only", packet.Truncate(syn, 14), xdpDrop, map[string]uint64{"drop_eth_trunc": 1}},

@@ -245,20 +245,21 @@ const (
 	xlbXlbStatXLB_STAT_DROP_BAD_CSUM     xlbXlbStat = 19
 	xlbXlbStatXLB_STAT_RST_NO_BACKEND    xlbXlbStat = 20
 	xlbXlbStatXLB_STAT_RST_NO_PORT       xlbXlbStat = 21
-	xlbXlbStatXLB_STAT_DROP_NO_BACKEND   xlbXlbStat = 22
-	xlbXlbStatXLB_STAT_DROP_NO_PORT      xlbXlbStat = 23
-	xlbXlbStatXLB_STAT_DROP_UDP_HDR      xlbXlbStat = 24
-	xlbXlbStatXLB_STAT_DROP_FIB          xlbXlbStat = 25
-	xlbXlbStatXLB_STAT_DROP_CT_RACE      xlbXlbStat = 26
-	xlbXlbStatXLB_STAT_DROP_STALE        xlbXlbStat = 27
-	xlbXlbStatXLB_STAT_EVICTED           xlbXlbStat = 28
-	xlbXlbStatXLB_STAT_SYN_CHALLENGE     xlbXlbStat = 29
-	xlbXlbStatXLB_STAT_SYN_VALIDATED     xlbXlbStat = 30
-	xlbXlbStatXLB_STAT_UNTRUSTED_RST_FIN xlbXlbStat = 31
-	xlbXlbStatXLB_STAT_ICMP_ERROR        xlbXlbStat = 32
-	xlbXlbStatXLB_STAT_DROP_INTERNAL     xlbXlbStat = 33
-	xlbXlbStatXLB_STAT_TAILCALL_FAIL     xlbXlbStat = 34
-	xlbXlbStatXLB_STAT_MAX               xlbXlbStat = 35
+	xlbXlbStatXLB_STAT_RESET_NO_CONN     xlbXlbStat = 22
+	xlbXlbStatXLB_STAT_DROP_NO_BACKEND   xlbXlbStat = 23
+	xlbXlbStatXLB_STAT_DROP_NO_PORT      xlbXlbStat = 24
+	xlbXlbStatXLB_STAT_DROP_UDP_HDR      xlbXlbStat = 25
+	xlbXlbStatXLB_STAT_DROP_FIB          xlbXlbStat = 26
+	xlbXlbStatXLB_STAT_DROP_CT_RACE      xlbXlbStat = 27
+	xlbXlbStatXLB_STAT_DROP_STALE        xlbXlbStat = 28
+	xlbXlbStatXLB_STAT_EVICTED           xlbXlbStat = 29
+	xlbXlbStatXLB_STAT_SYN_CHALLENGE     xlbXlbStat = 30
+	xlbXlbStatXLB_STAT_SYN_VALIDATED     xlbXlbStat = 31
+	xlbXlbStatXLB_STAT_UNTRUSTED_RST_FIN xlbXlbStat = 32
+	xlbXlbStatXLB_STAT_ICMP_ERROR        xlbXlbStat = 33
+	xlbXlbStatXLB_STAT_DROP_INTERNAL     xlbXlbStat = 34
+	xlbXlbStatXLB_STAT_TAILCALL_FAIL     xlbXlbStat = 35
+	xlbXlbStatXLB_STAT_MAX               xlbXlbStat = 36
 )
 
 type xlbXlbSynMode uint32

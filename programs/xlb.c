@@ -377,6 +377,37 @@ static __always_inline int conntrack_udp(struct xdp_md *ctx, const struct xlb_cf
 	return pass(XLB_STAT_TAILCALL_FAIL);
 }
 
+/* client_addr_ok reports whether a packet's source address could be a
+ * client's: not 0/8, loopback, multicast, reserved or broadcast, and not
+ * the VIP itself. */
+static __always_inline int client_addr_ok(__be32 saddr, __be32 daddr)
+{
+	__u32 top = bpf_ntohl(saddr) >> 24;
+
+	return top != 0 && top != 127 && top < 224 && saddr != daddr;
+}
+
+/* reset_stray answers a segment for a VIP that belongs to no connection
+ * (its entry expired, was ended by the control plane, or never existed)
+ * with a RST, as a host answers a segment for a closed port (RFC 9293
+ * 3.10.7.1): the client learns at once that its connection is gone
+ * instead of retransmitting into silence. Only a segment whose source
+ * could be a client and whose checksums are right is answered. */
+static __always_inline int reset_stray(struct xdp_md *ctx, struct xlb_pkt *p, struct tcphdr *tcp, __u8 fl)
+{
+	__u32 len;
+
+	if (!client_addr_ok(p->flow.saddr, p->flow.daddr))
+		return drop(XLB_STAT_DROP_BAD_SOURCE);
+	if (!l4_csum_ok(ctx, IPPROTO_TCP))
+		return drop(XLB_STAT_DROP_BAD_CSUM);
+	count(XLB_STAT_RESET_NO_CONN);
+	if (fl & TCP_FL_ACK)
+		return tcp_reply(ctx, TCP_FL_RST, bpf_ntohl(tcp->ack_seq), 0);
+	len = tcp_payload_len(ctx, tcp) + !!(fl & TCP_FL_SYN) + !!(fl & TCP_FL_FIN);
+	return tcp_reply(ctx, TCP_FL_RST | TCP_FL_ACK, 0, bpf_ntohl(tcp->seq) + len);
+}
+
 static __always_inline int conntrack_fwd(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
 					 __u64 now)
 {
@@ -401,10 +432,13 @@ static __always_inline int conntrack_fwd(struct xdp_md *ctx, const struct xlb_cf
 	if (!c) {
 		if (!service_of(p))
 			return pass(XLB_STAT_PASS_NOT_OURS);
-		/* A client's answer to a SYN challenge. */
-		if ((fl & TCP_FL_RST) && syn_validate(cfg, &p->flow, bpf_ntohl(tcp->seq), now))
-			return drop(XLB_STAT_SYN_VALIDATED);
-		return drop(XLB_STAT_DROP_NO_CONN);
+		if (fl & TCP_FL_RST) {
+			/* A client's answer to a SYN challenge. */
+			if (syn_validate(cfg, &p->flow, bpf_ntohl(tcp->seq), now))
+				return drop(XLB_STAT_SYN_VALIDATED);
+			return drop(XLB_STAT_DROP_NO_CONN);
+		}
+		return reset_stray(ctx, p, tcp, fl);
 	}
 	flags = c->flags;
 	if ((fl & (TCP_FL_FIN | TCP_FL_RST)) || conn_closed(flags)) {
@@ -593,16 +627,6 @@ static __always_inline __s64 select_backend(struct xlb_pkt *p)
 	if (!id)
 		return -1;
 	return *id;
-}
-
-/* client_addr_ok reports whether a SYN's source address could be a
- * client's: not 0/8, loopback, multicast, reserved or broadcast, and not
- * the VIP itself. */
-static __always_inline int client_addr_ok(__be32 saddr, __be32 daddr)
-{
-	__u32 top = bpf_ntohl(saddr) >> 24;
-
-	return top != 0 && top != 127 && top < 224 && saddr != daddr;
 }
 
 /* first_source picks, from a flow's hash h, one of the source address

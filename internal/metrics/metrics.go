@@ -203,7 +203,7 @@ func counterMetric(name string) (metric, labelValue string) {
 		return nameTransmitted, "to_client"
 	case name == "redirect":
 		return nameTransmitted, "redirected"
-	case name == "new_conn", name == "recycled", name == "closed", name == "evicted", name == "untrusted_rst_fin":
+	case name == "new_conn", name == "recycled", name == "closed", name == "evicted", name == "untrusted_rst_fin", name == "reset_no_conn":
 		return nameConnEvents, name
 	}
 	return nameOther, name
@@ -296,7 +296,7 @@ func newCollector(src Source) *collector {
 		dropped:        prometheus.NewDesc(nameDropped, "Packets the data path dropped, by reason.", []string{"reason"}, nil),
 		passed:         prometheus.NewDesc(namePassed, "Packets the data path handed to the kernel untouched, by reason.", []string{"reason"}, nil),
 		transmitted:    prometheus.NewDesc(nameTransmitted, "Packets the data path rewrote and sent: to a backend, to a client, or redirected through another interface (also counted in to_backend or to_client).", []string{"direction"}, nil),
-		connEvents:     prometheus.NewDesc(nameConnEvents, "Connection table events: new_conn (created), closed (FIN/RST seen), recycled (an ended entry replaced by a new SYN), evicted (a live entry replaced because its window was full), untrusted_rst_fin (a RST or FIN outside the tracked window: forwarded, state kept).", []string{"event"}, nil),
+		connEvents:     prometheus.NewDesc(nameConnEvents, "Connection table events: new_conn (created), closed (FIN/RST seen), recycled (an ended entry replaced by a new SYN), evicted (a live entry replaced because its window was full), untrusted_rst_fin (a RST or FIN outside the tracked window: forwarded, state kept), reset_no_conn (a segment for a VIP that belongs to no connection, answered with a RST).", []string{"event"}, nil),
 		rejected:       prometheus.NewDesc(nameRejected, "SYNs the data path answered with a RST, by reason: no_backend (no usable backend), no_port (no free source port for the backend).", []string{"reason"}, nil),
 		synDefence:     prometheus.NewDesc(nameSYNDefence, "SYN flood defence: challenge (SYNs answered with a challenge), validated (sources that answered one).", []string{"event"}, nil),
 		other:          prometheus.NewDesc(nameOther, "Data path counters not exported under another name.", []string{"counter"}, nil),

@@ -102,11 +102,12 @@ enum xlb_stat {
 	XLB_STAT_DROP_TCP_HDR,     /* dropped: TCP data offset below 5 or beyond the packet */
 	XLB_STAT_DROP_IP_OPTIONS,  /* dropped: for xlb, with IPv4 options */
 	XLB_STAT_DROP_FRAGMENT,    /* dropped: for xlb, the first fragment of a packet */
-	XLB_STAT_DROP_NO_CONN,     /* dropped: VIP packet, no entry, not a SYN */
+	XLB_STAT_DROP_NO_CONN,     /* dropped: a RST for a VIP, no entry */
 	XLB_STAT_DROP_BAD_SOURCE,  /* dropped: SYN from an address no client can have */
 	XLB_STAT_DROP_BAD_CSUM,    /* dropped: SYN with a wrong IPv4 or TCP checksum */
 	XLB_STAT_RST_NO_BACKEND,   /* answered with a RST: no usable backend */
 	XLB_STAT_RST_NO_PORT,      /* answered with a RST: no free source port for the backend */
+	XLB_STAT_RESET_NO_CONN,    /* a segment for a VIP, no entry, not a SYN: answered with a RST */
 	XLB_STAT_DROP_NO_BACKEND,  /* dropped: a UDP flow with no usable backend */
 	XLB_STAT_DROP_NO_PORT,     /* dropped: a UDP flow with no free source port */
 	XLB_STAT_DROP_UDP_HDR,     /* dropped: UDP header cut short or length inconsistent */
