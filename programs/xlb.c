@@ -218,7 +218,8 @@ int xlb_parse(struct xdp_md *ctx)
 		if (vp && vp->svc && (vp->svc == XLB_VIP_MULTI || vp->addr == ip->daddr))
 			dir = XLB_DIR_FWD;
 	}
-	if (dir == XLB_DIR_FWD && vp && vp->svc == XLB_VIP_MULTI && (hlen != 20 || (ip->frag_off & bpf_htons(IP_MF)))) {
+	if (dir == XLB_DIR_FWD && vp && vp->svc == XLB_VIP_MULTI &&
+	    (hlen != 20 || (ip->frag_off & bpf_htons(IP_MF)))) {
 		/* Options or a fragment on a port several VIPs share:
 		 * whether it is xlb's decides between drop and pass. */
 		struct xlb_vip key = { .addr = ip->daddr, .port = udp->dest, .proto = proto };
@@ -686,7 +687,8 @@ static __always_inline int refuse(struct xdp_md *ctx, __u32 stat)
 	count(stat);
 	if (!tcp)
 		return XDP_DROP;
-	return tcp_reply(ctx, TCP_FL_RST | TCP_FL_ACK, 0, bpf_ntohl(tcp->seq) + 1 + tcp_payload_len(ctx, tcp));
+	return tcp_reply(ctx, TCP_FL_RST | TCP_FL_ACK, 0,
+			 bpf_ntohl(tcp->seq) + 1 + tcp_payload_len(ctx, tcp));
 }
 
 /* xlb_select creates the connection of a SYN: it finds the service,
@@ -770,13 +772,19 @@ int xlb_select(struct xdp_md *ctx)
 	if (!udp && syn_challenge_due(cfg, bs, p->flow.saddr, now)) {
 		ct_publish(c);
 		count(XLB_STAT_SYN_CHALLENGE);
-		return tcp_reply(ctx, TCP_FL_SYN | TCP_FL_ACK, rand32(), syn_cookie(cfg, &p->flow, syn_slot(cfg, now)));
+		return tcp_reply(ctx, TCP_FL_SYN | TCP_FL_ACK, rand32(),
+				 syn_cookie(cfg, &p->flow, syn_slot(cfg, now)));
 	}
 	/* A port of the first source address with one free, from the one
 	 * the flow's hash picks, so flows spread evenly over them. */
 	{
 		struct source_walk w = {
-			.mask = mask, .first = first, .baddr = b->addr, .bport = b->port, .now = now, .idx = -1,
+			.mask = mask,
+			.first = first,
+			.baddr = b->addr,
+			.bport = b->port,
+			.now = now,
+			.idx = -1,
 		};
 
 		bpf_loop(XLB_MAX_SOURCES, source_step, &w, 0);
@@ -898,8 +906,8 @@ static __always_inline int rewrite_udp(const struct xlb_pkt *p, struct udphdr *u
 /* rewrite_tcp rewrites a TCP segment's ports, translates its sequence
  * numbers (seq forward; ack and SACK blocks on the return), removes a
  * SYN's timestamp option and updates its checksum. */
-static __always_inline int rewrite_tcp(struct xdp_md *ctx, const struct xlb_pkt *p, struct tcphdr *tcp, void *end,
-				       __u64 addrs)
+static __always_inline int rewrite_tcp(struct xdp_md *ctx, const struct xlb_pkt *p, struct tcphdr *tcp,
+				       void *end, __u64 addrs)
 {
 	__u32 optlen;
 	__be32 old;

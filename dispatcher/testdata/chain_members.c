@@ -40,11 +40,11 @@ static __attribute__((noinline)) int trace(struct xdp_md *ctx, __u8 id, int verd
 	return verdict;
 }
 
-#define MEMBER(name, id, verdict)                  \
-	SEC("xdp")                                 \
-	int name(struct xdp_md *ctx)               \
-	{                                          \
-		return trace(ctx, id, verdict);    \
+#define MEMBER(name, id, verdict)               \
+	SEC("xdp")                              \
+	int name(struct xdp_md *ctx)            \
+	{                                       \
+		return trace(ctx, id, verdict); \
 	}
 
 MEMBER(pass_a, 'a', XDP_PASS)

@@ -85,42 +85,42 @@ enum xlb_syn_mode {
 
 /* Per-CPU counters, indexes into xlb_stats. */
 enum xlb_stat {
-	XLB_STAT_FWD = 0,          /* client->backend packets transmitted */
-	XLB_STAT_RET,              /* backend->client packets transmitted */
-	XLB_STAT_NEW_CONN,         /* connections created */
-	XLB_STAT_RECYCLED,         /* closed or expired entries replaced by a new SYN */
-	XLB_STAT_CLOSED,           /* connections closed by FIN/RST */
-	XLB_STAT_REDIRECT,         /* transmitted through another interface */
-	XLB_STAT_PASS_NOT_IPV4,    /* passed: not IPv4 */
-	XLB_STAT_PASS_NOT_TCP,     /* passed: neither TCP nor UDP, nor an ICMP error about a flow */
-	XLB_STAT_PASS_IP_OPTIONS,  /* passed: IPv4 options, not for xlb */
-	XLB_STAT_PASS_FRAGMENT,    /* passed: IPv4 fragment, not for xlb or not the first */
-	XLB_STAT_PASS_NOT_OURS,    /* passed: not for a VIP nor a reply */
-	XLB_STAT_DROP_ETH_TRUNC,   /* dropped: IPv4 frame shorter than its headers */
-	XLB_STAT_DROP_IP_HDR,      /* dropped: bad version or IHL below 5 */
-	XLB_STAT_DROP_IP_LEN,      /* dropped: total length inconsistent with frame */
-	XLB_STAT_DROP_TCP_HDR,     /* dropped: TCP data offset below 5 or beyond the packet */
-	XLB_STAT_DROP_IP_OPTIONS,  /* dropped: for xlb, with IPv4 options */
-	XLB_STAT_DROP_FRAGMENT,    /* dropped: for xlb, the first fragment of a packet */
-	XLB_STAT_DROP_NO_CONN,     /* dropped: a RST for a VIP, no entry */
-	XLB_STAT_DROP_BAD_SOURCE,  /* dropped: SYN from an address no client can have */
-	XLB_STAT_DROP_BAD_CSUM,    /* dropped: SYN with a wrong IPv4 or TCP checksum */
-	XLB_STAT_RST_NO_BACKEND,   /* answered with a RST: no usable backend */
-	XLB_STAT_RST_NO_PORT,      /* answered with a RST: no free source port for the backend */
-	XLB_STAT_RESET_NO_CONN,    /* a segment for a VIP, no entry, not a SYN: answered with a RST */
-	XLB_STAT_DROP_NO_BACKEND,  /* dropped: a UDP flow with no usable backend */
-	XLB_STAT_DROP_NO_PORT,     /* dropped: a UDP flow with no free source port */
-	XLB_STAT_DROP_UDP_HDR,     /* dropped: UDP header cut short or length inconsistent */
-	XLB_STAT_DROP_FIB,         /* dropped: no route or neighbour towards the backend */
-	XLB_STAT_DROP_CT_RACE,     /* dropped: the connection's slot was being rewritten */
-	XLB_STAT_DROP_STALE,       /* dropped: packet of an ended connection whose port moved on */
-	XLB_STAT_EVICTED,          /* live connections evicted from a full probe window */
-	XLB_STAT_SYN_CHALLENGE,    /* SYNs answered with a challenge (SYN flood defence) */
-	XLB_STAT_SYN_VALIDATED,    /* sources validated by their answer to a challenge */
+	XLB_STAT_FWD = 0,           /* client->backend packets transmitted */
+	XLB_STAT_RET,               /* backend->client packets transmitted */
+	XLB_STAT_NEW_CONN,          /* connections created */
+	XLB_STAT_RECYCLED,          /* closed or expired entries replaced by a new SYN */
+	XLB_STAT_CLOSED,            /* connections closed by FIN/RST */
+	XLB_STAT_REDIRECT,          /* transmitted through another interface */
+	XLB_STAT_PASS_NOT_IPV4,     /* passed: not IPv4 */
+	XLB_STAT_PASS_NOT_TCP,      /* passed: neither TCP nor UDP, nor an ICMP error about a flow */
+	XLB_STAT_PASS_IP_OPTIONS,   /* passed: IPv4 options, not for xlb */
+	XLB_STAT_PASS_FRAGMENT,     /* passed: IPv4 fragment, not for xlb or not the first */
+	XLB_STAT_PASS_NOT_OURS,     /* passed: not for a VIP nor a reply */
+	XLB_STAT_DROP_ETH_TRUNC,    /* dropped: IPv4 frame shorter than its headers */
+	XLB_STAT_DROP_IP_HDR,       /* dropped: bad version or IHL below 5 */
+	XLB_STAT_DROP_IP_LEN,       /* dropped: total length inconsistent with frame */
+	XLB_STAT_DROP_TCP_HDR,      /* dropped: TCP data offset below 5 or beyond the packet */
+	XLB_STAT_DROP_IP_OPTIONS,   /* dropped: for xlb, with IPv4 options */
+	XLB_STAT_DROP_FRAGMENT,     /* dropped: for xlb, the first fragment of a packet */
+	XLB_STAT_DROP_NO_CONN,      /* dropped: a RST for a VIP, no entry */
+	XLB_STAT_DROP_BAD_SOURCE,   /* dropped: SYN from an address no client can have */
+	XLB_STAT_DROP_BAD_CSUM,     /* dropped: SYN with a wrong IPv4 or TCP checksum */
+	XLB_STAT_RST_NO_BACKEND,    /* answered with a RST: no usable backend */
+	XLB_STAT_RST_NO_PORT,       /* answered with a RST: no free source port for the backend */
+	XLB_STAT_RESET_NO_CONN,     /* a segment for a VIP, no entry, not a SYN: answered with a RST */
+	XLB_STAT_DROP_NO_BACKEND,   /* dropped: a UDP flow with no usable backend */
+	XLB_STAT_DROP_NO_PORT,      /* dropped: a UDP flow with no free source port */
+	XLB_STAT_DROP_UDP_HDR,      /* dropped: UDP header cut short or length inconsistent */
+	XLB_STAT_DROP_FIB,          /* dropped: no route or neighbour towards the backend */
+	XLB_STAT_DROP_CT_RACE,      /* dropped: the connection's slot was being rewritten */
+	XLB_STAT_DROP_STALE,        /* dropped: packet of an ended connection whose port moved on */
+	XLB_STAT_EVICTED,           /* live connections evicted from a full probe window */
+	XLB_STAT_SYN_CHALLENGE,     /* SYNs answered with a challenge (SYN flood defence) */
+	XLB_STAT_SYN_VALIDATED,     /* sources validated by their answer to a challenge */
 	XLB_STAT_UNTRUSTED_RST_FIN, /* RST or FIN outside the tracked window: forwarded, state kept */
-	XLB_STAT_ICMP_ERROR,       /* ICMP errors about a flow translated back to its client */
-	XLB_STAT_DROP_INTERNAL,    /* dropped: a stage's internal state was missing */
-	XLB_STAT_TAILCALL_FAIL,    /* passed: a stage slot was empty */
+	XLB_STAT_ICMP_ERROR,        /* ICMP errors about a flow translated back to its client */
+	XLB_STAT_DROP_INTERNAL,     /* dropped: a stage's internal state was missing */
+	XLB_STAT_TAILCALL_FAIL,     /* passed: a stage slot was empty */
 	XLB_STAT_MAX,
 };
 

@@ -35,9 +35,9 @@ static __always_inline long fib_nexthop(struct xdp_md *ctx, __be32 src, __be32 d
 /* backend_nexthop returns the backend's state with its next hop, shared
  * by its connections and looked up in the FIB at most once per nh_ttl, or
  * NULL when there is none. */
-static __always_inline struct xlb_backend_stats *backend_nexthop(struct xdp_md *ctx, const struct xlb_cfg *cfg,
-								 __u32 id, __be32 laddr, __be32 baddr,
-								 __u64 now)
+static __always_inline struct xlb_backend_stats *backend_nexthop(struct xdp_md *ctx,
+								 const struct xlb_cfg *cfg, __u32 id,
+								 __be32 laddr, __be32 baddr, __u64 now)
 {
 	struct xlb_backend_stats *bs = bpf_map_lookup_elem(&xlb_bk_stats, &id);
 

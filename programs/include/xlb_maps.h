@@ -216,7 +216,7 @@ struct {
  * the way, whatever service it serves, walks the range from it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, XLB_MAX_SOURCES * XLB_PORT_WAYS);
+	__uint(max_entries, (XLB_MAX_SOURCES * XLB_PORT_WAYS));
 	__type(key, __u32);
 	__type(value, __u32);
 } xlb_port_cur SEC(".maps");

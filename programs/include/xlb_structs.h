@@ -91,11 +91,11 @@ struct xlb_rconn {
 	 * connection extend it). */
 	__u32 last_seen_j;
 	__u32 backend_id;
-	__u32 nh_j;      /* low 32 bits of the jiffies when nh was looked up */
-	__u32 seq_delta; /* as in struct xlb_conn */
+	__u32 nh_j;       /* low 32 bits of the jiffies when nh was looked up */
+	__u32 seq_delta;  /* as in struct xlb_conn */
 	struct xlb_nh nh; /* towards the client */
-	__u32 tw_seq;    /* see XLB_RF_TW_SEQ */
-	__u32 ack_b;     /* the backend's latest acknowledgement (backend sequence space) */
+	__u32 tw_seq;     /* see XLB_RF_TW_SEQ */
+	__u32 ack_b;      /* the backend's latest acknowledgement (backend sequence space) */
 };
 
 /* Value of xlb_bk_ctr: a backend's traffic on one CPU, by direction
@@ -128,19 +128,19 @@ struct xlb_trusted {
 struct xlb_cfg {
 	__u16 port_lo; /* source port range, host order, inclusive */
 	__u16 port_hi;
-	__u32 nports;  /* port_hi - port_lo + 1 */
-	__u32 ct_mask; /* xlb_conns has ct_mask + 1 slots (a power of two) */
-	__be32 src0;    /* the first source address (xlb_src[0]) */
-	__u32 src_mult; /* xlb_src_slots index: (addr * src_mult) >> 26; 0: only src0 */
-	__u32 isn_key[2];    /* secret of the ISN hash */
-	__u32 cookie_key[2]; /* secret of the SYN challenge cookie */
-	__u32 isn_per_j;     /* ISN clock: increments per jiffy (about 4 per microsecond) */
-	__u32 hold_j;        /* how long a port rests after its connection ended */
-	__u32 syn_mode;      /* enum xlb_syn_mode */
-	__u32 syn_half_open; /* per backend: half-open connections that start the defence */
-	__u32 syn_ok_j;      /* how long a validated source skips the challenge */
-	__u32 cookie_shift;  /* the cookie's clock: jiffies >> cookie_shift */
-	__u64 nh_ttl_j;      /* next hops are refreshed from the FIB after this */
+	__u32 nports;                /* port_hi - port_lo + 1 */
+	__u32 ct_mask;               /* xlb_conns has ct_mask + 1 slots (a power of two) */
+	__be32 src0;                 /* the first source address (xlb_src[0]) */
+	__u32 src_mult;              /* xlb_src_slots index: (addr * src_mult) >> 26; 0: only src0 */
+	__u32 isn_key[2];            /* secret of the ISN hash */
+	__u32 cookie_key[2];         /* secret of the SYN challenge cookie */
+	__u32 isn_per_j;             /* ISN clock: increments per jiffy (about 4 per microsecond) */
+	__u32 hold_j;                /* how long a port rests after its connection ended */
+	__u32 syn_mode;              /* enum xlb_syn_mode */
+	__u32 syn_half_open;         /* per backend: half-open connections that start the defence */
+	__u32 syn_ok_j;              /* how long a validated source skips the challenge */
+	__u32 cookie_shift;          /* the cookie's clock: jiffies >> cookie_shift */
+	__u64 nh_ttl_j;              /* next hops are refreshed from the FIB after this */
 	__u64 timeout_j[XLB_CT_MAX]; /* idle timeouts by enum xlb_ct_state */
 };
 
@@ -157,7 +157,7 @@ struct xlb_pkt {
 	 * then describes that packet seen as a reply (backend -> source
 	 * address), so that conntrack finds its way as for a reply. */
 	__u8 icmp;
-	__u32 backend_id;        /* conntrack/select: the connection's backend */
+	__u32 backend_id; /* conntrack/select: the connection's backend */
 	/* conntrack/select: the rewrite to apply */
 	__be32 new_saddr;
 	__be32 new_daddr;

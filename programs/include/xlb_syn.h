@@ -52,7 +52,8 @@ static __always_inline int syn_challenge_due(const struct xlb_cfg *cfg, const st
 /* syn_validate checks a RST without a connection against the cookie of
  * its flow (this clock slot or the previous one) and, if it matches,
  * trusts its source for syn_ok_j. */
-static __always_inline int syn_validate(const struct xlb_cfg *cfg, const struct xlb_flow *f, __u32 seq, __u64 now)
+static __always_inline int syn_validate(const struct xlb_cfg *cfg, const struct xlb_flow *f, __u32 seq,
+					__u64 now)
 {
 	__u32 slot = syn_slot(cfg, now);
 	struct xlb_trusted *ok;

@@ -44,7 +44,7 @@ static __always_inline __u64 csum_acc_byte(__u64 acc, __u32 off, __u8 old, __u8 
 {
 	__u32 sh = (off & 1) * 8;
 
-	return csum_acc16(acc, (__u16)old << sh, (__u16)new << sh);
+	return csum_acc16(acc, (__u16)old << sh, (__u16)(new) << sh);
 }
 
 /* csum_acc32_at adds the change of a 32-bit field at offset off of the
