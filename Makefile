@@ -28,7 +28,7 @@ UNITDIR    := $(PREFIX)/lib/systemd/system
 DOCDIR     := $(PREFIX)/share/doc/xlb
 DATADIR    := $(PREFIX)/share
 
-.PHONY: all check-go deps build generate check-generated test bench demo install clean
+.PHONY: all check-go deps build generate check-generated lint test fuzz bench demo install clean
 
 all: build
 
@@ -81,6 +81,18 @@ generate: deps
 check-generated: generate
 	@git diff --exit-code --stat -- dispatcher plugins || \
 		{ echo "generated code is stale: run make generate and commit"; exit 1; }
+
+# First-party C: the pipeline and the tests' BPF objects (libbpf's vendored
+# headers keep their own style).
+CSRC = $(wildcard programs/*.c programs/include/xlb_*.h */testdata/*.c */*/testdata/*.c)
+
+# Lint: gofmt, go vet, staticcheck (pinned as a tool in go.mod) and
+# clang-format (.clang-format) for the BPF C.
+lint: deps
+	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt: not formatted:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+	clang-format --dry-run --Werror $(CSRC)
 
 # Every package's tests, one package at a time (the end-to-end tests and
 # the cost checks want the machine's two cores to themselves). Privileged
