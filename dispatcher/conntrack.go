@@ -55,10 +55,10 @@ func connClosed(flags uint32) bool {
 	return flags&cfRST != 0 || flags&(cfFinC|cfFinB) == cfFinC|cfFinB
 }
 
-// connHalfOpen mirrors conn_half_open().
+// connHalfOpen mirrors conn_half_open() (TestMirrorsAgree).
 func connHalfOpen(flags uint32) bool { return flags&(cfEstab|cfUDP) == 0 && !connClosed(flags) }
 
-// connState mirrors conn_state().
+// connState mirrors conn_state() (TestMirrorsAgree).
 func connState(flags uint32) uint32 {
 	switch {
 	case flags&cfUDP != 0:
@@ -94,7 +94,8 @@ func addrPort(a uint32, p uint16) netip.AddrPort {
 	return netip.AddrPortFrom(addrFromBE(a), portBE(p))
 }
 
-// portWay mirrors port_way() in programs/include/xlb_ports.h.
+// portWay mirrors port_way() in programs/include/xlb_ports.h
+// (TestMirrorsAgree).
 func portWay(baddr uint32, bport uint16) uint32 {
 	return ((baddr ^ (uint32(bport)<<16 | uint32(bport))) * 0x9e3779b1) >> (32 - portWaysLog2)
 }
@@ -182,7 +183,7 @@ func (p *Pipeline) connAt(i uint32) *xlbXlbConn {
 }
 
 // flowHash mirrors flow_hash() in programs/include/xlb_hash.h (Jenkins'
-// final mix): it places a flow in the connection table.
+// final mix): it places a flow in the connection table (TestMirrorsAgree).
 func flowHash(k *xlbXlbFlow) uint32 {
 	a, b := k.Saddr, k.Daddr
 	c := (uint32(k.Sport)<<16 | uint32(k.Dport)) ^ uint32(k.Proto)
