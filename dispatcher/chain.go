@@ -13,6 +13,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/btf"
+
+	"github.com/xlb-project/xlb/internal/xdp"
 )
 
 // This file builds the chain dispatcher: one XDP program that calls every
@@ -24,38 +26,21 @@ import (
 // builder implements.
 const ChainProtocolVersion = 1
 
-// Verdict is an XDP action.
-type Verdict uint32
+// Verdict is an XDP action (internal/xdp names them).
+type Verdict = xdp.Verdict
 
 // The XDP actions.
 const (
-	Aborted  Verdict = 0
-	Drop     Verdict = 1
-	Pass     Verdict = 2
-	TX       Verdict = 3
-	Redirect Verdict = 4
+	Aborted  = xdp.Aborted
+	Drop     = xdp.Drop
+	Pass     = xdp.Pass
+	TX       = xdp.TX
+	Redirect = xdp.Redirect
 )
-
-var verdictNames = []string{"aborted", "drop", "pass", "tx", "redirect"}
-
-func (v Verdict) String() string {
-	if int(v) < len(verdictNames) {
-		return verdictNames[v]
-	}
-	return fmt.Sprintf("verdict(%d)", uint32(v))
-}
 
 // ParseVerdict parses a verdict name: aborted, drop, pass, tx or redirect,
 // with or without libxdp's XDP_ prefix, in any case.
-func ParseVerdict(s string) (Verdict, error) {
-	n := strings.TrimPrefix(strings.ToLower(s), "xdp_")
-	for i, name := range verdictNames {
-		if n == name {
-			return Verdict(i), nil
-		}
-	}
-	return 0, fmt.Errorf("verdict %q: %w", s, ErrBadVerdict)
-}
+func ParseVerdict(s string) (Verdict, error) { return xdp.Parse(s) }
 
 // Chain defaults, as libxdp's (XDP_DEFAULT_RUN_PRIO and
 // XDP_DEFAULT_CHAIN_CALL_ACTIONS).
@@ -69,7 +54,7 @@ var DefaultContinueOn = []Verdict{Pass}
 
 // Errors of the chain builder.
 var (
-	ErrBadVerdict = errors.New("unknown xdp verdict")
+	ErrBadVerdict = xdp.ErrBadVerdict
 	ErrBadMember  = errors.New("bad chain member")
 )
 

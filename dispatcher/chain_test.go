@@ -458,14 +458,3 @@ func TestChainRefusesBadMembers(t *testing.T) {
 		t.Log(err)
 	}
 }
-
-func TestParseVerdict(t *testing.T) {
-	for in, want := range map[string]Verdict{"pass": Pass, "XDP_DROP": Drop, "tx": TX, "Redirect": Redirect, "aborted": Aborted} {
-		if got, err := ParseVerdict(in); err != nil || got != want {
-			t.Errorf("ParseVerdict(%q) = %v, %v; want %v", in, got, err, want)
-		}
-	}
-	if _, err := ParseVerdict("accept"); !errors.Is(err, ErrBadVerdict) {
-		t.Errorf("ParseVerdict(accept) = %v, want ErrBadVerdict", err)
-	}
-}

@@ -19,30 +19,16 @@ import (
 	"github.com/xlb-project/xlb/internal/testnet"
 )
 
-// XDP verdicts (enum xdp_action).
+// XDP verdicts as the test run returns them.
 const (
-	xdpAborted  = 0
-	xdpDrop     = 1
-	xdpPass     = 2
-	xdpTX       = 3
-	xdpRedirect = 4
+	xdpAborted  = uint32(Aborted)
+	xdpDrop     = uint32(Drop)
+	xdpPass     = uint32(Pass)
+	xdpTX       = uint32(TX)
+	xdpRedirect = uint32(Redirect)
 )
 
-func verdictName(v uint32) string {
-	switch v {
-	case xdpAborted:
-		return "XDP_ABORTED"
-	case xdpDrop:
-		return "XDP_DROP"
-	case xdpPass:
-		return "XDP_PASS"
-	case xdpTX:
-		return "XDP_TX"
-	case xdpRedirect:
-		return "XDP_REDIRECT"
-	}
-	return fmt.Sprintf("verdict(%d)", v)
-}
+func verdictName(v uint32) string { return Verdict(v).String() }
 
 // xdpMd is struct xdp_md, the context BPF_PROG_TEST_RUN accepts for XDP:
 // data must be 0 and data_end the packet length; ingress_ifindex names a

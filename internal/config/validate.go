@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/xlb-project/xlb/internal/xdp"
 	"github.com/xlb-project/xlb/plugins"
 )
 
@@ -39,7 +40,7 @@ const (
 )
 
 // Verdicts are the names a chain member's continue-on may list.
-var Verdicts = []string{"aborted", "drop", "pass", "tx", "redirect"}
+var Verdicts = xdp.Names()
 
 var memberName = regexp.MustCompile(`^[a-z0-9-]{1,15}$`)
 
