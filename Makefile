@@ -28,7 +28,7 @@ UNITDIR    := $(PREFIX)/lib/systemd/system
 DOCDIR     := $(PREFIX)/share/doc/xlb
 DATADIR    := $(PREFIX)/share
 
-.PHONY: all check-go deps build generate check-generated lint test fuzz bench demo install clean
+.PHONY: all check-go deps build generate check-generated lint test fuzz fuzz-seeds bench demo install clean
 
 all: build
 
@@ -104,6 +104,24 @@ test: deps build
 		status=$$?; \
 		.ci/check-test-log $(TESTLOG) || status=1; \
 		exit $$status
+
+# Fuzzing: FuzzPipeline (dispatcher/fuzz_test.go) runs arbitrary frames
+# through the whole pipeline. FUZZTIME is go test's -fuzztime: a count of
+# inputs (the default, 1,000,000) or a duration (CI runs 10s). The time
+# taken is printed at the end.
+FUZZTIME ?= 1000000x
+fuzz: deps
+	@mkdir -p $(BIN)
+	@start=$$(date +%s); \
+		$(GO) test -run '^$$' -fuzz '^FuzzPipeline$$' -fuzztime $(FUZZTIME) ./dispatcher/ >$(BIN)/fuzz.log 2>&1; \
+		status=$$?; grep -v 'fuzz: elapsed' $(BIN)/fuzz.log | tail -n 20; grep 'fuzz: elapsed' $(BIN)/fuzz.log | tail -n 1; \
+		echo "fuzz: -fuzztime $(FUZZTIME) took $$(( $$(date +%s) - start )) s (build included)"; exit $$status
+
+# The fuzz seed corpus: the frames every test of the dispatcher package
+# runs, recorded by the tests themselves (see recordFrame).
+fuzz-seeds:
+	rm -f dispatcher/testdata/fuzz/FuzzPipeline/seed-*
+	XLB_FUZZ_SEEDS=$(CURDIR)/dispatcher/testdata/fuzz/FuzzPipeline $(GO) test -count=1 -run 'Test' -skip 'TestDatapathCostTargets' ./dispatcher/
 
 # Benchmarks: kernel ns per packet beside the floor, and end-to-end
 # requests/s through xlb beside a direct path, in the same run.

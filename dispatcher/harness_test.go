@@ -296,6 +296,7 @@ func (e *env) run(prog *ebpf.Program, in []byte) (uint32, []byte) {
 
 func (e *env) runOn(prog *ebpf.Program, in []byte, ifindex uint32) (uint32, []byte) {
 	e.t.Helper()
+	recordFrame(e.t, in)
 	var (
 		verdict uint32
 		err     error
