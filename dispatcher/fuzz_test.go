@@ -199,11 +199,14 @@ func (fz *fuzzer) reset() {
 	clear(p.bkStats[:(idL1+1)*unsafe.Sizeof(xlbXlbBackendStats{})])
 }
 
-func (fz *fuzzer) flows() map[xlbXlbFlow]bool {
-	out := map[xlbXlbFlow]bool{}
+// flows returns the live connections by flow, each with where and at
+// which sequence its slot was written: a connection that replaced an
+// ended one of its flow is a new one.
+func (fz *fuzzer) flows() map[xlbXlbFlow][2]uint32 {
+	out := map[xlbXlbFlow][2]uint32{}
 	bitmap(fz.e.p.ctBusy).each(func(i uint32) {
 		if s, ok := fz.e.p.read(i); ok {
-			out[s.c.Key] = true
+			out[s.c.Key] = [2]uint32{s.idx, s.seq}
 		}
 	})
 	return out
@@ -255,8 +258,8 @@ func (fz *fuzzer) check(in []byte) error {
 
 	// Connections only from valid SYNs to a VIP.
 	var made []xlbXlbFlow
-	for k := range fz.flows() {
-		if !before[k] {
+	for k, at := range fz.flows() {
+		if was, ok := before[k]; !ok || was != at {
 			made = append(made, k)
 		}
 	}
