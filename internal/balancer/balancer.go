@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -282,6 +283,17 @@ func New(opts Options) (_ *Balancer, err error) {
 	}
 	if err := b.host.EnableForwarding(); err != nil {
 		return nil, err
+	}
+	// VLAN-tagged frames must keep their tag where XDP sees it, so the
+	// data path passes them rather than balancing them without it.
+	off, err := b.host.KeepVLANTags()
+	if errors.Is(err, host.ErrVLANOffloadFixed) {
+		b.log.Warn("vlan-tagged frames reach xdp without their tag and would be balanced", "iface", opts.Iface, "error", err.Error())
+	} else if err != nil {
+		return nil, err
+	}
+	if len(off) > 0 {
+		b.log.Info("vlan receive offload turned off", "iface", opts.Iface, "offloads", strings.Join(off, ","))
 	}
 	return b, nil
 }

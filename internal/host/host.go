@@ -1,7 +1,8 @@
 // Package host prepares the load balancer host for xlb's data path: it
 // adds the addresses that clients and backends must reach (VIPs, the
 // source address) to the interface as /32s, turns on IPv4 forwarding for
-// the interface (bpf_fib_lookup requires it), and checks that xlb's source
+// the interface (bpf_fib_lookup requires it), turns off the VLAN receive
+// offloads that would hide VLAN tags from XDP, and checks that xlb's source
 // ports cannot collide with the kernel's ephemeral ports. An Iface
 // remembers what it changed, and Close undoes exactly that.
 //
@@ -40,6 +41,7 @@ type Iface struct {
 	mu         sync.Mutex
 	added      []netip.Addr // addresses this Iface added, in order
 	restoreFwd []byte       // forwarding's value before EnableForwarding changed it; nil when unchanged
+	vlanOff    []int        // feature bits KeepVLANTags turned off
 }
 
 // Open finds the interface name.
@@ -153,7 +155,8 @@ func (h *Iface) forwardingPath() string {
 	return "/proc/sys/net/ipv4/conf/" + h.name + "/forwarding"
 }
 
-// Close removes every address the Iface added and restores forwarding.
+// Close removes every address the Iface added, restores forwarding and
+// turns on again the VLAN receive offloads KeepVLANTags turned off.
 func (h *Iface) Close() error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -169,6 +172,9 @@ func (h *Iface) Close() error {
 			errs = append(errs, fmt.Errorf("restore forwarding on %s: %w", h.name, err))
 		}
 		h.restoreFwd = nil
+	}
+	if err := h.restoreVLAN(); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
