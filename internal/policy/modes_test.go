@@ -1,7 +1,6 @@
 package policy
 
 import (
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -19,16 +18,7 @@ import (
 // values, none missing on either side. The manager converts
 // plugins.Mode to dispatcher.Mode by value, which this makes safe.
 func TestModesMatchDataPath(t *testing.T) {
-	root, err := xlbtest.ModuleRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The committed bpf2go object of the pipeline (xlb_x86_bpfel.o).
-	objs, err := filepath.Glob(filepath.Join(root, "dispatcher", "xlb*_bpfel.o"))
-	if err != nil || len(objs) != 1 {
-		t.Fatalf("find the pipeline's object in dispatcher/: %v %v", objs, err)
-	}
-	spec, err := btf.LoadSpec(objs[0])
+	spec, err := xlbtest.PipelineBTF()
 	if err != nil {
 		t.Fatal(err)
 	}

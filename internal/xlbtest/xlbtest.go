@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cilium/ebpf/btf"
+
 	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/testnet"
 )
@@ -266,4 +268,18 @@ func flagValue(args []string, name string) string {
 		}
 	}
 	return ""
+}
+
+// PipelineBTF reads the BTF of the pipeline's committed bpf2go object
+// (dispatcher/xlb_*_bpfel.o): the C definitions as the data path has them.
+func PipelineBTF() (*btf.Spec, error) {
+	root, err := ModuleRoot()
+	if err != nil {
+		return nil, err
+	}
+	objs, err := filepath.Glob(filepath.Join(root, "dispatcher", "xlb*_bpfel.o"))
+	if err != nil || len(objs) != 1 {
+		return nil, fmt.Errorf("find the pipeline's object in dispatcher/: %v %v", objs, err)
+	}
+	return btf.LoadSpec(objs[0])
 }
