@@ -261,13 +261,22 @@ func TestIPOptionsAndFragments(t *testing.T) {
 	}
 }
 
-// vlanSYN is a SYN from h to the VIP with an 802.1Q tag of VLAN 5 in the
-// frame, and the same frame untagged.
-func (tp *topo) vlanSYN(h *testnet.Host, port uint16) (tagged, untagged []byte) {
-	untagged = packet.TCP(packet.TCPOpts{SrcMAC: h.MAC, DstMAC: tp.lb.MAC, Src: netip.AddrPortFrom(h.IP, port), Dst: tp.vip,
+// sendVLANSYN sends from raw, on client c1, a SYN to the VIP from port
+// with an 802.1Q tag of VLAN 5 in the frame, after setting the bridge
+// port's tx-vlan-offload towards the load balancer (on or off), and waits
+// for the counters in want. It returns the SYN untagged and the counter
+// changes.
+func (tp *topo) sendVLANSYN(t *testing.T, raw *testnet.Raw, txvlan string, port uint16, want map[string]uint64) ([]byte, map[string]uint64) {
+	t.Helper()
+	tp.lan.Switch.Exec(t, "ethtool", "-K", tp.lb.PeerIface, "txvlan", txvlan)
+	untagged := packet.TCP(packet.TCPOpts{SrcMAC: tp.c1.MAC, DstMAC: tp.lb.MAC, Src: netip.AddrPortFrom(tp.c1.IP, port), Dst: tp.vip,
 		Flags: "S", Seq: 1000})
-	tagged = append(append(append([]byte{}, untagged[:12]...), 0x81, 0x00, 0x00, 0x05), untagged[12:]...)
-	return tagged, untagged
+	tagged := append(append(append([]byte{}, untagged[:12]...), 0x81, 0x00, 0x00, 0x05), untagged[12:]...)
+	before := tp.counters(t)
+	if err := raw.Send(tagged); err != nil {
+		t.Fatal(err)
+	}
+	return untagged, tp.waitCounters(t, before, want)
 }
 
 // ethtoolFeature reads one feature of eth0 in ns as `ethtool -k` shows it.
@@ -303,13 +312,7 @@ func TestVLANTagged(t *testing.T) {
 			raw := tp.c1.NS.Raw(t, testnet.HostIface)
 			lbSniff := tp.lb.NS.Raw(t, testnet.HostIface)
 
-			tp.lan.Switch.Exec(t, "ethtool", "-K", tp.lb.PeerIface, "txvlan", "off")
-			tagged, untagged := tp.vlanSYN(tp.c1, 40100)
-			before := tp.counters(t)
-			if err := raw.Send(tagged); err != nil {
-				t.Fatal(err)
-			}
-			d := tp.waitCounters(t, before, map[string]uint64{"pass_not_ipv4": 1})
+			untagged, d := tp.sendVLANSYN(t, raw, "off", 40100, map[string]uint64{"pass_not_ipv4": 1})
 			if d["pass_not_ipv4"] < 1 || d["new_conn"] != 0 || d["fwd"] != 0 {
 				t.Errorf("tagged SYN: counter changes %v, want pass_not_ipv4 and no connection", d)
 			}
@@ -329,13 +332,7 @@ func TestVLANTagged(t *testing.T) {
 			}
 
 			t.Run("limit: a tag outside the frame is not seen", func(t *testing.T) {
-				tp.lan.Switch.Exec(t, "ethtool", "-K", tp.lb.PeerIface, "txvlan", "on")
-				tagged, _ := tp.vlanSYN(tp.c1, 40101)
-				before := tp.counters(t)
-				if err := raw.Send(tagged); err != nil {
-					t.Fatal(err)
-				}
-				d := tp.waitCounters(t, before, map[string]uint64{"new_conn": 1})
+				_, d := tp.sendVLANSYN(t, raw, "on", 40101, map[string]uint64{"new_conn": 1})
 				if d["new_conn"] != 1 {
 					t.Errorf("counter changes %v: the documented limit no longer holds (a tag outside the frame balanced as untagged); update docs/architecture.md", d)
 				}
