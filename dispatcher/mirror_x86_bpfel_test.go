@@ -114,18 +114,19 @@ type mirrorXlbPkt struct {
 		Proto uint8
 		Pad   [3]uint8
 	}
-	Vip      mirrorXlbVipPort
-	SvcId    uint32
-	Dir      uint8
-	TcpFlags uint8
-	SrcIdx   uint8
-	Pad      uint8
-	NewSaddr uint32
-	NewDaddr uint32
-	NewSport uint16
-	NewDport uint16
-	SeqDelta uint32
-	Nh       struct {
+	Vip       mirrorXlbVipPort
+	SvcId     uint32
+	Dir       uint8
+	TcpFlags  uint8
+	SrcIdx    uint8
+	Pad       uint8
+	BackendId uint32
+	NewSaddr  uint32
+	NewDaddr  uint32
+	NewSport  uint16
+	NewDport  uint16
+	SeqDelta  uint32
+	Nh        struct {
 		_       structs.HostLayout
 		Ifindex uint32
 		Smac    [6]uint8
@@ -143,7 +144,8 @@ type mirrorXlbRconn struct {
 	Vaddr     uint32
 	Vport     uint16
 	Flags     uint16
-	LastSeenJ uint64
+	LastSeenJ uint32
+	BackendId uint32
 	NhJ       uint32
 	SeqDelta  uint32
 	Nh        struct {
@@ -166,6 +168,12 @@ type mirrorXlbSrcSlot struct {
 	_    structs.HostLayout
 	Addr uint32
 	Idx  uint32
+}
+
+type mirrorXlbTraffic struct {
+	_       structs.HostLayout
+	Packets [2]uint64
+	Bytes   [2]uint64
 }
 
 type mirrorXlbTrusted struct {
@@ -193,6 +201,7 @@ type mirrorXlbVipPort struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	mirrorMapXlbBackends    = "xlb_backends"
+	mirrorMapXlbBkCtr       = "xlb_bk_ctr"
 	mirrorMapXlbBkStats     = "xlb_bk_stats"
 	mirrorMapXlbConns       = "xlb_conns"
 	mirrorMapXlbCtBusy      = "xlb_ct_busy"
@@ -267,6 +276,7 @@ type mirrorProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type mirrorMapSpecs struct {
 	XlbBackends *ebpf.MapSpec `ebpf:"xlb_backends"`
+	XlbBkCtr    *ebpf.MapSpec `ebpf:"xlb_bk_ctr"`
 	XlbBkStats  *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
 	XlbConns    *ebpf.MapSpec `ebpf:"xlb_conns"`
 	XlbCtBusy   *ebpf.MapSpec `ebpf:"xlb_ct_busy"`
@@ -317,6 +327,7 @@ func (o *mirrorObjects) Close() error {
 // It can be passed to loadMirrorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type mirrorMaps struct {
 	XlbBackends *ebpf.Map `ebpf:"xlb_backends"`
+	XlbBkCtr    *ebpf.Map `ebpf:"xlb_bk_ctr"`
 	XlbBkStats  *ebpf.Map `ebpf:"xlb_bk_stats"`
 	XlbConns    *ebpf.Map `ebpf:"xlb_conns"`
 	XlbCtBusy   *ebpf.Map `ebpf:"xlb_ct_busy"`
@@ -342,6 +353,7 @@ type mirrorMaps struct {
 func (m *mirrorMaps) Close() error {
 	return _MirrorClose(
 		m.XlbBackends,
+		m.XlbBkCtr,
 		m.XlbBkStats,
 		m.XlbConns,
 		m.XlbCtBusy,
