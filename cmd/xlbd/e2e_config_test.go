@@ -17,8 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 
@@ -465,12 +463,7 @@ func TestBadInput(t *testing.T) {
 	}
 
 	t.Run("interface busy with another xdp program", func(t *testing.T) {
-		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-			Name:         "other_pass",
-			Type:         ebpf.XDP,
-			Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 2), asm.Return()},
-			License:      "GPL",
-		})
+		prog, err := testnet.NewPassProgram("other_pass")
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -9,8 +9,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/xlb-project/xlb/internal/testnet"
@@ -207,12 +205,7 @@ func TestHostPortRange(t *testing.T) {
 
 func TestHostAttachedXDP(t *testing.T) {
 	ns := newHostNS(t, "10.77.0.1/24")
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name:         "other_tool",
-		Type:         ebpf.XDP,
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 2), asm.Return()},
-		License:      "GPL",
-	})
+	prog, err := testnet.NewPassProgram("other_tool")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -103,9 +103,13 @@ func probePrivileges() string {
 }
 
 // newPassProgram loads an XDP program that returns XDP_PASS.
-func newPassProgram() (*ebpf.Program, error) {
+func newPassProgram() (*ebpf.Program, error) { return NewPassProgram("xlbt_pass") }
+
+// NewPassProgram loads an XDP program named name that returns XDP_PASS,
+// such as another tool's program found on an interface.
+func NewPassProgram(name string) (*ebpf.Program, error) {
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name: "xlbt_pass",
+		Name: name,
 		Type: ebpf.XDP,
 		Instructions: asm.Instructions{
 			asm.Mov.Imm(asm.R0, 2), // XDP_PASS
