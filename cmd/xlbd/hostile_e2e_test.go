@@ -22,22 +22,17 @@ import (
 // from the last frame it sent on the flow.
 func clientState(t *testing.T, sniff *testnet.Raw, local, vip netip.AddrPort) (next, ack uint32) {
 	t.Helper()
-	found := false
-	for _, f := range sniff.Frames() {
-		if !f.Outgoing {
-			continue
-		}
+	frames := sniff.Await(func(f testnet.Frame) bool {
 		d, err := packet.Decode(f.Data)
-		if err != nil || d.Proto != packet.ProtoTCP || d.Src != local || d.Dst != vip {
-			continue
-		}
-		next, ack, found = d.Seq+uint32(len(d.Payload)), d.Ack, true
-		if strings.ContainsAny(d.Flags, "SF") {
-			next++
-		}
-	}
-	if !found {
+		return f.Outgoing && err == nil && d.Proto == packet.ProtoTCP && d.Src == local && d.Dst == vip
+	}, 300*time.Millisecond, 3*time.Second)
+	if len(frames) == 0 {
 		t.Fatalf("no frame of %s -> %s seen on the client's interface", local, vip)
+	}
+	d, _ := packet.Decode(frames[len(frames)-1].Data)
+	next, ack = d.Seq+uint32(len(d.Payload)), d.Ack
+	if strings.ContainsAny(d.Flags, "SF") {
+		next++
 	}
 	return next, ack
 }
@@ -319,15 +314,12 @@ func TestVLANTagged(t *testing.T) {
 			if st := tp.connState(t, netip.AddrPortFrom(tp.c1.IP, 40100)); st != "" {
 				t.Errorf("tagged SYN made a connection (%s)", st)
 			}
-			seen := false
-			for _, f := range lbSniff.Frames() {
-				// The kernel's stack got it: the tag read by the stack,
-				// the bytes as sent.
-				if !f.Outgoing && f.VLANValid && f.VLAN&0xfff == 5 && string(f.Data) == string(untagged) {
-					seen = true
-				}
-			}
-			if !seen {
+			// The kernel's stack got it: the tag read by the stack, the
+			// bytes as sent.
+			seen := lbSniff.Await(func(f testnet.Frame) bool {
+				return !f.Outgoing && f.VLANValid && f.VLAN&0xfff == 5 && string(f.Data) == string(untagged)
+			}, 0, 2*time.Second)
+			if len(seen) == 0 {
 				t.Errorf("the tagged SYN did not reach the load balancer's stack untouched")
 			}
 

@@ -135,6 +135,29 @@ func (r *Raw) Frames() []Frame {
 	return slices.Clone(r.frames)
 }
 
+// Await returns the frames seen that match, once there is at least one
+// and no new one came for quiet (frames are read in the background, a
+// little after they pass), or what there is after limit.
+func (r *Raw) Await(match func(Frame) bool, quiet, limit time.Duration) []Frame {
+	var got []Frame
+	last, end := time.Now(), time.Now().Add(limit)
+	for {
+		var now []Frame
+		for _, f := range r.Frames() {
+			if match(f) {
+				now = append(now, f)
+			}
+		}
+		if len(now) != len(got) {
+			got, last = now, time.Now()
+		}
+		if len(got) > 0 && time.Since(last) >= quiet || time.Now().After(end) {
+			return got
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // Close stops the reader and closes the socket.
 func (r *Raw) Close() {
 	select {
