@@ -1,35 +1,33 @@
 package main
 
 import (
-	"regexp"
+	"io"
 	"strings"
 	"testing"
+
+	"github.com/spf13/cobra"
 )
 
-var optional = regexp.MustCompile(`\[[^\]]*\]`)
-
 // cliCommands lists xlbctl's commands as word paths ("status", "chain
-// add"), read from xlbctl's own usage message: each alternative's leading
-// lower-case words.
+// add"), read from its cobra tree: the commands that run, not the groups
+// (a group is the first words of its commands' paths).
 func cliCommands(t *testing.T) [][]string {
 	t.Helper()
-	usage, ok := strings.CutPrefix(errUsage.Error(), "usage: xlbctl ")
-	if !ok {
-		t.Fatalf("xlbctl's usage message changed: %q", errUsage)
-	}
-	usage = optional.ReplaceAllString(usage, "")
+	root := newRoot(io.Discard, io.Discard)
+	root.InitDefaultHelpCmd()
+	root.InitDefaultCompletionCmd()
 	var out [][]string
-	for alt := range strings.SplitSeq(usage, " | ") {
-		var words []string
-		for _, w := range strings.Fields(alt) {
-			if w != strings.ToLower(w) || strings.HasPrefix(w, "-") {
-				break
-			}
-			words = append(words, w)
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		if !c.HasSubCommands() {
+			out = append(out, strings.Fields(c.CommandPath())[1:])
 		}
-		if len(words) > 0 {
-			out = append(out, words)
+		for _, sub := range c.Commands() {
+			walk(sub)
 		}
+	}
+	for _, c := range root.Commands() {
+		walk(c)
 	}
 	return out
 }

@@ -22,7 +22,7 @@ import (
 // plugins' READMEs name in code (`...` or a fenced block) exists. The
 // counters come from enum xlb_stat in the pipeline object's BTF, the keys
 // from internal/config's Config (its mapstructure tags), the commands from
-// xlbctl itself (cliCommands).
+// xlbctl's cobra tree (cliCommands).
 func TestDocsNameWhatExists(t *testing.T) {
 	docs := readDocs(t)
 	counters := btfCounters(t)
@@ -337,7 +337,7 @@ func commandMentions(code string) [][]string {
 				}
 				continue
 			}
-			if strings.HasPrefix(a, "[") || strings.HasPrefix(a, "$") || strings.HasPrefix(a, "<") {
+			if strings.HasPrefix(a, "[") || strings.HasPrefix(a, "$") || strings.HasPrefix(a, "<") || strings.HasPrefix(a, "#") {
 				break
 			}
 			words = append(words, a)
@@ -348,28 +348,22 @@ func commandMentions(code string) [][]string {
 }
 
 // commandExists says why words do not start with an xlbctl command, or ""
-// when they do: the first word is a command or a group of commands, and a
-// group's next word, if any, is one of its commands. Words after a
-// command are its arguments.
+// when they do: the words start with a command's path, or are the first
+// words of one (a group). Words after a command are its arguments.
 func commandExists(cmds [][]string, words []string) string {
 	if len(words) == 0 {
 		return "" // xlbctl itself
 	}
-	var group bool
 	for _, c := range cmds {
-		if c[0] != words[0] {
-			continue
-		}
-		if len(c) == 1 {
-			return ""
-		}
-		group = true
-		if len(words) == 1 || words[1] == c[1] {
+		n := min(len(c), len(words))
+		if slices.Equal(c[:n], words[:n]) {
 			return ""
 		}
 	}
-	if group {
-		return "no such command in its group"
+	for _, c := range cmds {
+		if c[0] == words[0] {
+			return "no such command in its group"
+		}
 	}
 	return "no such command"
 }
