@@ -6,6 +6,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 
 	"github.com/xlb-project/xlb/internal/testnet"
 )
@@ -57,9 +58,23 @@ func TestMirrorsAgree(t *testing.T) {
 		}
 	}
 
-	// Every combination of the defined flags, with and without the
-	// tombstone bit and with bits no flag uses.
-	defined := uint32(cfSynAck | cfEstab | cfFinC | cfFinB | cfRST | uint32(xlbXlbConnFlagXLB_CF_SYN))
+	// Every combination of the defined flags (enum xlb_conn_flag, read
+	// from the pipeline's BTF), with and without the tombstone bit and
+	// with bits no flag uses.
+	xlbSpec, err := loadXlb()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var flagEnum *btf.Enum
+	if err := xlbSpec.Types.TypeByName("xlb_conn_flag", &flagEnum); err != nil {
+		t.Fatal(err)
+	}
+	var defined uint32
+	for _, v := range flagEnum.Values {
+		if uint32(v.Value) != ctDead {
+			defined |= uint32(v.Value)
+		}
+	}
 	states := map[uint32]bool{}
 	for f := uint32(0); f <= defined; f++ {
 		if f&^defined != 0 {

@@ -75,7 +75,7 @@ type mirrorXlbCfg struct {
 	CookieShift uint32
 	_           [4]byte
 	NhTtlJ      uint64
-	TimeoutJ    [5]uint64
+	TimeoutJ    [6]uint64
 }
 
 type mirrorXlbConn struct {
@@ -119,7 +119,7 @@ type mirrorXlbPkt struct {
 	Dir       uint8
 	TcpFlags  uint8
 	SrcIdx    uint8
-	Pad       uint8
+	Icmp      uint8
 	BackendId uint32
 	NewSaddr  uint32
 	NewDaddr  uint32
