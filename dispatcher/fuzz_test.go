@@ -26,12 +26,13 @@ import (
 // (xlb_dispatch and its stages, BPF_PROG_TEST_RUN) and checks, frame by
 // frame:
 //
-//   - a connection is created only by a valid SYN to a VIP with a
-//     selection table: IPv4 without options, not a fragment, SYN without
-//     ACK or RST, correct checksums, a source address a client can have;
+//   - a connection is created only by a valid SYN to a TCP VIP, or a
+//     valid datagram to a UDP VIP, with a selection table: IPv4 without
+//     options, not a fragment, a TCP SYN without ACK or RST, correct
+//     checksums, a source address a client can have;
 //   - a rewritten packet (XDP_TX or redirect) has correct checksums: a
-//     reply xlb builds (RST, challenge) always, a forwarded one whenever
-//     the frame had them;
+//     reply xlb builds (RST, challenge) always, a forwarded one or a
+//     translated ICMP error whenever the frame had them;
 //   - the counters add up: every frame moves exactly one outcome counter
 //     by one, the one its verdict allows (docs/stage-abi.md), and side
 //     counters only with the outcomes they go with; XDP_PASS leaves the
@@ -48,6 +49,8 @@ func FuzzPipeline(f *testing.F) {
 	// own namespace and pipeline here.
 	e := newEnvOpts(f, Options{ConntrackSize: 64, PortLo: portLo, PortHi: portLo + 63})
 	e.must(e.p.SetSelection(2, ModeHash, []uint32{idA, idB, idC, idL1}))
+	e.must(e.p.SetService(3, vipDNS, UDP, []int{0}))
+	e.must(e.p.SetSelection(3, ModeRandom, []uint32{idA, idB}))
 	fz := newFuzzer(e)
 	for _, fr := range fuzzSeedFrames() {
 		f.Add(encodeFrames(fr))
@@ -101,6 +104,7 @@ func fuzzSeedFrames() [][][]byte {
 		{syn, fromClient(cl, vip, seg{flags: "A", seq: 1001, ack: 1}), fromClient(cl, vip, seg{flags: "R", seq: 1001})},
 		{fromClient(netip.AddrPortFrom(client2, 1234), vip2, seg{flags: "S", seq: 7})},
 		{fromBackend(backendA, portLo, seg{flags: "SA", seq: 5, ack: 1001})},
+		{udpFrom(cl, vipDNS, clientMAC(client1), []byte("q")), udpTo(backendA, netip.AddrPortFrom(lbAddr, portLo), lbMAC, []byte("a"))},
 	}
 }
 
@@ -109,7 +113,8 @@ func fuzzSeedFrames() [][][]byte {
 // table).
 var fuzzOutcomes = map[string][]Verdict{
 	"fwd": {TX, Redirect}, "ret": {TX, Redirect},
-	"rst_no_backend": {TX}, "rst_no_port": {TX}, "syn_challenge": {TX},
+	"rst_no_backend": {TX}, "rst_no_port": {TX}, "syn_challenge": {TX}, "reset_no_conn": {TX},
+	"icmp_error": {TX, Redirect},
 	"pass_not_ipv4": {Pass}, "pass_not_tcp": {Pass}, "pass_ip_options": {Pass},
 	"pass_fragment": {Pass}, "pass_not_ours": {Pass}, "tailcall_fail": {Pass},
 	"drop_eth_trunc": {Drop}, "drop_ip_hdr": {Drop}, "drop_ip_len": {Drop},
@@ -117,19 +122,21 @@ var fuzzOutcomes = map[string][]Verdict{
 	"drop_no_conn": {Drop}, "drop_bad_source": {Drop}, "drop_bad_csum": {Drop},
 	"drop_fib": {Drop}, "drop_ct_race": {Drop}, "drop_stale": {Drop},
 	"drop_internal": {Drop}, "syn_validated": {Drop},
+	"drop_no_backend": {Drop}, "drop_no_port": {Drop}, "drop_udp_hdr": {Drop},
 }
 
 // Side counters: at most one per frame, and only with these outcomes.
 var fuzzSides = map[string][]string{
 	"new_conn": {"fwd"},
-	// A SYN replaces an ended connection (recycled) or evicts a live
-	// one from a full window before it knows its backend and port.
-	"recycled": {"fwd", "rst_no_backend", "rst_no_port", "drop_fib", "syn_challenge"},
-	"evicted":  {"fwd", "rst_no_backend", "rst_no_port", "drop_fib", "syn_challenge"},
+	// A SYN or a new flow's datagram replaces an ended connection
+	// (recycled) or evicts a live one from a full window before it knows
+	// its backend and port.
+	"recycled": {"fwd", "rst_no_backend", "rst_no_port", "drop_no_backend", "drop_no_port", "drop_fib", "syn_challenge"},
+	"evicted":  {"fwd", "rst_no_backend", "rst_no_port", "drop_no_backend", "drop_no_port", "drop_fib", "syn_challenge"},
 	// An in-window RST or FIN ends a connection on its way through.
 	"closed":            {"fwd", "ret", "drop_fib", "drop_ct_race"},
 	"untrusted_rst_fin": {"fwd", "ret", "drop_fib", "drop_ct_race"},
-	"redirect":          {"fwd", "ret"},
+	"redirect":          {"fwd", "ret", "icmp_error"},
 }
 
 // fuzzer checks frames against one pipeline.
@@ -141,7 +148,7 @@ type fuzzer struct {
 	keys  []uint32
 	vals  []uint64
 	prev  []uint64
-	vips  map[netip.AddrPort]bool // VIPs with a selection table
+	vips  map[netip.AddrPort]uint8 // VIPs with a selection table, by protocol
 }
 
 func newFuzzer(e *env) *fuzzer {
@@ -151,7 +158,7 @@ func newFuzzer(e *env) *fuzzer {
 	fz := &fuzzer{
 		e: e, stats: e.p.objs.XlbStats, names: names, ncpu: ncpu,
 		keys: make([]uint32, len(names)), vals: make([]uint64, len(names)*ncpu),
-		vips: map[netip.AddrPort]bool{vip: true, vip2: true},
+		vips: map[netip.AddrPort]uint8{vip: TCP, vip2: TCP, vipDNS: UDP},
 	}
 	for _, m := range [][]string{slices.Collect(maps.Keys(fuzzOutcomes)), slices.Collect(maps.Keys(fuzzSides))} {
 		for _, n := range m {
@@ -267,8 +274,8 @@ func (fz *fuzzer) check(in []byte) error {
 		return fmt.Errorf("%d connections appeared, new_conn moved by %d", len(made), delta["new_conn"])
 	}
 	if len(made) > 0 {
-		if why := fz.notValidSYN(in); why != "" {
-			return fmt.Errorf("connection %v created by a frame that is not a valid SYN to a VIP: %s", made, why)
+		if why := fz.notValidNew(in); why != "" {
+			return fmt.Errorf("connection %v created by a frame that is not a valid SYN or datagram to a VIP: %s", made, why)
 		}
 		src, dst := fz.flowOf(in)
 		if k := made[0]; addrPort(k.Saddr, k.Sport) != src || addrPort(k.Daddr, k.Dport) != dst {
@@ -278,7 +285,7 @@ func (fz *fuzzer) check(in []byte) error {
 
 	// Rewritten packets have correct checksums.
 	if verdict == TX || verdict == Redirect {
-		built := outcome != "fwd" && outcome != "ret" // a RST or challenge xlb wrote
+		built := outcome != "fwd" && outcome != "ret" && outcome != "icmp_error" // a RST or challenge xlb wrote
 		if err := packet.Verify(out); err != nil && (built || packet.Verify(in) == nil) {
 			return fmt.Errorf("%s output (%s): %v\n in  % x\n out % x", verdict, outcome, err, in, out)
 		}
@@ -295,10 +302,10 @@ func (fz *fuzzer) flowOf(in []byte) (src, dst netip.AddrPort) {
 	return d.Src, d.Dst
 }
 
-// notValidSYN says why a frame is not a valid SYN to a VIP with a
-// selection table, or "" when it is one. Written from the protocols,
-// not from the data path.
-func (fz *fuzzer) notValidSYN(in []byte) string {
+// notValidNew says why a frame is not a valid SYN to a TCP VIP or a
+// valid datagram to a UDP VIP, with a selection table, or "" when it is
+// one. Written from the protocols, not from the data path.
+func (fz *fuzzer) notValidNew(in []byte) string {
 	if err := verifyAsReceiver(in); err != nil {
 		return err.Error()
 	}
@@ -308,19 +315,14 @@ func (fz *fuzzer) notValidSYN(in []byte) string {
 	}
 	ip := in[14:]
 	switch {
-	case d.Proto != packet.ProtoTCP:
-		return "not TCP"
 	case ip[0]&0x0f != 5:
 		return "IPv4 options"
 	case binary.BigEndian.Uint16(ip[6:])&0x3fff != 0:
 		return "a fragment"
-	}
-	fl := ip[20+13]
-	if fl&(0x02|0x10|0x04) != 0x02 {
+	case fz.vips[d.Dst] != d.Proto:
+		return fmt.Sprintf("to %s protocol %d, not a VIP with a table", d.Dst, d.Proto)
+	case d.Proto == packet.ProtoTCP && ip[20+13]&(0x02|0x10|0x04) != 0x02:
 		return fmt.Sprintf("flags %s", d.Flags)
-	}
-	if !fz.vips[d.Dst] {
-		return fmt.Sprintf("to %s, not a VIP with a table", d.Dst)
 	}
 	if a := d.Src.Addr().As4(); a[0] == 0 || a[0] == 127 || a[0] >= 224 || d.Src.Addr() == d.Dst.Addr() {
 		return fmt.Sprintf("from %s", d.Src.Addr())
@@ -340,11 +342,15 @@ func verifyAsReceiver(b []byte) error {
 		if !errors.As(err, &ce) || !(ce.Want == 0 && ce.Got == 0xffff || ce.Want == 0xffff && ce.Got == 0) {
 			return err
 		}
-		off := 14 + 10 // the IPv4 header's checksum
-		if ce.Layer == "tcp" {
+		var off int
+		switch ce.Layer {
+		case "ipv4":
+			off = 14 + 10
+		case "tcp":
 			off = 14 + int(b[14]&0x0f)*4 + 16
-		}
-		if ce.Layer != "ipv4" && ce.Layer != "tcp" {
+		case "udp":
+			off = 14 + int(b[14]&0x0f)*4 + 6
+		default:
 			return err
 		}
 		binary.BigEndian.PutUint16(b[off:], ce.Want)
