@@ -114,7 +114,7 @@ func fuzzSeedFrames() [][][]byte {
 var fuzzOutcomes = map[string][]Verdict{
 	"fwd": {TX, Redirect}, "ret": {TX, Redirect},
 	"rst_no_backend": {TX}, "rst_no_port": {TX}, "syn_challenge": {TX}, "reset_no_conn": {TX},
-	"icmp_error": {TX, Redirect},
+	"icmp_error":    {TX, Redirect},
 	"pass_not_ipv4": {Pass}, "pass_not_tcp": {Pass}, "pass_ip_options": {Pass},
 	"pass_fragment": {Pass}, "pass_not_ours": {Pass}, "tailcall_fail": {Pass},
 	"drop_eth_trunc": {Drop}, "drop_ip_hdr": {Drop}, "drop_ip_len": {Drop},
