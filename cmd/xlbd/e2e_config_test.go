@@ -327,11 +327,6 @@ func TestConfigEnvironment(t *testing.T) {
 	}
 }
 
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
-}
-
 // TestConfigPrecedence checks flag over environment over file, seen in the
 // attach mode of the interface.
 func TestConfigPrecedence(t *testing.T) {
