@@ -89,7 +89,7 @@ CSRC = $(wildcard programs/*.c programs/include/xlb_*.h */testdata/*.c */*/testd
 # Lint: gofmt, go vet, staticcheck (pinned as a tool in go.mod) and
 # clang-format (.clang-format) for the BPF C.
 lint: deps
-	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt: not formatted:"; echo "$$out"; exit 1; fi
+	@out=$$($$($(GO) env GOROOT)/bin/gofmt -l .); if [ -n "$$out" ]; then echo "gofmt: not formatted:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
 	clang-format --dry-run --Werror $(CSRC)
