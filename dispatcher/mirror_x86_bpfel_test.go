@@ -42,6 +42,13 @@ type mirrorXlbBackend struct {
 	Weight uint16
 }
 
+type mirrorXlbBackend6 struct {
+	_      structs.HostLayout
+	Addr   [4]uint32
+	Port   uint16
+	Weight uint16
+}
+
 type mirrorXlbBackendStats struct {
 	_        structs.HostLayout
 	Active   int64
@@ -73,16 +80,27 @@ type mirrorXlbCfg struct {
 	SynHalfOpen uint32
 	SynOkJ      uint32
 	CookieShift uint32
+	Src60       [4]uint32
+	Src6Mult    uint32
+	Ct6Mask     uint32
 	_           [4]byte
 	NhTtlJ      uint64
 	TimeoutJ    [6]uint64
 }
 
 type mirrorXlbConn struct {
-	_     structs.HostLayout
-	Seq   uint32
-	Flags uint32
-	Key   struct {
+	_         structs.HostLayout
+	Seq       uint32
+	Flags     uint32
+	LastSeenJ uint64
+	BackendId uint32
+	SeqDelta  uint32
+	IsnB      uint32
+	AckC      uint32
+	SrcIdx    uint32
+	Bport     uint16
+	Lport     uint16
+	Key       struct {
 		_     structs.HostLayout
 		Saddr uint32
 		Daddr uint32
@@ -91,16 +109,34 @@ type mirrorXlbConn struct {
 		Proto uint8
 		Pad   [3]uint8
 	}
-	Laddr     uint32
-	Baddr     uint32
-	Bport     uint16
-	Lport     uint16
-	BackendId uint32
+	Laddr uint32
+	Baddr uint32
+}
+
+type mirrorXlbConn6 struct {
+	_         structs.HostLayout
+	Seq       uint32
+	Flags     uint32
 	LastSeenJ uint64
+	BackendId uint32
 	SeqDelta  uint32
 	IsnB      uint32
 	AckC      uint32
 	SrcIdx    uint32
+	Bport     uint16
+	Lport     uint16
+	Key       struct {
+		_     structs.HostLayout
+		Saddr [4]uint32
+		Daddr [4]uint32
+		Sport uint16
+		Dport uint16
+		Proto uint8
+		Pad   [3]uint8
+	}
+	Laddr [4]uint32
+	Baddr [4]uint32
+	Pad   [2]uint64
 }
 
 type mirrorXlbPkt struct {
@@ -132,36 +168,79 @@ type mirrorXlbPkt struct {
 		Smac    [6]uint8
 		Dmac    [6]uint8
 	}
+	Flow6 struct {
+		_     structs.HostLayout
+		Saddr [4]uint32
+		Daddr [4]uint32
+		Sport uint16
+		Dport uint16
+		Proto uint8
+		Pad   [3]uint8
+	}
+	Vip6      mirrorXlbVipPort6
+	NewSaddr6 [4]uint32
+	NewDaddr6 [4]uint32
 }
 
 type mirrorXlbRconn struct {
 	_         structs.HostLayout
 	State     uint32
-	Baddr     uint32
+	Flags     uint16
 	Bport     uint16
 	Cport     uint16
-	Caddr     uint32
-	Vaddr     uint32
 	Vport     uint16
-	Flags     uint16
 	LastSeenJ uint32
 	BackendId uint32
 	NhJ       uint32
 	SeqDelta  uint32
+	TwSeq     uint32
+	AckB      uint32
 	Nh        struct {
 		_       structs.HostLayout
 		Ifindex uint32
 		Smac    [6]uint8
 		Dmac    [6]uint8
 	}
-	TwSeq uint32
-	AckB  uint32
+	Baddr uint32
+	Caddr uint32
+	Vaddr uint32
+}
+
+type mirrorXlbRconn6 struct {
+	_         structs.HostLayout
+	State     uint32
+	Flags     uint16
+	Bport     uint16
+	Cport     uint16
+	Vport     uint16
+	LastSeenJ uint32
+	BackendId uint32
+	NhJ       uint32
+	SeqDelta  uint32
+	TwSeq     uint32
+	AckB      uint32
+	Nh        struct {
+		_       structs.HostLayout
+		Ifindex uint32
+		Smac    [6]uint8
+		Dmac    [6]uint8
+	}
+	Baddr [4]uint32
+	Caddr [4]uint32
+	Vaddr [4]uint32
+	Pad   [7]uint32
 }
 
 type mirrorXlbService struct {
 	_     structs.HostLayout
 	Id    uint32
 	Flags uint32
+}
+
+type mirrorXlbSrc6Slot struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+	Idx  uint32
 }
 
 type mirrorXlbSrcSlot struct {
@@ -190,9 +269,23 @@ type mirrorXlbVip struct {
 	Pad   uint8
 }
 
+type mirrorXlbVip6 struct {
+	_     structs.HostLayout
+	Addr  [4]uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type mirrorXlbVipPort struct {
 	_    structs.HostLayout
 	Addr uint32
+	Svc  uint32
+}
+
+type mirrorXlbVipPort6 struct {
+	_    structs.HostLayout
+	Addr [4]uint32
 	Svc  uint32
 }
 
@@ -201,27 +294,37 @@ type mirrorXlbVipPort struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	mirrorMapXlbBackends    = "xlb_backends"
+	mirrorMapXlbBackends6   = "xlb_backends6"
 	mirrorMapXlbBkCtr       = "xlb_bk_ctr"
 	mirrorMapXlbBkStats     = "xlb_bk_stats"
 	mirrorMapXlbConns       = "xlb_conns"
+	mirrorMapXlbConns6      = "xlb_conns6"
+	mirrorMapXlbCt6Busy     = "xlb_ct6_busy"
 	mirrorMapXlbCtBusy      = "xlb_ct_busy"
 	mirrorMapXlbNow         = "xlb_now"
+	mirrorMapXlbPort6Busy   = "xlb_port6_busy"
+	mirrorMapXlbPort6Cur    = "xlb_port6_cur"
 	mirrorMapXlbPortBusy    = "xlb_port_busy"
 	mirrorMapXlbPortCur     = "xlb_port_cur"
 	mirrorMapXlbPorts       = "xlb_ports"
+	mirrorMapXlbPorts6      = "xlb_ports6"
 	mirrorMapXlbProgs       = "xlb_progs"
 	mirrorMapXlbRng         = "xlb_rng"
 	mirrorMapXlbRr          = "xlb_rr"
 	mirrorMapXlbScratch     = "xlb_scratch"
 	mirrorMapXlbSel         = "xlb_sel"
 	mirrorMapXlbServices    = "xlb_services"
+	mirrorMapXlbServices6   = "xlb_services6"
 	mirrorMapXlbSettings    = "xlb_settings"
 	mirrorMapXlbSrc         = "xlb_src"
+	mirrorMapXlbSrc6        = "xlb_src6"
+	mirrorMapXlbSrc6Slots   = "xlb_src6_slots"
 	mirrorMapXlbSrcSlots    = "xlb_src_slots"
 	mirrorMapXlbStats       = "xlb_stats"
 	mirrorMapXlbSvcSrc      = "xlb_svc_src"
 	mirrorMapXlbSynOk       = "xlb_syn_ok"
 	mirrorMapXlbVipPorts    = "xlb_vip_ports"
+	mirrorMapXlbVipPorts6   = "xlb_vip_ports6"
 	mirrorProgXlbMirror     = "xlb_mirror"
 	mirrorVarUnusedMirrorIo = "unused_mirror_io"
 )
@@ -275,28 +378,38 @@ type mirrorProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type mirrorMapSpecs struct {
-	XlbBackends *ebpf.MapSpec `ebpf:"xlb_backends"`
-	XlbBkCtr    *ebpf.MapSpec `ebpf:"xlb_bk_ctr"`
-	XlbBkStats  *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
-	XlbConns    *ebpf.MapSpec `ebpf:"xlb_conns"`
-	XlbCtBusy   *ebpf.MapSpec `ebpf:"xlb_ct_busy"`
-	XlbNow      *ebpf.MapSpec `ebpf:"xlb_now"`
-	XlbPortBusy *ebpf.MapSpec `ebpf:"xlb_port_busy"`
-	XlbPortCur  *ebpf.MapSpec `ebpf:"xlb_port_cur"`
-	XlbPorts    *ebpf.MapSpec `ebpf:"xlb_ports"`
-	XlbProgs    *ebpf.MapSpec `ebpf:"xlb_progs"`
-	XlbRng      *ebpf.MapSpec `ebpf:"xlb_rng"`
-	XlbRr       *ebpf.MapSpec `ebpf:"xlb_rr"`
-	XlbScratch  *ebpf.MapSpec `ebpf:"xlb_scratch"`
-	XlbSel      *ebpf.MapSpec `ebpf:"xlb_sel"`
-	XlbServices *ebpf.MapSpec `ebpf:"xlb_services"`
-	XlbSettings *ebpf.MapSpec `ebpf:"xlb_settings"`
-	XlbSrc      *ebpf.MapSpec `ebpf:"xlb_src"`
-	XlbSrcSlots *ebpf.MapSpec `ebpf:"xlb_src_slots"`
-	XlbStats    *ebpf.MapSpec `ebpf:"xlb_stats"`
-	XlbSvcSrc   *ebpf.MapSpec `ebpf:"xlb_svc_src"`
-	XlbSynOk    *ebpf.MapSpec `ebpf:"xlb_syn_ok"`
-	XlbVipPorts *ebpf.MapSpec `ebpf:"xlb_vip_ports"`
+	XlbBackends  *ebpf.MapSpec `ebpf:"xlb_backends"`
+	XlbBackends6 *ebpf.MapSpec `ebpf:"xlb_backends6"`
+	XlbBkCtr     *ebpf.MapSpec `ebpf:"xlb_bk_ctr"`
+	XlbBkStats   *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
+	XlbConns     *ebpf.MapSpec `ebpf:"xlb_conns"`
+	XlbConns6    *ebpf.MapSpec `ebpf:"xlb_conns6"`
+	XlbCt6Busy   *ebpf.MapSpec `ebpf:"xlb_ct6_busy"`
+	XlbCtBusy    *ebpf.MapSpec `ebpf:"xlb_ct_busy"`
+	XlbNow       *ebpf.MapSpec `ebpf:"xlb_now"`
+	XlbPort6Busy *ebpf.MapSpec `ebpf:"xlb_port6_busy"`
+	XlbPort6Cur  *ebpf.MapSpec `ebpf:"xlb_port6_cur"`
+	XlbPortBusy  *ebpf.MapSpec `ebpf:"xlb_port_busy"`
+	XlbPortCur   *ebpf.MapSpec `ebpf:"xlb_port_cur"`
+	XlbPorts     *ebpf.MapSpec `ebpf:"xlb_ports"`
+	XlbPorts6    *ebpf.MapSpec `ebpf:"xlb_ports6"`
+	XlbProgs     *ebpf.MapSpec `ebpf:"xlb_progs"`
+	XlbRng       *ebpf.MapSpec `ebpf:"xlb_rng"`
+	XlbRr        *ebpf.MapSpec `ebpf:"xlb_rr"`
+	XlbScratch   *ebpf.MapSpec `ebpf:"xlb_scratch"`
+	XlbSel       *ebpf.MapSpec `ebpf:"xlb_sel"`
+	XlbServices  *ebpf.MapSpec `ebpf:"xlb_services"`
+	XlbServices6 *ebpf.MapSpec `ebpf:"xlb_services6"`
+	XlbSettings  *ebpf.MapSpec `ebpf:"xlb_settings"`
+	XlbSrc       *ebpf.MapSpec `ebpf:"xlb_src"`
+	XlbSrc6      *ebpf.MapSpec `ebpf:"xlb_src6"`
+	XlbSrc6Slots *ebpf.MapSpec `ebpf:"xlb_src6_slots"`
+	XlbSrcSlots  *ebpf.MapSpec `ebpf:"xlb_src_slots"`
+	XlbStats     *ebpf.MapSpec `ebpf:"xlb_stats"`
+	XlbSvcSrc    *ebpf.MapSpec `ebpf:"xlb_svc_src"`
+	XlbSynOk     *ebpf.MapSpec `ebpf:"xlb_syn_ok"`
+	XlbVipPorts  *ebpf.MapSpec `ebpf:"xlb_vip_ports"`
+	XlbVipPorts6 *ebpf.MapSpec `ebpf:"xlb_vip_ports6"`
 }
 
 // mirrorVariableSpecs contains global variables before they are loaded into the kernel.
@@ -326,54 +439,74 @@ func (o *mirrorObjects) Close() error {
 //
 // It can be passed to loadMirrorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type mirrorMaps struct {
-	XlbBackends *ebpf.Map `ebpf:"xlb_backends"`
-	XlbBkCtr    *ebpf.Map `ebpf:"xlb_bk_ctr"`
-	XlbBkStats  *ebpf.Map `ebpf:"xlb_bk_stats"`
-	XlbConns    *ebpf.Map `ebpf:"xlb_conns"`
-	XlbCtBusy   *ebpf.Map `ebpf:"xlb_ct_busy"`
-	XlbNow      *ebpf.Map `ebpf:"xlb_now"`
-	XlbPortBusy *ebpf.Map `ebpf:"xlb_port_busy"`
-	XlbPortCur  *ebpf.Map `ebpf:"xlb_port_cur"`
-	XlbPorts    *ebpf.Map `ebpf:"xlb_ports"`
-	XlbProgs    *ebpf.Map `ebpf:"xlb_progs"`
-	XlbRng      *ebpf.Map `ebpf:"xlb_rng"`
-	XlbRr       *ebpf.Map `ebpf:"xlb_rr"`
-	XlbScratch  *ebpf.Map `ebpf:"xlb_scratch"`
-	XlbSel      *ebpf.Map `ebpf:"xlb_sel"`
-	XlbServices *ebpf.Map `ebpf:"xlb_services"`
-	XlbSettings *ebpf.Map `ebpf:"xlb_settings"`
-	XlbSrc      *ebpf.Map `ebpf:"xlb_src"`
-	XlbSrcSlots *ebpf.Map `ebpf:"xlb_src_slots"`
-	XlbStats    *ebpf.Map `ebpf:"xlb_stats"`
-	XlbSvcSrc   *ebpf.Map `ebpf:"xlb_svc_src"`
-	XlbSynOk    *ebpf.Map `ebpf:"xlb_syn_ok"`
-	XlbVipPorts *ebpf.Map `ebpf:"xlb_vip_ports"`
+	XlbBackends  *ebpf.Map `ebpf:"xlb_backends"`
+	XlbBackends6 *ebpf.Map `ebpf:"xlb_backends6"`
+	XlbBkCtr     *ebpf.Map `ebpf:"xlb_bk_ctr"`
+	XlbBkStats   *ebpf.Map `ebpf:"xlb_bk_stats"`
+	XlbConns     *ebpf.Map `ebpf:"xlb_conns"`
+	XlbConns6    *ebpf.Map `ebpf:"xlb_conns6"`
+	XlbCt6Busy   *ebpf.Map `ebpf:"xlb_ct6_busy"`
+	XlbCtBusy    *ebpf.Map `ebpf:"xlb_ct_busy"`
+	XlbNow       *ebpf.Map `ebpf:"xlb_now"`
+	XlbPort6Busy *ebpf.Map `ebpf:"xlb_port6_busy"`
+	XlbPort6Cur  *ebpf.Map `ebpf:"xlb_port6_cur"`
+	XlbPortBusy  *ebpf.Map `ebpf:"xlb_port_busy"`
+	XlbPortCur   *ebpf.Map `ebpf:"xlb_port_cur"`
+	XlbPorts     *ebpf.Map `ebpf:"xlb_ports"`
+	XlbPorts6    *ebpf.Map `ebpf:"xlb_ports6"`
+	XlbProgs     *ebpf.Map `ebpf:"xlb_progs"`
+	XlbRng       *ebpf.Map `ebpf:"xlb_rng"`
+	XlbRr        *ebpf.Map `ebpf:"xlb_rr"`
+	XlbScratch   *ebpf.Map `ebpf:"xlb_scratch"`
+	XlbSel       *ebpf.Map `ebpf:"xlb_sel"`
+	XlbServices  *ebpf.Map `ebpf:"xlb_services"`
+	XlbServices6 *ebpf.Map `ebpf:"xlb_services6"`
+	XlbSettings  *ebpf.Map `ebpf:"xlb_settings"`
+	XlbSrc       *ebpf.Map `ebpf:"xlb_src"`
+	XlbSrc6      *ebpf.Map `ebpf:"xlb_src6"`
+	XlbSrc6Slots *ebpf.Map `ebpf:"xlb_src6_slots"`
+	XlbSrcSlots  *ebpf.Map `ebpf:"xlb_src_slots"`
+	XlbStats     *ebpf.Map `ebpf:"xlb_stats"`
+	XlbSvcSrc    *ebpf.Map `ebpf:"xlb_svc_src"`
+	XlbSynOk     *ebpf.Map `ebpf:"xlb_syn_ok"`
+	XlbVipPorts  *ebpf.Map `ebpf:"xlb_vip_ports"`
+	XlbVipPorts6 *ebpf.Map `ebpf:"xlb_vip_ports6"`
 }
 
 func (m *mirrorMaps) Close() error {
 	return _MirrorClose(
 		m.XlbBackends,
+		m.XlbBackends6,
 		m.XlbBkCtr,
 		m.XlbBkStats,
 		m.XlbConns,
+		m.XlbConns6,
+		m.XlbCt6Busy,
 		m.XlbCtBusy,
 		m.XlbNow,
+		m.XlbPort6Busy,
+		m.XlbPort6Cur,
 		m.XlbPortBusy,
 		m.XlbPortCur,
 		m.XlbPorts,
+		m.XlbPorts6,
 		m.XlbProgs,
 		m.XlbRng,
 		m.XlbRr,
 		m.XlbScratch,
 		m.XlbSel,
 		m.XlbServices,
+		m.XlbServices6,
 		m.XlbSettings,
 		m.XlbSrc,
+		m.XlbSrc6,
+		m.XlbSrc6Slots,
 		m.XlbSrcSlots,
 		m.XlbStats,
 		m.XlbSvcSrc,
 		m.XlbSynOk,
 		m.XlbVipPorts,
+		m.XlbVipPorts6,
 	)
 }
 

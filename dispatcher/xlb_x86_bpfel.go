@@ -20,6 +20,13 @@ type xlbXlbBackend struct {
 	Weight uint16
 }
 
+type xlbXlbBackend6 struct {
+	_      structs.HostLayout
+	Addr   [4]uint32
+	Port   uint16
+	Weight uint16
+}
+
 type xlbXlbBackendStats struct {
 	_        structs.HostLayout
 	Active   int64
@@ -46,6 +53,9 @@ type xlbXlbCfg struct {
 	SynHalfOpen uint32
 	SynOkJ      uint32
 	CookieShift uint32
+	Src60       [4]uint32
+	Src6Mult    uint32
+	Ct6Mask     uint32
 	_           [4]byte
 	NhTtlJ      uint64
 	TimeoutJ    [6]uint64
@@ -55,17 +65,35 @@ type xlbXlbConn struct {
 	_         structs.HostLayout
 	Seq       uint32
 	Flags     uint32
-	Key       xlbXlbFlow
-	Laddr     uint32
-	Baddr     uint32
-	Bport     uint16
-	Lport     uint16
-	BackendId uint32
 	LastSeenJ uint64
+	BackendId uint32
 	SeqDelta  uint32
 	IsnB      uint32
 	AckC      uint32
 	SrcIdx    uint32
+	Bport     uint16
+	Lport     uint16
+	Key       xlbXlbFlow
+	Laddr     uint32
+	Baddr     uint32
+}
+
+type xlbXlbConn6 struct {
+	_         structs.HostLayout
+	Seq       uint32
+	Flags     uint32
+	LastSeenJ uint64
+	BackendId uint32
+	SeqDelta  uint32
+	IsnB      uint32
+	AckC      uint32
+	SrcIdx    uint32
+	Bport     uint16
+	Lport     uint16
+	Key       xlbXlbFlow6
+	Laddr     [4]uint32
+	Baddr     [4]uint32
+	Pad       [2]uint64
 }
 
 type xlbXlbConnFlag uint32
@@ -104,6 +132,16 @@ type xlbXlbFlow struct {
 	_     structs.HostLayout
 	Saddr uint32
 	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type xlbXlbFlow6 struct {
+	_     structs.HostLayout
+	Saddr [4]uint32
+	Daddr [4]uint32
 	Sport uint16
 	Dport uint16
 	Proto uint8
@@ -153,6 +191,10 @@ type xlbXlbPkt struct {
 	NewDport  uint16
 	SeqDelta  uint32
 	Nh        xlbXlbNh
+	Flow6     xlbXlbFlow6
+	Vip6      xlbXlbVipPort6
+	NewSaddr6 [4]uint32
+	NewDaddr6 [4]uint32
 }
 
 type xlbXlbPortState uint32
@@ -166,20 +208,40 @@ const (
 type xlbXlbRconn struct {
 	_         structs.HostLayout
 	State     uint32
-	Baddr     uint32
+	Flags     uint16
 	Bport     uint16
 	Cport     uint16
-	Caddr     uint32
-	Vaddr     uint32
 	Vport     uint16
-	Flags     uint16
 	LastSeenJ uint32
 	BackendId uint32
 	NhJ       uint32
 	SeqDelta  uint32
-	Nh        xlbXlbNh
 	TwSeq     uint32
 	AckB      uint32
+	Nh        xlbXlbNh
+	Baddr     uint32
+	Caddr     uint32
+	Vaddr     uint32
+}
+
+type xlbXlbRconn6 struct {
+	_         structs.HostLayout
+	State     uint32
+	Flags     uint16
+	Bport     uint16
+	Cport     uint16
+	Vport     uint16
+	LastSeenJ uint32
+	BackendId uint32
+	NhJ       uint32
+	SeqDelta  uint32
+	TwSeq     uint32
+	AckB      uint32
+	Nh        xlbXlbNh
+	Baddr     [4]uint32
+	Caddr     [4]uint32
+	Vaddr     [4]uint32
+	Pad       [7]uint32
 }
 
 type xlbXlbRconnFlag uint32
@@ -204,6 +266,12 @@ type xlbXlbService struct {
 	Flags uint32
 }
 
+type xlbXlbSrc6Slot struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+	Idx  uint32
+}
+
 type xlbXlbSrcSlot struct {
 	_    structs.HostLayout
 	Addr uint32
@@ -213,11 +281,14 @@ type xlbXlbSrcSlot struct {
 type xlbXlbStage uint32
 
 const (
-	xlbXlbStageXLB_STAGE_PARSE     xlbXlbStage = 0
-	xlbXlbStageXLB_STAGE_CONNTRACK xlbXlbStage = 1
-	xlbXlbStageXLB_STAGE_SELECT    xlbXlbStage = 2
-	xlbXlbStageXLB_STAGE_REWRITE   xlbXlbStage = 3
-	xlbXlbStageXLB_STAGE_MAX       xlbXlbStage = 4
+	xlbXlbStageXLB_STAGE_PARSE      xlbXlbStage = 0
+	xlbXlbStageXLB_STAGE_CONNTRACK  xlbXlbStage = 1
+	xlbXlbStageXLB_STAGE_SELECT     xlbXlbStage = 2
+	xlbXlbStageXLB_STAGE_REWRITE    xlbXlbStage = 3
+	xlbXlbStageXLB_STAGE_CONNTRACK6 xlbXlbStage = 4
+	xlbXlbStageXLB_STAGE_SELECT6    xlbXlbStage = 5
+	xlbXlbStageXLB_STAGE_REWRITE6   xlbXlbStage = 6
+	xlbXlbStageXLB_STAGE_MAX        xlbXlbStage = 7
 )
 
 type xlbXlbStat uint32
@@ -232,34 +303,35 @@ const (
 	xlbXlbStatXLB_STAT_PASS_NOT_IPV4     xlbXlbStat = 6
 	xlbXlbStatXLB_STAT_PASS_NOT_TCP      xlbXlbStat = 7
 	xlbXlbStatXLB_STAT_PASS_IP_OPTIONS   xlbXlbStat = 8
-	xlbXlbStatXLB_STAT_PASS_FRAGMENT     xlbXlbStat = 9
-	xlbXlbStatXLB_STAT_PASS_NOT_OURS     xlbXlbStat = 10
-	xlbXlbStatXLB_STAT_DROP_ETH_TRUNC    xlbXlbStat = 11
-	xlbXlbStatXLB_STAT_DROP_IP_HDR       xlbXlbStat = 12
-	xlbXlbStatXLB_STAT_DROP_IP_LEN       xlbXlbStat = 13
-	xlbXlbStatXLB_STAT_DROP_TCP_HDR      xlbXlbStat = 14
-	xlbXlbStatXLB_STAT_DROP_IP_OPTIONS   xlbXlbStat = 15
-	xlbXlbStatXLB_STAT_DROP_FRAGMENT     xlbXlbStat = 16
-	xlbXlbStatXLB_STAT_DROP_NO_CONN      xlbXlbStat = 17
-	xlbXlbStatXLB_STAT_DROP_BAD_SOURCE   xlbXlbStat = 18
-	xlbXlbStatXLB_STAT_DROP_BAD_CSUM     xlbXlbStat = 19
-	xlbXlbStatXLB_STAT_RST_NO_BACKEND    xlbXlbStat = 20
-	xlbXlbStatXLB_STAT_RST_NO_PORT       xlbXlbStat = 21
-	xlbXlbStatXLB_STAT_RESET_NO_CONN     xlbXlbStat = 22
-	xlbXlbStatXLB_STAT_DROP_NO_BACKEND   xlbXlbStat = 23
-	xlbXlbStatXLB_STAT_DROP_NO_PORT      xlbXlbStat = 24
-	xlbXlbStatXLB_STAT_DROP_UDP_HDR      xlbXlbStat = 25
-	xlbXlbStatXLB_STAT_DROP_FIB          xlbXlbStat = 26
-	xlbXlbStatXLB_STAT_DROP_CT_RACE      xlbXlbStat = 27
-	xlbXlbStatXLB_STAT_DROP_STALE        xlbXlbStat = 28
-	xlbXlbStatXLB_STAT_EVICTED           xlbXlbStat = 29
-	xlbXlbStatXLB_STAT_SYN_CHALLENGE     xlbXlbStat = 30
-	xlbXlbStatXLB_STAT_SYN_VALIDATED     xlbXlbStat = 31
-	xlbXlbStatXLB_STAT_UNTRUSTED_RST_FIN xlbXlbStat = 32
-	xlbXlbStatXLB_STAT_ICMP_ERROR        xlbXlbStat = 33
-	xlbXlbStatXLB_STAT_DROP_INTERNAL     xlbXlbStat = 34
-	xlbXlbStatXLB_STAT_TAILCALL_FAIL     xlbXlbStat = 35
-	xlbXlbStatXLB_STAT_MAX               xlbXlbStat = 36
+	xlbXlbStatXLB_STAT_PASS_IPV6EXT      xlbXlbStat = 9
+	xlbXlbStatXLB_STAT_PASS_FRAGMENT     xlbXlbStat = 10
+	xlbXlbStatXLB_STAT_PASS_NOT_OURS     xlbXlbStat = 11
+	xlbXlbStatXLB_STAT_DROP_ETH_TRUNC    xlbXlbStat = 12
+	xlbXlbStatXLB_STAT_DROP_IP_HDR       xlbXlbStat = 13
+	xlbXlbStatXLB_STAT_DROP_IP_LEN       xlbXlbStat = 14
+	xlbXlbStatXLB_STAT_DROP_TCP_HDR      xlbXlbStat = 15
+	xlbXlbStatXLB_STAT_DROP_IP_OPTIONS   xlbXlbStat = 16
+	xlbXlbStatXLB_STAT_DROP_FRAGMENT     xlbXlbStat = 17
+	xlbXlbStatXLB_STAT_DROP_NO_CONN      xlbXlbStat = 18
+	xlbXlbStatXLB_STAT_DROP_BAD_SOURCE   xlbXlbStat = 19
+	xlbXlbStatXLB_STAT_DROP_BAD_CSUM     xlbXlbStat = 20
+	xlbXlbStatXLB_STAT_RST_NO_BACKEND    xlbXlbStat = 21
+	xlbXlbStatXLB_STAT_RST_NO_PORT       xlbXlbStat = 22
+	xlbXlbStatXLB_STAT_RESET_NO_CONN     xlbXlbStat = 23
+	xlbXlbStatXLB_STAT_DROP_NO_BACKEND   xlbXlbStat = 24
+	xlbXlbStatXLB_STAT_DROP_NO_PORT      xlbXlbStat = 25
+	xlbXlbStatXLB_STAT_DROP_UDP_HDR      xlbXlbStat = 26
+	xlbXlbStatXLB_STAT_DROP_FIB          xlbXlbStat = 27
+	xlbXlbStatXLB_STAT_DROP_CT_RACE      xlbXlbStat = 28
+	xlbXlbStatXLB_STAT_DROP_STALE        xlbXlbStat = 29
+	xlbXlbStatXLB_STAT_EVICTED           xlbXlbStat = 30
+	xlbXlbStatXLB_STAT_SYN_CHALLENGE     xlbXlbStat = 31
+	xlbXlbStatXLB_STAT_SYN_VALIDATED     xlbXlbStat = 32
+	xlbXlbStatXLB_STAT_UNTRUSTED_RST_FIN xlbXlbStat = 33
+	xlbXlbStatXLB_STAT_ICMP_ERROR        xlbXlbStat = 34
+	xlbXlbStatXLB_STAT_DROP_INTERNAL     xlbXlbStat = 35
+	xlbXlbStatXLB_STAT_TAILCALL_FAIL     xlbXlbStat = 36
+	xlbXlbStatXLB_STAT_MAX               xlbXlbStat = 37
 )
 
 type xlbXlbSynMode uint32
@@ -290,9 +362,23 @@ type xlbXlbVip struct {
 	Pad   uint8
 }
 
+type xlbXlbVip6 struct {
+	_     structs.HostLayout
+	Addr  [4]uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type xlbXlbVipPort struct {
 	_    structs.HostLayout
 	Addr uint32
+	Svc  uint32
+}
+
+type xlbXlbVipPort6 struct {
+	_    structs.HostLayout
+	Addr [4]uint32
 	Svc  uint32
 }
 
@@ -301,33 +387,46 @@ type xlbXlbVipPort struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	xlbMapXlbBackends     = "xlb_backends"
+	xlbMapXlbBackends6    = "xlb_backends6"
 	xlbMapXlbBkCtr        = "xlb_bk_ctr"
 	xlbMapXlbBkStats      = "xlb_bk_stats"
 	xlbMapXlbConns        = "xlb_conns"
+	xlbMapXlbConns6       = "xlb_conns6"
+	xlbMapXlbCt6Busy      = "xlb_ct6_busy"
 	xlbMapXlbCtBusy       = "xlb_ct_busy"
 	xlbMapXlbNow          = "xlb_now"
+	xlbMapXlbPort6Busy    = "xlb_port6_busy"
+	xlbMapXlbPort6Cur     = "xlb_port6_cur"
 	xlbMapXlbPortBusy     = "xlb_port_busy"
 	xlbMapXlbPortCur      = "xlb_port_cur"
 	xlbMapXlbPorts        = "xlb_ports"
+	xlbMapXlbPorts6       = "xlb_ports6"
 	xlbMapXlbProgs        = "xlb_progs"
 	xlbMapXlbRng          = "xlb_rng"
 	xlbMapXlbRr           = "xlb_rr"
 	xlbMapXlbScratch      = "xlb_scratch"
 	xlbMapXlbSel          = "xlb_sel"
 	xlbMapXlbServices     = "xlb_services"
+	xlbMapXlbServices6    = "xlb_services6"
 	xlbMapXlbSettings     = "xlb_settings"
 	xlbMapXlbSrc          = "xlb_src"
+	xlbMapXlbSrc6         = "xlb_src6"
+	xlbMapXlbSrc6Slots    = "xlb_src6_slots"
 	xlbMapXlbSrcSlots     = "xlb_src_slots"
 	xlbMapXlbStats        = "xlb_stats"
 	xlbMapXlbSvcSrc       = "xlb_svc_src"
 	xlbMapXlbSynOk        = "xlb_syn_ok"
 	xlbMapXlbVipPorts     = "xlb_vip_ports"
+	xlbMapXlbVipPorts6    = "xlb_vip_ports6"
 	xlbProgXlbClock       = "xlb_clock"
 	xlbProgXlbConntrack   = "xlb_conntrack"
+	xlbProgXlbConntrack6  = "xlb_conntrack6"
 	xlbProgXlbDispatch    = "xlb_dispatch"
 	xlbProgXlbParse       = "xlb_parse"
 	xlbProgXlbRewrite     = "xlb_rewrite"
+	xlbProgXlbRewrite6    = "xlb_rewrite6"
 	xlbProgXlbSelect      = "xlb_select"
+	xlbProgXlbSelect6     = "xlb_select6"
 	xlbVarUnusedCt        = "unused_ct"
 	xlbVarUnusedDir       = "unused_dir"
 	xlbVarUnusedFlag      = "unused_flag"
@@ -388,40 +487,53 @@ type xlbSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type xlbProgramSpecs struct {
-	XlbClock     *ebpf.ProgramSpec `ebpf:"xlb_clock"`
-	XlbConntrack *ebpf.ProgramSpec `ebpf:"xlb_conntrack"`
-	XlbDispatch  *ebpf.ProgramSpec `ebpf:"xlb_dispatch"`
-	XlbParse     *ebpf.ProgramSpec `ebpf:"xlb_parse"`
-	XlbRewrite   *ebpf.ProgramSpec `ebpf:"xlb_rewrite"`
-	XlbSelect    *ebpf.ProgramSpec `ebpf:"xlb_select"`
+	XlbClock      *ebpf.ProgramSpec `ebpf:"xlb_clock"`
+	XlbConntrack  *ebpf.ProgramSpec `ebpf:"xlb_conntrack"`
+	XlbConntrack6 *ebpf.ProgramSpec `ebpf:"xlb_conntrack6"`
+	XlbDispatch   *ebpf.ProgramSpec `ebpf:"xlb_dispatch"`
+	XlbParse      *ebpf.ProgramSpec `ebpf:"xlb_parse"`
+	XlbRewrite    *ebpf.ProgramSpec `ebpf:"xlb_rewrite"`
+	XlbRewrite6   *ebpf.ProgramSpec `ebpf:"xlb_rewrite6"`
+	XlbSelect     *ebpf.ProgramSpec `ebpf:"xlb_select"`
+	XlbSelect6    *ebpf.ProgramSpec `ebpf:"xlb_select6"`
 }
 
 // xlbMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type xlbMapSpecs struct {
-	XlbBackends *ebpf.MapSpec `ebpf:"xlb_backends"`
-	XlbBkCtr    *ebpf.MapSpec `ebpf:"xlb_bk_ctr"`
-	XlbBkStats  *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
-	XlbConns    *ebpf.MapSpec `ebpf:"xlb_conns"`
-	XlbCtBusy   *ebpf.MapSpec `ebpf:"xlb_ct_busy"`
-	XlbNow      *ebpf.MapSpec `ebpf:"xlb_now"`
-	XlbPortBusy *ebpf.MapSpec `ebpf:"xlb_port_busy"`
-	XlbPortCur  *ebpf.MapSpec `ebpf:"xlb_port_cur"`
-	XlbPorts    *ebpf.MapSpec `ebpf:"xlb_ports"`
-	XlbProgs    *ebpf.MapSpec `ebpf:"xlb_progs"`
-	XlbRng      *ebpf.MapSpec `ebpf:"xlb_rng"`
-	XlbRr       *ebpf.MapSpec `ebpf:"xlb_rr"`
-	XlbScratch  *ebpf.MapSpec `ebpf:"xlb_scratch"`
-	XlbSel      *ebpf.MapSpec `ebpf:"xlb_sel"`
-	XlbServices *ebpf.MapSpec `ebpf:"xlb_services"`
-	XlbSettings *ebpf.MapSpec `ebpf:"xlb_settings"`
-	XlbSrc      *ebpf.MapSpec `ebpf:"xlb_src"`
-	XlbSrcSlots *ebpf.MapSpec `ebpf:"xlb_src_slots"`
-	XlbStats    *ebpf.MapSpec `ebpf:"xlb_stats"`
-	XlbSvcSrc   *ebpf.MapSpec `ebpf:"xlb_svc_src"`
-	XlbSynOk    *ebpf.MapSpec `ebpf:"xlb_syn_ok"`
-	XlbVipPorts *ebpf.MapSpec `ebpf:"xlb_vip_ports"`
+	XlbBackends  *ebpf.MapSpec `ebpf:"xlb_backends"`
+	XlbBackends6 *ebpf.MapSpec `ebpf:"xlb_backends6"`
+	XlbBkCtr     *ebpf.MapSpec `ebpf:"xlb_bk_ctr"`
+	XlbBkStats   *ebpf.MapSpec `ebpf:"xlb_bk_stats"`
+	XlbConns     *ebpf.MapSpec `ebpf:"xlb_conns"`
+	XlbConns6    *ebpf.MapSpec `ebpf:"xlb_conns6"`
+	XlbCt6Busy   *ebpf.MapSpec `ebpf:"xlb_ct6_busy"`
+	XlbCtBusy    *ebpf.MapSpec `ebpf:"xlb_ct_busy"`
+	XlbNow       *ebpf.MapSpec `ebpf:"xlb_now"`
+	XlbPort6Busy *ebpf.MapSpec `ebpf:"xlb_port6_busy"`
+	XlbPort6Cur  *ebpf.MapSpec `ebpf:"xlb_port6_cur"`
+	XlbPortBusy  *ebpf.MapSpec `ebpf:"xlb_port_busy"`
+	XlbPortCur   *ebpf.MapSpec `ebpf:"xlb_port_cur"`
+	XlbPorts     *ebpf.MapSpec `ebpf:"xlb_ports"`
+	XlbPorts6    *ebpf.MapSpec `ebpf:"xlb_ports6"`
+	XlbProgs     *ebpf.MapSpec `ebpf:"xlb_progs"`
+	XlbRng       *ebpf.MapSpec `ebpf:"xlb_rng"`
+	XlbRr        *ebpf.MapSpec `ebpf:"xlb_rr"`
+	XlbScratch   *ebpf.MapSpec `ebpf:"xlb_scratch"`
+	XlbSel       *ebpf.MapSpec `ebpf:"xlb_sel"`
+	XlbServices  *ebpf.MapSpec `ebpf:"xlb_services"`
+	XlbServices6 *ebpf.MapSpec `ebpf:"xlb_services6"`
+	XlbSettings  *ebpf.MapSpec `ebpf:"xlb_settings"`
+	XlbSrc       *ebpf.MapSpec `ebpf:"xlb_src"`
+	XlbSrc6      *ebpf.MapSpec `ebpf:"xlb_src6"`
+	XlbSrc6Slots *ebpf.MapSpec `ebpf:"xlb_src6_slots"`
+	XlbSrcSlots  *ebpf.MapSpec `ebpf:"xlb_src_slots"`
+	XlbStats     *ebpf.MapSpec `ebpf:"xlb_stats"`
+	XlbSvcSrc    *ebpf.MapSpec `ebpf:"xlb_svc_src"`
+	XlbSynOk     *ebpf.MapSpec `ebpf:"xlb_syn_ok"`
+	XlbVipPorts  *ebpf.MapSpec `ebpf:"xlb_vip_ports"`
+	XlbVipPorts6 *ebpf.MapSpec `ebpf:"xlb_vip_ports6"`
 }
 
 // xlbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -466,54 +578,74 @@ func (o *xlbObjects) Close() error {
 //
 // It can be passed to loadXlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type xlbMaps struct {
-	XlbBackends *ebpf.Map `ebpf:"xlb_backends"`
-	XlbBkCtr    *ebpf.Map `ebpf:"xlb_bk_ctr"`
-	XlbBkStats  *ebpf.Map `ebpf:"xlb_bk_stats"`
-	XlbConns    *ebpf.Map `ebpf:"xlb_conns"`
-	XlbCtBusy   *ebpf.Map `ebpf:"xlb_ct_busy"`
-	XlbNow      *ebpf.Map `ebpf:"xlb_now"`
-	XlbPortBusy *ebpf.Map `ebpf:"xlb_port_busy"`
-	XlbPortCur  *ebpf.Map `ebpf:"xlb_port_cur"`
-	XlbPorts    *ebpf.Map `ebpf:"xlb_ports"`
-	XlbProgs    *ebpf.Map `ebpf:"xlb_progs"`
-	XlbRng      *ebpf.Map `ebpf:"xlb_rng"`
-	XlbRr       *ebpf.Map `ebpf:"xlb_rr"`
-	XlbScratch  *ebpf.Map `ebpf:"xlb_scratch"`
-	XlbSel      *ebpf.Map `ebpf:"xlb_sel"`
-	XlbServices *ebpf.Map `ebpf:"xlb_services"`
-	XlbSettings *ebpf.Map `ebpf:"xlb_settings"`
-	XlbSrc      *ebpf.Map `ebpf:"xlb_src"`
-	XlbSrcSlots *ebpf.Map `ebpf:"xlb_src_slots"`
-	XlbStats    *ebpf.Map `ebpf:"xlb_stats"`
-	XlbSvcSrc   *ebpf.Map `ebpf:"xlb_svc_src"`
-	XlbSynOk    *ebpf.Map `ebpf:"xlb_syn_ok"`
-	XlbVipPorts *ebpf.Map `ebpf:"xlb_vip_ports"`
+	XlbBackends  *ebpf.Map `ebpf:"xlb_backends"`
+	XlbBackends6 *ebpf.Map `ebpf:"xlb_backends6"`
+	XlbBkCtr     *ebpf.Map `ebpf:"xlb_bk_ctr"`
+	XlbBkStats   *ebpf.Map `ebpf:"xlb_bk_stats"`
+	XlbConns     *ebpf.Map `ebpf:"xlb_conns"`
+	XlbConns6    *ebpf.Map `ebpf:"xlb_conns6"`
+	XlbCt6Busy   *ebpf.Map `ebpf:"xlb_ct6_busy"`
+	XlbCtBusy    *ebpf.Map `ebpf:"xlb_ct_busy"`
+	XlbNow       *ebpf.Map `ebpf:"xlb_now"`
+	XlbPort6Busy *ebpf.Map `ebpf:"xlb_port6_busy"`
+	XlbPort6Cur  *ebpf.Map `ebpf:"xlb_port6_cur"`
+	XlbPortBusy  *ebpf.Map `ebpf:"xlb_port_busy"`
+	XlbPortCur   *ebpf.Map `ebpf:"xlb_port_cur"`
+	XlbPorts     *ebpf.Map `ebpf:"xlb_ports"`
+	XlbPorts6    *ebpf.Map `ebpf:"xlb_ports6"`
+	XlbProgs     *ebpf.Map `ebpf:"xlb_progs"`
+	XlbRng       *ebpf.Map `ebpf:"xlb_rng"`
+	XlbRr        *ebpf.Map `ebpf:"xlb_rr"`
+	XlbScratch   *ebpf.Map `ebpf:"xlb_scratch"`
+	XlbSel       *ebpf.Map `ebpf:"xlb_sel"`
+	XlbServices  *ebpf.Map `ebpf:"xlb_services"`
+	XlbServices6 *ebpf.Map `ebpf:"xlb_services6"`
+	XlbSettings  *ebpf.Map `ebpf:"xlb_settings"`
+	XlbSrc       *ebpf.Map `ebpf:"xlb_src"`
+	XlbSrc6      *ebpf.Map `ebpf:"xlb_src6"`
+	XlbSrc6Slots *ebpf.Map `ebpf:"xlb_src6_slots"`
+	XlbSrcSlots  *ebpf.Map `ebpf:"xlb_src_slots"`
+	XlbStats     *ebpf.Map `ebpf:"xlb_stats"`
+	XlbSvcSrc    *ebpf.Map `ebpf:"xlb_svc_src"`
+	XlbSynOk     *ebpf.Map `ebpf:"xlb_syn_ok"`
+	XlbVipPorts  *ebpf.Map `ebpf:"xlb_vip_ports"`
+	XlbVipPorts6 *ebpf.Map `ebpf:"xlb_vip_ports6"`
 }
 
 func (m *xlbMaps) Close() error {
 	return _XlbClose(
 		m.XlbBackends,
+		m.XlbBackends6,
 		m.XlbBkCtr,
 		m.XlbBkStats,
 		m.XlbConns,
+		m.XlbConns6,
+		m.XlbCt6Busy,
 		m.XlbCtBusy,
 		m.XlbNow,
+		m.XlbPort6Busy,
+		m.XlbPort6Cur,
 		m.XlbPortBusy,
 		m.XlbPortCur,
 		m.XlbPorts,
+		m.XlbPorts6,
 		m.XlbProgs,
 		m.XlbRng,
 		m.XlbRr,
 		m.XlbScratch,
 		m.XlbSel,
 		m.XlbServices,
+		m.XlbServices6,
 		m.XlbSettings,
 		m.XlbSrc,
+		m.XlbSrc6,
+		m.XlbSrc6Slots,
 		m.XlbSrcSlots,
 		m.XlbStats,
 		m.XlbSvcSrc,
 		m.XlbSynOk,
 		m.XlbVipPorts,
+		m.XlbVipPorts6,
 	)
 }
 
@@ -543,22 +675,28 @@ type xlbVariables struct {
 //
 // It can be passed to loadXlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type xlbPrograms struct {
-	XlbClock     *ebpf.Program `ebpf:"xlb_clock"`
-	XlbConntrack *ebpf.Program `ebpf:"xlb_conntrack"`
-	XlbDispatch  *ebpf.Program `ebpf:"xlb_dispatch"`
-	XlbParse     *ebpf.Program `ebpf:"xlb_parse"`
-	XlbRewrite   *ebpf.Program `ebpf:"xlb_rewrite"`
-	XlbSelect    *ebpf.Program `ebpf:"xlb_select"`
+	XlbClock      *ebpf.Program `ebpf:"xlb_clock"`
+	XlbConntrack  *ebpf.Program `ebpf:"xlb_conntrack"`
+	XlbConntrack6 *ebpf.Program `ebpf:"xlb_conntrack6"`
+	XlbDispatch   *ebpf.Program `ebpf:"xlb_dispatch"`
+	XlbParse      *ebpf.Program `ebpf:"xlb_parse"`
+	XlbRewrite    *ebpf.Program `ebpf:"xlb_rewrite"`
+	XlbRewrite6   *ebpf.Program `ebpf:"xlb_rewrite6"`
+	XlbSelect     *ebpf.Program `ebpf:"xlb_select"`
+	XlbSelect6    *ebpf.Program `ebpf:"xlb_select6"`
 }
 
 func (p *xlbPrograms) Close() error {
 	return _XlbClose(
 		p.XlbClock,
 		p.XlbConntrack,
+		p.XlbConntrack6,
 		p.XlbDispatch,
 		p.XlbParse,
 		p.XlbRewrite,
+		p.XlbRewrite6,
 		p.XlbSelect,
+		p.XlbSelect6,
 	)
 }
 

@@ -8,6 +8,7 @@
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/in.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
@@ -145,6 +146,154 @@ static __always_inline int parse_icmp(struct xdp_md *ctx, struct iphdr *ip, __u3
 	return pass(XLB_STAT_TAILCALL_FAIL);
 }
 
+/* source_index6 is source_index for an IPv6 address. */
+static __always_inline __u32 source_index6(const struct xlb_cfg *cfg, const __u32 *daddr)
+{
+	struct xlb_src6_slot *s;
+	__u32 slot;
+
+	if (addr6_eq(daddr, cfg->src6_0))
+		return 1;
+	if (!cfg->src6_mult)
+		return 0;
+	slot = (addr6_fold(daddr) * cfg->src6_mult) >> 26;
+	s = bpf_map_lookup_elem(&xlb_src6_slots, &slot);
+	if (!s || !addr6_eq(s->addr, daddr))
+		return 0;
+	return s->idx;
+}
+
+/* ICMPv6 errors that may be about a flow's packet (RFC 4443). */
+#define ICMP6_DST_UNREACH 1
+#define ICMP6_PACKET_TOO_BIG 2
+#define ICMP6_TIME_EXCEEDED 3
+
+/* parse6_icmp is parse_icmp for ICMPv6: an error about a packet xlb sent
+ * to a backend goes to conntrack6 to be translated back to its client;
+ * neighbour discovery and everything else goes to the kernel. */
+static __always_inline int parse6_icmp(struct xdp_md *ctx, struct ipv6hdr *ip6, void *end)
+{
+	__u8 *icmp = (void *)(ip6 + 1);
+	struct ipv6hdr *in = (void *)(icmp + ICMP_HLEN);
+	struct udphdr *l4 = (void *)(in + 1);
+	struct xlb_cfg *cfg;
+	struct xlb_pkt *p;
+	__u32 src;
+	__u16 sport;
+
+	if ((void *)(l4 + 1) > end || bpf_ntohs(ip6->payload_len) < ICMP_HLEN + sizeof(*in) + 8)
+		return pass(XLB_STAT_PASS_NOT_TCP);
+	if (icmp[0] != ICMP6_DST_UNREACH && icmp[0] != ICMP6_PACKET_TOO_BIG && icmp[0] != ICMP6_TIME_EXCEEDED)
+		return pass(XLB_STAT_PASS_NOT_TCP);
+	if (in->version != 6 || (in->nexthdr != IPPROTO_TCP && in->nexthdr != IPPROTO_UDP))
+		return pass(XLB_STAT_PASS_NOT_TCP);
+	p = scratch();
+	cfg = config();
+	if (!p || !cfg)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	src = source_index6(cfg, (void *)&in->saddr);
+	sport = bpf_ntohs(l4->source);
+	if (!src || !addr6_eq((void *)&in->saddr, (void *)&ip6->daddr) || sport < cfg->port_lo ||
+	    sport > cfg->port_hi)
+		return pass(XLB_STAT_PASS_NOT_TCP);
+	__builtin_memcpy(p->flow6.saddr, &in->daddr, 16);
+	__builtin_memcpy(p->flow6.daddr, &in->saddr, 16);
+	p->flow6.sport = l4->dest;
+	p->flow6.dport = l4->source;
+	p->flow6.proto = in->nexthdr;
+	p->tcp_flags = 0;
+	p->dir = XLB_DIR_RET;
+	p->src_idx = src - 1;
+	p->icmp = 1;
+	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_CONNTRACK6);
+	return pass(XLB_STAT_TAILCALL_FAIL);
+}
+
+/* parse6 is xlb_parse for IPv6: TCP, UDP or ICMPv6 right after the fixed
+ * header (a packet with extension headers goes to the kernel), for a VIP
+ * or in reply to one of the source addresses, on to conntrack6. */
+static __always_inline int parse6(struct xdp_md *ctx, struct ipv6hdr *ip6, void *end)
+{
+	struct xlb_vip_port6 *vp = NULL;
+	struct udphdr *udp = (void *)(ip6 + 1);
+	struct tcphdr *tcp = (void *)(ip6 + 1);
+	__u32 plen, doff, src, port;
+	struct xlb_pkt *p;
+	struct xlb_cfg *cfg;
+	__u8 dir = 0, proto, flags = 0;
+	__u16 dport;
+
+	if ((void *)(ip6 + 1) > end)
+		return drop(XLB_STAT_DROP_ETH_TRUNC);
+	if (ip6->version != 6)
+		return drop(XLB_STAT_DROP_IP_HDR);
+	plen = bpf_ntohs(ip6->payload_len);
+	if ((void *)(ip6 + 1) + plen > end)
+		return drop(XLB_STAT_DROP_IP_LEN);
+	proto = ip6->nexthdr;
+	if (proto == IPPROTO_ICMPV6)
+		return parse6_icmp(ctx, ip6, end);
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+		switch (proto) {
+		case 0:   /* hop-by-hop options */
+		case 43:  /* routing */
+		case 44:  /* fragment */
+		case 50:  /* ESP */
+		case 51:  /* AH */
+		case 60:  /* destination options */
+		case 135: /* mobility */
+		case 139: /* HIP */
+		case 140: /* shim6 */
+			return pass(XLB_STAT_PASS_IPV6_EXT);
+		}
+		return pass(XLB_STAT_PASS_NOT_TCP);
+	}
+	if (proto == IPPROTO_TCP) {
+		if ((void *)(tcp + 1) > end || plen < sizeof(*tcp))
+			return drop(XLB_STAT_DROP_TCP_HDR);
+		doff = tcp->doff * 4;
+		if (doff < sizeof(*tcp) || doff > plen)
+			return drop(XLB_STAT_DROP_TCP_HDR);
+		flags = ((__u8 *)tcp)[13];
+	} else {
+		if ((void *)(udp + 1) > end || bpf_ntohs(udp->len) < sizeof(*udp) ||
+		    bpf_ntohs(udp->len) > plen)
+			return drop(XLB_STAT_DROP_UDP_HDR);
+	}
+
+	p = scratch();
+	cfg = config();
+	if (!p || !cfg)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	dport = bpf_ntohs(udp->dest);
+	src = source_index6(cfg, (void *)&ip6->daddr);
+	if (src && dport >= cfg->port_lo && dport <= cfg->port_hi) {
+		dir = XLB_DIR_RET;
+	} else {
+		port = vip_port_key(dport, proto);
+		vp = bpf_map_lookup_elem(&xlb_vip_ports6, &port);
+		if (vp && vp->svc && (vp->svc == XLB_VIP_MULTI || addr6_eq(vp->addr, (void *)&ip6->daddr)))
+			dir = XLB_DIR_FWD;
+	}
+	if (!dir)
+		return pass(XLB_STAT_PASS_NOT_OURS);
+
+	__builtin_memcpy(p->flow6.saddr, &ip6->saddr, 16);
+	__builtin_memcpy(p->flow6.daddr, &ip6->daddr, 16);
+	p->flow6.sport = udp->source;
+	p->flow6.dport = udp->dest;
+	p->flow6.proto = proto;
+	p->tcp_flags = flags;
+	p->dir = dir;
+	p->icmp = 0;
+	if (dir == XLB_DIR_RET)
+		p->src_idx = src - 1;
+	else if (vp)
+		p->vip6 = *vp;
+	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_CONNTRACK6);
+	return pass(XLB_STAT_TAILCALL_FAIL);
+}
+
 /* xlb_parse validates Ethernet/IPv4/TCP and decides whether the packet is
  * for a VIP (forward), a reply to one of xlb's source addresses (return)
  * or neither (passed to the kernel untouched). */
@@ -164,8 +313,13 @@ int xlb_parse(struct xdp_md *ctx)
 	__u16 dport;
 	__u8 dir = 0, proto, flags = 0;
 
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(eth + 1) > end)
 		return pass(XLB_STAT_PASS_NOT_IPV4);
+	if (eth->h_proto != bpf_htons(ETH_P_IP)) {
+		if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+			return parse6(ctx, (void *)(eth + 1), end);
+		return pass(XLB_STAT_PASS_NOT_IPV4);
+	}
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end)
 		return drop(XLB_STAT_DROP_ETH_TRUNC);
@@ -307,77 +461,6 @@ static __always_inline int service_of(struct xlb_pkt *p)
 	return 1;
 }
 
-/* forward_along hands the rewrite of an existing connection, read from
- * its slot at seq, to the rewrite stage. */
-static __always_inline int forward_along(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
-					 struct xlb_conn *c, __u32 seq, __u64 now)
-{
-	struct xlb_backend_stats *bs;
-
-	c->last_seen_j = now;
-	p->new_saddr = c->laddr;
-	p->new_daddr = c->baddr;
-	p->new_sport = c->lport;
-	p->new_dport = c->bport;
-	p->seq_delta = c->seq_delta;
-	p->backend_id = c->backend_id;
-	bs = backend_nexthop(ctx, cfg, c->backend_id, c->laddr, c->baddr, now);
-	if (!bs)
-		return drop(XLB_STAT_DROP_FIB);
-	p->nh = bs->nh;
-	if (!ct_stable(c, seq))
-		return drop(XLB_STAT_DROP_CT_RACE);
-	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_REWRITE);
-	return pass(XLB_STAT_TAILCALL_FAIL);
-}
-
-/* fwd_control follows a client's FIN or RST, and forwards any packet of
- * an ended connection only while its source port is still its own. It
- * returns 0 to go on, or a verdict. */
-static __always_inline int fwd_control(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
-				       struct xlb_conn *c, struct tcphdr *tcp, __u64 now)
-{
-	struct xlb_rconn *r = port_entry(cfg, c->src_idx, bpf_ntohs(c->lport), c->baddr, c->bport);
-	__u8 fl = p->tcp_flags;
-	__u32 seqb;
-
-	if (!r || !port_owned(r, c))
-		return drop(XLB_STAT_DROP_STALE);
-	if (!(fl & (TCP_FL_FIN | TCP_FL_RST)))
-		return 0;
-	seqb = bpf_ntohl(tcp->seq) + c->seq_delta;
-	if (!in_window(seqb, r->ack_b, XLB_WIN_CLIENT)) {
-		count(XLB_STAT_UNTRUSTED_RST_FIN);
-		return 0;
-	}
-	if (fl & TCP_FL_RST) {
-		conn_mark(c, XLB_CF_RST, r, now);
-		return 0;
-	}
-	/* The backend's next expected sequence number once it has the
-	 * FIN: the next connection on this port must start after it. */
-	r->tw_seq = seqb + tcp_payload_len(ctx, tcp) + 1;
-	r->flags |= XLB_RF_TW_SEQ;
-	conn_mark(c, XLB_CF_FIN_C, r, now);
-	return 0;
-}
-
-/* conntrack_udp forwards a UDP packet along its flow, or hands the first
- * packet of a new flow to select. */
-static __always_inline int conntrack_udp(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
-					 __u64 now)
-{
-	__u32 seq;
-	struct xlb_conn *c = ct_find(cfg, &p->flow, &seq);
-
-	if (c)
-		return forward_along(ctx, cfg, p, c, seq, now);
-	if (!service_of(p))
-		return pass(XLB_STAT_PASS_NOT_OURS);
-	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_SELECT);
-	return pass(XLB_STAT_TAILCALL_FAIL);
-}
-
 /* client_addr_ok reports whether a packet's source address could be a
  * client's: not 0/8, loopback, multicast, reserved or broadcast, and not
  * the VIP itself. */
@@ -388,175 +471,87 @@ static __always_inline int client_addr_ok(__be32 saddr, __be32 daddr)
 	return top != 0 && top != 127 && top < 224 && saddr != daddr;
 }
 
-/* reset_stray answers a segment for a VIP that belongs to no connection
- * (its entry expired, was ended by the control plane, or never existed)
- * with a RST, as a host answers a segment for a closed port (RFC 9293
- * 3.10.7.1): the client learns at once that its connection is gone
- * instead of retransmitting into silence. Only a segment whose source
- * could be a client and whose checksums are right is answered. */
-static __always_inline int reset_stray(struct xdp_md *ctx, struct xlb_pkt *p, struct tcphdr *tcp, __u8 fl)
-{
-	__u32 len;
+/* The IPv6 forms of the helpers above. */
 
-	if (!client_addr_ok(p->flow.saddr, p->flow.daddr))
-		return drop(XLB_STAT_DROP_BAD_SOURCE);
-	if (!l4_csum_ok(ctx, IPPROTO_TCP))
-		return drop(XLB_STAT_DROP_BAD_CSUM);
-	count(XLB_STAT_RESET_NO_CONN);
-	if (fl & TCP_FL_ACK)
-		return tcp_reply(ctx, TCP_FL_RST, bpf_ntohl(tcp->ack_seq), 0);
-	len = tcp_payload_len(ctx, tcp) + !!(fl & TCP_FL_SYN) + !!(fl & TCP_FL_FIN);
-	return tcp_reply(ctx, TCP_FL_RST | TCP_FL_ACK, 0, bpf_ntohl(tcp->seq) + len);
+static __always_inline struct tcphdr *tcp_at6(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct tcphdr *tcp = data + XLB_TCP6_OFF;
+
+	if ((void *)(tcp + 1) > end)
+		return NULL;
+	return tcp;
 }
 
-static __always_inline int conntrack_fwd(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
-					 __u64 now)
+static __always_inline __u32 tcp_payload_len6(struct xdp_md *ctx, const struct tcphdr *tcp)
 {
-	__u8 fl = p->tcp_flags;
-	struct xlb_conn *c;
-	struct tcphdr *tcp;
-	__u32 seq, flags;
-	int v;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *ip6 = data + XLB_IP_OFF;
 
-	if (p->flow.proto == IPPROTO_UDP)
-		return conntrack_udp(ctx, cfg, p, now);
-	/* A SYN goes straight to select, which finds an existing
-	 * connection of its flow while it looks for a slot. */
-	if ((fl & (TCP_FL_SYN | TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_SYN) {
-		bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_SELECT);
-		return pass(XLB_STAT_TAILCALL_FAIL);
-	}
-	tcp = tcp_at(ctx);
-	if (!tcp)
-		return drop(XLB_STAT_DROP_INTERNAL);
-	c = ct_find(cfg, &p->flow, &seq);
-	if (!c) {
-		if (!service_of(p))
-			return pass(XLB_STAT_PASS_NOT_OURS);
-		if (fl & TCP_FL_RST) {
-			/* A client's answer to a SYN challenge. */
-			if (syn_validate(cfg, &p->flow, bpf_ntohl(tcp->seq), now))
-				return drop(XLB_STAT_SYN_VALIDATED);
-			return drop(XLB_STAT_DROP_NO_CONN);
-		}
-		return reset_stray(ctx, p, tcp, fl);
-	}
-	flags = c->flags;
-	if ((fl & (TCP_FL_FIN | TCP_FL_RST)) || conn_closed(flags)) {
-		v = fwd_control(ctx, cfg, p, c, tcp, now);
-		if (v)
-			return v;
-	} else if ((flags & (XLB_CF_SYNACK | XLB_CF_ESTAB)) == XLB_CF_SYNACK && (fl & TCP_FL_ACK) &&
-		   bpf_ntohl(tcp->ack_seq) == c->isn_b + 1) {
-		/* The client's ACK of the backend's SYN-ACK: only now is
-		 * the connection established. */
-		conn_mark(c, XLB_CF_ESTAB, NULL, now);
-	}
-	if ((fl & (TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_ACK)
-		c->ack_c = bpf_ntohl(tcp->ack_seq);
-	return forward_along(ctx, cfg, p, c, seq, now);
+	if ((void *)(ip6 + 1) > end)
+		return 0;
+	return bpf_ntohs(ip6->payload_len) - tcp->doff * 4;
 }
 
-/* ret_control follows a backend's SYN-ACK, FIN or RST in its connection's
- * slot, found from the way. */
-static __always_inline void ret_control(const struct xlb_cfg *cfg, struct xlb_pkt *p, struct xlb_rconn *r,
-					struct tcphdr *tcp, __u64 now)
+static __always_inline int service_of6(struct xlb_pkt *p)
 {
-	struct xlb_flow fk = {
-		.saddr = r->caddr,
-		.daddr = r->vaddr,
-		.sport = r->cport,
-		.dport = r->vport,
-		.proto = IPPROTO_TCP,
+	if (p->vip6.svc != XLB_VIP_MULTI) {
+		if (!p->vip6.svc || !addr6_eq(p->vip6.addr, p->flow6.daddr))
+			return 0;
+		p->svc_id = p->vip6.svc - 1;
+		return 1;
+	}
+	struct xlb_vip6 vip = {
+		.port = p->flow6.dport,
+		.proto = p->flow6.proto,
 	};
-	__u8 fl = p->tcp_flags;
-	__u32 seq, seqb = bpf_ntohl(tcp->seq);
-	struct xlb_conn *c = ct_find(cfg, &fk, &seq);
-	int ok;
+	struct xlb_service *svc;
 
-	/* The flow's connection may be a newer one on another port. */
-	if (!c || c->lport != p->flow.dport || c->baddr != p->flow.saddr || c->bport != p->flow.sport)
-		return;
-	if ((fl & (TCP_FL_SYN | TCP_FL_ACK | TCP_FL_RST)) == (TCP_FL_SYN | TCP_FL_ACK)) {
-		if (!(c->flags & XLB_CF_SYNACK)) {
-			c->isn_b = seqb;
-			c->ack_c = seqb + 1;
-		}
-		conn_mark(c, XLB_CF_SYNACK, r, now);
-		return;
-	}
-	if (!(fl & (TCP_FL_FIN | TCP_FL_RST)))
-		return;
-	if ((fl & TCP_FL_RST) && !(c->flags & XLB_CF_SYNACK))
-		/* A refused SYN: the RST acknowledges exactly the SYN. */
-		ok = (fl & TCP_FL_ACK) && bpf_ntohl(tcp->ack_seq) == r->ack_b;
-	else
-		ok = in_window(seqb, c->ack_c, XLB_WIN_BACKEND);
-	if (!ok) {
-		count(XLB_STAT_UNTRUSTED_RST_FIN);
-		return;
-	}
-	conn_mark(c, (fl & TCP_FL_RST) ? XLB_CF_RST : XLB_CF_FIN_B, r, now);
+	addr6_copy(vip.addr, p->flow6.daddr);
+	svc = bpf_map_lookup_elem(&xlb_services6, &vip);
+	if (!svc)
+		return 0;
+	p->svc_id = svc->id;
+	return 1;
 }
 
-static __always_inline int conntrack_ret(struct xdp_md *ctx, const struct xlb_cfg *cfg, struct xlb_pkt *p,
-					 __u64 now)
+/* client_addr_ok6 reports whether an IPv6 source address could be a
+ * client's: not unspecified, loopback, multicast or IPv4-mapped, and not
+ * the VIP itself. */
+static __always_inline int client_addr_ok6(const __u32 *saddr, const __u32 *daddr)
 {
-	__u8 fl = p->tcp_flags;
-	struct xlb_rconn *r;
-	struct tcphdr *tcp;
+	__u32 w0 = bpf_ntohl(saddr[0]);
 
-	r = port_entry(cfg, p->src_idx, bpf_ntohs(p->flow.dport), p->flow.saddr, p->flow.sport);
-	if (!r || r->state == XLB_PS_FREE || r->baddr != p->flow.saddr || r->bport != p->flow.sport ||
-	    !(r->flags & XLB_RF_UDP) != (p->flow.proto == IPPROTO_TCP))
-		return pass(XLB_STAT_PASS_NOT_OURS);
-	if (p->icmp) {
-		/* An error is no sign of life: it changes nothing. */
-	} else if (p->flow.proto == IPPROTO_TCP) {
-		tcp = tcp_at(ctx);
-		if (!tcp)
-			return drop(XLB_STAT_DROP_INTERNAL);
-		if (fl & (TCP_FL_SYN | TCP_FL_FIN | TCP_FL_RST))
-			ret_control(cfg, p, r, tcp, now);
-		/* What the backend acknowledged bounds the client's RST
-		 * and FIN. A RST's acknowledgement, valid or forged, moves
-		 * nothing. */
-		if ((fl & (TCP_FL_ACK | TCP_FL_RST)) == TCP_FL_ACK)
-			r->ack_b = bpf_ntohl(tcp->ack_seq);
+	if ((w0 >> 24) == 0xff)
+		return 0; /* multicast */
+	if (!saddr[0] && !saddr[1]) {
+		if (!saddr[2] && (!saddr[3] || saddr[3] == bpf_htonl(1)))
+			return 0; /* :: and ::1 */
+		if (saddr[2] == bpf_htonl(0xffff))
+			return 0; /* ::ffff:a.b.c.d */
 	}
-	r->last_seen_j = now;
-	client_nexthop(ctx, cfg, r, now);
-	p->new_saddr = r->vaddr;
-	p->new_daddr = r->caddr;
-	p->new_sport = r->vport;
-	p->new_dport = r->cport;
-	p->seq_delta = r->seq_delta;
-	p->backend_id = r->backend_id;
-	p->nh = r->nh;
-	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_REWRITE);
-	return pass(XLB_STAT_TAILCALL_FAIL);
+	return !addr6_eq(saddr, daddr);
 }
 
-/* xlb_conntrack finds the connection of a packet, follows its TCP state
- * and hands the rewrite to the rewrite stage; a SYN of a new flow goes to
- * select. */
-SEC("xdp")
-int xlb_conntrack(struct xdp_md *ctx)
+/* backend_weight is a backend's weight in its family's table, 0 when it
+ * has none. */
+static __always_inline __u32 backend_weight(__u32 *id, int v6)
 {
-	struct xlb_pkt *p = scratch();
-	struct xlb_cfg *cfg = config();
-	__u64 now = bpf_jiffies64();
+	if (v6) {
+		struct xlb_backend6 *b6 = bpf_map_lookup_elem(&xlb_backends6, id);
 
-	if (!p || !cfg)
-		return drop(XLB_STAT_DROP_INTERNAL);
-	if (p->dir == XLB_DIR_FWD)
-		return conntrack_fwd(ctx, cfg, p, now);
-	return conntrack_ret(ctx, cfg, p, now);
+		return b6 ? b6->weight : 0;
+	}
+	struct xlb_backend *b = bpf_map_lookup_elem(&xlb_backends, id);
+
+	return b ? b->weight : 0;
 }
 
 /* select_backend reads the service's selection table and returns a
- * backend id, or -1. */
-static __always_inline __s64 select_backend(struct xlb_pkt *p)
+ * backend id, or -1. hash is the flow's hash, for the hash mode. */
+static __always_inline __s64 select_backend(struct xlb_pkt *p, __u32 hash, int v6)
 {
 	__u32 zero = 0, key, mode, n;
 	__u32 *hdr, *id;
@@ -578,7 +573,7 @@ static __always_inline __s64 select_backend(struct xlb_pkt *p)
 		key = 1 + pick(rand32(), n);
 		break;
 	case XLB_SEL_HASH:
-		key = 1 + pick(flow_hash(&p->flow), n);
+		key = 1 + pick(hash, n);
 		break;
 	case XLB_SEL_ROUND_ROBIN: {
 		__u32 *pos = bpf_map_lookup_elem(&xlb_rr, &p->svc_id);
@@ -595,24 +590,23 @@ static __always_inline __s64 select_backend(struct xlb_pkt *p)
 
 		for (i = 0; i < XLB_MAX_CANDIDATES && i < n; i++) {
 			struct xlb_backend_stats *bs;
-			struct xlb_backend *b;
+			__u32 k = i + 1, w;
 			__s64 active;
-			__u32 k = i + 1;
 
 			id = bpf_map_lookup_elem(tbl, &k);
 			if (!id)
 				break;
-			b = bpf_map_lookup_elem(&xlb_backends, id);
+			w = backend_weight(id, v6);
 			bs = bpf_map_lookup_elem(&xlb_bk_stats, id);
-			if (!b || !bs || !b->weight)
+			if (!w || !bs)
 				continue;
 			active = bs->active;
 			if (active < 0)
 				active = 0;
 			/* active/weight < best_active/best_w, without division */
-			if (!best_w || active * best_w < best_active * b->weight) {
+			if (!best_w || active * best_w < best_active * w) {
 				best_active = active;
-				best_w = b->weight;
+				best_w = w;
 				best = k;
 			}
 		}
@@ -645,232 +639,75 @@ static __always_inline int first_source(__u32 mask, __u32 h)
 	return -1;
 }
 
-/* State of the walk over a service's source addresses for a free port
- * (bpf_loop: the verifier checks its body once, where an open-coded walk
- * of 16 addresses of 16 probes each is too much for it). */
-struct source_walk {
-	__u32 mask;  /* the service's source addresses */
-	__u32 first; /* the one to start from */
-	__be32 baddr;
-	__be16 bport;
-	__u16 pad;
-	__u64 now;
-	__s32 idx; /* out: the way taken in xlb_ports, or -1 */
-	__u32 src; /* out: its source address */
-	__u32 off; /* out: its port's offset in the range */
-};
+/* The conntrack and select stages of each family (xlb_family.h). */
+#define XLB_CAT_(a, b) a##b
+#define XLB_CAT(a, b) XLB_CAT_(a, b)
+#define F(name) XLB_CAT(name, XLB_SFX)
 
-static long source_step(__u64 k, void *arg)
-{
-	struct source_walk *w = arg;
-	__u32 s = (w->first + k) & (XLB_MAX_SOURCES - 1), off = 0;
-	struct xlb_cfg *cfg = config();
-	struct xlb_rconn *r;
+#define XLB_SFX
+#define CONN_T struct xlb_conn
+#define RCONN_T struct xlb_rconn
+#define FLOW_T struct xlb_flow
+#define BACKEND_T struct xlb_backend
+#define SRC_T __be32
+#define SRC_ADDR(s) (*(s))
+#define PKT_FLOW(p) ((p)->flow)
+#define PKT_NEW_SADDR(p) ((p)->new_saddr)
+#define PKT_NEW_DADDR(p) ((p)->new_daddr)
+#define ADDR_FIELD(name) __be32 name
+#define ADDR_CPY(to, from) ((to) = (from))
+#define ADDR_EQ(a, b) ((a) == (b))
+#define ADDR_FOLD(a) (a)
+#define MAP_CT_BUSY xlb_ct_busy
+#define MAP_PORTS xlb_ports
+#define STAGE_SELECT XLB_STAGE_SELECT
+#define STAGE_REWRITE XLB_STAGE_REWRITE
+#define IS_V6 0
+#include "xlb_family.h"
+#undef XLB_SFX
+#undef CONN_T
+#undef RCONN_T
+#undef FLOW_T
+#undef BACKEND_T
+#undef SRC_T
+#undef SRC_ADDR
+#undef PKT_FLOW
+#undef PKT_NEW_SADDR
+#undef PKT_NEW_DADDR
+#undef ADDR_FIELD
+#undef ADDR_CPY
+#undef ADDR_EQ
+#undef ADDR_FOLD
+#undef MAP_CT_BUSY
+#undef MAP_PORTS
+#undef STAGE_SELECT
+#undef STAGE_REWRITE
+#undef IS_V6
 
-	if (!cfg || !(w->mask & (1u << s)))
-		return 0;
-	r = claim_port(cfg, s, w->baddr, w->bport, &off, w->now);
-	if (!r)
-		return 0;
-	w->idx = (s * XLB_PORT_WAYS + port_way(w->baddr, w->bport)) * cfg->nports + off;
-	w->src = s;
-	w->off = off;
-	return 1;
-}
-
-/* refuse answers a SYN with a RST that acknowledges it, so the client
- * gives up at once instead of retrying for a minute. */
-static __always_inline int refuse(struct xdp_md *ctx, __u32 stat)
-{
-	struct tcphdr *tcp = tcp_at(ctx);
-
-	count(stat);
-	if (!tcp)
-		return XDP_DROP;
-	return tcp_reply(ctx, TCP_FL_RST | TCP_FL_ACK, 0,
-			 bpf_ntohl(tcp->seq) + 1 + tcp_payload_len(ctx, tcp));
-}
-
-/* xlb_select creates the connection of a SYN: it finds the service,
- * chooses a backend, takes a slot in the connection table, claims a
- * source port unique for that backend on one of the service's source
- * addresses and chooses the backend-side ISN. A SYN whose flow has a live
- * connection (a retransmission) goes along it, with the same ISN; one
- * whose connection ended (closed, or idle past its timeout) replaces it:
- * a client may reuse its port at once. */
-SEC("xdp")
-int xlb_select(struct xdp_md *ctx)
-{
-	struct xlb_pkt *p = scratch();
-	struct xlb_backend_stats *bs;
-	struct xlb_conn *c = NULL;
-	struct xlb_rconn *r = NULL;
-	struct xlb_backend *b;
-	struct xlb_cfg *cfg;
-	struct tcphdr *tcp;
-	struct ethhdr *eth;
-	__u64 now = bpf_jiffies64();
-	__u32 bid, seq = 0, slot = 0, off = 0, mask, *maskp, isn = 0, src = 0;
-	__be32 *laddr = NULL;
-	__s64 sel;
-	int first, udp;
-
-	cfg = config();
-	if (!p || !cfg)
-		return drop(XLB_STAT_DROP_INTERNAL);
-	/* First whether the SYN is for a VIP at all: a SYN to another
-	 * address on a VIP's port must not take (or evict) a slot. */
-	if (!service_of(p))
-		return pass(XLB_STAT_PASS_NOT_OURS);
-	if (!client_addr_ok(p->flow.saddr, p->flow.daddr))
-		return drop(XLB_STAT_DROP_BAD_SOURCE);
-	if (!l4_csum_ok(ctx, p->flow.proto))
-		return drop(XLB_STAT_DROP_BAD_CSUM);
-	udp = p->flow.proto == IPPROTO_UDP;
-
-	switch (ct_claim(cfg, &p->flow, &c, &seq, &slot)) {
-	case CT_EXISTS:
-		if (!c)
-			return drop(XLB_STAT_DROP_INTERNAL);
-		if (!conn_closed(c->flags) && !conn_expired(cfg, c->flags, c->last_seen_j, now))
-			return forward_along(ctx, cfg, p, c, seq, now);
-		if (!ct_take(c, seq))
-			return drop(XLB_STAT_DROP_CT_RACE);
-		conn_end(cfg, c, XLB_STAT_RECYCLED, now);
-		break;
-	case CT_NEW:
-		if (!c)
-			return drop(XLB_STAT_DROP_INTERNAL);
-		if (c->flags && !(c->flags & XLB_CF_DEAD))
-			conn_end(cfg, c, XLB_STAT_EVICTED, now);
-		break;
-	default:
-		return drop(XLB_STAT_DROP_CT_RACE);
-	}
-	/* The slot is ours (odd) from here: every exit frees it or fills it. */
-	c->flags = XLB_CF_DEAD;
-
-	sel = select_backend(p);
-	bid = sel;
-	b = sel < 0 ? NULL : bpf_map_lookup_elem(&xlb_backends, &bid);
-	maskp = bpf_map_lookup_elem(&xlb_svc_src, &p->svc_id);
-	mask = maskp ? *maskp : 0;
-	first = first_source(mask, flow_hash(&p->flow));
-	if (first >= 0) {
-		src = first;
-		laddr = bpf_map_lookup_elem(&xlb_src, &src);
-	}
-	if (!b || !b->weight || !laddr) {
-		ct_publish(c);
-		return udp ? drop(XLB_STAT_DROP_NO_BACKEND) : refuse(ctx, XLB_STAT_RST_NO_BACKEND);
-	}
-	bs = backend_nexthop(ctx, cfg, bid, *laddr, b->addr, now);
-	if (!bs) {
-		ct_publish(c);
-		return drop(XLB_STAT_DROP_FIB);
-	}
-	if (!udp && syn_challenge_due(cfg, bs, p->flow.saddr, now)) {
-		ct_publish(c);
-		count(XLB_STAT_SYN_CHALLENGE);
-		return tcp_reply(ctx, TCP_FL_SYN | TCP_FL_ACK, rand32(),
-				 syn_cookie(cfg, &p->flow, syn_slot(cfg, now)));
-	}
-	/* A port of the first source address with one free, from the one
-	 * the flow's hash picks, so flows spread evenly over them. */
-	{
-		struct source_walk w = {
-			.mask = mask,
-			.first = first,
-			.baddr = b->addr,
-			.bport = b->port,
-			.now = now,
-			.idx = -1,
-		};
-
-		bpf_loop(XLB_MAX_SOURCES, source_step, &w, 0);
-		if (w.idx >= 0) {
-			__u32 idx = w.idx;
-
-			r = bpf_map_lookup_elem(&xlb_ports, &idx);
-			src = w.src;
-			off = w.off;
-		}
-	}
-	laddr = bpf_map_lookup_elem(&xlb_src, &src);
-	if (!r || !laddr) {
-		ct_publish(c);
-		__sync_fetch_and_add(&bs->no_port, 1);
-		return udp ? drop(XLB_STAT_DROP_NO_PORT) : refuse(ctx, XLB_STAT_RST_NO_PORT);
-	}
-	eth = (void *)(long)ctx->data;
-	if ((void *)(eth + 1) > (void *)(long)ctx->data_end) {
-		ct_publish(c);
-		return drop(XLB_STAT_DROP_INTERNAL);
-	}
-
-	c->key = p->flow;
-	c->laddr = *laddr;
-	c->baddr = b->addr;
-	c->bport = b->port;
-	c->lport = bpf_htons(cfg->port_lo + off);
-	c->backend_id = bid;
-	c->src_idx = src;
-	c->last_seen_j = now;
-	c->seq_delta = 0;
-	if (!udp) {
-		tcp = tcp_at(ctx);
-		if (!tcp) {
-			__sync_val_compare_and_swap(&r->state, XLB_PS_USED, XLB_PS_FREE);
-			ct_publish(c);
-			return drop(XLB_STAT_DROP_INTERNAL);
-		}
-		isn = backend_isn(cfg, r, c->laddr, c->lport, b->addr, b->port, now);
-		c->seq_delta = isn - bpf_ntohl(tcp->seq);
-	}
-	c->isn_b = 0;
-	c->ack_c = 0;
-	c->flags = udp ? XLB_CF_UDP : XLB_CF_SYN;
-
-	/* Replies go back the way the SYN came (its MACs and interface)
-	 * until the return path asks the FIB, nh_ttl later. */
-	r->baddr = b->addr;
-	r->bport = b->port;
-	r->caddr = p->flow.saddr;
-	r->cport = p->flow.sport;
-	r->vaddr = p->flow.daddr;
-	r->vport = p->flow.dport;
-	r->flags = udp ? XLB_RF_UDP : 0;
-	r->backend_id = bid;
-	r->last_seen_j = now;
-	r->nh_j = now;
-	r->seq_delta = c->seq_delta;
-	r->ack_b = isn + 1;
-	r->nh.ifindex = ctx->ingress_ifindex;
-	__builtin_memcpy(r->nh.dmac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(r->nh.smac, eth->h_dest, ETH_ALEN);
-	ct_publish(c);
-	mark_busy(&xlb_ct_busy, slot);
-
-	__sync_fetch_and_add(&bs->active, 1);
-	if (!udp)
-		__sync_fetch_and_add(&bs->half_open, 1);
-	__sync_fetch_and_add(&bs->new_conns, 1);
-	count(XLB_STAT_NEW_CONN);
-
-	p->new_saddr = c->laddr;
-	p->new_daddr = b->addr;
-	p->new_sport = c->lport;
-	p->new_dport = b->port;
-	p->seq_delta = c->seq_delta;
-	p->backend_id = bid;
-	p->nh = bs->nh;
-	bpf_tail_call(ctx, &xlb_progs, XLB_STAGE_REWRITE);
-	return pass(XLB_STAT_TAILCALL_FAIL);
-}
+#define XLB_SFX 6
+#define CONN_T struct xlb_conn6
+#define RCONN_T struct xlb_rconn6
+#define FLOW_T struct xlb_flow6
+#define BACKEND_T struct xlb_backend6
+#define SRC_T struct xlb_src6_slot
+#define SRC_ADDR(s) ((s)->addr)
+#define PKT_FLOW(p) ((p)->flow6)
+#define PKT_NEW_SADDR(p) ((p)->new_saddr6)
+#define PKT_NEW_DADDR(p) ((p)->new_daddr6)
+#define ADDR_FIELD(name) __u32 name[4]
+#define ADDR_CPY(to, from) addr6_copy(to, from)
+#define ADDR_EQ(a, b) addr6_eq(a, b)
+#define ADDR_FOLD(a) addr6_fold(a)
+#define MAP_CT_BUSY xlb_ct6_busy
+#define MAP_PORTS xlb_ports6
+#define STAGE_SELECT XLB_STAGE_SELECT6
+#define STAGE_REWRITE XLB_STAGE_REWRITE6
+#define IS_V6 1
+#include "xlb_family.h"
 
 /* backend_traffic counts a rewritten packet and its bytes for its
  * connection's backend. */
-static __always_inline void backend_traffic(const struct xlb_pkt *p, const struct iphdr *ip)
+static __always_inline void backend_traffic(const struct xlb_pkt *p, __u32 bytes)
 {
 	__u32 id = p->backend_id;
 	struct xlb_traffic *bc = bpf_map_lookup_elem(&xlb_bk_ctr, &id);
@@ -879,7 +716,7 @@ static __always_inline void backend_traffic(const struct xlb_pkt *p, const struc
 	if (!xlb_count_traffic || !bc)
 		return;
 	bc->packets[d]++;
-	bc->bytes[d] += bpf_ntohs(ip->tot_len);
+	bc->bytes[d] += bytes;
 }
 
 /* rewrite_udp rewrites a UDP datagram's ports and checksum: a checksum of
@@ -907,7 +744,7 @@ static __always_inline int rewrite_udp(const struct xlb_pkt *p, struct udphdr *u
  * numbers (seq forward; ack and SACK blocks on the return), removes a
  * SYN's timestamp option and updates its checksum. */
 static __always_inline int rewrite_tcp(struct xdp_md *ctx, const struct xlb_pkt *p, struct tcphdr *tcp,
-				       void *end, __u64 addrs)
+				       void *end, __u64 addrs, __u32 optoff)
 {
 	__u32 optlen;
 	__be32 old;
@@ -924,7 +761,7 @@ static __always_inline int rewrite_tcp(struct xdp_md *ctx, const struct xlb_pkt 
 		tcp->seq = seq_add(old, p->seq_delta);
 		acc = csum_acc32(acc, old, tcp->seq);
 		if ((p->tcp_flags & TCP_FL_SYN) && optlen)
-			acc = tcp_strip_ts(ctx, optlen, acc);
+			acc = tcp_strip_ts(ctx, optoff, optlen, acc);
 	} else {
 		if (p->tcp_flags & TCP_FL_ACK) {
 			old = tcp->ack_seq;
@@ -932,7 +769,7 @@ static __always_inline int rewrite_tcp(struct xdp_md *ctx, const struct xlb_pkt 
 			acc = csum_acc32(acc, old, tcp->ack_seq);
 		}
 		if (optlen)
-			acc = tcp_sack_sub(ctx, optlen, p->seq_delta, acc);
+			acc = tcp_sack_sub(ctx, optoff, optlen, p->seq_delta, acc);
 	}
 	tcp->check = csum_finish(acc);
 	tcp->source = p->new_sport;
@@ -1036,7 +873,7 @@ int xlb_rewrite(struct xdp_md *ctx)
 	if (p->flow.proto == IPPROTO_UDP)
 		err = rewrite_udp(p, (void *)(ip + 1), end, addrs);
 	else
-		err = rewrite_tcp(ctx, p, (void *)(ip + 1), end, addrs);
+		err = rewrite_tcp(ctx, p, (void *)(ip + 1), end, addrs, XLB_OPT_OFF);
 	if (err)
 		return drop(XLB_STAT_DROP_INTERNAL);
 	/* The packet may have moved under a helper: take it afresh. */
@@ -1053,7 +890,118 @@ int xlb_rewrite(struct xdp_md *ctx)
 	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
 
 	count(p->dir == XLB_DIR_FWD ? XLB_STAT_FWD : XLB_STAT_RET);
-	backend_traffic(p, ip);
+	backend_traffic(p, bpf_ntohs(ip->tot_len));
+	if (p->nh.ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	count(XLB_STAT_REDIRECT);
+	return bpf_redirect(p->nh.ifindex, 0);
+}
+
+/* rewrite_icmp6 is rewrite_icmp for ICMPv6. ICMPv6 has no IP header
+ * checksum to mend, but its own checksum covers a pseudo-header with the
+ * outer addresses, so their change counts in it too. */
+static __always_inline int rewrite_icmp6(struct xdp_md *ctx, const struct xlb_pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	__u16 *icsum = (void *)(ip6 + 1) + 2;
+	struct ipv6hdr *in = (void *)(ip6 + 1) + ICMP_HLEN;
+	__u8 *l4 = (void *)(in + 1);
+	__u16 *lsum = NULL, old16;
+	__u64 l4acc, icmp;
+	__be32 old32;
+
+	if ((void *)(l4 + 8) > end)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	icmp = csum_start(*icsum);
+	icmp = csum_addr6(icmp, (void *)&ip6->saddr, p->new_saddr6);
+	icmp = csum_addr6(icmp, (void *)&ip6->daddr, p->new_daddr6);
+	__builtin_memcpy(&ip6->saddr, p->new_saddr6, 16);
+	__builtin_memcpy(&ip6->daddr, p->new_daddr6, 16);
+
+	/* The quoted packet went from the source address to the backend: it
+	 * becomes the client's to the VIP. */
+	l4acc = csum_addr6(0, (void *)&in->saddr, p->new_daddr6);
+	l4acc = csum_addr6(l4acc, (void *)&in->daddr, p->new_saddr6);
+	l4acc = csum_acc16(l4acc, *(__be16 *)l4, p->new_dport);
+	l4acc = csum_acc16(l4acc, *(__be16 *)(l4 + 2), p->new_sport);
+	icmp += l4acc;
+	__builtin_memcpy(&in->saddr, p->new_daddr6, 16);
+	__builtin_memcpy(&in->daddr, p->new_saddr6, 16);
+	*(__be16 *)l4 = p->new_dport;
+	*(__be16 *)(l4 + 2) = p->new_sport;
+	if (p->flow6.proto == IPPROTO_TCP) {
+		old32 = *(__be32 *)(l4 + 4);
+		*(__be32 *)(l4 + 4) = seq_add(old32, -p->seq_delta);
+		l4acc = csum_acc32(l4acc, old32, *(__be32 *)(l4 + 4));
+		icmp = csum_acc32(icmp, old32, *(__be32 *)(l4 + 4));
+		if ((void *)(l4 + 18) <= end &&
+		    (void *)l4 + 18 <= (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len))
+			lsum = (void *)(l4 + 16);
+	} else if (*(__u16 *)(l4 + 6)) {
+		lsum = (void *)(l4 + 6);
+	}
+	if (lsum && (void *)(lsum + 1) <= end) {
+		old16 = *lsum;
+		*lsum = csum_finish(csum_start(old16) + l4acc);
+		if (p->flow6.proto == IPPROTO_UDP && !*lsum)
+			*lsum = 0xffff;
+		icmp = csum_acc16(icmp, old16, *lsum);
+	}
+	if ((void *)(icsum + 1) > end)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	*icsum = csum_finish(icmp);
+
+	__builtin_memcpy(eth->h_dest, p->nh.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
+	count(XLB_STAT_ICMP_ERROR);
+	if (p->nh.ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	count(XLB_STAT_REDIRECT);
+	return bpf_redirect(p->nh.ifindex, 0);
+}
+
+/* xlb_rewrite6 is xlb_rewrite for IPv6: no header checksum, 128-bit
+ * addresses in the TCP or UDP pseudo-header. */
+SEC("xdp")
+int xlb_rewrite6(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	struct xlb_pkt *p = scratch();
+	__u64 addrs;
+	int err;
+
+	if (!p || (void *)(ip6 + 1) > end)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	if (p->icmp)
+		return rewrite_icmp6(ctx, p);
+
+	addrs = csum_addr6(csum_addr6(0, (void *)&ip6->saddr, p->new_saddr6), (void *)&ip6->daddr,
+			   p->new_daddr6);
+	if (p->flow6.proto == IPPROTO_UDP)
+		err = rewrite_udp(p, (void *)(ip6 + 1), end, addrs);
+	else
+		err = rewrite_tcp(ctx, p, (void *)(ip6 + 1), end, addrs, XLB_OPT6_OFF);
+	if (err)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip6 = (void *)(eth + 1);
+	if ((void *)(ip6 + 1) > end)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	__builtin_memcpy(&ip6->saddr, p->new_saddr6, 16);
+	__builtin_memcpy(&ip6->daddr, p->new_daddr6, 16);
+	__builtin_memcpy(eth->h_dest, p->nh.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
+
+	count(p->dir == XLB_DIR_FWD ? XLB_STAT_FWD : XLB_STAT_RET);
+	backend_traffic(p, sizeof(*ip6) + bpf_ntohs(ip6->payload_len));
 	if (p->nh.ifindex == ctx->ingress_ifindex)
 		return XDP_TX;
 	count(XLB_STAT_REDIRECT);

@@ -73,22 +73,37 @@ static __always_inline void backend_account(__u32 id, __u32 old, __u32 new)
 		__sync_fetch_and_add(&bs->half_open, -1);
 }
 
+/* flags_mark sets flag bits on a connection's flags, accounts the
+ * change to its backend, and reports whether this call closed it. */
+static __always_inline int flags_mark(__u32 *flags, __u32 bits, __u32 backend_id)
+{
+	__u32 old;
+
+	if ((*flags & bits) == bits)
+		return 0;
+	old = __sync_fetch_and_or(flags, bits);
+	backend_account(backend_id, old, old | bits);
+	if (conn_closed(old) || !conn_closed(old | bits))
+		return 0;
+	count(XLB_STAT_CLOSED);
+	return 1;
+}
+
 /* conn_mark sets flag bits on a connection. The one caller whose update
  * closes the connection uncounts it and starts its port's hold (r: its
  * way, or NULL when the caller has not looked it up); the one whose
  * update completes the handshake takes it out of half-open. */
 static __always_inline void conn_mark(struct xlb_conn *c, __u32 bits, struct xlb_rconn *r, __u64 now)
 {
-	__u32 old;
-
-	if ((c->flags & bits) == bits)
-		return;
-	old = __sync_fetch_and_or(&c->flags, bits);
-	backend_account(c->backend_id, old, old | bits);
-	if (!conn_closed(old) && conn_closed(old | bits)) {
-		count(XLB_STAT_CLOSED);
+	if (flags_mark(&c->flags, bits, c->backend_id))
 		port_rest(r, c, now);
-	}
+}
+
+/* conn_mark6 is conn_mark for an IPv6 connection. */
+static __always_inline void conn_mark6(struct xlb_conn6 *c, __u32 bits, struct xlb_rconn6 *r, __u64 now)
+{
+	if (flags_mark(&c->flags, bits, c->backend_id))
+		port_rest6(r, c, now);
 }
 
 /* conn_end releases what a connection holds (its backend's counts, its
@@ -97,6 +112,14 @@ static __always_inline void conn_end(const struct xlb_cfg *cfg, struct xlb_conn 
 {
 	backend_account(c->backend_id, c->flags, c->flags | XLB_CF_RST);
 	port_rest(port_entry(cfg, c->src_idx, bpf_ntohs(c->lport), c->baddr, c->bport), c, now);
+	count(stat);
+}
+
+/* conn_end6 is conn_end for an IPv6 connection. */
+static __always_inline void conn_end6(const struct xlb_cfg *cfg, struct xlb_conn6 *c, __u32 stat, __u64 now)
+{
+	backend_account(c->backend_id, c->flags, c->flags | XLB_CF_RST);
+	port_rest6(port_entry6(cfg, c->src_idx, bpf_ntohs(c->lport), c->baddr, c->bport), c, now);
 	count(stat);
 }
 

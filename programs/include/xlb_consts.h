@@ -13,7 +13,10 @@ enum xlb_stage {
 	XLB_STAGE_CONNTRACK = 1,
 	XLB_STAGE_SELECT = 2,
 	XLB_STAGE_REWRITE = 3,
-	XLB_STAGE_MAX = 4,
+	XLB_STAGE_CONNTRACK6 = 4,
+	XLB_STAGE_SELECT6 = 5,
+	XLB_STAGE_REWRITE6 = 6,
+	XLB_STAGE_MAX = 7,
 };
 
 /* Direction of a packet that parse decided xlb owns. */
@@ -91,9 +94,10 @@ enum xlb_stat {
 	XLB_STAT_RECYCLED,          /* closed or expired entries replaced by a new SYN */
 	XLB_STAT_CLOSED,            /* connections closed by FIN/RST */
 	XLB_STAT_REDIRECT,          /* transmitted through another interface */
-	XLB_STAT_PASS_NOT_IPV4,     /* passed: not IPv4 */
+	XLB_STAT_PASS_NOT_IPV4,     /* passed: neither IPv4 nor IPv6 */
 	XLB_STAT_PASS_NOT_TCP,      /* passed: neither TCP nor UDP, nor an ICMP error about a flow */
 	XLB_STAT_PASS_IP_OPTIONS,   /* passed: IPv4 options, not for xlb */
+	XLB_STAT_PASS_IPV6_EXT,     /* passed: IPv6 with an extension header */
 	XLB_STAT_PASS_FRAGMENT,     /* passed: IPv4 fragment, not for xlb or not the first */
 	XLB_STAT_PASS_NOT_OURS,     /* passed: not for a VIP nor a reply */
 	XLB_STAT_DROP_ETH_TRUNC,    /* dropped: IPv4 frame shorter than its headers */

@@ -10,6 +10,9 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
 
 /* fib_nexthop asks the kernel's routing and neighbour tables for the next
  * hop towards dst. It returns the bpf_fib_lookup result code. */
@@ -67,6 +70,64 @@ static __always_inline void client_nexthop(struct xdp_md *ctx, const struct xlb_
 	if ((__u32)now - r->nh_j <= cfg->nh_ttl_j)
 		return;
 	if (fib_nexthop(ctx, r->vaddr, r->caddr, &nh) == BPF_FIB_LKUP_RET_SUCCESS)
+		r->nh = nh;
+	r->nh_j = now;
+}
+
+/* fib_nexthop6 is fib_nexthop for IPv6 (it needs the interface's
+ * net.ipv6.conf.<iface>.forwarding). */
+static __always_inline long fib_nexthop6(struct xdp_md *ctx, const __u32 *src, const __u32 *dst,
+					 struct xlb_nh *nh)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.family = AF_INET6;
+	fib.l4_protocol = IPPROTO_TCP;
+	__builtin_memcpy(fib.ipv6_src, src, 16);
+	__builtin_memcpy(fib.ipv6_dst, dst, 16);
+	fib.ifindex = ctx->ingress_ifindex;
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		nh->ifindex = fib.ifindex;
+		__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
+		__builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
+	}
+	return rc;
+}
+
+/* backend_nexthop6 is backend_nexthop for an IPv6 backend. */
+static __always_inline struct xlb_backend_stats *backend_nexthop6(struct xdp_md *ctx,
+								  const struct xlb_cfg *cfg, __u32 id,
+								  const __u32 *laddr, const __u32 *baddr,
+								  __u64 now)
+{
+	struct xlb_backend_stats *bs = bpf_map_lookup_elem(&xlb_bk_stats, &id);
+
+	if (!bs)
+		return NULL;
+	if (!bs->nh_j || now - bs->nh_j > cfg->nh_ttl_j) {
+		struct xlb_nh nh;
+
+		if (fib_nexthop6(ctx, laddr, baddr, &nh) == BPF_FIB_LKUP_RET_SUCCESS) {
+			bs->nh = nh;
+			bs->nh_j = now;
+		} else if (!bs->nh_j) {
+			return NULL;
+		}
+	}
+	return bs;
+}
+
+/* client_nexthop6 is client_nexthop for an IPv6 connection. */
+static __always_inline void client_nexthop6(struct xdp_md *ctx, const struct xlb_cfg *cfg,
+					    struct xlb_rconn6 *r, __u64 now)
+{
+	struct xlb_nh nh;
+
+	if ((__u32)now - r->nh_j <= cfg->nh_ttl_j)
+		return;
+	if (fib_nexthop6(ctx, r->vaddr, r->caddr, &nh) == BPF_FIB_LKUP_RET_SUCCESS)
 		r->nh = nh;
 	r->nh_j = now;
 }

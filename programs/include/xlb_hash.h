@@ -40,6 +40,19 @@ static __always_inline __u32 flow_hash(const struct xlb_flow *f)
 	return mix3(f->saddr, f->daddr, ((__u32)f->sport << 16 | f->dport) ^ f->proto);
 }
 
+/* addr6_fold mixes an IPv6 address's four words into one. */
+static __always_inline __u32 addr6_fold(const __u32 *a)
+{
+	return mix3(a[0], a[1], a[2] ^ rol32(a[3], 16));
+}
+
+/* flow_hash6 is flow_hash for an IPv6 flow. */
+static __always_inline __u32 flow_hash6(const struct xlb_flow6 *f)
+{
+	return mix3(addr6_fold(f->saddr), addr6_fold(f->daddr),
+		    ((__u32)f->sport << 16 | f->dport) ^ f->proto);
+}
+
 /* rand32 returns a pseudo-random value from the per-CPU xorshift32 state,
  * seeded from the kernel's generator on first use. */
 static __always_inline __u32 rand32(void)

@@ -230,4 +230,80 @@ struct {
 	__type(value, struct xlb_trusted);
 } xlb_syn_ok SEC(".maps");
 
+/* The IPv6 tables: see docs/stage-abi.md, "Families". Sized by the
+ * daemon; tiny unless an IPv6 service is configured. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 8);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct xlb_conn6);
+} xlb_conns6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 8);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct xlb_rconn6);
+} xlb_ports6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+} xlb_ct6_busy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+} xlb_port6_busy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XLB_MAX_SERVICES);
+	__type(key, struct xlb_vip6);
+	__type(value, struct xlb_service);
+} xlb_services6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * 65536);
+	__type(key, __u32);
+	__type(value, struct xlb_vip_port6);
+} xlb_vip_ports6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct xlb_backend6);
+} xlb_backends6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_MAX_SOURCES);
+	__type(key, __u32);
+	__type(value, struct xlb_src6_slot);
+} xlb_src6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_SRC_SLOTS);
+	__type(key, __u32);
+	__type(value, struct xlb_src6_slot);
+} xlb_src6_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_MAX_SOURCES *XLB_PORT_WAYS);
+	__type(key, __u32);
+	__type(value, __u32);
+} xlb_port6_cur SEC(".maps");
+
 #endif

@@ -43,53 +43,108 @@ static __always_inline void port_rest(struct xlb_rconn *r, const struct xlb_conn
 	__sync_val_compare_and_swap(&r->state, XLB_PS_USED, XLB_PS_HOLD);
 }
 
-/* claim_port claims the backend's way of a free source port of source
+/* XLB_CLAIM_PORT defines claim_port<sfx> for a family's ports table,
+ * cursors and bitmap, its backends' way (wayexpr of baddr and bport) and
+ * rconn_t ways.
+ *
+ * claim_port claims the backend's way of a free source port of source
  * address src: one that never served, or one whose hold has passed. Every
  * backend of the way, whatever its service, walks the range from one
  * cursor per (address, way), as connect() walks its range, so a port
- * comes back only after the whole range was used. One compare-and-swap
- * per probe, so two CPUs never share a way. Returns the way and sets its
- * offset in the range. */
-static __always_inline struct xlb_rconn *claim_port(const struct xlb_cfg *cfg, __u32 src, __be32 baddr,
-						    __be16 bport, __u32 *off, __u64 now)
-{
-	__u32 key = src * XLB_PORT_WAYS + port_way(baddr, bport);
-	__u32 range = cfg->nports, base, start, i;
-	__u32 *cur = bpf_map_lookup_elem(&xlb_port_cur, &key);
-
-	if (!cur || !range)
-		return NULL;
-	base = key * range;
-	/* The cursor moves only past a port taken: the ports in front of it
-	 * are the ones released first, so when the first is still resting
-	 * the others are too, and a refusal leaves it there for the next
-	 * SYN. Two CPUs reading it at once race for the port with the
-	 * compare-and-swap; the loser takes the next one. */
-	start = *cur % range;
-	for (i = 0; i < XLB_PORT_TRIES; i++) {
-		__u32 o = start + i, idx, st;
-		struct xlb_rconn *r;
-
-		if (i >= range)
-			return NULL; /* a small range, walked whole */
-		if (o >= range)
-			o -= range;
-		idx = base + o;
-		r = bpf_map_lookup_elem(&xlb_ports, &idx);
-		if (!r)
-			return NULL;
-		st = r->state;
-		if (st == XLB_PS_HOLD && (__u32)now - r->last_seen_j <= cfg->hold_j)
-			continue;
-		if (st != XLB_PS_USED && __sync_val_compare_and_swap(&r->state, st, XLB_PS_USED) == st) {
-			__sync_fetch_and_add(cur, i + 1);
-			mark_busy(&xlb_port_busy, idx);
-			*off = o;
-			return r;
-		}
+ * comes back only after the whole range was used. The cursor moves only
+ * past a port taken: the ports in front of it are the ones released
+ * first, so when the first is still resting the others are too, and a
+ * refusal leaves it there for the next SYN. Two CPUs reading it at once
+ * race for the port with the compare-and-swap; the loser takes the next
+ * one. Returns the way and sets its offset in the range. */
+#define XLB_CLAIM_PORT(sfx, rconn_t, addr_t, ports, curs, busy, wayfn)                                      \
+	static __always_inline rconn_t *claim_port##sfx(const struct xlb_cfg *cfg, __u32 src, addr_t baddr, \
+							__be16 bport, __u32 *off, __u64 now)                \
+	{                                                                                                   \
+		__u32 key = src * XLB_PORT_WAYS + wayfn(baddr, bport);                                      \
+		__u32 range = cfg->nports, base, start, i;                                                  \
+		__u32 *cur = bpf_map_lookup_elem(&curs, &key);                                              \
+                                                                                                            \
+		if (!cur || !range)                                                                         \
+			return NULL;                                                                        \
+		base = key * range;                                                                         \
+		start = *cur % range;                                                                       \
+		for (i = 0; i < XLB_PORT_TRIES; i++) {                                                      \
+			__u32 o = start + i, idx, st;                                                       \
+			rconn_t *r;                                                                         \
+                                                                                                            \
+			if (i >= range)                                                                     \
+				return NULL; /* a small range, walked whole */                              \
+			if (o >= range)                                                                     \
+				o -= range;                                                                 \
+			idx = base + o;                                                                     \
+			r = bpf_map_lookup_elem(&ports, &idx);                                              \
+			if (!r)                                                                             \
+				return NULL;                                                                \
+			st = r->state;                                                                      \
+			if (st == XLB_PS_HOLD && (__u32)now - r->last_seen_j <= cfg->hold_j)                \
+				continue;                                                                   \
+			if (st != XLB_PS_USED &&                                                            \
+			    __sync_val_compare_and_swap(&r->state, st, XLB_PS_USED) == st) {                \
+				__sync_fetch_and_add(cur, i + 1);                                           \
+				mark_busy(&busy, idx);                                                      \
+				*off = o;                                                                   \
+				return r;                                                                   \
+			}                                                                                   \
+		}                                                                                           \
+		return NULL;                                                                                \
 	}
-	return NULL;
+
+XLB_CLAIM_PORT(, struct xlb_rconn, __be32, xlb_ports, xlb_port_cur, xlb_port_busy, port_way)
+
+/* The IPv6 ways. */
+
+static __always_inline int addr6_eq(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
+
+static __always_inline void addr6_copy(__u32 *to, const __u32 *from)
+{
+	to[0] = from[0];
+	to[1] = from[1];
+	to[2] = from[2];
+	to[3] = from[3];
+}
+
+/* port_way6 is port_way for an IPv6 backend. */
+static __always_inline __u32 port_way6(const __u32 *baddr, __be16 bport)
+{
+	return port_way(baddr[0] ^ baddr[1] ^ baddr[2] ^ baddr[3], bport);
+}
+
+XLB_CLAIM_PORT(6, struct xlb_rconn6, const __u32 *, xlb_ports6, xlb_port6_cur, xlb_port6_busy, port_way6)
+
+static __always_inline struct xlb_rconn6 *port_entry6(const struct xlb_cfg *cfg, __u32 src, __u16 lport,
+						      const __u32 *baddr, __be16 bport)
+{
+	__u32 idx;
+
+	if (lport < cfg->port_lo || lport > cfg->port_hi)
+		return NULL;
+	idx = (src * XLB_PORT_WAYS + port_way6(baddr, bport)) * cfg->nports + (lport - cfg->port_lo);
+	return bpf_map_lookup_elem(&xlb_ports6, &idx);
+}
+
+static __always_inline int port_owned6(const struct xlb_rconn6 *r, const struct xlb_conn6 *c)
+{
+	return addr6_eq(r->baddr, c->baddr) && r->bport == c->bport && addr6_eq(r->caddr, c->key.saddr) &&
+	       r->cport == c->key.sport;
+}
+
+static __always_inline void port_rest6(struct xlb_rconn6 *r, const struct xlb_conn6 *c, __u64 now)
+{
+	if (!r || r->state != XLB_PS_USED || !port_owned6(r, c))
+		return;
+	r->last_seen_j = now;
+	__sync_val_compare_and_swap(&r->state, XLB_PS_USED, XLB_PS_HOLD);
+}
+
 /* backend_isn chooses the initial sequence number the backend sees for a
  * new connection on way r (source laddr:lport, backend baddr:bport): a
  * keyed hash of the four-tuple plus a clock of about 4 per microsecond,
@@ -98,14 +153,14 @@ static __always_inline struct xlb_rconn *claim_port(const struct xlb_cfg *cfg, _
  * still in TIME_WAIT for the four-tuple accepts the SYN (Linux accepts a
  * SYN in TIME_WAIT whose sequence number lies after the old connection's
  * last one; timestamps are never negotiated, see tcp_opts_rewrite). */
-static __always_inline __u32 backend_isn(const struct xlb_cfg *cfg, const struct xlb_rconn *r, __be32 laddr,
+static __always_inline __u32 backend_isn(const struct xlb_cfg *cfg, __u16 rflags, __u32 tw_seq, __be32 laddr,
 					 __be16 lport, __be32 baddr, __be16 bport, __u64 now)
 {
 	__u32 isn = mix3(laddr ^ cfg->isn_key[0], baddr, ((__u32)lport << 16 | bport) ^ cfg->isn_key[1]) +
 		    (__u32)now * cfg->isn_per_j;
 
-	if ((r->flags & XLB_RF_TW_SEQ) && (__s32)(isn - r->tw_seq) <= 0)
-		isn = r->tw_seq + 0x10000 + (isn & 0xffff);
+	if ((rflags & XLB_RF_TW_SEQ) && (__s32)(isn - tw_seq) <= 0)
+		isn = tw_seq + 0x10000 + (isn & 0xffff);
 	return isn;
 }
 

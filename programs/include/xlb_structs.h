@@ -56,36 +56,38 @@ struct xlb_backend_stats {
 
 /* A slot of xlb_conns, the connection table: a client flow and how to
  * rewrite its packets. One cache line. See docs/stage-abi.md for the
- * protocol that lets CPUs and the daemon share slots without locks. */
+ * protocol that lets CPUs and the daemon share slots without locks. The
+ * fields up to lport are the same in struct xlb_conn6, at the same
+ * offsets (the daemon reads both families' slots through them); the
+ * addresses come after. */
 struct xlb_conn {
-	__u32 seq;   /* even: stable; odd: being written. Taken by compare-and-swap */
-	__u32 flags; /* enum xlb_conn_flag, set with atomic or; 0: free slot */
-	struct xlb_flow key;
-	__be32 laddr; /* the source address towards the backend */
-	__be32 baddr; /* backend */
-	__be16 bport;
-	__be16 lport; /* the source port towards the backend */
-	__u32 backend_id;
+	__u32 seq;         /* even: stable; odd: being written. Taken by compare-and-swap */
+	__u32 flags;       /* enum xlb_conn_flag, set with atomic or; 0: free slot */
 	__u64 last_seen_j; /* last client packet, jiffies */
+	__u32 backend_id;
 	/* The backend-side ISN minus the client's: added to the client's
 	 * sequence numbers, taken from the backend's acknowledgements. */
 	__u32 seq_delta;
 	__u32 isn_b;   /* the backend's ISN, from its SYN-ACK */
 	__u32 ack_c;   /* the client's latest acknowledgement (backend sequence space) */
 	__u32 src_idx; /* index of laddr in xlb_src */
+	__be16 bport;
+	__be16 lport; /* the source port towards the backend */
+	struct xlb_flow key;
+	__be32 laddr; /* the source address towards the backend */
+	__be32 baddr; /* backend */
 };
 
 /* Value of xlb_ports, one way of a source port: the return side of a
- * connection, how to rewrite the backend's replies. One cache line. */
+ * connection, how to rewrite the backend's replies. One cache line. The
+ * fields up to nh are the same in struct xlb_rconn6, at the same offsets;
+ * the addresses come after. */
 struct xlb_rconn {
 	__u32 state;  /* enum xlb_port_state, claimed with compare-and-swap */
-	__be32 baddr; /* the backend holding the way */
-	__be16 bport;
-	__be16 cport;
-	__be32 caddr; /* client */
-	__be32 vaddr; /* VIP */
-	__be16 vport;
-	__u16 flags; /* enum xlb_rconn_flag */
+	__u16 flags;  /* enum xlb_rconn_flag */
+	__be16 bport; /* the backend holding the way */
+	__be16 cport; /* client */
+	__be16 vport; /* VIP */
 	/* Low 32 bits of the jiffies of the last backend packet; in
 	 * XLB_PS_HOLD, when the hold began (late packets of the ended
 	 * connection extend it). */
@@ -93,14 +95,17 @@ struct xlb_rconn {
 	__u32 backend_id;
 	__u32 nh_j;       /* low 32 bits of the jiffies when nh was looked up */
 	__u32 seq_delta;  /* as in struct xlb_conn */
-	struct xlb_nh nh; /* towards the client */
 	__u32 tw_seq;     /* see XLB_RF_TW_SEQ */
 	__u32 ack_b;      /* the backend's latest acknowledgement (backend sequence space) */
+	struct xlb_nh nh; /* towards the client */
+	__be32 baddr;
+	__be32 caddr;
+	__be32 vaddr;
 };
 
 /* Value of xlb_bk_ctr: a backend's traffic on one CPU, by direction
  * (enum xlb_dir - 1: 0 client to backend, 1 backend to client); bytes are
- * IPv4 total lengths. */
+ * IP packet lengths (IPv4 total length, IPv6 40 + payload length). */
 struct xlb_traffic {
 	__u64 packets[2];
 	__u64 bytes[2];
@@ -124,6 +129,85 @@ struct xlb_trusted {
 	__u32 until_j; /* low 32 bits of the jiffies until which it is trusted */
 };
 
+/* An IPv6 flow as it appears on the wire: the key of a connection in
+ * xlb_conns6. */
+struct xlb_flow6 {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* Key of xlb_services6. */
+struct xlb_vip6 {
+	__u32 addr[4];
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* Value of xlb_backends6: an IPv6 backend, by the same ids as
+ * xlb_backends. */
+struct xlb_backend6 {
+	__u32 addr[4];
+	__be16 port;
+	__u16 weight; /* 0: not selectable */
+};
+
+/* A slot of xlb_conns6: struct xlb_conn for an IPv6 flow, the same
+ * fields up to lport. Two cache lines. */
+struct xlb_conn6 {
+	__u32 seq;
+	__u32 flags;
+	__u64 last_seen_j;
+	__u32 backend_id;
+	__u32 seq_delta;
+	__u32 isn_b;
+	__u32 ack_c;
+	__u32 src_idx;
+	__be16 bport;
+	__be16 lport;
+	struct xlb_flow6 key;
+	__u32 laddr[4];
+	__u32 baddr[4];
+	__u64 pad[2];
+};
+
+/* Value of xlb_ports6: struct xlb_rconn for an IPv6 connection, the same
+ * fields up to nh. Two cache lines. */
+struct xlb_rconn6 {
+	__u32 state;
+	__u16 flags;
+	__be16 bport;
+	__be16 cport;
+	__be16 vport;
+	__u32 last_seen_j;
+	__u32 backend_id;
+	__u32 nh_j;
+	__u32 seq_delta;
+	__u32 tw_seq;
+	__u32 ack_b;
+	struct xlb_nh nh;
+	__u32 baddr[4];
+	__u32 caddr[4];
+	__u32 vaddr[4];
+	__u32 pad[7];
+};
+
+/* Value of xlb_vip_ports6: which IPv6 VIP uses a port. */
+struct xlb_vip_port6 {
+	__u32 addr[4];
+	__u32 svc; /* as struct xlb_vip_port's */
+};
+
+/* Value of xlb_src6_slots. */
+struct xlb_src6_slot {
+	__u32 addr[4];
+	__u32 idx; /* index + 1; 0: empty slot */
+};
+
 /* Runtime settings, single entry of xlb_settings. */
 struct xlb_cfg {
 	__u16 port_lo; /* source port range, host order, inclusive */
@@ -140,6 +224,9 @@ struct xlb_cfg {
 	__u32 syn_half_open;         /* per backend: half-open connections that start the defence */
 	__u32 syn_ok_j;              /* how long a validated source skips the challenge */
 	__u32 cookie_shift;          /* the cookie's clock: jiffies >> cookie_shift */
+	__u32 src6_0[4];             /* the first IPv6 source address (xlb_src6[0]) */
+	__u32 src6_mult;             /* xlb_src6_slots index, as src_mult */
+	__u32 ct6_mask;              /* xlb_conns6 has ct6_mask + 1 slots */
 	__u64 nh_ttl_j;              /* next hops are refreshed from the FIB after this */
 	__u64 timeout_j[XLB_CT_MAX]; /* idle timeouts by enum xlb_ct_state */
 };
@@ -165,6 +252,22 @@ struct xlb_pkt {
 	__be16 new_dport;
 	__u32 seq_delta; /* added to seq (forward), taken from ack and SACK (return) */
 	struct xlb_nh nh;
+	/* IPv6 (the stages of slots 4 to 6): as flow, vip, new_saddr and
+	 * new_daddr. */
+	struct xlb_flow6 flow6;
+	struct xlb_vip_port6 vip6;
+	__u32 new_saddr6[4];
+	__u32 new_daddr6[4];
 };
+
+/* The layouts the comments above promise. */
+_Static_assert(sizeof(struct xlb_conn) == 64, "struct xlb_conn is one cache line");
+_Static_assert(sizeof(struct xlb_rconn) == 64, "struct xlb_rconn is one cache line");
+_Static_assert(sizeof(struct xlb_conn6) == 128, "struct xlb_conn6 is two cache lines");
+_Static_assert(sizeof(struct xlb_rconn6) == 128, "struct xlb_rconn6 is two cache lines");
+_Static_assert(__builtin_offsetof(struct xlb_conn, key) == __builtin_offsetof(struct xlb_conn6, key),
+	       "struct xlb_conn and xlb_conn6 share their fields up to key");
+_Static_assert(__builtin_offsetof(struct xlb_rconn, baddr) == __builtin_offsetof(struct xlb_rconn6, baddr),
+	       "struct xlb_rconn and xlb_rconn6 share their fields up to baddr");
 
 #endif

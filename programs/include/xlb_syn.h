@@ -49,25 +49,53 @@ static __always_inline int syn_challenge_due(const struct xlb_cfg *cfg, const st
 	return !ok || ok->addr != saddr || (__s32)(ok->until_j - (__u32)now) <= 0;
 }
 
+/* syn_trust trusts a source (an IPv4 address, or an IPv6 one folded to
+ * 32 bits) for syn_ok_j. */
+static __always_inline int syn_trust(const struct xlb_cfg *cfg, __u32 src, __u64 now)
+{
+	struct xlb_trusted *ok = syn_ok_entry(cfg, src);
+
+	if (!ok)
+		return 0;
+	ok->addr = src;
+	ok->until_j = (__u32)now + cfg->syn_ok_j;
+	return 1;
+}
+
 /* syn_validate checks a RST without a connection against the cookie of
  * its flow (this clock slot or the previous one) and, if it matches,
- * trusts its source for syn_ok_j. */
+ * trusts its source. */
 static __always_inline int syn_validate(const struct xlb_cfg *cfg, const struct xlb_flow *f, __u32 seq,
 					__u64 now)
 {
 	__u32 slot = syn_slot(cfg, now);
-	struct xlb_trusted *ok;
 
 	if (cfg->syn_mode == XLB_SYN_OFF)
 		return 0;
 	if (seq != syn_cookie(cfg, f, slot) && seq != syn_cookie(cfg, f, slot - 1))
 		return 0;
-	ok = syn_ok_entry(cfg, f->saddr);
-	if (!ok)
+	return syn_trust(cfg, f->saddr, now);
+}
+
+/* syn_cookie6 is syn_cookie for an IPv6 flow. */
+static __always_inline __u32 syn_cookie6(const struct xlb_cfg *cfg, const struct xlb_flow6 *f, __u32 slot)
+{
+	return mix3(addr6_fold(f->saddr) ^ cfg->cookie_key[0], addr6_fold(f->daddr) ^ slot,
+		    ((__u32)f->sport << 16 | f->dport) ^ cfg->cookie_key[1]);
+}
+
+/* syn_validate6 is syn_validate for an IPv6 flow; the source is trusted by
+ * its address folded to 32 bits. */
+static __always_inline int syn_validate6(const struct xlb_cfg *cfg, const struct xlb_flow6 *f, __u32 seq,
+					 __u64 now)
+{
+	__u32 slot = syn_slot(cfg, now);
+
+	if (cfg->syn_mode == XLB_SYN_OFF)
 		return 0;
-	ok->addr = f->saddr;
-	ok->until_j = (__u32)now + cfg->syn_ok_j;
-	return 1;
+	if (seq != syn_cookie6(cfg, f, slot) && seq != syn_cookie6(cfg, f, slot - 1))
+		return 0;
+	return syn_trust(cfg, addr6_fold(f->saddr), now);
 }
 
 #endif

@@ -11,6 +11,7 @@
 #include <linux/ip.h>
 #include <linux/in.h>
 #include <linux/tcp.h>
+#include <linux/ipv6.h>
 #include "xlb_common.h"
 #include "xlb_csum.h"
 
@@ -18,6 +19,8 @@
 #define XLB_IP_OFF ETH_HLEN
 #define XLB_TCP_OFF (XLB_IP_OFF + 20)
 #define XLB_OPT_OFF (XLB_TCP_OFF + 20)
+#define XLB_TCP6_OFF (XLB_IP_OFF + 40) /* after an IPv6 header */
+#define XLB_OPT6_OFF (XLB_TCP6_OFF + 20)
 #define XLB_REPLY_LEN XLB_OPT_OFF /* a reply: headers only */
 #define XLB_MAX_OPT_LEN 40
 /* A SYN whose TCP checksum is checked in full carries at most this many
@@ -65,6 +68,7 @@ static __always_inline __u64 csum_acc32_at(__u64 acc, __u32 off, __u32 old, __u3
  * it). */
 struct opt_walk {
 	struct xdp_md *ctx;
+	__u32 optoff; /* where the options start in the packet */
 	__u32 optlen; /* bytes of options after the fixed header */
 	__u32 i;      /* where the next option starts */
 	__s32 at;     /* the option found, or -1 */
@@ -77,7 +81,7 @@ static long opt_walk_step(__u64 n, void *arg)
 	struct opt_walk *w = arg;
 	void *data = (void *)(long)w->ctx->data;
 	void *end = (void *)(long)w->ctx->data_end;
-	__u8 *o = data + XLB_OPT_OFF + (w->i & 63);
+	__u8 *o = data + (w->optoff & 127) + (w->i & 63);
 
 	if (w->i >= w->optlen || (void *)(o + 2) > end || o[0] == TCPOPT_EOL)
 		return 1;
@@ -99,9 +103,9 @@ static long opt_walk_step(__u64 n, void *arg)
 /* tcp_opt_find returns the offset in the options of the packet's first
  * TCP option of kind want, setting *len, or -1. Malformed options end the
  * walk: the packet is then forwarded as it is, as a router would. */
-static __always_inline int tcp_opt_find(struct xdp_md *ctx, __u32 optlen, __u8 want, __u8 *len)
+static __always_inline int tcp_opt_find(struct xdp_md *ctx, __u32 optoff, __u32 optlen, __u8 want, __u8 *len)
 {
-	struct opt_walk w = { .ctx = ctx, .optlen = optlen, .at = -1, .want = want };
+	struct opt_walk w = { .ctx = ctx, .optoff = optoff, .optlen = optlen, .at = -1, .want = want };
 
 	bpf_loop(XLB_MAX_OPT_LEN, opt_walk_step, &w, 0);
 	*len = w.len;
@@ -111,17 +115,17 @@ static __always_inline int tcp_opt_find(struct xdp_md *ctx, __u32 optlen, __u8 w
 /* tcp_strip_ts replaces a SYN's timestamp option with NOPs, so that the
  * connection negotiates no timestamps (see docs/architecture.md), and
  * returns the checksum accumulator with the change. */
-static __always_inline __u64 tcp_strip_ts(struct xdp_md *ctx, __u32 optlen, __u64 acc)
+static __always_inline __u64 tcp_strip_ts(struct xdp_md *ctx, __u32 optoff, __u32 optlen, __u64 acc)
 {
 	__u8 len = 0, *o;
-	int at = tcp_opt_find(ctx, optlen, TCPOPT_TIMESTAMP, &len);
+	int at = tcp_opt_find(ctx, optoff, optlen, TCPOPT_TIMESTAMP, &len);
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	__u32 k;
 
 	if (at < 0 || len != TCPOLEN_TIMESTAMP)
 		return acc;
-	o = data + XLB_OPT_OFF + (at & 63);
+	o = data + optoff + (at & 63);
 	if ((void *)(o + TCPOLEN_TIMESTAMP) > end)
 		return acc;
 	for (k = 0; k < TCPOLEN_TIMESTAMP; k++) {
@@ -134,17 +138,18 @@ static __always_inline __u64 tcp_strip_ts(struct xdp_md *ctx, __u32 optlen, __u6
 /* tcp_sack_sub takes delta from both edges of every block of a reply's
  * SACK option (they acknowledge the client's data in the backend's
  * sequence space) and returns the checksum accumulator with the change. */
-static __always_inline __u64 tcp_sack_sub(struct xdp_md *ctx, __u32 optlen, __u32 delta, __u64 acc)
+static __always_inline __u64 tcp_sack_sub(struct xdp_md *ctx, __u32 optoff, __u32 optlen, __u32 delta,
+					  __u64 acc)
 {
 	__u8 len = 0, *o;
-	int at = tcp_opt_find(ctx, optlen, TCPOPT_SACK, &len);
+	int at = tcp_opt_find(ctx, optoff, optlen, TCPOPT_SACK, &len);
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	__u32 k;
 
 	if (at < 0 || len < 10 || (len - 2) % 8)
 		return acc;
-	o = data + XLB_OPT_OFF + (at & 63);
+	o = data + optoff + (at & 63);
 	for (k = 0; k < 8; k++) {
 		__u32 old, new, *edge = (void *)(o + 2 + 4 * k);
 
@@ -227,6 +232,114 @@ static __always_inline int l4_csum_ok(struct xdp_md *ctx, __u8 proto)
 		sum += *last; /* an even offset: the low half of its word */
 	}
 	return csum_fold(sum) == 0;
+}
+
+/* csum_addr6 adds the change of a 128-bit address to an accumulator. */
+static __always_inline __u64 csum_addr6(__u64 acc, const __u32 *old, const __u32 *new)
+{
+	acc = csum_acc32(acc, old[0], new[0]);
+	acc = csum_acc32(acc, old[1], new[1]);
+	acc = csum_acc32(acc, old[2], new[2]);
+	return csum_acc32(acc, old[3], new[3]);
+}
+
+/* l4_pseudo6 sums the IPv6 pseudo-header (RFC 8200). */
+static __always_inline __u64 l4_pseudo6(const __u32 *saddr, const __u32 *daddr, __u8 proto, __u32 len)
+{
+	__u64 sum = bpf_htonl(len) + bpf_htonl(proto);
+	int i;
+
+	for (i = 0; i < 4; i++)
+		sum += (__u64)saddr[i] + daddr[i];
+	return sum;
+}
+
+/* l4_csum_ok6 is l4_csum_ok for IPv6, where a UDP checksum is mandatory. */
+static __always_inline int l4_csum_ok6(struct xdp_md *ctx, __u8 proto)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *ip6 = data + XLB_IP_OFF;
+	__u16 *w = data + XLB_TCP6_OFF;
+	__u32 len, i;
+	__u64 sum;
+
+	if ((void *)(ip6 + 1) > end || (void *)(w + 4) > end)
+		return 0;
+	len = bpf_ntohs(ip6->payload_len);
+	if (proto == IPPROTO_UDP && w[3] == 0)
+		return 0;
+	if (len > XLB_MAX_SYN_LEN)
+		return proto == IPPROTO_UDP;
+	sum = l4_pseudo6((void *)&ip6->saddr, (void *)&ip6->daddr, proto, len);
+	for (i = 0; i < XLB_MAX_SYN_LEN / 2; i++) {
+		if (2 * i + 1 >= len)
+			break;
+		if ((void *)(w + i + 1) > end)
+			return 0;
+		sum += w[i];
+	}
+	if (len & 1) {
+		__u8 *last = (void *)w + len - 1;
+
+		if ((void *)(last + 1) > end)
+			return 0;
+		sum += *last;
+	}
+	return csum_fold(sum) == 0;
+}
+
+/* tcp_reply6 is tcp_reply for a SYN over IPv6. */
+static __always_inline int tcp_reply6(struct xdp_md *ctx, __u8 flags, __u32 seq, __u32 ack)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = data + XLB_IP_OFF;
+	struct tcphdr *tcp = data + XLB_TCP6_OFF;
+	__u32 saddr[4], daddr[4];
+	__u8 mac[ETH_ALEN];
+	__be16 sport, dport;
+	int trim;
+
+	if ((void *)(tcp + 1) > end)
+		return XDP_DROP;
+	__builtin_memcpy(saddr, &ip6->daddr, 16);
+	__builtin_memcpy(daddr, &ip6->saddr, 16);
+	sport = tcp->dest;
+	dport = tcp->source;
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+
+	trim = XLB_TCP6_OFF + 20 - (int)(end - data);
+	if (trim < 0 && bpf_xdp_adjust_tail(ctx, trim))
+		return XDP_DROP;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	ip6 = data + XLB_IP_OFF;
+	tcp = data + XLB_TCP6_OFF;
+	if ((void *)(tcp + 1) > end)
+		return XDP_DROP;
+
+	*(__be32 *)ip6 = bpf_htonl(6 << 28); /* version 6, no traffic class or flow label */
+	ip6->payload_len = bpf_htons(20);
+	ip6->nexthdr = IPPROTO_TCP;
+	ip6->hop_limit = 64;
+	__builtin_memcpy(&ip6->saddr, saddr, 16);
+	__builtin_memcpy(&ip6->daddr, daddr, 16);
+
+	tcp->source = sport;
+	tcp->dest = dport;
+	tcp->seq = bpf_htonl(seq);
+	tcp->ack_seq = bpf_htonl(ack);
+	((__u8 *)tcp)[12] = 5 << 4;
+	((__u8 *)tcp)[13] = flags;
+	tcp->window = 0;
+	tcp->check = 0;
+	tcp->urg_ptr = 0;
+	tcp->check = csum_fold(l4_pseudo6(saddr, daddr, IPPROTO_TCP, 20) + csum_words((void *)tcp, 10));
+	return XDP_TX;
 }
 
 /* tcp_reply turns a received SYN into a bare TCP segment back to its
