@@ -55,10 +55,10 @@ func connClosed(flags uint32) bool {
 	return flags&cfRST != 0 || flags&(cfFinC|cfFinB) == cfFinC|cfFinB
 }
 
-// connHalfOpen mirrors conn_half_open() (TestMirrorsAgree).
+// connHalfOpen mirrors conn_half_open().
 func connHalfOpen(flags uint32) bool { return flags&(cfEstab|cfUDP) == 0 && !connClosed(flags) }
 
-// connState mirrors conn_state() (TestMirrorsAgree).
+// connState mirrors conn_state().
 func connState(flags uint32) uint32 {
 	switch {
 	case flags&cfUDP != 0:
@@ -90,39 +90,11 @@ func (p *Pipeline) idle32(now uint64, last uint32) time.Duration {
 	return time.Duration(uint32(now)-last) * p.tick
 }
 
-func addrPort(a uint32, p uint16) netip.AddrPort {
-	return netip.AddrPortFrom(addrFromBE(a), portBE(p))
-}
-
 // portWay mirrors port_way() in programs/include/xlb_ports.h
 // (TestMirrorsAgree).
 func portWay(baddr uint32, bport uint16) uint32 {
 	return ((baddr ^ (uint32(bport)<<16 | uint32(bport))) * 0x9e3779b1) >> (32 - portWaysLog2)
 }
-
-// portIndex is the index in xlb_ports of port offset off of source address
-// src for a backend's way, as port_entry() computes it.
-func (p *Pipeline) portIndex(src, way, off uint32) uint32 {
-	return (src*uint32(PortWays)+way)*p.nports + off
-}
-
-// portEntry returns the way of source port lport (network order) of
-// source address src that a backend uses, in the mapped return table, or
-// nil outside the range.
-func (p *Pipeline) portEntry(src uint32, lport uint16, baddr uint32, bport uint16) *xlbXlbRconn {
-	host := portBE(lport)
-	if src >= p.nsrc || host < p.portLo || uint32(host-p.portLo) >= p.nports {
-		return nil
-	}
-	return p.portAt(p.portIndex(src, portWay(baddr, bport), uint32(host-p.portLo)))
-}
-
-func (p *Pipeline) portAt(idx uint32) *xlbXlbRconn {
-	off := uintptr(idx) * unsafe.Sizeof(xlbXlbRconn{})
-	return (*xlbXlbRconn)(unsafe.Pointer(&p.ports[off]))
-}
-
-func (p *Pipeline) numPorts() uint32 { return p.nsrc * p.nports * uint32(PortWays) }
 
 const (
 	portFree = uint32(xlbXlbPortStateXLB_PS_FREE)
@@ -130,15 +102,20 @@ const (
 	portHold = uint32(xlbXlbPortStateXLB_PS_HOLD)
 )
 
+// tables are the pipeline's families' tables, IPv4 first.
+func (p *Pipeline) tables() [2]*table { return [2]*table{&p.t4, &p.t6} }
+
 // PortsInUse counts source-port ways taken by connections, and ways
-// resting after their connection ended.
+// resting after their connection ended, of both families.
 func (p *Pipeline) PortsInUse() (used, held int) {
-	for i := range p.numPorts() {
-		switch atomic.LoadUint32(&p.portAt(i).State) {
-		case portUsed:
-			used++
-		case portHold:
-			held++
+	for _, t := range p.tables() {
+		for i := range t.numPorts() {
+			switch atomic.LoadUint32(&t.portAt(i).State) {
+			case portUsed:
+				used++
+			case portHold:
+				held++
+			}
 		}
 	}
 	return used, held
@@ -156,20 +133,22 @@ type PortUse struct {
 // PortUse counts every backend's taken source ports by its address.
 func (p *Pipeline) PortUse() map[netip.AddrPort]PortUse {
 	out := make(map[netip.AddrPort]PortUse)
-	for i := range p.numPorts() {
-		r := p.portAt(i)
-		st := atomic.LoadUint32(&r.State)
-		if st == portFree {
-			continue
+	for _, t := range p.tables() {
+		for i := range t.numPorts() {
+			r := t.portAt(i)
+			st := atomic.LoadUint32(&r.State)
+			if st == portFree {
+				continue
+			}
+			b := addrPortOf(t.portAddr(i, t.rBaddr), r.Bport)
+			u := out[b]
+			if st == portUsed {
+				u.Used++
+			} else {
+				u.Held++
+			}
+			out[b] = u
 		}
-		b := addrPort(r.Baddr, r.Bport)
-		u := out[b]
-		if st == portUsed {
-			u.Used++
-		} else {
-			u.Held++
-		}
-		out[b] = u
 	}
 	return out
 }
@@ -177,43 +156,26 @@ func (p *Pipeline) PortUse() map[netip.AddrPort]PortUse {
 // PortPool is the number of ports per source address and backend way.
 func (p *Pipeline) PortPool() int { return int(p.nports) }
 
-func (p *Pipeline) connAt(i uint32) *xlbXlbConn {
-	off := uintptr(i) * unsafe.Sizeof(xlbXlbConn{})
-	return (*xlbXlbConn)(unsafe.Pointer(&p.conns[off]))
-}
-
-// flowHash mirrors flow_hash() in programs/include/xlb_hash.h (Jenkins'
-// final mix): it places a flow in the connection table (TestMirrorsAgree).
+// flowHash mirrors flow_hash() in programs/include/xlb_hash.h: it places
+// an IPv4 flow in the connection table (TestMirrorsAgree).
 func flowHash(k *xlbXlbFlow) uint32 {
-	a, b := k.Saddr, k.Daddr
-	c := (uint32(k.Sport)<<16 | uint32(k.Dport)) ^ uint32(k.Proto)
-	a += 0xdeadbeef
-	b += 0x9e3779b9
-	c ^= b
-	c -= bits.RotateLeft32(b, 14)
-	a ^= c
-	a -= bits.RotateLeft32(c, 11)
-	b ^= a
-	b -= bits.RotateLeft32(a, 25)
-	c ^= b
-	c -= bits.RotateLeft32(b, 16)
-	a ^= c
-	a -= bits.RotateLeft32(c, 4)
-	b ^= a
-	b -= bits.RotateLeft32(a, 14)
-	c ^= b
-	c -= bits.RotateLeft32(b, 24)
-	return c
+	return mix3(k.Saddr, k.Daddr, (uint32(k.Sport)<<16|uint32(k.Dport))^uint32(k.Proto))
 }
 
 const ctDead = uint32(xlbXlbConnFlagXLB_CF_DEAD)
 
 // snapshot is a stable copy of a slot and the sequence it was read at.
 type snapshot struct {
+	t   *table
 	idx uint32
 	seq uint32
-	c   xlbXlbConn
+	b   [maxConnSize]byte
 }
+
+func (s *snapshot) head() *connHead { return (*connHead)(unsafe.Pointer(&s.b[0])) }
+func (s *snapshot) key() flowKey    { return s.t.key(s.b[:]) }
+func (s *snapshot) laddr() []byte   { return s.b[s.t.cLaddr : s.t.cLaddr+s.t.alen] }
+func (s *snapshot) baddr() []byte   { return s.b[s.t.cBaddr : s.t.cBaddr+s.t.alen] }
 
 // Slot states as a reader finds them.
 const (
@@ -222,39 +184,40 @@ const (
 	slotLive        // holds a connection
 )
 
-// readSlot copies slot i if it holds a connection and is not being
+// readSlot copies slot i into s if it holds a connection and is not being
 // written, and says what it found.
-func (p *Pipeline) readSlot(i uint32) (snapshot, int) {
-	slot := p.connAt(i)
+func (t *table) readSlot(i uint32, s *snapshot) int {
+	h := t.head(i)
 	for try := 0; try < 3; try++ {
-		seq := atomic.LoadUint32(&slot.Seq)
+		seq := atomic.LoadUint32(&h.Seq)
 		if seq&1 != 0 {
 			continue
 		}
-		c := *slot
-		if atomic.LoadUint32(&slot.Seq) != seq {
+		copy(s.b[:], t.slot(i))
+		if atomic.LoadUint32(&h.Seq) != seq {
 			continue
 		}
-		if c.Flags == 0 || c.Flags&ctDead != 0 {
-			return snapshot{}, slotFree
+		if f := s.head().Flags; f == 0 || f&ctDead != 0 {
+			return slotFree
 		}
-		return snapshot{idx: i, seq: seq, c: c}, slotLive
+		s.t, s.idx, s.seq = t, i, seq
+		return slotLive
 	}
-	return snapshot{}, slotBusy
+	return slotBusy
 }
 
 // read copies slot i if it holds a connection and is not being written.
-func (p *Pipeline) read(i uint32) (snapshot, bool) {
-	s, st := p.readSlot(i)
-	return s, st == slotLive
-}
+func (t *table) read(i uint32, s *snapshot) bool { return t.readSlot(i, s) == slotLive }
 
 // find returns the connection of a flow.
-func (p *Pipeline) find(k *xlbXlbFlow) (snapshot, bool) {
-	h := flowHash(k)
+func (t *table) find(k *flowKey) (snapshot, bool) {
+	var s snapshot
+	h := k.hash()
 	for i := uint32(0); i < ctWays; i++ {
-		if s, ok := p.read((h + i) & p.ctMask); ok && s.c.Key == *k {
-			return s, true
+		if t.read((h+i)&t.ctMask, &s) {
+			if sk := s.key(); sk.equal(k) {
+				return s, true
+			}
 		}
 	}
 	return snapshot{}, false
@@ -262,37 +225,39 @@ func (p *Pipeline) find(k *xlbXlbFlow) (snapshot, bool) {
 
 // take makes a slot odd for the daemon to rewrite, if it is still what
 // was read; release makes it stable again.
-func (p *Pipeline) take(s snapshot) bool {
-	return atomic.CompareAndSwapUint32(&p.connAt(s.idx).Seq, s.seq, s.seq+1)
+func (t *table) take(s *snapshot) bool {
+	return atomic.CompareAndSwapUint32(&t.head(s.idx).Seq, s.seq, s.seq+1)
 }
 
-func (p *Pipeline) release(idx uint32) { atomic.AddUint32(&p.connAt(idx).Seq, 1) }
+func (t *table) release(idx uint32) { atomic.AddUint32(&t.head(idx).Seq, 1) }
 
-// Conns lists the tracked connections.
+// Conns lists the tracked connections of both families.
 func (p *Pipeline) Conns() ([]Conn, error) {
 	now, err := p.now()
 	if err != nil {
 		return nil, err
 	}
 	var out []Conn
-	bitmap(p.ctBusy).each(func(i uint32) {
-		s, ok := p.read(i)
-		if !ok || i > p.ctMask {
-			return
-		}
-		c := &s.c
-		out = append(out, Conn{
-			Client:    addrPort(c.Key.Saddr, c.Key.Sport),
-			VIP:       addrPort(c.Key.Daddr, c.Key.Dport),
-			Backend:   addrPort(c.Baddr, c.Bport),
-			Source:    addrPort(c.Laddr, c.Lport),
-			Protocol:  c.Key.Proto,
-			BackendID: c.BackendId,
-			State:     stateName(connState(c.Flags)),
-			Idle:      p.idle(now, c.LastSeenJ),
-			SeqDelta:  c.SeqDelta,
+	var s snapshot
+	for _, t := range p.tables() {
+		bitmap(t.ctBusy).each(func(i uint32) {
+			if i > t.ctMask || !t.read(i, &s) {
+				return
+			}
+			h, k := s.head(), s.key()
+			out = append(out, Conn{
+				Client:    addrPortOf(k.saddr, k.sport),
+				VIP:       addrPortOf(k.daddr, k.dport),
+				Backend:   addrPortOf(s.baddr(), h.Bport),
+				Source:    addrPortOf(s.laddr(), h.Lport),
+				Protocol:  k.proto,
+				BackendID: h.BackendId,
+				State:     stateName(connState(h.Flags)),
+				Idle:      p.idle(now, h.LastSeenJ),
+				SeqDelta:  h.SeqDelta,
+			})
 		})
-	})
+	}
 	return out, nil
 }
 
@@ -313,76 +278,90 @@ type GCResult struct {
 // takes them anyway; this keeps the counts honest) and ways whose
 // connection is gone. It visits only the slots and ways the occupancy
 // bitmaps mark, so its cost follows what is in use, not the tables' size.
-func (p *Pipeline) GC(t Timeouts) (GCResult, error) {
+func (p *Pipeline) GC(to Timeouts) (GCResult, error) {
 	var res GCResult
 	now, err := p.now()
 	if err != nil {
 		return res, err
 	}
-	bitmap(p.ctBusy).sweep(func(i uint32) bool { return p.sweepConn(i, now, t, &res) }, func(i uint32) bool {
-		_, st := p.readSlot(i)
-		return st != slotFree
-	})
-	bitmap(p.portBusy).sweep(func(i uint32) bool { return p.sweepPort(i, now, t, &res) }, func(i uint32) bool {
-		return atomic.LoadUint32(&p.portAt(i).State) != portFree
-	})
+	var s snapshot
+	for _, t := range p.tables() {
+		bitmap(t.ctBusy).sweep(func(i uint32) bool { return p.sweepConn(t, i, now, to, &res) }, func(i uint32) bool {
+			return t.readSlot(i, &s) != slotFree
+		})
+		bitmap(t.portBusy).sweep(func(i uint32) bool { return p.sweepPort(t, i, now, to, &res) }, func(i uint32) bool {
+			return atomic.LoadUint32(&t.portAt(i).State) != portFree
+		})
+	}
 	return res, nil
+}
+
+// connPort returns the index of the way a connection's snapshot names,
+// and whether it is still the connection's: same backend and client.
+func (t *table) connPort(s *snapshot) (uint32, bool) {
+	h, k := s.head(), s.key()
+	i, ok := t.portEntry(h.SrcIdx, h.Lport, s.baddr(), h.Bport)
+	if !ok {
+		return 0, false
+	}
+	r := t.portAt(i)
+	return i, r.Bport == h.Bport && r.Cport == k.sport && string(t.portAddr(i, t.rBaddr)) == string(s.baddr()) &&
+		string(t.portAddr(i, t.rCaddr)) == string(k.saddr)
 }
 
 // sweepConn expires slot i's connection if it is idle past its timeout,
 // and reports whether the slot is still in use.
-func (p *Pipeline) sweepConn(i uint32, now uint64, t Timeouts, res *GCResult) bool {
-	if i > p.ctMask {
+func (p *Pipeline) sweepConn(t *table, i uint32, now uint64, to Timeouts, res *GCResult) bool {
+	if i > t.ctMask {
 		return false
 	}
-	s, st := p.readSlot(i)
-	if st != slotLive {
+	var s snapshot
+	if st := t.readSlot(i, &s); st != slotLive {
 		return st == slotBusy
 	}
 	res.Scanned++
-	c := &s.c
-	timeout := t.byState(connState(c.Flags))
-	if p.idle(now, c.LastSeenJ) <= timeout {
+	h := s.head()
+	timeout := to.byState(connState(h.Flags))
+	if p.idle(now, h.LastSeenJ) <= timeout {
 		return true
 	}
-	r := p.portEntry(c.SrcIdx, c.Lport, c.Baddr, c.Bport)
-	mine := r != nil && r.Baddr == c.Baddr && r.Bport == c.Bport && r.Caddr == c.Key.Saddr && r.Cport == c.Key.Sport
-	if mine && !connHalfOpen(c.Flags) && atomic.LoadUint32(&r.State) == portUsed &&
-		p.idle32(now, atomic.LoadUint32(&r.LastSeenJ)) <= timeout {
-		return true // the backend side is still talking
+	if ri, mine := t.connPort(&s); mine && !connHalfOpen(h.Flags) {
+		r := t.portAt(ri)
+		if atomic.LoadUint32(&r.State) == portUsed && p.idle32(now, atomic.LoadUint32(&r.LastSeenJ)) <= timeout {
+			return true // the backend side is still talking
+		}
 	}
-	if !p.end(i, s, now, true) {
+	if !p.end(t, &s, now, true) {
 		return true // changed since it was read
 	}
 	res.Expired++
 	return false
 }
 
-// end ends slot i's connection, read as s: it uncounts it from its
+// end ends the connection of snapshot s: it uncounts it from its
 // backend, starts its source port's hold and frees the slot. With
 // unchanged, it gives up (and reports false) if the connection saw a
 // packet or changed state since s was read.
-func (p *Pipeline) end(i uint32, s snapshot, now uint64, unchanged bool) bool {
-	c := &s.c
-	if !p.take(s) {
+func (p *Pipeline) end(t *table, s *snapshot, now uint64, unchanged bool) bool {
+	if !t.take(s) {
 		return false
 	}
-	slot := p.connAt(i)
+	slot, h := t.head(s.idx), s.head()
 	// Flags and last_seen change in place: look again now that the slot
 	// is ours.
 	flags := atomic.LoadUint32(&slot.Flags)
-	if unchanged && (atomic.LoadUint64(&slot.LastSeenJ) != c.LastSeenJ || connState(flags) != connState(c.Flags)) {
-		p.release(i)
+	if unchanged && (atomic.LoadUint64(&slot.LastSeenJ) != h.LastSeenJ || connState(flags) != connState(h.Flags)) {
+		t.release(s.idx)
 		return false
 	}
-	r := p.portEntry(c.SrcIdx, c.Lport, c.Baddr, c.Bport)
-	if r != nil && r.Baddr == c.Baddr && r.Bport == c.Bport && r.Caddr == c.Key.Saddr && r.Cport == c.Key.Sport {
+	if ri, mine := t.connPort(s); mine {
+		r := t.portAt(ri)
 		atomic.StoreUint32(&r.LastSeenJ, uint32(now)) // the hold starts now
 		atomic.CompareAndSwapUint32(&r.State, portUsed, portHold)
 	}
-	p.uncount(c.BackendId, flags)
+	p.uncount(h.BackendId, flags)
 	atomic.StoreUint32(&slot.Flags, ctDead)
-	p.release(i)
+	t.release(s.idx)
 	return true
 }
 
@@ -401,60 +380,65 @@ func (p *Pipeline) EndBackendConns(id uint32) (int, error) {
 		return 0, err
 	}
 	n := 0
-	bitmap(p.ctBusy).each(func(i uint32) {
-		if i > p.ctMask {
-			return
-		}
-		// A slot being written is retried for a moment: it may be a
-		// new connection to this backend.
-		for try := 0; try < 100; try++ {
-			s, st := p.readSlot(i)
-			if st == slotBusy {
-				runtime.Gosched()
-				continue
-			}
-			if st != slotLive || s.c.BackendId != id {
+	var s snapshot
+	for _, t := range p.tables() {
+		bitmap(t.ctBusy).each(func(i uint32) {
+			if i > t.ctMask {
 				return
 			}
-			if p.end(i, s, now, false) {
-				n++
-				return
+			// A slot being written is retried for a moment: it may be
+			// a new connection to this backend.
+			for try := 0; try < 100; try++ {
+				st := t.readSlot(i, &s)
+				if st == slotBusy {
+					runtime.Gosched()
+					continue
+				}
+				if st != slotLive || s.head().BackendId != id {
+					return
+				}
+				if p.end(t, &s, now, false) {
+					n++
+					return
+				}
 			}
-		}
-	})
+		})
+	}
 	return n, nil
 }
 
 // sweepPort frees way i if its hold has passed or its connection is gone,
 // and reports whether it is still in use.
-func (p *Pipeline) sweepPort(i uint32, now uint64, t Timeouts, res *GCResult) bool {
-	if i >= p.numPorts() {
+func (p *Pipeline) sweepPort(t *table, i uint32, now uint64, to Timeouts, res *GCResult) bool {
+	if i >= t.numPorts() {
 		return false
 	}
-	r := p.portAt(i)
+	r := t.portAt(i)
 	state := atomic.LoadUint32(&r.State)
 	if state == portFree {
 		return false
 	}
 	age := p.idle32(now, atomic.LoadUint32(&r.LastSeenJ))
 	if state == portHold {
-		if age > t.hold() && atomic.CompareAndSwapUint32(&r.State, portHold, portFree) {
+		if age > to.hold() && atomic.CompareAndSwapUint32(&r.State, portHold, portFree) {
 			res.Released++
 			return false
 		}
 		return true
 	}
-	if age <= t.Closed {
+	if age <= to.Closed {
 		return true
 	}
 	proto := uint8(TCP)
 	if uint32(r.Flags)&uint32(xlbXlbRconnFlagXLB_RF_UDP) != 0 {
 		proto = UDP
 	}
-	fk := xlbXlbFlow{Saddr: r.Caddr, Daddr: r.Vaddr, Sport: r.Cport, Dport: r.Vport, Proto: proto}
-	lport := portBE(p.portLo + uint16(i%p.nports))
-	if s, ok := p.find(&fk); ok && s.c.Lport == lport && s.c.Baddr == r.Baddr && s.c.Bport == r.Bport {
-		return true
+	fk := flowKey{saddr: t.portAddr(i, t.rCaddr), daddr: t.portAddr(i, t.rVaddr), sport: r.Cport, dport: r.Vport, proto: proto}
+	lport := portBE(t.portLo + uint16(i%t.nports))
+	if s, ok := t.find(&fk); ok {
+		if h := s.head(); h.Lport == lport && h.Bport == r.Bport && string(s.baddr()) == string(t.portAddr(i, t.rBaddr)) {
+			return true
+		}
 	}
 	if atomic.CompareAndSwapUint32(&r.State, portUsed, portFree) {
 		res.Orphans++

@@ -36,8 +36,8 @@ func TestConnTableEviction(t *testing.T) {
 	const ctWays = int(ctWays)
 	e := newEnv(t, 1024)
 	e.must(e.p.SetSelection(1, ModeRandom, []uint32{idA}))
-	flows := sameWindow(e.p.ctMask, ctWays+2)
-	if f := flowHash(ptr(flowOf(flows[0], vip))); f&e.p.ctMask != flowHash(ptr(flowOf(flows[ctWays], vip)))&e.p.ctMask {
+	flows := sameWindow(e.p.t4.ctMask, ctWays+2)
+	if f := flowHash(ptr(flowOf(flows[0], vip))); f&e.p.t4.ctMask != flowHash(ptr(flowOf(flows[ctWays], vip)))&e.p.t4.ctMask {
 		t.Fatal("flows do not share a window")
 	}
 	syn := seg{flags: "S", seq: 1}
@@ -57,7 +57,7 @@ func TestConnTableEviction(t *testing.T) {
 	// window, is not load balanced and evicts nobody.
 	other := netip.AddrPortFrom(lbAddr, vip.Port())
 	k0 := flowOf(flows[0], vip)
-	stranger := windowOf(e.p.ctMask, flowHash(&k0)&e.p.ctMask, other, 1)[0]
+	stranger := windowOf(e.p.t4.ctMask, flowHash(&k0)&e.p.t4.ctMask, other, 1)[0]
 	e.expect(t, e.p.Entry(), fromClient(stranger, other, syn), xdpPass, nil, map[string]uint64{"pass_not_ours": 1})
 
 	victim := e.mustConn(flows[0], vip)
@@ -74,9 +74,9 @@ func TestConnTableEviction(t *testing.T) {
 	if got := e.backendStats(idA).Active; got != int64(ctWays) {
 		t.Errorf("active %d after an eviction, want %d (one evicted, one new)", got, ctWays)
 	}
-	if r := e.p.portEntry(0, portBE(victim.Source.Port()), addrBE(victim.Backend.Addr()), portBE(victim.Backend.Port())); r == nil ||
-		(r.State == portUsed && r.Caddr == addrBE(flows[0].Addr())) {
-		t.Errorf("the evicted connection's port %d is still in use: %+v", victim.Source.Port(), r)
+	if i, ok := e.p.t4.portEntry(0, portBE(victim.Source.Port()), victim.Backend.Addr().AsSlice(), portBE(victim.Backend.Port())); !ok ||
+		(e.p.t4.portAt(i).State == portUsed && addrOf(e.p.t4.portAddr(i, e.p.t4.rCaddr)) == flows[0].Addr()) {
+		t.Errorf("the evicted connection's port %d is still in use: %v", victim.Source.Port(), ok)
 	}
 	// The survivors still flow; the evicted flow's packets find nothing
 	// and are answered with a RST.

@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"math/bits"
 	"net/netip"
-	"slices"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -33,7 +32,11 @@ const (
 	StageConntrack = xlbXlbStageXLB_STAGE_CONNTRACK
 	StageSelect    = xlbXlbStageXLB_STAGE_SELECT
 	StageRewrite   = xlbXlbStageXLB_STAGE_REWRITE
-	numStages      = xlbXlbStageXLB_STAGE_MAX
+	// The IPv6 stages (parse is shared).
+	StageConntrack6 = xlbXlbStageXLB_STAGE_CONNTRACK6
+	StageSelect6    = xlbXlbStageXLB_STAGE_SELECT6
+	StageRewrite6   = xlbXlbStageXLB_STAGE_REWRITE6
+	numStages       = xlbXlbStageXLB_STAGE_MAX
 )
 
 // Mode is how the select stage indexes a service's selection table.
@@ -99,9 +102,14 @@ type Options struct {
 	// keeps the compiled-in 10000-32767. SetSettings must use the same
 	// range.
 	PortLo, PortHi uint16
-	// Sources is how many source addresses the return table is sized
-	// for, 1 to MaxSources; 0 means 1.
+	// Sources is how many IPv4 source addresses the return table is
+	// sized for, 1 to MaxSources; 0 means 1.
 	Sources int
+	// Sources6 is how many IPv6 source addresses the IPv6 return table
+	// is sized for, 0 to MaxSources. With 0 the IPv6 tables are not
+	// sized (a few entries) and no IPv6 service can be set; otherwise
+	// the IPv6 connection table is sized as the IPv4 one (ConntrackSize).
+	Sources6 int
 
 	// noTraffic leaves each backend's traffic uncounted, for the
 	// benchmark that measures what counting costs.
@@ -111,18 +119,14 @@ type Options struct {
 // Pipeline holds the loaded programs and maps. The program array is held
 // for the Pipeline's lifetime (the kernel empties an unreferenced one).
 type Pipeline struct {
-	objs      xlbObjects
-	bkStats   []byte // mmap of xlb_bk_stats
-	ports     []byte // mmap of xlb_ports
-	conns     []byte // mmap of xlb_conns
-	ctBusy    []byte // mmap of xlb_ct_busy
-	portBusy  []byte // mmap of xlb_port_busy
-	portLo    uint16
-	nports    uint32
-	nsrc      uint32 // source addresses the return table is sized for
-	ctMask    uint32
-	sources   []uint32  // source addresses as SetSettings wrote them, by index
-	keys      [4]uint32 // the ISN and cookie secrets, drawn at load
+	objs     xlbObjects
+	bkStats  []byte // mmap of xlb_bk_stats
+	t4, t6   table  // the IPv4 and IPv6 connection tables and port ways
+	portLo   uint16
+	nports   uint32
+	sources  int       // IPv4 source addresses SetSettings wrote
+	sources6 int       // IPv6 source addresses SetSettings wrote
+	keys     [4]uint32 // the ISN and cookie secrets, drawn at load
 	statNames []string
 	tick      time.Duration // one jiffy: the data path's clock unit
 }
@@ -155,10 +159,21 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if opts.Sources < 0 || opts.Sources > MaxSources {
 		return nil, fmt.Errorf("%d source addresses: want 1 to %d", opts.Sources, MaxSources)
 	}
-	nsrc := uint32(opts.Sources)
+	if opts.Sources6 < 0 || opts.Sources6 > MaxSources {
+		return nil, fmt.Errorf("%d IPv6 source addresses: want 0 to %d", opts.Sources6, MaxSources)
+	}
+	nsrc, nsrc6 := uint32(opts.Sources), uint32(opts.Sources6)
 	spec.Maps["xlb_ports"].MaxEntries = nsrc * nports * uint32(PortWays)
 	spec.Maps["xlb_ct_busy"].MaxEntries = (slots + 63) / 64
 	spec.Maps["xlb_port_busy"].MaxEntries = (nsrc*nports*uint32(PortWays) + 63) / 64
+	slots6 := spec.Maps["xlb_conns6"].MaxEntries // a few, unless sized
+	if nsrc6 > 0 {
+		slots6 = slots
+		spec.Maps["xlb_conns6"].MaxEntries = slots
+		spec.Maps["xlb_ports6"].MaxEntries = nsrc6 * nports * uint32(PortWays)
+		spec.Maps["xlb_ct6_busy"].MaxEntries = (slots + 63) / 64
+		spec.Maps["xlb_port6_busy"].MaxEntries = (nsrc6*nports*uint32(PortWays) + 63) / 64
+	}
 	if opts.noTraffic {
 		if err := spec.Variables["xlb_count_traffic"].Set(uint32(0)); err != nil {
 			return nil, fmt.Errorf("turn traffic counting off: %w", err)
@@ -172,7 +187,10 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Pipeline{statNames: names, tick: tick, portLo: opts.PortLo, nports: nports, nsrc: nsrc, ctMask: slots - 1}
+	p := &Pipeline{statNames: names, tick: tick, portLo: opts.PortLo, nports: nports,
+		t4: table{layout: &layout4, ctMask: slots - 1, nsrc: nsrc, nports: nports, portLo: opts.PortLo},
+		t6: table{layout: &layout6, ctMask: slots6 - 1, nsrc: nsrc6, nports: nports, portLo: opts.PortLo},
+	}
 	var seed [16]byte
 	if _, err := rand.Read(seed[:]); err != nil {
 		return nil, fmt.Errorf("draw secrets: %w", err)
@@ -192,13 +210,8 @@ func Load(opts Options) (_ *Pipeline, err error) {
 			p.Close()
 		}
 	}()
-	stages := map[Stage]*ebpf.Program{
-		StageParse:     p.objs.XlbParse,
-		StageConntrack: p.objs.XlbConntrack,
-		StageSelect:    p.objs.XlbSelect,
-		StageRewrite:   p.objs.XlbRewrite,
-	}
-	for slot, prog := range stages {
+	for slot := range numStages {
+		prog := p.Stage(slot)
 		if err := p.objs.XlbProgs.Put(uint32(slot), prog); err != nil {
 			return nil, fmt.Errorf("put stage %d in program array: %w", slot, err)
 		}
@@ -208,22 +221,22 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("mmap backend stats: %w", err)
 	}
-	size = int(p.objs.XlbPorts.MaxEntries()) * int(unsafe.Sizeof(xlbXlbRconn{}))
-	p.ports, err = unix.Mmap(p.objs.XlbPorts.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		return nil, fmt.Errorf("mmap source ports: %w", err)
-	}
-	size = int(slots) * int(unsafe.Sizeof(xlbXlbConn{}))
-	p.conns, err = unix.Mmap(p.objs.XlbConns.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		return nil, fmt.Errorf("mmap connection table: %w", err)
-	}
 	for _, m := range []struct {
 		m    *ebpf.Map
 		to   *[]byte
+		size uintptr
 		name string
-	}{{p.objs.XlbCtBusy, &p.ctBusy, "connection table bitmap"}, {p.objs.XlbPortBusy, &p.portBusy, "source port bitmap"}} {
-		*m.to, err = unix.Mmap(m.m.FD(), 0, int(m.m.MaxEntries())*8, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	}{
+		{p.objs.XlbPorts, &p.t4.ports, layout4.portSize, "source ports"},
+		{p.objs.XlbConns, &p.t4.conns, layout4.connSize, "connection table"},
+		{p.objs.XlbCtBusy, &p.t4.ctBusy, 8, "connection table bitmap"},
+		{p.objs.XlbPortBusy, &p.t4.portBusy, 8, "source port bitmap"},
+		{p.objs.XlbPorts6, &p.t6.ports, layout6.portSize, "IPv6 source ports"},
+		{p.objs.XlbConns6, &p.t6.conns, layout6.connSize, "IPv6 connection table"},
+		{p.objs.XlbCt6Busy, &p.t6.ctBusy, 8, "IPv6 connection table bitmap"},
+		{p.objs.XlbPort6Busy, &p.t6.portBusy, 8, "IPv6 source port bitmap"},
+	} {
+		*m.to, err = unix.Mmap(m.m.FD(), 0, int(m.m.MaxEntries())*int(m.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 		if err != nil {
 			return nil, fmt.Errorf("mmap %s: %w", m.name, err)
 		}
@@ -234,7 +247,8 @@ func Load(opts Options) (_ *Pipeline, err error) {
 // Close releases the programs and maps. An attachment made from the
 // pipeline must be closed first or it keeps the programs alive.
 func (p *Pipeline) Close() error {
-	for _, m := range []*[]byte{&p.bkStats, &p.ports, &p.conns, &p.ctBusy, &p.portBusy} {
+	for _, m := range []*[]byte{&p.bkStats, &p.t4.ports, &p.t4.conns, &p.t4.ctBusy, &p.t4.portBusy,
+		&p.t6.ports, &p.t6.conns, &p.t6.ctBusy, &p.t6.portBusy} {
 		if *m != nil {
 			unix.Munmap(*m)
 			*m = nil
@@ -257,6 +271,12 @@ func (p *Pipeline) Stage(s Stage) *ebpf.Program {
 		return p.objs.XlbSelect
 	case StageRewrite:
 		return p.objs.XlbRewrite
+	case StageConntrack6:
+		return p.objs.XlbConntrack6
+	case StageSelect6:
+		return p.objs.XlbSelect6
+	case StageRewrite6:
+		return p.objs.XlbRewrite6
 	}
 	return nil
 }
@@ -332,9 +352,13 @@ type SYNDefence struct {
 
 // Settings are the data path's runtime settings.
 type Settings struct {
-	// SourceAddresses are the IPv4 addresses used towards backends, by
-	// index (SetService names them by index): 1 to Options.Sources.
-	SourceAddresses  []netip.Addr
+	// SourceAddresses are the IPv4 addresses used towards IPv4
+	// backends, by index (SetService names them by index): 1 to
+	// Options.Sources.
+	SourceAddresses []netip.Addr
+	// SourceAddresses6 are the IPv6 addresses used towards IPv6
+	// backends: 0 to Options.Sources6.
+	SourceAddresses6 []netip.Addr
 	PortLo, PortHi   uint16 // source port range, inclusive
 	ConntrackTimeout Timeouts
 	SYN              SYNDefence
@@ -381,18 +405,19 @@ const isnPerSecond = 1 << 22
 
 // SetSettings writes the runtime settings.
 func (p *Pipeline) SetSettings(s Settings) error {
-	if n := len(s.SourceAddresses); n == 0 || uint32(n) > p.nsrc {
-		return fmt.Errorf("%d source addresses: the pipeline was loaded for 1 to %d", n, p.nsrc)
+	if n := len(s.SourceAddresses); n == 0 || uint32(n) > p.t4.nsrc {
+		return fmt.Errorf("%d IPv4 source addresses: the pipeline was loaded for 1 to %d", n, p.t4.nsrc)
 	}
-	srcs := make([]uint32, len(s.SourceAddresses))
-	for i, a := range s.SourceAddresses {
-		if !a.Is4() {
-			return fmt.Errorf("source address %s: not IPv4", a)
-		}
-		if slices.Contains(srcs[:i], addrBE(a)) {
-			return fmt.Errorf("source address %s: listed twice", a)
-		}
-		srcs[i] = addrBE(a)
+	if n := len(s.SourceAddresses6); uint32(n) > p.t6.nsrc {
+		return fmt.Errorf("%d IPv6 source addresses: the pipeline was loaded for 0 to %d", n, p.t6.nsrc)
+	}
+	srcs, mult, slots, err := sourceTable(s.SourceAddresses, false)
+	if err != nil {
+		return err
+	}
+	srcs6, mult6, slots6, err := sourceTable(s.SourceAddresses6, true)
+	if err != nil {
+		return err
 	}
 	if s.PortLo != p.portLo || uint32(s.PortHi)-uint32(s.PortLo)+1 != p.nports || s.PortHi < s.PortLo {
 		return fmt.Errorf("source ports %d-%d: the pipeline was loaded for %d-%d", s.PortLo, s.PortHi,
@@ -402,16 +427,6 @@ func (p *Pipeline) SetSettings(s Settings) error {
 	case SYNOff, SYNAuto, SYNOn:
 	default:
 		return fmt.Errorf("syn defence mode %d: unknown", s.SYN.Mode)
-	}
-	var (
-		mult  uint32
-		slots = make([]xlbXlbSrcSlot, srcSlots)
-	)
-	if len(srcs) > 1 {
-		var err error
-		if mult, slots, err = sourceSlots(srcs); err != nil {
-			return err
-		}
 	}
 	halfOpen := s.SYN.HalfOpen
 	if halfOpen == 0 {
@@ -425,9 +440,11 @@ func (p *Pipeline) SetSettings(s Settings) error {
 		PortLo:      s.PortLo,
 		PortHi:      s.PortHi,
 		Nports:      p.nports,
-		CtMask:      p.ctMask,
-		Src0:        srcs[0],
+		CtMask:      p.t4.ctMask,
+		Ct6Mask:     p.t6.ctMask,
+		Src0:        word(srcs[0], 0),
 		SrcMult:     mult,
+		Src6Mult:    mult6,
 		IsnKey:      [2]uint32{p.keys[0], p.keys[1]},
 		CookieKey:   [2]uint32{p.keys[2], p.keys[3]},
 		IsnPerJ:     uint32(isnPerSecond * p.tick / time.Second),
@@ -438,47 +455,95 @@ func (p *Pipeline) SetSettings(s Settings) error {
 		CookieShift: uint32(bits.Len64(p.jiffies(time.Second))),
 		NhTtlJ:      p.jiffies(NextHopTTL),
 	}
+	if len(srcs6) > 0 {
+		v.Src60 = words6(srcs6[0])
+	}
 	for st := range v.TimeoutJ {
 		v.TimeoutJ[st] = p.jiffies(s.ConntrackTimeout.byState(uint32(st)))
 	}
 	for i, a := range srcs {
-		if err := p.objs.XlbSrc.Put(uint32(i), a); err != nil {
+		if err := p.objs.XlbSrc.Put(uint32(i), word(a, 0)); err != nil {
 			return fmt.Errorf("write source address %d: %w", i, err)
 		}
 	}
-	for i, slot := range slots {
-		if err := p.objs.XlbSrcSlots.Put(uint32(i), &slot); err != nil {
-			return fmt.Errorf("write source address slot %d: %w", i, err)
+	for i, a := range srcs6 {
+		if err := p.objs.XlbSrc6.Put(uint32(i), &xlbXlbSrc6Slot{Addr: words6(a), Idx: uint32(i) + 1}); err != nil {
+			return fmt.Errorf("write IPv6 source address %d: %w", i, err)
+		}
+	}
+	for k := range srcSlots {
+		var (
+			v4 xlbXlbSrcSlot
+			v6 xlbXlbSrc6Slot
+		)
+		if i := slots[k]; i > 0 {
+			v4 = xlbXlbSrcSlot{Addr: word(srcs[i-1], 0), Idx: i}
+		}
+		if i := slots6[k]; i > 0 {
+			v6 = xlbXlbSrc6Slot{Addr: words6(srcs6[i-1]), Idx: i}
+		}
+		if err := p.objs.XlbSrcSlots.Put(k, &v4); err != nil {
+			return fmt.Errorf("write source address slot %d: %w", k, err)
+		}
+		if err := p.objs.XlbSrc6Slots.Put(k, &v6); err != nil {
+			return fmt.Errorf("write IPv6 source address slot %d: %w", k, err)
 		}
 	}
 	if err := p.objs.XlbSettings.Put(uint32(0), &v); err != nil {
 		return fmt.Errorf("write settings: %w", err)
 	}
-	p.sources = srcs
+	p.sources, p.sources6 = len(srcs), len(srcs6)
 	return nil
 }
 
-// sourceSlots finds a multiplier that puts every source address in a
-// slot of its own of xlb_src_slots ((addr * mult) >> 26), and the slots.
-func sourceSlots(srcs []uint32) (uint32, []xlbXlbSrcSlot, error) {
-	slots := make([]xlbXlbSrcSlot, srcSlots)
-	for mult := uint32(0x9e3779b1); mult != 0x9e3779b1+2*4096; mult += 2 {
+// sourceTable checks a family's source addresses and places them in the
+// slots the data path finds them by (source_index(), source_index6()):
+// slot (key * mult) >> 26 holds index + 1, key being the address's word,
+// or its addr6_fold(). One address needs no slots (mult 0: the data path
+// compares the first address directly).
+func sourceTable(addrs []netip.Addr, v6 bool) (raw [][]byte, mult uint32, slots []uint32, err error) {
+	family := "IPv4"
+	if v6 {
+		family = "IPv6"
+	}
+	keys := make([]uint32, 0, len(addrs))
+	for _, a := range addrs {
+		if a.Is4() == v6 || a.Is4In6() {
+			return nil, 0, nil, fmt.Errorf("source address %s: not %s", a, family)
+		}
+		b := a.AsSlice()
+		for _, o := range raw {
+			if string(o) == string(b) {
+				return nil, 0, nil, fmt.Errorf("source address %s: listed twice", a)
+			}
+		}
+		raw = append(raw, b)
+		keys = append(keys, hashWord(b))
+	}
+	slots = make([]uint32, srcSlots)
+	if len(keys) < 2 {
+		return raw, 0, slots, nil
+	}
+	for mult = 0x9e3779b1; mult != 0x9e3779b1+2*4096; mult += 2 {
 		clear(slots)
 		ok := true
-		for i, a := range srcs {
-			k := (a * mult) >> 26
-			if slots[k].Idx != 0 {
+		for i, k := range keys {
+			n := (k * mult) >> 26
+			if slots[n] != 0 {
 				ok = false
 				break
 			}
-			slots[k] = xlbXlbSrcSlot{Addr: a, Idx: uint32(i) + 1}
+			slots[n] = uint32(i) + 1
 		}
 		if ok {
-			return mult, slots, nil
+			return raw, mult, slots, nil
 		}
 	}
-	return 0, nil, fmt.Errorf("%d source addresses: no collision-free slots", len(srcs))
+	return nil, 0, nil, fmt.Errorf("%d %s source addresses: no collision-free slots", len(addrs), family)
 }
+
+// words6 is an IPv6 address's bytes as the data path's four words.
+func words6(b []byte) [4]uint32 { return [4]uint32{word(b, 0), word(b, 1), word(b, 2), word(b, 3)} }
 
 // Protocols a service may balance.
 const (
@@ -488,20 +553,24 @@ const (
 
 // SetService maps a VIP and protocol (TCP or UDP) to a service id whose
 // connections use the source addresses of the given indexes (into
-// Settings.SourceAddresses).
+// Settings.SourceAddresses, or SourceAddresses6 for an IPv6 VIP).
 func (p *Pipeline) SetService(id uint32, vip netip.AddrPort, proto uint8, sources []int) error {
 	if id >= uint32(MaxServices) {
 		return fmt.Errorf("service %d: %w", id, ErrOutOfRange)
 	}
-	if !vip.Addr().Is4() {
-		return fmt.Errorf("vip %s: not IPv4", vip)
-	}
 	if proto != TCP && proto != UDP {
 		return fmt.Errorf("vip %s: protocol %d is neither TCP nor UDP", vip, proto)
 	}
+	have := p.sources
+	if v6 := !vip.Addr().Is4(); v6 {
+		if vip.Addr().Is4In6() || !vip.Addr().Is6() {
+			return fmt.Errorf("vip %s: neither IPv4 nor IPv6", vip)
+		}
+		have = p.sources6
+	}
 	var mask uint32
 	for _, i := range sources {
-		if i < 0 || i >= len(p.sources) {
+		if i < 0 || i >= have {
 			return fmt.Errorf("service %s: source address %d: %w", vip, i, ErrOutOfRange)
 		}
 		mask |= 1 << i
@@ -512,68 +581,133 @@ func (p *Pipeline) SetService(id uint32, vip netip.AddrPort, proto uint8, source
 	if err := p.objs.XlbSvcSrc.Put(id, mask); err != nil {
 		return fmt.Errorf("write source addresses of service %s: %w", vip, err)
 	}
-	k := vipKey(vip, proto)
-	if err := p.objs.XlbServices.Put(&k, &xlbXlbService{Id: id}); err != nil {
+	var err error
+	if vip.Addr().Is4() {
+		k := vipKey(vip, proto)
+		err = p.objs.XlbServices.Put(&k, &xlbXlbService{Id: id})
+	} else {
+		k := vipKey6(vip, proto)
+		err = p.objs.XlbServices6.Put(&k, &xlbXlbService{Id: id})
+	}
+	if err != nil {
 		return fmt.Errorf("write service %s: %w", vip, err)
 	}
-	return p.syncVIPPort(vip.Port(), proto)
+	return p.syncVIPPort(vip, proto)
 }
 
 // DeleteService removes a VIP's service of a protocol. Existing
 // connections keep flowing.
 func (p *Pipeline) DeleteService(vip netip.AddrPort, proto uint8) error {
-	k := vipKey(vip, proto)
-	if err := p.objs.XlbServices.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	var err error
+	if vip.Addr().Is4() {
+		k := vipKey(vip, proto)
+		err = p.objs.XlbServices.Delete(&k)
+	} else {
+		k := vipKey6(vip, proto)
+		err = p.objs.XlbServices6.Delete(&k)
+	}
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service %s: %w", vip, err)
 	}
-	return p.syncVIPPort(vip.Port(), proto)
+	return p.syncVIPPort(vip, proto)
 }
 
-// syncVIPPort rewrites a port's xlb_vip_ports entry from xlb_services:
-// none, the one VIP using it (its service found without a hash lookup),
-// or XLB_VIP_MULTI.
-func (p *Pipeline) syncVIPPort(port uint16, proto uint8) error {
-	var (
-		k     xlbXlbVip
-		v     xlbXlbService
-		entry xlbXlbVipPort
-		n     int
-	)
-	it := p.objs.XlbServices.Iterate()
-	for it.Next(&k, &v) {
-		if k.Port != portBE(port) || k.Proto != proto {
-			continue
-		}
-		n++
-		entry = xlbXlbVipPort{Addr: k.Addr, Svc: v.Id + 1}
+// syncVIPPort rewrites the xlb_vip_ports (or xlb_vip_ports6) entry of the
+// VIP's port from xlb_services (xlb_services6): none, the one VIP using
+// it (its service found without a hash lookup), or XLB_VIP_MULTI.
+func (p *Pipeline) syncVIPPort(vip netip.AddrPort, proto uint8) error {
+	type use struct {
+		addr netip.Addr
+		id   uint32
 	}
-	if err := it.Err(); err != nil {
+	var (
+		uses []use
+		v    xlbXlbService
+		err  error
+	)
+	port := vip.Port()
+	if vip.Addr().Is4() {
+		var k xlbXlbVip
+		it := p.objs.XlbServices.Iterate()
+		for it.Next(&k, &v) {
+			if k.Port == portBE(port) && k.Proto == proto {
+				uses = append(uses, use{addrFromBE(k.Addr), v.Id})
+			}
+		}
+		err = it.Err()
+	} else {
+		var k xlbXlbVip6
+		it := p.objs.XlbServices6.Iterate()
+		for it.Next(&k, &v) {
+			if k.Port == portBE(port) && k.Proto == proto {
+				uses = append(uses, use{addr6FromWords(k.Addr), v.Id})
+			}
+		}
+		err = it.Err()
+	}
+	if err != nil {
 		return fmt.Errorf("read services: %w", err)
 	}
-	if n > 1 {
-		entry = xlbXlbVipPort{Svc: xlbVipMulti}
+	var svc uint32
+	var addr netip.Addr
+	switch len(uses) {
+	case 0:
+	case 1:
+		svc, addr = uses[0].id+1, uses[0].addr
+	default:
+		svc = xlbVipMulti
 	}
 	key := uint32(port)
 	if proto == UDP {
 		key |= 0x10000 // vip_port_key() in programs/include/xlb_common.h
 	}
-	if err := p.objs.XlbVipPorts.Put(key, &entry); err != nil {
+	if vip.Addr().Is4() {
+		entry := xlbXlbVipPort{Svc: svc}
+		if addr.IsValid() {
+			entry.Addr = addrBE(addr)
+		}
+		err = p.objs.XlbVipPorts.Put(key, &entry)
+	} else {
+		entry := xlbXlbVipPort6{Svc: svc}
+		if addr.IsValid() {
+			entry.Addr = words6(addr.AsSlice())
+		}
+		err = p.objs.XlbVipPorts6.Put(key, &entry)
+	}
+	if err != nil {
 		return fmt.Errorf("write vip port %d: %w", port, err)
 	}
 	return nil
 }
 
-// SetBackend writes a backend's address and weight. Weight 0 makes it
-// unselectable; its established connections keep flowing.
+// SetBackend writes a backend's address and weight, in its family's
+// table (the other family's entry of the id is cleared). Weight 0 makes
+// it unselectable; its established connections keep flowing.
 func (p *Pipeline) SetBackend(id uint32, addr netip.AddrPort, weight uint16) error {
 	if id >= uint32(MaxBackends) {
 		return fmt.Errorf("backend %d: %w", id, ErrOutOfRange)
 	}
-	if !addr.Addr().Is4() {
-		return fmt.Errorf("backend %s: not IPv4", addr)
+	a := addr.Addr()
+	if a.Is4In6() || (!a.Is4() && !a.Is6()) || a.Zone() != "" {
+		return fmt.Errorf("backend %s: neither IPv4 nor IPv6", addr)
 	}
-	v := xlbXlbBackend{Addr: addrBE(addr.Addr()), Port: portBE(addr.Port()), Weight: weight}
-	if err := p.objs.XlbBackends.Put(id, &v); err != nil {
+	var v4 xlbXlbBackend
+	var v6 xlbXlbBackend6
+	if a.Is4() {
+		v4 = xlbXlbBackend{Addr: addrBE(a), Port: portBE(addr.Port()), Weight: weight}
+	} else {
+		v6 = xlbXlbBackend6{Addr: words6(a.AsSlice()), Port: portBE(addr.Port()), Weight: weight}
+	}
+	// The family the backend is not in first: a packet never finds the
+	// id in both.
+	first, second := func() error { return p.objs.XlbBackends6.Put(id, &v6) }, func() error { return p.objs.XlbBackends.Put(id, &v4) }
+	if !a.Is4() {
+		first, second = second, first
+	}
+	if err := first(); err != nil {
+		return fmt.Errorf("write backend %s: %w", addr, err)
+	}
+	if err := second(); err != nil {
 		return fmt.Errorf("write backend %s: %w", addr, err)
 	}
 	return nil
@@ -742,6 +876,19 @@ func (p *Pipeline) ClearSelection(svc uint32) error {
 
 func vipKey(vip netip.AddrPort, proto uint8) xlbXlbVip {
 	return xlbXlbVip{Addr: addrBE(vip.Addr()), Port: portBE(vip.Port()), Proto: proto}
+}
+
+func vipKey6(vip netip.AddrPort, proto uint8) xlbXlbVip6 {
+	return xlbXlbVip6{Addr: words6(vip.Addr().AsSlice()), Port: portBE(vip.Port()), Proto: proto}
+}
+
+// addr6FromWords is an IPv6 address from the data path's four words.
+func addr6FromWords(w [4]uint32) netip.Addr {
+	var b [16]byte
+	for i, x := range w {
+		binary.LittleEndian.PutUint32(b[4*i:], x)
+	}
+	return netip.AddrFrom16(b)
 }
 
 // addrBE returns an IPv4 address as the kernel stores it (network order

@@ -28,8 +28,9 @@ import (
 //
 //   - a connection is created only by a valid SYN to a TCP VIP, or a
 //     valid datagram to a UDP VIP, with a selection table: IPv4 without
-//     options, not a fragment, a TCP SYN without ACK or RST, correct
-//     checksums, a source address a client can have;
+//     options, not a fragment, or IPv6 without extension headers; a TCP
+//     SYN without ACK or RST, correct checksums, a source address a
+//     client can have;
 //   - a rewritten packet (XDP_TX or redirect) has correct checksums: a
 //     reply xlb builds (RST, challenge) always, a forwarded one or a
 //     translated ICMP error whenever the frame had them;
@@ -47,10 +48,11 @@ import (
 func FuzzPipeline(f *testing.F) {
 	// Each fuzz worker process runs this function, so each builds its
 	// own namespace and pipeline here.
-	e := newEnvOpts(f, Options{ConntrackSize: 64, PortLo: portLo, PortHi: portLo + 63})
+	// Services 3 and 4 are IPv6 (vip6, vip6udp): see newEnvOpts.
+	e := newEnvOpts(f, Options{ConntrackSize: 64, PortLo: portLo, PortHi: portLo + 63, Sources6: 1})
 	e.must(e.p.SetSelection(2, ModeHash, []uint32{idA, idB, idC, idL1}))
-	e.must(e.p.SetService(3, vipDNS, UDP, []int{0}))
-	e.must(e.p.SetSelection(3, ModeRandom, []uint32{idA, idB}))
+	e.must(e.p.SetService(5, vipDNS, UDP, []int{0}))
+	e.must(e.p.SetSelection(5, ModeRandom, []uint32{idA, idB}))
 	fz := newFuzzer(e)
 	for _, fr := range fuzzSeedFrames() {
 		f.Add(encodeFrames(fr))
@@ -97,7 +99,7 @@ func encodeFrames(frames [][]byte) []byte {
 // fuzzSeedFrames are a few sequences built here, beside the recorded
 // corpus: a connection's life and the packets around it.
 func fuzzSeedFrames() [][][]byte {
-	cl := netip.AddrPortFrom(client1, 40000)
+	cl, cl6 := netip.AddrPortFrom(client1, 40000), netip.AddrPortFrom(client6, 40000)
 	syn := fromClient(cl, vip, seg{flags: "S", seq: 1000})
 	return [][][]byte{
 		{syn},
@@ -105,6 +107,9 @@ func fuzzSeedFrames() [][][]byte {
 		{fromClient(netip.AddrPortFrom(client2, 1234), vip2, seg{flags: "S", seq: 7})},
 		{fromBackend(backendA, portLo, seg{flags: "SA", seq: 5, ack: 1001})},
 		{udpFrom(cl, vipDNS, clientMAC(client1), []byte("q")), udpTo(backendA, netip.AddrPortFrom(lbAddr, portLo), lbMAC, []byte("a"))},
+		{fromClient(cl6, vip6, seg{flags: "S", seq: 1000}), fromClient(cl6, vip6, seg{flags: "A", seq: 1001, ack: 1})},
+		{fromBackend(backend6A, portLo, seg{flags: "SA", seq: 5, ack: 1001})},
+		{udpFrom(cl6, vip6udp, clientMAC(client6), []byte("q"))},
 	}
 }
 
@@ -116,7 +121,7 @@ var fuzzOutcomes = map[string][]Verdict{
 	"rst_no_backend": {TX}, "rst_no_port": {TX}, "syn_challenge": {TX}, "reset_no_conn": {TX},
 	"icmp_error":    {TX, Redirect},
 	"pass_not_ipv4": {Pass}, "pass_not_tcp": {Pass}, "pass_ip_options": {Pass},
-	"pass_fragment": {Pass}, "pass_not_ours": {Pass}, "tailcall_fail": {Pass},
+	"pass_fragment": {Pass}, "pass_not_ours": {Pass}, "tailcall_fail": {Pass}, "pass_ipv6_ext": {Pass},
 	"drop_eth_trunc": {Drop}, "drop_ip_hdr": {Drop}, "drop_ip_len": {Drop},
 	"drop_tcp_hdr": {Drop}, "drop_ip_options": {Drop}, "drop_fragment": {Drop},
 	"drop_no_conn": {Drop}, "drop_bad_source": {Drop}, "drop_bad_csum": {Drop},
@@ -158,7 +163,7 @@ func newFuzzer(e *env) *fuzzer {
 	fz := &fuzzer{
 		e: e, stats: e.p.objs.XlbStats, names: names, ncpu: ncpu,
 		keys: make([]uint32, len(names)), vals: make([]uint64, len(names)*ncpu),
-		vips: map[netip.AddrPort]uint8{vip: TCP, vip2: TCP, vipDNS: UDP},
+		vips: map[netip.AddrPort]uint8{vip: TCP, vip2: TCP, vipDNS: UDP, vip6: TCP, vip6udp: UDP},
 	}
 	for _, m := range [][]string{slices.Collect(maps.Keys(fuzzOutcomes)), slices.Collect(maps.Keys(fuzzSides))} {
 		for _, n := range m {
@@ -199,24 +204,36 @@ func (fz *fuzzer) read() []uint64 {
 // backends' counts and cached next hops, so every input starts alike.
 func (fz *fuzzer) reset() {
 	p := fz.e.p
-	clear(p.conns)
-	clear(p.ports)
-	clear(p.ctBusy)
-	clear(p.portBusy)
+	for _, t := range p.tables() {
+		clear(t.conns)
+		clear(t.ports)
+		clear(t.ctBusy)
+		clear(t.portBusy)
+	}
 	clear(p.bkStats[:(idL1+1)*unsafe.Sizeof(xlbXlbBackendStats{})])
 }
 
 // flows returns the live connections by flow, each with where and at
 // which sequence its slot was written: a connection that replaced an
 // ended one of its flow is a new one.
-func (fz *fuzzer) flows() map[xlbXlbFlow][2]uint32 {
-	out := map[xlbXlbFlow][2]uint32{}
-	bitmap(fz.e.p.ctBusy).each(func(i uint32) {
-		if s, ok := fz.e.p.read(i); ok {
-			out[s.c.Key] = [2]uint32{s.idx, s.seq}
-		}
-	})
+func (fz *fuzzer) flows() map[fuzzFlow][2]uint32 {
+	out := map[fuzzFlow][2]uint32{}
+	var s snapshot
+	for _, t := range fz.e.p.tables() {
+		bitmap(t.ctBusy).each(func(i uint32) {
+			if t.read(i, &s) {
+				k := s.key()
+				out[fuzzFlow{addrPortOf(k.saddr, k.sport), addrPortOf(k.daddr, k.dport), k.proto}] = [2]uint32{s.idx, s.seq}
+			}
+		})
+	}
 	return out
+}
+
+// fuzzFlow names a connection: client, VIP, protocol.
+type fuzzFlow struct {
+	src, dst netip.AddrPort
+	proto    uint8
 }
 
 // check runs one frame and checks the three properties.
@@ -264,7 +281,7 @@ func (fz *fuzzer) check(in []byte) error {
 	}
 
 	// Connections only from valid SYNs to a VIP.
-	var made []xlbXlbFlow
+	var made []fuzzFlow
 	for k, at := range fz.flows() {
 		if was, ok := before[k]; !ok || was != at {
 			made = append(made, k)
@@ -278,7 +295,7 @@ func (fz *fuzzer) check(in []byte) error {
 			return fmt.Errorf("connection %v created by a frame that is not a valid SYN or datagram to a VIP: %s", made, why)
 		}
 		src, dst := fz.flowOf(in)
-		if k := made[0]; addrPort(k.Saddr, k.Sport) != src || addrPort(k.Daddr, k.Dport) != dst {
+		if k := made[0]; k.src != src || k.dst != dst {
 			return fmt.Errorf("connection %v created for frame %s -> %s", k, src, dst)
 		}
 	}
@@ -313,19 +330,30 @@ func (fz *fuzzer) notValidNew(in []byte) string {
 	if err != nil {
 		return err.Error()
 	}
-	ip := in[14:]
+	ip, hlen := in[14:], 40 // Decode took no IPv6 extension headers
+	if d.Src.Addr().Is4() {
+		hlen = 20
+		switch {
+		case ip[0]&0x0f != 5:
+			return "IPv4 options"
+		case binary.BigEndian.Uint16(ip[6:])&0x3fff != 0:
+			return "a fragment"
+		}
+	}
 	switch {
-	case ip[0]&0x0f != 5:
-		return "IPv4 options"
-	case binary.BigEndian.Uint16(ip[6:])&0x3fff != 0:
-		return "a fragment"
 	case fz.vips[d.Dst] != d.Proto:
 		return fmt.Sprintf("to %s protocol %d, not a VIP with a table", d.Dst, d.Proto)
-	case d.Proto == packet.ProtoTCP && ip[20+13]&(0x02|0x10|0x04) != 0x02:
+	case d.Proto == packet.ProtoTCP && ip[hlen+13]&(0x02|0x10|0x04) != 0x02:
 		return fmt.Sprintf("flags %s", d.Flags)
+	case d.Src.Addr() == d.Dst.Addr():
+		return "from the VIP itself"
 	}
-	if a := d.Src.Addr().As4(); a[0] == 0 || a[0] == 127 || a[0] >= 224 || d.Src.Addr() == d.Dst.Addr() {
-		return fmt.Sprintf("from %s", d.Src.Addr())
+	if a := d.Src.Addr(); a.Is4() {
+		if b := a.As4(); b[0] == 0 || b[0] == 127 || b[0] >= 224 {
+			return fmt.Sprintf("from %s", a)
+		}
+	} else if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() || a.Is4In6() {
+		return fmt.Sprintf("from %s", a)
 	}
 	return ""
 }
@@ -359,14 +387,18 @@ func verifyAsReceiver(b []byte) error {
 		if !errors.As(err, &ce) || !(ce.Want == 0 && ce.Got == 0xffff || ce.Want == 0xffff && ce.Got == 0) {
 			return err
 		}
+		hlen := int(b[14]&0x0f) * 4
+		if b[14]>>4 == 6 {
+			hlen = 40
+		}
 		var off int
 		switch ce.Layer {
 		case "ipv4":
 			off = 14 + 10
 		case "tcp":
-			off = 14 + int(b[14]&0x0f)*4 + 16
+			off = 14 + hlen + 16
 		case "udp":
-			off = 14 + int(b[14]&0x0f)*4 + 6
+			off = 14 + hlen + 6
 		default:
 			return err
 		}

@@ -48,6 +48,9 @@ type xdpMd struct {
 //	                  client .101 (none: learned next hop), backend .9 (none),
 //	                  default route via .254 (neighbour entry)
 //	lb1 10.60.0.1/24  backend 10.60.0.2 (neighbour entry): reached by redirect
+//
+// and the same in IPv6 (fd00:50::/64 on lb0, fd00:60::/64 on lb1, VIP
+// fd00:50:100::1, default route via fd00:50::fe).
 var (
 	lbAddr     = netip.MustParseAddr("10.50.0.1")
 	vipAddr    = netip.MustParseAddr("10.50.100.1")
@@ -69,6 +72,17 @@ var (
 	peerMAC    = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0xfe}
 	peer1MAC   = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x01, 0xfe}
 	client2MAC = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x65} // seen only on the wire
+
+	lbAddr6     = netip.MustParseAddr("fd00:50::1")
+	vipAddr6    = netip.MustParseAddr("fd00:50:100::1")
+	vip6        = netip.AddrPortFrom(vipAddr6, 80)
+	vip6udp     = netip.AddrPortFrom(vipAddr6, 53)
+	backend6A   = netip.MustParseAddrPort("[fd00:50::2]:8080")
+	backend6B   = netip.MustParseAddrPort("[fd00:50::3]:8080")
+	backend6L1  = netip.MustParseAddrPort("[fd00:60::2]:8080") // behind lb1
+	client6     = netip.MustParseAddr("fd00:50::100")          // neighbour entry
+	client6b    = netip.MustParseAddr("fd00:50::101")          // no neighbour entry
+	gateway6    = netip.MustParseAddr("fd00:50::fe")           // default route
 	neighbours = map[netip.Addr]net.HardwareAddr{
 		backendA.Addr():  {0x02, 0x00, 0x00, 0x00, 0x00, 0x02},
 		backendB.Addr():  {0x02, 0x00, 0x00, 0x00, 0x00, 0x03},
@@ -76,6 +90,12 @@ var (
 		client1:          {0x02, 0x00, 0x00, 0x00, 0x00, 0x64},
 		gateway:          {0x02, 0x00, 0x00, 0x00, 0x00, 0xfd},
 		backendL1.Addr(): {0x02, 0x00, 0x00, 0x00, 0x01, 0x02},
+
+		backend6A.Addr():  {0x02, 0x00, 0x00, 0x00, 0x06, 0x02},
+		backend6B.Addr():  {0x02, 0x00, 0x00, 0x00, 0x06, 0x03},
+		client6:           {0x02, 0x00, 0x00, 0x00, 0x06, 0x64},
+		gateway6:          {0x02, 0x00, 0x00, 0x00, 0x06, 0xfd},
+		backend6L1.Addr(): {0x02, 0x00, 0x00, 0x00, 0x07, 0x02},
 	}
 )
 
@@ -86,6 +106,10 @@ const (
 	idC   = 3
 	idNoN = 4
 	idL1  = 5
+	// IPv6 backends, of service 3 (vip6, TCP) and 4 (vip6udp, UDP).
+	id6A  = 11
+	id6B  = 12
+	id6L1 = 13
 )
 
 // nsThread is an OS thread in a fresh network namespace of its own. Programs
@@ -206,6 +230,20 @@ func newEnvOpts(t testing.TB, opts Options) *env {
 	e.must(p.SetService(1, vip, TCP, []int{0}))
 	e.must(p.SetService(2, vip2, TCP, []int{0}))
 	e.must(p.SetSelection(1, ModeRandom, []uint32{idA, idB}))
+	if opts.Sources6 > 0 {
+		e.opts.SourceAddresses6 = []netip.Addr{lbAddr6}
+		e.must(p.SetSettings(e.opts))
+		for _, b := range []struct {
+			id   uint32
+			addr netip.AddrPort
+		}{{id6A, backend6A}, {id6B, backend6B}, {id6L1, backend6L1}} {
+			e.must(p.SetBackend(b.id, b.addr, 1))
+		}
+		e.must(p.SetService(3, vip6, TCP, []int{0}))
+		e.must(p.SetService(4, vip6udp, UDP, []int{0}))
+		e.must(p.SetSelection(3, ModeRandom, []uint32{id6A, id6B}))
+		e.must(p.SetSelection(4, ModeRandom, []uint32{id6A}))
+	}
 	return e
 }
 
@@ -226,10 +264,10 @@ func setupNetwork() (lb0, lb1 uint32, err error) {
 	links := []struct {
 		name, peer   string
 		mac, peerMAC net.HardwareAddr
-		addr         string
+		addr, addr6  string
 	}{
-		{"lb0", "lb0p", lbMAC, peerMAC, "10.50.0.1/24"},
-		{"lb1", "lb1p", lb1MAC, peer1MAC, "10.60.0.1/24"},
+		{"lb0", "lb0p", lbMAC, peerMAC, "10.50.0.1/24", "fd00:50::1/64"},
+		{"lb1", "lb1p", lb1MAC, peer1MAC, "10.60.0.1/24", "fd00:60::1/64"},
 	}
 	idx := make([]uint32, len(links))
 	for i, l := range links {
@@ -261,21 +299,34 @@ func setupNetwork() (lb0, lb1 uint32, err error) {
 		if err := h.AddrAdd(link, addr); err != nil {
 			return 0, 0, fmt.Errorf("add address %s to %s: %w", l.addr, l.name, err)
 		}
+		addr6, err := netlink.ParseAddr(l.addr6)
+		if err != nil {
+			return 0, 0, err
+		}
+		addr6.Flags = unix.IFA_F_NODAD
+		if err := h.AddrAdd(link, addr6); err != nil {
+			return 0, 0, fmt.Errorf("add address %s to %s: %w", l.addr6, l.name, err)
+		}
 		idx[i] = uint32(link.Attrs().Index)
 	}
 	// bpf_fib_lookup answers "forwarding disabled" without these. Writing
 	// all.forwarding also turns on every existing interface's.
-	for _, key := range []string{"ipv4/conf/all/forwarding", "ipv4/conf/lb0/forwarding", "ipv4/conf/lb1/forwarding"} {
+	for _, key := range []string{"ipv4/conf/all/forwarding", "ipv4/conf/lb0/forwarding", "ipv4/conf/lb1/forwarding",
+		"ipv6/conf/all/forwarding", "ipv6/conf/lb0/forwarding", "ipv6/conf/lb1/forwarding"} {
 		if err := os.WriteFile("/proc/sys/net/"+key, []byte("1"), 0); err != nil {
 			return 0, 0, fmt.Errorf("set %s: %w", key, err)
 		}
 	}
 	for ip, mac := range neighbours {
 		link := int(idx[0])
-		if ip == backendL1.Addr() {
+		if ip == backendL1.Addr() || ip == backend6L1.Addr() {
 			link = int(idx[1])
 		}
-		n := &netlink.Neigh{LinkIndex: link, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: net.IP(ip.AsSlice()), HardwareAddr: mac}
+		family := unix.AF_INET
+		if ip.Is6() {
+			family = unix.AF_INET6
+		}
+		n := &netlink.Neigh{LinkIndex: link, Family: family, State: netlink.NUD_PERMANENT, IP: net.IP(ip.AsSlice()), HardwareAddr: mac}
 		if err := h.NeighSet(n); err != nil {
 			return 0, 0, fmt.Errorf("add neighbour %s: %w", ip, err)
 		}
@@ -283,6 +334,10 @@ func setupNetwork() (lb0, lb1 uint32, err error) {
 	gw := &netlink.Route{LinkIndex: int(idx[0]), Gw: net.IP(gateway.AsSlice())}
 	if err := h.RouteAdd(gw); err != nil {
 		return 0, 0, fmt.Errorf("add default route: %w", err)
+	}
+	gw6 := &netlink.Route{LinkIndex: int(idx[0]), Gw: net.IP(gateway6.AsSlice()), Dst: &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}
+	if err := h.RouteAdd(gw6); err != nil {
+		return 0, 0, fmt.Errorf("add IPv6 default route: %w", err)
 	}
 	return idx[0], idx[1], nil
 }
@@ -395,8 +450,10 @@ func (e *env) retEntries() int {
 // the backends' counts.
 func (e *env) clearConntrack() {
 	e.t.Helper()
-	clear(e.p.conns)
-	clear(e.p.ports)
+	for _, t := range e.p.tables() {
+		clear(t.conns)
+		clear(t.ports)
+	}
 	for _, id := range []uint32{idA, idB, idC, idNoN, idL1} {
 		e.must(e.p.ResetBackendStats(id))
 	}

@@ -52,8 +52,16 @@ func fromOpts(src, dst netip.AddrPort, mod func(o *packet.TCPOpts)) []byte {
 func refusal(cl, dst netip.AddrPort, s seg) []byte {
 	return packet.Truncate(packet.TCP(packet.TCPOpts{
 		SrcMAC: lbMAC, DstMAC: clientMAC(cl.Addr()), Src: dst, Dst: cl, Flags: "RA",
-		Seq: 0, Ack: s.seq + 1 + uint32(len(s.payload)), ZeroWindow: true, DontFragment: true,
-	}), 54)
+		Seq: 0, Ack: s.seq + 1 + uint32(len(s.payload)), ZeroWindow: true, DontFragment: cl.Addr().Is4(),
+	}), replyLen(cl.Addr()))
+}
+
+// replyLen is the length of a bare TCP reply: Ethernet, IP, TCP headers.
+func replyLen(a netip.Addr) int {
+	if a.Is6() {
+		return 14 + 40 + 20
+	}
+	return 14 + 20 + 20
 }
 
 // reset is the RST xlb sends client cl from dst for a segment of no
@@ -61,8 +69,8 @@ func refusal(cl, dst netip.AddrPort, s seg) []byte {
 func reset(cl, dst netip.AddrPort, flags string, seq, ack uint32) []byte {
 	return packet.Truncate(packet.TCP(packet.TCPOpts{
 		SrcMAC: lbMAC, DstMAC: clientMAC(cl.Addr()), Src: dst, Dst: cl, Flags: flags,
-		Seq: seq, Ack: ack, ZeroWindow: true, DontFragment: true,
-	}), 54)
+		Seq: seq, Ack: ack, ZeroWindow: true, DontFragment: cl.Addr().Is4(),
+	}), replyLen(cl.Addr()))
 }
 
 // TestStraySegmentsReset: a segment for a VIP that belongs to no

@@ -36,10 +36,18 @@ func fromClient(c, to netip.AddrPort, s seg) []byte {
 	})
 }
 
+// lbAddrOf is the load balancer's source address in a's family.
+func lbAddrOf(a netip.Addr) netip.Addr {
+	if a.Is6() {
+		return lbAddr6
+	}
+	return lbAddr
+}
+
 // fromBackend is a reply from a backend to the load balancer's port.
 func fromBackend(b netip.AddrPort, lport uint16, s seg) []byte {
 	return packet.TCP(packet.TCPOpts{
-		SrcMAC: neighbours[b.Addr()], DstMAC: lbMAC, Src: b, Dst: netip.AddrPortFrom(lbAddr, lport),
+		SrcMAC: neighbours[b.Addr()], DstMAC: lbMAC, Src: b, Dst: netip.AddrPortFrom(lbAddrOf(b.Addr()), lport),
 		Flags: s.flags, Seq: s.seq, Ack: s.ack, Payload: s.payload, Options: s.opts,
 	})
 }

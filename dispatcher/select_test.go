@@ -21,14 +21,19 @@ func (e *env) synFlow(t *testing.T, i int) (netip.AddrPort, uint32) {
 }
 
 // mustConnFwd reads one forward entry directly (Conns walks the table).
-func (e *env) mustConnFwd(cl netip.AddrPort) xlbXlbConn {
+func (e *env) mustConnFwd(cl netip.AddrPort) connHead {
 	e.t.Helper()
-	k := xlbXlbFlow{Saddr: addrBE(cl.Addr()), Daddr: addrBE(vip.Addr()), Sport: portBE(cl.Port()), Dport: portBE(vip.Port()), Proto: 6}
-	s, ok := e.p.find(&k)
+	k := keyOf(cl, vip, TCP)
+	s, ok := e.p.t4.find(&k)
 	if !ok {
 		e.t.Fatalf("no connection of %s", cl)
 	}
-	return s.c
+	return *s.head()
+}
+
+// keyOf is the connection table key of a flow.
+func keyOf(cl, to netip.AddrPort, proto uint8) flowKey {
+	return flowKey{saddr: cl.Addr().AsSlice(), daddr: to.Addr().AsSlice(), sport: portBE(cl.Port()), dport: portBE(to.Port()), proto: proto}
 }
 
 func TestSelectRandom(t *testing.T) {

@@ -1,4 +1,4 @@
-// Package packet builds Ethernet/IPv4 test packets for BPF_PROG_TEST_RUN
+// Package packet builds Ethernet/IPv4 and Ethernet/IPv6 test packets for BPF_PROG_TEST_RUN
 // tests and checks their checksums independently of the code under test.
 //
 // The builders use gopacket to lay out headers and compute checksums. Verify
@@ -8,6 +8,10 @@
 //
 // Like gopacket, the builders pad frames shorter than 60 bytes with zeros to
 // the Ethernet minimum; the IPv4 total length excludes the padding.
+//
+// A builder makes an IPv6 packet when its addresses are IPv6: a fixed
+// header with no extension headers, the hop limit from TTL; the options
+// that only IPv4 has (IPOptions, fragments, DontFragment, ID) are refused.
 package packet
 
 import (
@@ -41,7 +45,7 @@ const tcpFlagOrder = "FSRPAUEC"
 // defaults (TTL 64, window 65535, DefaultSrcMAC/DefaultDstMAC, no flags).
 type TCPOpts struct {
 	SrcMAC, DstMAC net.HardwareAddr
-	Src, Dst       netip.AddrPort // IPv4 only
+	Src, Dst       netip.AddrPort // both IPv4 or both IPv6
 	// Flags is a string of TCP flag letters: F S R P A U E C, for example
 	// "S", "SA", "A", "PA", "FA", "R".
 	Flags    string
@@ -78,16 +82,26 @@ type TCPOpts struct {
 // malformed IPOptions): these are mistakes in the test, not in the code under
 // test.
 func TCP(o TCPOpts) []byte {
-	ip := ipv4Layer(o.Src.Addr(), o.Dst.Addr(), layers.IPProtocolTCP, o.TTL, o.ID)
-	ip.FragOffset = o.FragOffset
-	if o.MoreFragments {
-		ip.Flags |= layers.IPv4MoreFragments
+	if o.Src.Addr().Is6() {
+		if len(o.IPOptions) > 0 || o.FragOffset != 0 || o.MoreFragments || o.DontFragment || o.ID != 0 {
+			panic("packet: IPv4 options for an IPv6 packet")
+		}
 	}
-	opts, err := ipv4Options(o.IPOptions)
-	if err != nil {
-		panic(fmt.Sprintf("packet: %v", err))
+	ip, eth := netLayer(o.Src.Addr(), o.Dst.Addr(), layers.IPProtocolTCP, o.TTL, o.ID)
+	if ip4, ok := ip.(*layers.IPv4); ok {
+		ip4.FragOffset = o.FragOffset
+		if o.MoreFragments {
+			ip4.Flags |= layers.IPv4MoreFragments
+		}
+		opts, err := ipv4Options(o.IPOptions)
+		if err != nil {
+			panic(fmt.Sprintf("packet: %v", err))
+		}
+		ip4.Options = opts
+		if o.DontFragment {
+			ip4.Flags |= layers.IPv4DontFragment
+		}
 	}
-	ip.Options = opts
 
 	tcp := &layers.TCP{
 		SrcPort:    layers.TCPPort(o.Src.Port()),
@@ -99,9 +113,6 @@ func TCP(o TCPOpts) []byte {
 	}
 	if tcp.Window == 0 && !o.ZeroWindow {
 		tcp.Window = DefaultWindow
-	}
-	if o.DontFragment {
-		ip.Flags |= layers.IPv4DontFragment
 	}
 	topts, pad, err := tcpOptions(o.Options)
 	if err != nil {
@@ -115,7 +126,7 @@ func TCP(o TCPOpts) []byte {
 	if err := setTCPFlags(tcp, o.Flags); err != nil {
 		panic(fmt.Sprintf("packet: %v", err))
 	}
-	if err := tcp.SetNetworkLayerForChecksum(ip); err != nil {
+	if err := tcp.SetNetworkLayerForChecksum(ip.(gopacket.NetworkLayer)); err != nil {
 		panic(fmt.Sprintf("packet: set network layer: %v", err))
 	}
 
@@ -131,7 +142,7 @@ func TCP(o TCPOpts) []byte {
 		{gopacket.Payload(o.Payload), fix},
 		{tcp, keep},
 		{ip, fix},
-		{ethLayer(o.SrcMAC, o.DstMAC, layers.EthernetTypeIPv4), fix},
+		{ethLayer(o.SrcMAC, o.DstMAC, eth), fix},
 	}
 	for _, s := range steps {
 		if err := s.l.SerializeTo(buf, s.opts); err != nil {
@@ -165,25 +176,25 @@ func tcpOptions(raw []byte) ([]layers.TCPOption, []byte, error) {
 	return out, make([]byte, (4-len(raw)%4)%4), nil
 }
 
-// UDPOpts describes an Ethernet+IPv4+UDP packet.
+// UDPOpts describes an Ethernet+IPv4+UDP or Ethernet+IPv6+UDP packet.
 type UDPOpts struct {
 	SrcMAC, DstMAC net.HardwareAddr
-	Src, Dst       netip.AddrPort // IPv4 only
+	Src, Dst       netip.AddrPort // both IPv4 or both IPv6
 	Payload        []byte
 	TTL            uint8 // 0 means DefaultTTL
 }
 
-// UDP builds an Ethernet+IPv4+UDP packet with correct checksums.
+// UDP builds an Ethernet+IP+UDP packet with correct checksums.
 func UDP(o UDPOpts) []byte {
-	ip := ipv4Layer(o.Src.Addr(), o.Dst.Addr(), layers.IPProtocolUDP, o.TTL, 0)
+	ip, eth := netLayer(o.Src.Addr(), o.Dst.Addr(), layers.IPProtocolUDP, o.TTL, 0)
 	udp := &layers.UDP{
 		SrcPort: layers.UDPPort(o.Src.Port()),
 		DstPort: layers.UDPPort(o.Dst.Port()),
 	}
-	if err := udp.SetNetworkLayerForChecksum(ip); err != nil {
+	if err := udp.SetNetworkLayerForChecksum(ip.(gopacket.NetworkLayer)); err != nil {
 		panic(fmt.Sprintf("packet: set network layer: %v", err))
 	}
-	return serialize(ethLayer(o.SrcMAC, o.DstMAC, layers.EthernetTypeIPv4), ip, udp, gopacket.Payload(o.Payload))
+	return serialize(ethLayer(o.SrcMAC, o.DstMAC, eth), ip, udp, gopacket.Payload(o.Payload))
 }
 
 // ICMPOpts describes an Ethernet+IPv4+ICMP echo request or reply.
@@ -211,13 +222,14 @@ func ICMPEcho(o ICMPOpts) []byte {
 	return serialize(ethLayer(o.SrcMAC, o.DstMAC, layers.EthernetTypeIPv4), ip, icmp, gopacket.Payload(o.Payload))
 }
 
-// ICMPErrorOpts describes an Ethernet+IPv4+ICMP error message: its type
+// ICMPErrorOpts describes an Ethernet+IPv4+ICMP or Ethernet+IPv6+ICMPv6
+// error message (by the family of Src and Dst): its type
 // and code, the 4 bytes after the checksum (for "fragmentation needed"
 // the next hop's MTU in the low 16 bits) and the quoted packet (from its
 // IPv4 header on).
 type ICMPErrorOpts struct {
 	SrcMAC, DstMAC net.HardwareAddr
-	Src, Dst       netip.Addr // IPv4 only
+	Src, Dst       netip.Addr // both IPv4 or both IPv6
 	Type, Code     uint8
 	Rest           uint32
 	Quote          []byte
@@ -227,6 +239,15 @@ type ICMPErrorOpts struct {
 
 // ICMPError builds an ICMP error message with correct checksums.
 func ICMPError(o ICMPErrorOpts) []byte {
+	if o.Src.Is6() {
+		ip, eth := netLayer(o.Src, o.Dst, layers.IPProtocolICMPv6, o.TTL, 0)
+		icmp := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(o.Type, o.Code)}
+		if err := icmp.SetNetworkLayerForChecksum(ip.(gopacket.NetworkLayer)); err != nil {
+			panic(fmt.Sprintf("packet: set network layer: %v", err))
+		}
+		rest := []byte{byte(o.Rest >> 24), byte(o.Rest >> 16), byte(o.Rest >> 8), byte(o.Rest)}
+		return serialize(ethLayer(o.SrcMAC, o.DstMAC, eth), ip, icmp, gopacket.Payload(append(rest, o.Quote...)))
+	}
 	ip := ipv4Layer(o.Src, o.Dst, layers.IPProtocolICMPv4, o.TTL, o.ID)
 	icmp := &layers.ICMPv4{
 		TypeCode: layers.CreateICMPv4TypeCode(o.Type, o.Code),
@@ -290,6 +311,26 @@ func ethLayer(src, dst net.HardwareAddr, typ layers.EthernetType) *layers.Ethern
 		DstMAC:       orDefault(dst, DefaultDstMAC),
 		EthernetType: typ,
 	}
+}
+
+// netLayer is the IPv4 or IPv6 header for src and dst, and the EtherType.
+func netLayer(src, dst netip.Addr, proto layers.IPProtocol, ttl uint8, id uint16) (gopacket.SerializableLayer, layers.EthernetType) {
+	if !src.Is6() {
+		return ipv4Layer(src, dst, proto, ttl, id), layers.EthernetTypeIPv4
+	}
+	if !dst.Is6() {
+		panic(fmt.Sprintf("packet: %v and %v are not both IPv6", src, dst))
+	}
+	if ttl == 0 {
+		ttl = DefaultTTL
+	}
+	return &layers.IPv6{
+		Version:    6,
+		NextHeader: proto,
+		HopLimit:   ttl,
+		SrcIP:      net.IP(src.AsSlice()),
+		DstIP:      net.IP(dst.AsSlice()),
+	}, layers.EthernetTypeIPv6
 }
 
 func ipv4Layer(src, dst netip.Addr, proto layers.IPProtocol, ttl uint8, id uint16) *layers.IPv4 {

@@ -281,3 +281,45 @@ func TestTruncate(t *testing.T) {
 		t.Errorf("Truncate past the end = %v", got)
 	}
 }
+
+// TestIPv6 builds IPv6 TCP, UDP and ICMPv6 packets with gopacket and
+// checks Verify and Decode on them: good checksums pass, a flipped bit
+// in the pseudo-header's addresses or in the payload fails, a UDP
+// checksum of zero fails (it is mandatory in IPv6).
+func TestIPv6(t *testing.T) {
+	src := netip.MustParseAddrPort("[2001:db8::1]:40000")
+	dst := netip.MustParseAddrPort("[2001:db8:1::10]:80")
+	tcp := TCP(TCPOpts{Src: src, Dst: dst, Flags: "PA", Seq: 7, Ack: 9, Payload: []byte("hello"), TTL: 33})
+	udp := UDP(UDPOpts{Src: src, Dst: dst, Payload: []byte("dns?")})
+	icmp := ICMPError(ICMPErrorOpts{Src: netip.MustParseAddr("2001:db8::fe"), Dst: src.Addr(), Type: 2, Rest: 1280, Quote: tcp[14:]})
+	for name, b := range map[string][]byte{"tcp": tcp, "udp": udp, "icmpv6": icmp} {
+		if err := Verify(b); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+		for _, off := range []int{14 + 8 + 15, len(b) - 1} { // the source address's last byte, the last byte
+			bad := clone(b)
+			bad[off] ^= 0x10
+			if err := Verify(bad); !errors.Is(err, ErrChecksum) {
+				t.Errorf("%s with byte %d flipped: %v, want a checksum error", name, off, err)
+			}
+		}
+	}
+	zero := clone(udp)
+	zero[14+40+6], zero[14+40+7] = 0, 0
+	if err := Verify(zero); !errors.Is(err, ErrChecksum) {
+		t.Errorf("udp over ipv6 without checksum: %v, want a checksum error", err)
+	}
+	d, err := Decode(tcp)
+	if err != nil || d.Src != src || d.Dst != dst || d.Flags != "PA" || d.Seq != 7 || d.Ack != 9 || d.TTL != 33 || string(d.Payload) != "hello" {
+		t.Errorf("decode tcp: %+v, %v", d, err)
+	}
+	d, err = Decode(icmp)
+	if err != nil || d.Proto != ProtoICMPv6 || d.ICMPType != 2 || len(d.Payload) != len(tcp)-14 {
+		t.Errorf("decode icmpv6: %+v, %v", d, err)
+	}
+	ext := clone(tcp)
+	ext[14+6] = 0 // hop-by-hop options
+	if err := Verify(ext); !errors.Is(err, ErrUnsupported) {
+		t.Errorf("ipv6 with an extension header: %v, want unsupported", err)
+	}
+}

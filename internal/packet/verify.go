@@ -19,15 +19,16 @@ var (
 
 // IP protocol numbers understood by Verify and Decode.
 const (
-	ProtoICMP = 1
-	ProtoTCP  = 6
-	ProtoUDP  = 17
+	ProtoICMP   = 1
+	ProtoTCP    = 6
+	ProtoUDP    = 17
+	ProtoICMPv6 = 58
 )
 
 // ChecksumError reports a checksum that differs from the one a full
 // computation over the packet gives. It matches ErrChecksum.
 type ChecksumError struct {
-	Layer     string // "ipv4", "tcp", "udp" or "icmp"
+	Layer     string // "ipv4", "tcp", "udp", "icmp" or "icmpv6"
 	Want, Got uint16
 }
 
@@ -47,13 +48,19 @@ func (e *ChecksumError) Is(target error) bool { return target == ErrChecksum }
 // accepted. For a fragment only the IPv4 header checksum is checked, since the
 // L4 checksum covers the whole datagram. Bytes after the IPv4 total length
 // (Ethernet padding) are ignored.
+//
+// An IPv6 packet (Ethernet/IPv6/(TCP|UDP|ICMPv6), no extension headers) has
+// no header checksum; its L4 checksum covers the IPv6 pseudo-header (RFC
+// 8200), ICMPv6's too, and a UDP checksum of zero is an error.
 func Verify(b []byte) error {
 	p, err := parse(b)
 	if err != nil {
 		return err
 	}
-	if want, got := ipv4Checksum(p.ip), binary.BigEndian.Uint16(p.ip[10:]); want != got {
-		return &ChecksumError{Layer: "ipv4", Want: want, Got: got}
+	if !p.v6 {
+		if want, got := ipv4Checksum(p.ip), binary.BigEndian.Uint16(p.ip[10:]); want != got {
+			return &ChecksumError{Layer: "ipv4", Want: want, Got: got}
+		}
 	}
 	if p.fragment {
 		return nil
@@ -80,12 +87,20 @@ func Verify(b []byte) error {
 		if len(p.l4) < 4 {
 			return fmt.Errorf("verify icmp: %d bytes: %w", len(p.l4), ErrTruncated)
 		}
+	case ProtoICMPv6:
+		layer, at, pseudo = "icmpv6", 2, true
+		if len(p.l4) < 4 {
+			return fmt.Errorf("verify icmpv6: %d bytes: %w", len(p.l4), ErrTruncated)
+		}
 	default:
 		return fmt.Errorf("verify ip protocol %d: %w", p.proto, ErrUnsupported)
 	}
 
 	var s uint32
-	if pseudo {
+	if pseudo && p.v6 {
+		s = sum(s, p.ip[8:40]) // source and destination address
+		s += uint32(p.proto) + uint32(len(p.l4))>>16 + uint32(len(p.l4))&0xffff
+	} else if pseudo {
 		s = sum(s, p.ip[12:20]) // source and destination address
 		s += uint32(p.proto) + uint32(len(p.l4))
 	}
@@ -94,6 +109,9 @@ func Verify(b []byte) error {
 	want := ^uint16(fold(s))
 	got := binary.BigEndian.Uint16(p.l4[at:])
 	if p.proto == ProtoUDP {
+		if got == 0 && p.v6 {
+			return &ChecksumError{Layer: layer, Want: want, Got: got} // mandatory in IPv6
+		}
 		if got == 0 {
 			return nil // no checksum
 		}
@@ -112,17 +130,18 @@ type Decoded struct {
 	SrcMAC, DstMAC net.HardwareAddr
 	Src, Dst       netip.AddrPort // ports are zero for ICMP
 	Proto          uint8          // IP protocol number
-	TTL            uint8
-	ID             uint16 // IPv4 identification
+	TTL            uint8 // IPv4 TTL or IPv6 hop limit
+	ID             uint16 // IPv4 identification (0 for IPv6)
 	Flags          string // TCP flags, spelled in the order "FSRPAUEC"
 	Seq, Ack       uint32 // TCP only
 	Window         uint16 // TCP only
-	ICMPType       uint8  // ICMP only
-	ICMPCode       uint8  // ICMP only
+	ICMPType       uint8  // ICMP and ICMPv6 only
+	ICMPCode       uint8  // ICMP and ICMPv6 only
 	Payload        []byte // after the TCP, UDP or 8-byte ICMP header
 }
 
-// Decode parses an Ethernet/IPv4/(TCP|UDP|ICMP) packet by hand. It does not
+// Decode parses an Ethernet/IPv4/(TCP|UDP|ICMP) or Ethernet/IPv6/(TCP|UDP|
+// ICMPv6) packet by hand. It does not
 // check checksums (see Verify) but does reject a TCP data offset that does
 // not fit the segment. Fragments other than the first are not supported.
 func Decode(b []byte) (Decoded, error) {
@@ -130,17 +149,24 @@ func Decode(b []byte) (Decoded, error) {
 	if err != nil {
 		return Decoded{}, err
 	}
-	src, _ := netip.AddrFromSlice(p.ip[12:16])
-	dst, _ := netip.AddrFromSlice(p.ip[16:20])
 	d := Decoded{
 		DstMAC: net.HardwareAddr(clone(b[0:6])),
 		SrcMAC: net.HardwareAddr(clone(b[6:12])),
 		Proto:  p.proto,
-		TTL:    p.ip[8],
-		ID:     binary.BigEndian.Uint16(p.ip[4:]),
 	}
-	if binary.BigEndian.Uint16(p.ip[6:])&0x1fff != 0 {
-		return Decoded{}, fmt.Errorf("decode: non-first fragment: %w", ErrUnsupported)
+	var src, dst netip.Addr
+	if p.v6 {
+		src, _ = netip.AddrFromSlice(p.ip[8:24])
+		dst, _ = netip.AddrFromSlice(p.ip[24:40])
+		d.TTL = p.ip[7]
+	} else {
+		src, _ = netip.AddrFromSlice(p.ip[12:16])
+		dst, _ = netip.AddrFromSlice(p.ip[16:20])
+		d.TTL = p.ip[8]
+		d.ID = binary.BigEndian.Uint16(p.ip[4:])
+		if binary.BigEndian.Uint16(p.ip[6:])&0x1fff != 0 {
+			return Decoded{}, fmt.Errorf("decode: non-first fragment: %w", ErrUnsupported)
+		}
 	}
 	var sport, dport uint16
 	switch p.proto {
@@ -164,7 +190,7 @@ func Decode(b []byte) (Decoded, error) {
 		}
 		sport, dport = binary.BigEndian.Uint16(p.l4[0:]), binary.BigEndian.Uint16(p.l4[2:])
 		d.Payload = clone(p.l4[8:])
-	case ProtoICMP:
+	case ProtoICMP, ProtoICMPv6:
 		if len(p.l4) < 8 {
 			return Decoded{}, fmt.Errorf("decode icmp: %d bytes: %w", len(p.l4), ErrTruncated)
 		}
@@ -179,17 +205,22 @@ func Decode(b []byte) (Decoded, error) {
 }
 
 type parsed struct {
-	ip       []byte // the IPv4 header, options included
-	l4       []byte // the IPv4 payload, as long as the total length says
+	ip       []byte // the IPv4 header, options included, or the IPv6 header
+	l4       []byte // the IP payload, as long as the total or payload length says
 	proto    uint8
 	fragment bool
+	v6       bool
 }
 
 func parse(b []byte) (parsed, error) {
 	if len(b) < 14 {
 		return parsed{}, fmt.Errorf("parse ethernet: %d bytes: %w", len(b), ErrTruncated)
 	}
-	if et := binary.BigEndian.Uint16(b[12:]); et != 0x0800 {
+	et := binary.BigEndian.Uint16(b[12:])
+	if et == 0x86dd {
+		return parse6(b[14:])
+	}
+	if et != 0x0800 {
 		return parsed{}, fmt.Errorf("parse ethernet: ethertype %#04x: %w", et, ErrUnsupported)
 	}
 	ip := b[14:]
@@ -220,6 +251,26 @@ func parse(b []byte) (parsed, error) {
 		proto:    ip[9],
 		fragment: frag&0x2000 != 0 || frag&0x1fff != 0,
 	}, nil
+}
+
+// parse6 parses an IPv6 header without extension headers.
+func parse6(ip []byte) (parsed, error) {
+	if len(ip) < 40 {
+		return parsed{}, fmt.Errorf("parse ipv6: %d bytes: %w", len(ip), ErrTruncated)
+	}
+	if v := ip[0] >> 4; v != 6 {
+		return parsed{}, fmt.Errorf("parse ipv6: version %d: %w", v, ErrMalformed)
+	}
+	plen := int(binary.BigEndian.Uint16(ip[4:]))
+	if 40+plen > len(ip) {
+		return parsed{}, fmt.Errorf("parse ipv6: payload length %d in %d bytes: %w", plen, len(ip)-40, ErrTruncated)
+	}
+	switch ip[6] {
+	case ProtoTCP, ProtoUDP, ProtoICMPv6:
+	default:
+		return parsed{}, fmt.Errorf("parse ipv6: next header %d: %w", ip[6], ErrUnsupported)
+	}
+	return parsed{ip: ip[:40], l4: ip[40 : 40+plen], proto: ip[6], v6: true}, nil
 }
 
 // ipv4Checksum computes the header checksum of hdr as if its checksum field

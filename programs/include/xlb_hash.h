@@ -40,17 +40,22 @@ static __always_inline __u32 flow_hash(const struct xlb_flow *f)
 	return mix3(f->saddr, f->daddr, ((__u32)f->sport << 16 | f->dport) ^ f->proto);
 }
 
-/* addr6_fold mixes an IPv6 address's four words into one. */
+/* addr6_fold mixes an IPv6 address's four words into one: each word
+ * goes through a full mix (a cheaper fold, such as a2 ^ rol(a3, 16),
+ * gives addresses that differ in two words the same key). */
 static __always_inline __u32 addr6_fold(const __u32 *a)
 {
-	return mix3(a[0], a[1], a[2] ^ rol32(a[3], 16));
+	return mix3(mix3(a[0], a[1], a[2]), a[3], 0x6a09e667);
 }
 
-/* flow_hash6 is flow_hash for an IPv6 flow. */
+/* flow_hash6 is flow_hash for an IPv6 flow: its nine words in three
+ * rounds of mix3, each round's result carried into the next. */
 static __always_inline __u32 flow_hash6(const struct xlb_flow6 *f)
 {
-	return mix3(addr6_fold(f->saddr), addr6_fold(f->daddr),
-		    ((__u32)f->sport << 16 | f->dport) ^ f->proto);
+	__u32 h = mix3(f->saddr[0], f->saddr[1], f->saddr[2]);
+
+	h = mix3(h ^ f->saddr[3], f->daddr[0], f->daddr[1]);
+	return mix3(h ^ f->daddr[2], f->daddr[3], ((__u32)f->sport << 16 | f->dport) ^ f->proto);
 }
 
 /* rand32 returns a pseudo-random value from the per-CPU xorshift32 state,
