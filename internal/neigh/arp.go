@@ -15,11 +15,19 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// arpSocket is a packet socket for ARP on one interface.
-type arpSocket struct {
+// linkSocket is a packet socket on one interface: for ARP, or for the
+// neighbour discovery messages of IPv6 (ndp.go).
+type linkSocket struct {
 	f       *os.File
 	ifindex int
 	mac     net.HardwareAddr
+	ll      netip.Addr // the interface's IPv6 link-local address, if any (NDP)
+}
+
+// sockKey names a Keeper's socket: its interface and family.
+type sockKey struct {
+	ifindex int
+	v6      bool
 }
 
 const arpLen = 28 // an IPv4-over-Ethernet ARP packet, after the Ethernet header
@@ -29,9 +37,12 @@ var broadcast = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
 // send sends probe p, opening the interface's socket (and starting its
 // reader in g) on first use.
 func (k *Keeper) send(ctx context.Context, g *errgroup.Group, p probe) error {
-	s, err := k.socket(ctx, g, p.key.ifindex)
+	s, err := k.socket(ctx, g, sockKey{p.key.ifindex, p.key.ip.Is6()})
 	if err != nil {
 		return err
+	}
+	if p.key.ip.Is6() {
+		return sendNS(s, p)
 	}
 	if !p.src.Is4() {
 		return fmt.Errorf("no IPv4 source address towards %s", p.key.ip)
@@ -53,13 +64,18 @@ func (k *Keeper) send(ctx context.Context, g *errgroup.Group, p probe) error {
 	copy(b[24:28], tpa[:])
 	to := &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: s.ifindex, Halen: 6}
 	copy(to.Addr[:], dst)
+	return s.sendto(b[:], to)
+}
+
+// sendto sends b from the socket.
+func (s *linkSocket) sendto(b []byte, to *unix.SockaddrLinklayer) error {
 	rc, err := s.f.SyscallConn()
 	if err != nil {
 		return err
 	}
 	var serr error
 	if err := rc.Write(func(fd uintptr) bool {
-		serr = unix.Sendto(int(fd), b[:], 0, to)
+		serr = unix.Sendto(int(fd), b, 0, to)
 		return !errors.Is(serr, unix.EAGAIN)
 	}); err != nil {
 		return err
@@ -67,15 +83,16 @@ func (k *Keeper) send(ctx context.Context, g *errgroup.Group, p probe) error {
 	return serr
 }
 
-// socket returns the ARP socket of an interface, opening it in the
+// socket returns the ARP or NDP socket of an interface, opening it in the
 // Keeper's namespace and starting its reader in g on first use.
-func (k *Keeper) socket(ctx context.Context, g *errgroup.Group, ifindex int) (*arpSocket, error) {
+func (k *Keeper) socket(ctx context.Context, g *errgroup.Group, key sockKey) (*linkSocket, error) {
 	k.mu.Lock()
-	s := k.socks[ifindex]
+	s := k.socks[key]
 	k.mu.Unlock()
 	if s != nil {
 		return s, nil
 	}
+	ifindex := key.ifindex
 	l, err := k.nl.LinkByIndex(ifindex)
 	if err != nil {
 		return nil, fmt.Errorf("find interface %d: %w", ifindex, err)
@@ -84,24 +101,43 @@ func (k *Keeper) socket(ctx context.Context, g *errgroup.Group, ifindex int) (*a
 	if len(mac) != 6 {
 		return nil, fmt.Errorf("interface %s has no Ethernet address", l.Attrs().Name)
 	}
+	proto, kind := uint16(unix.ETH_P_ARP), "arp"
+	if key.v6 {
+		proto, kind = unix.ETH_P_IPV6, "ndp"
+	}
 	var fd int
 	err = k.inNetNS(func() (err error) {
-		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ARP)))
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, int(htons(proto)))
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("open arp socket: %w", err)
+		return nil, fmt.Errorf("open %s socket: %w", kind, err)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: ifindex}); err != nil {
+	if key.v6 {
+		// Only neighbour solicitations and advertisements, not every
+		// IPv6 packet the interface hands the host.
+		if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &ndpFilter); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("filter ndp socket: %w", err)
+		}
+	}
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(proto), Ifindex: ifindex}); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("bind arp socket to %s: %w", l.Attrs().Name, err)
+		return nil, fmt.Errorf("bind %s socket to %s: %w", kind, l.Attrs().Name, err)
 	}
-	s = &arpSocket{f: os.NewFile(uintptr(fd), "arp-"+l.Attrs().Name), ifindex: ifindex, mac: mac}
+	s = &linkSocket{f: os.NewFile(uintptr(fd), kind+"-"+l.Attrs().Name), ifindex: ifindex, mac: mac}
+	if key.v6 {
+		s.ll = k.linkLocal(l)
+	}
 	k.mu.Lock()
-	k.socks[ifindex] = s
+	k.socks[key] = s
 	k.mu.Unlock()
 	g.Go(func() error {
-		k.read(ctx, s)
+		if key.v6 {
+			k.readNDP(ctx, s)
+		} else {
+			k.read(ctx, s)
+		}
 		return nil
 	})
 	return s, nil
@@ -109,7 +145,7 @@ func (k *Keeper) socket(ctx context.Context, g *errgroup.Group, ifindex int) (*a
 
 // read takes the ARP packets the socket receives until it is closed, and
 // records those of next hops.
-func (k *Keeper) read(ctx context.Context, s *arpSocket) {
+func (k *Keeper) read(ctx context.Context, s *linkSocket) {
 	rc, err := s.f.SyscallConn()
 	if err != nil {
 		return
@@ -141,7 +177,7 @@ func (k *Keeper) read(ctx context.Context, s *arpSocket) {
 	}
 }
 
-// closeSockets closes every ARP socket, which ends their readers.
+// closeSockets closes every socket, which ends their readers.
 func (k *Keeper) closeSockets() {
 	k.mu.Lock()
 	defer k.mu.Unlock()

@@ -12,9 +12,11 @@
 // new MAC: 8.3 s on kernel 6.18, measured.
 //
 // So a Keeper probes every next hop itself, every Interval, with ARP
-// requests from the interface: unicast to the MAC it knows, broadcast when
-// that went unanswered or when it knows none. Any ARP packet the next hop
-// sends (an answer, or a request of its own) confirms it. When the MAC it
+// requests from the interface (neighbour solicitations for an IPv6 next
+// hop, RFC 4861): unicast to the MAC it knows, broadcast (to the
+// solicited-node multicast address) when that went unanswered or when it
+// knows none. Any ARP packet the next hop sends (an answer, or a request
+// of its own; for IPv6 an advertisement or a solicitation) confirms it. When the MAC it
 // answers from differs from the kernel's entry, the Keeper writes it there
 // (NUD_REACHABLE), so the data path's next lookup finds it. A next hop that
 // answered none of the last Misses probes is unreachable, and so is every
@@ -114,7 +116,7 @@ type hop struct {
 	mac      net.HardwareAddr
 	static   bool // the kernel's entry is PERMANENT or NOARP: never rewritten
 	probed   bool // a probe went out since the last round
-	answered bool // an ARP packet came from it since the last probe
+	answered bool // an ARP or NDP packet came from it since the last probe
 	misses   int  // probes in a row left unanswered
 }
 
@@ -138,7 +140,7 @@ type Keeper struct {
 	mu      sync.Mutex
 	targets map[netip.Addr]*target
 	hops    map[hopKey]*hop
-	socks   map[int]*arpSocket // by ifindex; opened by Run
+	socks   map[sockKey]*linkSocket // opened by Run
 }
 
 // New returns a Keeper with no targets. Close releases it.
@@ -184,7 +186,7 @@ func New(opts Options) (*Keeper, error) {
 		wake:    make(chan struct{}, 1),
 		targets: make(map[netip.Addr]*target),
 		hops:    make(map[hopKey]*hop),
-		socks:   make(map[int]*arpSocket),
+		socks:   make(map[sockKey]*linkSocket),
 	}, nil
 }
 
@@ -248,8 +250,12 @@ func (k *Keeper) Status(a netip.Addr) (Status, bool) {
 	case h != nil:
 		st.NextHop, st.Iface, st.MAC = h.key.ip, h.iface, slices.Clone(h.mac)
 		if !t.reachable {
-			st.Reason = fmt.Sprintf("next hop %s on %s answered none of the last %d ARP probes (%s)",
-				h.key.ip, h.iface, h.misses, time.Duration(h.misses)*k.opts.Interval)
+			what := "ARP probes"
+			if h.key.ip.Is6() {
+				what = "neighbour solicitations"
+			}
+			st.Reason = fmt.Sprintf("next hop %s on %s answered none of the last %d %s (%s)",
+				h.key.ip, h.iface, h.misses, what, time.Duration(h.misses)*k.opts.Interval)
 		}
 	}
 	return st, true
@@ -305,7 +311,7 @@ func (k *Keeper) routes(addrs []netip.Addr) map[netip.Addr]routed {
 func (k *Keeper) resolve(key hopKey) {
 	err := k.nl.NeighSet(&netlink.Neigh{
 		LinkIndex: key.ifindex,
-		Family:    netlink.FAMILY_V4,
+		Family:    family(key.ip),
 		IP:        key.ip.AsSlice(),
 		State:     netlink.NUD_NONE,
 		Flags:     netlink.NTF_USE,
@@ -427,7 +433,7 @@ func (k *Keeper) round(ctx context.Context, g *errgroup.Group) {
 			k.resolve(p.key)
 		}
 		if err := k.send(ctx, g, p); err != nil {
-			k.log.Warn("send arp probe", "next_hop", p.key.ip.String(), "err", err)
+			k.log.Warn("send neighbour probe", "next_hop", p.key.ip.String(), "err", err)
 		}
 	}
 	if len(changed) > 0 && k.opts.OnChange != nil {
@@ -449,14 +455,16 @@ func (k *Keeper) kernelEntries(routes map[netip.Addr]routed) map[hopKey]netlink.
 			continue
 		}
 		done[r.key.ifindex] = true
-		neighs, err := k.nl.NeighList(r.key.ifindex, netlink.FAMILY_V4)
-		if err != nil {
-			k.log.Warn("list neighbours", "ifindex", r.key.ifindex, "err", err)
-			continue
-		}
-		for _, n := range neighs {
-			if ip, ok := netip.AddrFromSlice(n.IP); ok {
-				out[hopKey{ifindex: n.LinkIndex, ip: ip.Unmap()}] = n
+		for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+			neighs, err := k.nl.NeighList(r.key.ifindex, fam)
+			if err != nil {
+				k.log.Warn("list neighbours", "ifindex", r.key.ifindex, "err", err)
+				continue
+			}
+			for _, n := range neighs {
+				if ip, ok := netip.AddrFromSlice(n.IP); ok {
+					out[hopKey{ifindex: n.LinkIndex, ip: ip.Unmap()}] = n
+				}
 			}
 		}
 	}
@@ -467,7 +475,7 @@ func (k *Keeper) kernelEntries(routes map[netip.Addr]routed) map[hopKey]netlink.
 func (k *Keeper) writeEntry(key hopKey, mac net.HardwareAddr) {
 	err := k.nl.NeighSet(&netlink.Neigh{
 		LinkIndex:    key.ifindex,
-		Family:       netlink.FAMILY_V4,
+		Family:       family(key.ip),
 		IP:           key.ip.AsSlice(),
 		HardwareAddr: mac,
 		State:        netlink.NUD_REACHABLE,
@@ -479,7 +487,15 @@ func (k *Keeper) writeEntry(key hopKey, mac net.HardwareAddr) {
 	k.log.Debug("neighbour entry written", "next_hop", key.ip.String(), "mac", mac.String())
 }
 
-// answered records an ARP packet from ip on ifindex, sent from mac.
+// family is a's netlink address family.
+func family(a netip.Addr) int {
+	if a.Is4() {
+		return netlink.FAMILY_V4
+	}
+	return netlink.FAMILY_V6
+}
+
+// answered records an ARP or NDP packet from ip on ifindex, sent from mac.
 func (k *Keeper) answered(ifindex int, ip netip.Addr, mac net.HardwareAddr) {
 	k.mu.Lock()
 	h := k.hops[hopKey{ifindex: ifindex, ip: ip}]

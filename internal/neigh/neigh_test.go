@@ -22,7 +22,11 @@ import (
 // kernelEntry reads the kernel's neighbour entry of ip on the host's eth0.
 func kernelEntry(t *testing.T, nl *netlink.Handle, h *testnet.Host, ip netip.Addr) (netlink.Neigh, bool) {
 	t.Helper()
-	neighs, err := nl.NeighList(h.Index, netlink.FAMILY_V4)
+	fam := netlink.FAMILY_V4
+	if ip.Is6() {
+		fam = netlink.FAMILY_V6
+	}
+	neighs, err := nl.NeighList(h.Index, fam)
 	if err != nil {
 		t.Fatalf("list neighbours: %v", err)
 	}
@@ -177,4 +181,73 @@ func TestKeeper(t *testing.T) {
 			t.Error("a dropped target still has a status")
 		}
 	})
+}
+
+// TestKeeperIPv6 is TestKeeper for an IPv6 backend: the Keeper resolves
+// it with neighbour solicitations, writes a re-created backend's new MAC
+// into the kernel's entry, and finds it gone and back.
+func TestKeeperIPv6(t *testing.T) {
+	testnet.RequirePrivileged(t)
+	lan := testnet.NewLAN(t, testnet.LANOptions{Hosts: []string{"lb", "backend"}})
+	lb, be := lan.Host("lb"), lan.Host("backend")
+	ns, err := netns.GetFromPath(lb.NS.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	nl, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	k, err := New(Options{NetNS: ns, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	k.SetTargets([]netip.Addr{be.IP6})
+	ctx, cancel := context.WithCancel(context.Background())
+	var g errgroup.Group
+	g.Go(func() error { return k.Run(ctx) })
+	defer func() {
+		cancel()
+		if err := g.Wait(); err != nil {
+			t.Error(err)
+		}
+	}()
+	status := func() Status {
+		s, ok := k.Status(be.IP6)
+		if !ok {
+			t.Fatalf("no status for %s", be.IP6)
+		}
+		return s
+	}
+	entryIs := func(mac net.HardwareAddr) func() bool {
+		return func() bool {
+			e, ok := kernelEntry(t, nl, lb, be.IP6)
+			return ok && e.State&nudValid != 0 && slices.Equal(e.HardwareAddr, mac) && slices.Equal(status().MAC, mac)
+		}
+	}
+	took := waitUntil(t, "backend resolved", 2*time.Second, entryIs(be.MAC))
+	t.Logf("IPv6 backend resolved in %s: %s", took, status())
+
+	// The kernel's entry STALE with the old MAC, then a new MAC.
+	if err := nl.NeighSet(&netlink.Neigh{LinkIndex: lb.Index, Family: netlink.FAMILY_V6, IP: be.IP6.AsSlice(),
+		HardwareAddr: be.MAC, State: netlink.NUD_STALE}); err != nil {
+		t.Fatal(err)
+	}
+	old := be.MAC
+	lan.ReplaceLink(be)
+	took = waitUntil(t, "the kernel's entry has the new MAC", 3*time.Second, entryIs(be.MAC))
+	t.Logf("new MAC %s in the kernel's entry %s after the re-creation (old %s)", be.MAC, took, old)
+
+	lan.RemoveLink(be)
+	took = waitUntil(t, "the backend is unreachable", 3*time.Second, func() bool { return !status().Reachable })
+	if r := status().Reason; !strings.Contains(r, "answered none of the last 3 neighbour solicitations") {
+		t.Errorf("reason %q", r)
+	}
+	t.Logf("IPv6 backend unreachable %s after it vanished", took)
+	lan.ReplaceLink(be)
+	took = waitUntil(t, "the backend is reachable again", 3*time.Second, func() bool { return status().Reachable && entryIs(be.MAC)() })
+	t.Logf("IPv6 backend reachable again %s after it came back", took)
 }

@@ -16,6 +16,11 @@ import (
 // DefaultSubnet is the LAN subnet when LANOptions.Subnet is zero.
 var DefaultSubnet = netip.MustParsePrefix("10.199.0.0/24")
 
+// Subnet6 is every LAN's IPv6 subnet: host i has address i+2 in it, as in
+// the IPv4 subnet, with duplicate address detection off so that it is
+// usable at once.
+var Subnet6 = netip.MustParsePrefix("fd00:199::/64")
+
 const (
 	// BridgeName is the bridge in the switch namespace.
 	BridgeName = "br0"
@@ -62,7 +67,8 @@ type Host struct {
 	Name      string
 	NS        *NS
 	IP        netip.Addr
-	Iface     string // HostIface
+	IP6       netip.Addr // in Subnet6
+	Iface     string     // HostIface
 	Index     int    // ifindex of Iface inside NS
 	MAC       net.HardwareAddr
 	PeerIface string // the bridge-side veth, in the switch namespace
@@ -104,6 +110,7 @@ func NewLAN(t TB, opts LANOptions) *LAN {
 			Name:      name,
 			NS:        NewNS(t, name),
 			IP:        lan.AddrInSubnet(i + 2),
+			IP6:       lan.AddrInSubnet6(i + 2),
 			Iface:     HostIface,
 			PeerIface: fmt.Sprintf("%.15s", fmt.Sprintf("h%d-%s", i, name)),
 		})
@@ -203,6 +210,10 @@ func (lan *LAN) addHost(h *Host) {
 		}}
 		if err := netlink.AddrAdd(l, addr); err != nil {
 			return fmt.Errorf("add %v to %s: %w", addr, HostIface, err)
+		}
+		addr6 := &netlink.Addr{IPNet: &net.IPNet{IP: h.IP6.AsSlice(), Mask: net.CIDRMask(Subnet6.Bits(), 128)}, Flags: unix.IFA_F_NODAD}
+		if err := netlink.AddrAdd(l, addr6); err != nil {
+			return fmt.Errorf("add %v to %s: %w", addr6, HostIface, err)
 		}
 		if txOffloadOff {
 			off := false
@@ -351,6 +362,18 @@ func (lan *LAN) AddrInSubnet(i int) netip.Addr {
 	return a
 }
 
+// AddrInSubnet6 returns address i of Subnet6, as AddrInSubnet does in the
+// IPv4 subnet.
+func (lan *LAN) AddrInSubnet6(i int) netip.Addr {
+	lan.t.Helper()
+	if i < 0 || i > 0xffff {
+		lan.t.Fatalf("address %d is outside what AddrInSubnet6 gives", i)
+	}
+	b := Subnet6.Addr().As16()
+	binary.BigEndian.PutUint16(b[14:], uint16(i))
+	return netip.AddrFrom16(b)
+}
+
 // Link connects two namespaces with a veth pair of the given MTU, named
 // name in a and name+"p" in b, addressed aAddr and bAddr (prefixes), up,
 // with TX checksum offload off at both ends as LAN hosts have it. The
@@ -386,6 +409,9 @@ func Link(t TB, a, b *NS, name string, mtu int, aAddr, bAddr netip.Prefix) {
 				return fmt.Errorf("set mtu of %s: %w", end.name, err)
 			}
 			addr := &netlink.Addr{IPNet: &net.IPNet{IP: end.addr.Addr().AsSlice(), Mask: net.CIDRMask(end.addr.Bits(), end.addr.Addr().BitLen())}}
+			if end.addr.Addr().Is6() {
+				addr.Flags = unix.IFA_F_NODAD
+			}
 			if err := netlink.AddrAdd(l, addr); err != nil {
 				return fmt.Errorf("add %v to %s: %w", addr, end.name, err)
 			}
