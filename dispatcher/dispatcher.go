@@ -119,14 +119,14 @@ type Options struct {
 // Pipeline holds the loaded programs and maps. The program array is held
 // for the Pipeline's lifetime (the kernel empties an unreferenced one).
 type Pipeline struct {
-	objs     xlbObjects
-	bkStats  []byte // mmap of xlb_bk_stats
-	t4, t6   table  // the IPv4 and IPv6 connection tables and port ways
-	portLo   uint16
-	nports   uint32
-	sources  int       // IPv4 source addresses SetSettings wrote
-	sources6 int       // IPv6 source addresses SetSettings wrote
-	keys     [4]uint32 // the ISN and cookie secrets, drawn at load
+	objs      xlbObjects
+	bkStats   []byte // mmap of xlb_bk_stats
+	t4, t6    table  // the IPv4 and IPv6 connection tables and port ways
+	portLo    uint16
+	nports    uint32
+	sources   int       // IPv4 source addresses SetSettings wrote
+	sources6  int       // IPv6 source addresses SetSettings wrote
+	keys      [4]uint32 // the ISN and cookie secrets, drawn at load
 	statNames []string
 	tick      time.Duration // one jiffy: the data path's clock unit
 }

@@ -73,16 +73,16 @@ var (
 	peer1MAC   = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x01, 0xfe}
 	client2MAC = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x65} // seen only on the wire
 
-	lbAddr6     = netip.MustParseAddr("fd00:50::1")
-	vipAddr6    = netip.MustParseAddr("fd00:50:100::1")
-	vip6        = netip.AddrPortFrom(vipAddr6, 80)
-	vip6udp     = netip.AddrPortFrom(vipAddr6, 53)
-	backend6A   = netip.MustParseAddrPort("[fd00:50::2]:8080")
-	backend6B   = netip.MustParseAddrPort("[fd00:50::3]:8080")
-	backend6L1  = netip.MustParseAddrPort("[fd00:60::2]:8080") // behind lb1
-	client6     = netip.MustParseAddr("fd00:50::100")          // neighbour entry
-	client6b    = netip.MustParseAddr("fd00:50::101")          // no neighbour entry
-	gateway6    = netip.MustParseAddr("fd00:50::fe")           // default route
+	lbAddr6    = netip.MustParseAddr("fd00:50::1")
+	vipAddr6   = netip.MustParseAddr("fd00:50:100::1")
+	vip6       = netip.AddrPortFrom(vipAddr6, 80)
+	vip6udp    = netip.AddrPortFrom(vipAddr6, 53)
+	backend6A  = netip.MustParseAddrPort("[fd00:50::2]:8080")
+	backend6B  = netip.MustParseAddrPort("[fd00:50::3]:8080")
+	backend6L1 = netip.MustParseAddrPort("[fd00:60::2]:8080") // behind lb1
+	client6    = netip.MustParseAddr("fd00:50::100")          // neighbour entry
+	client6b   = netip.MustParseAddr("fd00:50::101")          // no neighbour entry
+	gateway6   = netip.MustParseAddr("fd00:50::fe")           // default route
 	neighbours = map[netip.Addr]net.HardwareAddr{
 		backendA.Addr():  {0x02, 0x00, 0x00, 0x00, 0x00, 0x02},
 		backendB.Addr():  {0x02, 0x00, 0x00, 0x00, 0x00, 0x03},

@@ -130,14 +130,14 @@ type Decoded struct {
 	SrcMAC, DstMAC net.HardwareAddr
 	Src, Dst       netip.AddrPort // ports are zero for ICMP
 	Proto          uint8          // IP protocol number
-	TTL            uint8 // IPv4 TTL or IPv6 hop limit
-	ID             uint16 // IPv4 identification (0 for IPv6)
-	Flags          string // TCP flags, spelled in the order "FSRPAUEC"
-	Seq, Ack       uint32 // TCP only
-	Window         uint16 // TCP only
-	ICMPType       uint8  // ICMP and ICMPv6 only
-	ICMPCode       uint8  // ICMP and ICMPv6 only
-	Payload        []byte // after the TCP, UDP or 8-byte ICMP header
+	TTL            uint8          // IPv4 TTL or IPv6 hop limit
+	ID             uint16         // IPv4 identification (0 for IPv6)
+	Flags          string         // TCP flags, spelled in the order "FSRPAUEC"
+	Seq, Ack       uint32         // TCP only
+	Window         uint16         // TCP only
+	ICMPType       uint8          // ICMP and ICMPv6 only
+	ICMPCode       uint8          // ICMP and ICMPv6 only
+	Payload        []byte         // after the TCP, UDP or 8-byte ICMP header
 }
 
 // Decode parses an Ethernet/IPv4/(TCP|UDP|ICMP) or Ethernet/IPv6/(TCP|UDP|

@@ -69,7 +69,7 @@ type Host struct {
 	IP        netip.Addr
 	IP6       netip.Addr // in Subnet6
 	Iface     string     // HostIface
-	Index     int    // ifindex of Iface inside NS
+	Index     int        // ifindex of Iface inside NS
 	MAC       net.HardwareAddr
 	PeerIface string // the bridge-side veth, in the switch namespace
 	PeerIndex int    // ifindex of PeerIface inside the switch namespace
