@@ -34,8 +34,9 @@ type Config struct {
 	// XDPMode is "native" or "generic".
 	XDPMode string `mapstructure:"xdp-mode"`
 	// SourceAddresses are the addresses used towards backends by
-	// services that name none of their own. Empty means the interface's
-	// primary IPv4 address, resolved by the daemon.
+	// services that name none of their own, IPv4 and IPv6 ones. Without
+	// one of a service's family the interface's primary address of that
+	// family is used, resolved by the daemon.
 	SourceAddresses AddrPool `mapstructure:"source-addresses"`
 	// SourcePorts is the range of source ports used towards backends.
 	// The zero value means the default: 10000-32767 when a source
@@ -112,7 +113,7 @@ func (r PortRange) Resolve(anyLocal bool) PortRange {
 	return PortRange{Lo: 1024, Hi: 65535}
 }
 
-// AddrPool is a list of IPv4 addresses and prefixes, written as a YAML
+// AddrPool is a list of IPv4 and IPv6 addresses and prefixes, written as a YAML
 // list or as one string separated by commas or spaces: "10.0.0.5,
 // 10.0.0.8/30". A prefix stands for every address in it.
 type AddrPool []netip.Prefix
@@ -191,9 +192,9 @@ type Timeouts struct {
 	TimeWait time.Duration `mapstructure:"time-wait"`
 }
 
-// Service is a virtual IPv4 service and its backends.
+// Service is a virtual service and its backends, all of one family.
 type Service struct {
-	// VIP is the virtual address and port, IPv4 only.
+	// VIP is the virtual address and port, IPv4 or IPv6.
 	VIP netip.AddrPort `mapstructure:"vip"`
 	// Protocol is tcp or udp; Parse fills in tcp when it is empty.
 	Protocol string `mapstructure:"protocol"`
@@ -209,8 +210,8 @@ type Service struct {
 
 // Backend is a real server behind a service.
 type Backend struct {
-	// Address is the IPv4 address and port of the backend; the port may
-	// differ from the VIP's.
+	// Address is the address (of the VIP's family) and port of the
+	// backend; the port may differ from the VIP's.
 	Address netip.AddrPort `mapstructure:"address"`
 	// Weight is the backend's relative share, 1 to 65535.
 	Weight uint32 `mapstructure:"weight"`

@@ -165,6 +165,19 @@ services:
 			},
 		},
 		{
+			name: "ipv6 services beside ipv4 ones",
+			file: "iface: eth0\nsource-addresses: [10.0.0.5, '2001:db8::5']\nservices:\n  - {vip: '[2001:db8::10]:443', backends: ['[2001:db8::2]:8443', '[2001:db8::3]:8443@2']}\n  - {vip: 10.0.0.10:443, backends: [10.0.0.2:443]}\n",
+			args: []string{"--vip", "[2001:db8::10]:53", "--protocol", "udp", "--backend", "[2001:db8::2]:53"},
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.SourceAddresses = AddrPool{netip.MustParsePrefix("10.0.0.5/32"), netip.MustParsePrefix("2001:db8::5/128")}
+				dns := svc("[2001:db8::10]:53", "random", "[2001:db8::2]:53")
+				dns.Protocol = "udp"
+				c.Services = []Service{svc("[2001:db8::10]:443", "random", "[2001:db8::2]:8443", "[2001:db8::3]:8443@2"),
+					svc("10.0.0.10:443", "random", "10.0.0.2:443"), dns}
+			},
+		},
+		{
 			name: "a tcp and a udp service on one vip and port",
 			file: "iface: eth0\nservices:\n  - {vip: 10.0.0.10:53, backends: [10.0.0.2:53]}\n  - {vip: 10.0.0.10:53, protocol: udp, backends: [10.0.0.3:53]}\n",
 			args: []string{"--vip", "10.0.0.11:53", "--protocol", "udp", "--backend", "10.0.0.4:53"},
@@ -411,7 +424,9 @@ chain:
 		{name: "bad source-addresses", file: oneService + "source-addresses: [eth0]\n", wantErr: `source-addresses: parse address "eth0": not an IP address`},
 		{name: "bad source prefix", file: oneService + "source-addresses: 10.0.0.0/33\n", wantErr: `source-addresses: parse prefix "10.0.0.0/33": want ADDR/BITS`},
 		{name: "the old source-address key", file: oneService + "source-address: 10.0.0.1\n", wantErr: `unknown key "source-address"`},
-		{name: "too many source addresses", file: oneService + "source-addresses: [10.0.0.0/28, 10.0.1.1]\n", wantErr: "source-addresses: 17 addresses over the top level and the services, at most 16"},
+		{name: "too many source addresses", file: oneService + "source-addresses: [10.0.0.0/28, 10.0.1.1]\n", wantErr: "source-addresses: 17 IPv4 addresses over the top level and the services, at most 16"},
+		{name: "too many ipv6 source addresses", file: oneService + "source-addresses: ['2001:db8::/124', '2001:db8:1::1']\n", wantErr: "source-addresses: 17 IPv6 addresses over the top level and the services, at most 16"},
+		{name: "too big an ipv6 source prefix", file: oneService + "source-addresses: '2001:db8::/123'\n", wantErr: "source-addresses: 2001:db8::/123 holds more than 16 addresses"},
 		{name: "too big a source prefix", file: oneService + "source-addresses: 10.0.0.0/27\n", wantErr: "source-addresses: 10.0.0.0/27 holds more than 16 addresses"},
 		{name: "bad duration", file: oneService + "conntrack: {timeouts: {established: 15x}}\n", wantErr: `conntrack.timeouts.established: parse duration "15x": want a number with a unit such as 900s or 15m`},
 		{name: "duration without unit", file: oneService + "conntrack: {gc-interval: 5}\n", wantErr: "conntrack.gc-interval: want a duration with a unit such as 900s or 15m, got 5"},
@@ -481,14 +496,29 @@ chain:
 			wantErr: "services[0].backends[1]: duplicate address 10.0.0.2:80 (also backends[0])",
 		},
 		{
-			name:    "ipv6 vip",
+			name:    "ipv6 vip, ipv4 backend",
 			file:    "iface: eth0\nservices:\n  - vip: '[2001:db8::1]:80'\n    backends: [10.0.0.2:80]\n",
-			wantErr: "services[0].vip: [2001:db8::1]:80 is not IPv4",
+			wantErr: "services[0].backends[0]: 10.0.0.2:80 is IPv4, the vip [2001:db8::1]:80 is IPv6: a service balances one family (give each family a service of its own)",
 		},
 		{
-			name:    "ipv6 backend",
-			args:    []string{"--iface", "eth0", "--vip", "10.0.0.10:80", "--backend", "[::1]:80"},
-			wantErr: "services[0].backends[0]: [::1]:80 is not IPv4",
+			name:    "ipv4 vip, ipv6 backend",
+			args:    []string{"--iface", "eth0", "--vip", "10.0.0.10:80", "--backend", "[2001:db8::2]:80"},
+			wantErr: "services[0].backends[0]: [2001:db8::2]:80 is IPv6, the vip 10.0.0.10:80 is IPv4",
+		},
+		{
+			name:    "ipv6 loopback backend",
+			args:    []string{"--iface", "eth0", "--vip", "[2001:db8::1]:80", "--backend", "[::1]:80"},
+			wantErr: "services[0].backends[0]: [::1]:80 is a loopback address",
+		},
+		{
+			name:    "link-local ipv6 backend",
+			file:    "iface: eth0\nservices:\n  - {vip: '[2001:db8::1]:80', backends: ['[fe80::2]:80']}\n",
+			wantErr: "services[0].backends[0]: [fe80::2]:80 is a link-local address",
+		},
+		{
+			name:    "ipv6 service naming only ipv4 sources",
+			file:    "iface: eth0\nservices:\n  - {vip: '[2001:db8::1]:80', source-addresses: [10.0.0.5], backends: ['[2001:db8::2]:80']}\n",
+			wantErr: "services[0].source-addresses: none is IPv6, as the vip [2001:db8::1]:80 is",
 		},
 		{
 			name:    "vip port 0",
@@ -660,7 +690,12 @@ func TestValidate(t *testing.T) {
 		{name: "long iface", edit: func(c *Config) { c.Iface = "a-very-long-ifname" }, wantErr: `iface: "a-very-long-ifname" is longer than 15 bytes`},
 		{name: "iface with slash", edit: func(c *Config) { c.Iface = "eth0/1" }, wantErr: `iface: "eth0/1" is not an interface name`},
 		{name: "empty xdp-mode", edit: func(c *Config) { c.XDPMode = "" }, wantErr: `xdp-mode: "" is not native or generic`},
-		{name: "ipv6 source address", edit: func(c *Config) { c.SourceAddresses = AddrPool{netip.MustParsePrefix("2001:db8::1/128")} }, wantErr: "source-addresses: 2001:db8::1/128 is not IPv4"},
+		{name: "ipv6 source address", edit: func(c *Config) { c.SourceAddresses = AddrPool{netip.MustParsePrefix("2001:db8::1/128")} }},
+		{name: "16 addresses of each family", edit: func(c *Config) {
+			c.SourceAddresses = AddrPool{netip.MustParsePrefix("10.0.0.0/28"), netip.MustParsePrefix("2001:db8::/124")}
+		}},
+		{name: "link-local ipv6 source address", edit: func(c *Config) { c.SourceAddresses = AddrPool{netip.MustParsePrefix("fe80::1/128")} }, wantErr: "source-addresses: fe80::1/128 is not a unicast address a host can use"},
+		{name: "ipv4-mapped source address", edit: func(c *Config) { c.SourceAddresses = AddrPool{netip.MustParsePrefix("::ffff:10.0.0.5/128")} }, wantErr: "source-addresses: ::ffff:10.0.0.5/128 is an IPv4-mapped IPv6 address: write it as IPv4"},
 		{name: "unspecified source address", edit: func(c *Config) { c.SourceAddresses = AddrPool{netip.MustParsePrefix("0.0.0.0/32")} }, wantErr: "source-addresses: 0.0.0.0/32 is not a unicast address a host can use"},
 		{name: "service source address", edit: func(c *Config) {
 			c.Services[0].SourceAddresses = AddrPool{netip.MustParsePrefix("224.0.0.1/32")}
@@ -685,7 +720,7 @@ func TestValidate(t *testing.T) {
 		{name: "empty service policy means the default", edit: func(c *Config) { c.Services[0].Policy = "" }},
 		{name: "zero vip", edit: func(c *Config) { c.Services[0].VIP = netip.AddrPort{} }, wantErr: "services[0].vip: missing"},
 		{name: "multicast vip", edit: func(c *Config) { c.Services[0].VIP = ap("224.0.0.1:80") }, wantErr: "services[0].vip: 224.0.0.1:80 is not a unicast address"},
-		{name: "ipv4-mapped vip", edit: func(c *Config) { c.Services[0].VIP = ap("[::ffff:10.0.0.10]:80") }, wantErr: "services[0].vip: [::ffff:10.0.0.10]:80 is not IPv4"},
+		{name: "ipv4-mapped vip", edit: func(c *Config) { c.Services[0].VIP = ap("[::ffff:10.0.0.10]:80") }, wantErr: "services[0].vip: [::ffff:10.0.0.10]:80 is an IPv4-mapped IPv6 address: write it as IPv4"},
 		{name: "backend port 0", edit: func(c *Config) { c.Services[0].Backends[1].Address = ap("10.0.0.3:0") }, wantErr: "services[0].backends[1]: 10.0.0.3:0: port 0"},
 		{name: "backend is the vip", edit: func(c *Config) { c.Services[0].Backends[0].Address = ap("10.0.0.10:80") }, wantErr: "services[0].backends[0]: 10.0.0.10:80 is the service's own vip"},
 		{name: "zero weight", edit: func(c *Config) { c.Services[0].Backends[1].Weight = 0 }, wantErr: "services[0].backends[1]: weight 0 out of range 1..65535"},

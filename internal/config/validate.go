@@ -112,8 +112,16 @@ func (c *Config) Validate() error {
 	if err := validateServices(c.Services); err != nil {
 		return err
 	}
-	if n := len(c.AllSourceAddresses()); n > MaxSourceAddresses {
-		return fmt.Errorf("source-addresses: %d addresses over the top level and the services, at most %d", n, MaxSourceAddresses)
+	for _, v4 := range []bool{true, false} {
+		n := 0
+		for _, a := range c.AllSourceAddresses() {
+			if a.Is4() == v4 {
+				n++
+			}
+		}
+		if n > MaxSourceAddresses {
+			return fmt.Errorf("source-addresses: %d %s addresses over the top level and the services, at most %d", n, familyName(v4), MaxSourceAddresses)
+		}
 	}
 	if c.XLBPriority < 0 || c.XLBPriority > MaxPriority {
 		return fmt.Errorf("xlb-priority: %d out of range 0..%d", c.XLBPriority, MaxPriority)
@@ -154,15 +162,17 @@ func validateIface(name string) error {
 	return nil
 }
 
-// validatePool checks that every address of a pool is an IPv4 address a
-// host can use as a source.
+// validatePool checks that every address of a pool is an IPv4 or IPv6
+// address a host can use as a source.
 func validatePool(p AddrPool) error {
 	for _, pf := range p {
 		a := pf.Addr()
 		switch {
-		case !a.Is4():
-			return fmt.Errorf("%s is not IPv4", pf)
-		case pf.Bits() < 32-4:
+		case a.Is4In6():
+			return fmt.Errorf("%s is an IPv4-mapped IPv6 address: write it as IPv4", pf)
+		case a.Zone() != "":
+			return fmt.Errorf("%s has a zone: xlb does not use link-local addresses", pf)
+		case pf.Bits() < a.BitLen()-4:
 			return fmt.Errorf("%s holds more than %d addresses", pf, MaxSourceAddresses)
 		case a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() || a.IsLinkLocalUnicast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
 			return fmt.Errorf("%s is not a unicast address a host can use", pf)
@@ -234,6 +244,10 @@ func validateServices(services []Service) error {
 		if err := validateEndpoint(s.VIP); err != nil {
 			return fmt.Errorf("%s.vip: %w", key, err)
 		}
+		if own := s.SourceAddresses.Addrs(); len(own) > 0 && !slices.ContainsFunc(own, func(a netip.Addr) bool { return a.Is4() == s.VIP.Addr().Is4() }) {
+			return fmt.Errorf("%s.source-addresses: none is %s, as the vip %s is (a service's connections leave from addresses of its vip's family)",
+				key, family(s.VIP.Addr()), s.VIP)
+		}
 		if s.Protocol != "tcp" && s.Protocol != "udp" {
 			return fmt.Errorf("%s.protocol: %q is not tcp or udp", key, s.Protocol)
 		}
@@ -264,6 +278,10 @@ func validateServices(services []Service) error {
 			if b.Address == s.VIP {
 				return fmt.Errorf("%s: %s is the service's own vip", bkey, b.Address)
 			}
+			if b.Address.Addr().Is4() != s.VIP.Addr().Is4() {
+				return fmt.Errorf("%s: %s is %s, the vip %s is %s: a service balances one family (give each family a service of its own)",
+					bkey, b.Address, family(b.Address.Addr()), s.VIP, family(s.VIP.Addr()))
+			}
 			if first, ok := seen[b.Address]; ok {
 				return fmt.Errorf("%s: duplicate address %s (also backends[%d])", bkey, b.Address, first)
 			}
@@ -276,15 +294,17 @@ func validateServices(services []Service) error {
 	return nil
 }
 
-// validateEndpoint accepts an IPv4 unicast address with a port other
-// than 0.
+// validateEndpoint accepts an IPv4 or IPv6 unicast address with a port
+// other than 0; not a link-local IPv6 one.
 func validateEndpoint(ap netip.AddrPort) error {
 	a := ap.Addr()
 	switch {
 	case !a.IsValid():
 		return errors.New("missing")
-	case !a.Is4():
-		return fmt.Errorf("%s is not IPv4", ap)
+	case a.Is4In6():
+		return fmt.Errorf("%s is an IPv4-mapped IPv6 address: write it as IPv4", ap)
+	case a.Zone() != "" || (a.Is6() && a.IsLinkLocalUnicast()):
+		return fmt.Errorf("%s is a link-local address: xlb balances between routable addresses", ap)
 	case a.IsUnspecified() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
 		return fmt.Errorf("%s is not a unicast address", ap)
 	case a.IsLoopback():
@@ -336,4 +356,14 @@ func validateChain(chain []ChainMember) error {
 		}
 	}
 	return nil
+}
+
+// family names a's address family.
+func family(a netip.Addr) string { return familyName(a.Is4()) }
+
+func familyName(v4 bool) string {
+	if v4 {
+		return "IPv4"
+	}
+	return "IPv6"
 }
