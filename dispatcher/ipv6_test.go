@@ -95,6 +95,20 @@ func TestIPv6Connection(t *testing.T) {
 	}
 }
 
+// fragment6 turns an IPv6 frame into a fragment of a packet: a fragment
+// header (offset in bytes, more fragments) between the IPv6 header and
+// the rest.
+func fragment6(b []byte, offset int, more bool) []byte {
+	hdr := []byte{b[14+6], 0, byte(offset >> 8), byte(offset) &^ 7, 0, 0, 0, 42}
+	if more {
+		hdr[3] |= 1
+	}
+	out := slices.Concat(b[:14+40], hdr, b[14+40:])
+	out[14+6] = 44
+	binary.BigEndian.PutUint16(out[14+4:], binary.BigEndian.Uint16(b[14+4:])+8)
+	return out
+}
+
 // TestIPv6Refusals: what the IPv6 path drops, passes or answers.
 func TestIPv6Refusals(t *testing.T) {
 	e := newEnv6(t)
@@ -121,7 +135,13 @@ func TestIPv6Refusals(t *testing.T) {
 		{"udp without checksum", mutate(udpFrom(cl, vip6udp, clientMAC(client6), []byte("q")), func(b []byte) { b[14+40+6], b[14+40+7] = 0, 0 }),
 			xdpDrop, nil, map[string]uint64{"drop_bad_csum": 1}},
 		{"hop-by-hop options", mutate(syn, func(b []byte) { b[14+6] = 0 }), xdpPass, nil, map[string]uint64{"pass_ipv6_ext": 1}},
-		{"fragment header", mutate(syn, func(b []byte) { b[14+6] = 44 }), xdpPass, nil, map[string]uint64{"pass_ipv6_ext": 1}},
+		{"first fragment to the vip", fragment6(syn, 0, true), xdpDrop, nil, map[string]uint64{"drop_fragment": 1}},
+		{"later fragment to the vip", fragment6(syn, 1480, false), xdpPass, nil, map[string]uint64{"pass_fragment": 1}},
+		{"first fragment elsewhere", fragment6(fromClient(cl, netip.AddrPortFrom(vipAddr6, 81), seg{flags: "S"}), 0, true), xdpPass, nil,
+			map[string]uint64{"pass_fragment": 1}},
+		{"first fragment of a reply", fragment6(fromBackend(backend6A, portLo+5, seg{flags: "A"}), 0, true), xdpDrop, nil,
+			map[string]uint64{"drop_fragment": 1}},
+		{"routing header", mutate(syn, func(b []byte) { b[14+6] = 43 }), xdpPass, nil, map[string]uint64{"pass_ipv6_ext": 1}},
 		{"another address", fromClient(cl, netip.MustParseAddrPort("[fd00:50::1]:80"), seg{flags: "S"}), xdpPass, nil, map[string]uint64{"pass_not_ours": 1}},
 		{"another port", fromClient(cl, netip.AddrPortFrom(vipAddr6, 81), seg{flags: "S"}), xdpPass, nil, map[string]uint64{"pass_not_ours": 1}},
 		{"truncated header", packet.Truncate(syn, 14+39), xdpDrop, nil, map[string]uint64{"drop_eth_trunc": 1}},

@@ -209,6 +209,43 @@ static __always_inline int parse6_icmp(struct xdp_md *ctx, struct ipv6hdr *ip6, 
 	return pass(XLB_STAT_TAILCALL_FAIL);
 }
 
+#define IPV6_FRAGMENT 44
+
+/* parse6_fragment takes an IPv6 packet whose next header is a fragment
+ * header as IPv4 fragments are taken: the first fragment of a TCP or UDP
+ * packet for a VIP or a reply is dropped (xlb does not reassemble, and
+ * the host's stack would answer a flow it does not know), counted
+ * drop_fragment; a later fragment, which has no ports to tell whose it
+ * is, and a fragment not for xlb pass, counted pass_fragment. */
+static __always_inline int parse6_fragment(struct xdp_md *ctx, struct ipv6hdr *ip6, void *end)
+{
+	__u8 *frag = (void *)(ip6 + 1);
+	struct udphdr *l4 = (void *)(frag + 8);
+	struct xlb_vip_port6 *vp;
+	struct xlb_cfg *cfg;
+	__u32 port;
+	__u16 dport;
+
+	if ((void *)(frag + 8) > end)
+		return drop(XLB_STAT_DROP_IP_LEN);
+	/* The offset is the top 13 bits of bytes 2-3. */
+	if ((frag[2] << 8 | frag[3]) & 0xfff8)
+		return pass(XLB_STAT_PASS_FRAGMENT);
+	if ((frag[0] != IPPROTO_TCP && frag[0] != IPPROTO_UDP) || (void *)(l4 + 1) > end)
+		return pass(XLB_STAT_PASS_FRAGMENT);
+	cfg = config();
+	if (!cfg)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	dport = bpf_ntohs(l4->dest);
+	if (source_index6(cfg, (void *)&ip6->daddr) && dport >= cfg->port_lo && dport <= cfg->port_hi)
+		return drop(XLB_STAT_DROP_FRAGMENT);
+	port = vip_port_key(dport, frag[0]);
+	vp = bpf_map_lookup_elem(&xlb_vip_ports6, &port);
+	if (vp && vp->svc && (vp->svc == XLB_VIP_MULTI || addr6_eq(vp->addr, (void *)&ip6->daddr)))
+		return drop(XLB_STAT_DROP_FRAGMENT);
+	return pass(XLB_STAT_PASS_FRAGMENT);
+}
+
 /* parse6 is xlb_parse for IPv6: TCP, UDP or ICMPv6 right after the fixed
  * header (a packet with extension headers goes to the kernel), for a VIP
  * or in reply to one of the source addresses, on to conntrack6. */
@@ -233,11 +270,12 @@ static __always_inline int parse6(struct xdp_md *ctx, struct ipv6hdr *ip6, void 
 	proto = ip6->nexthdr;
 	if (proto == IPPROTO_ICMPV6)
 		return parse6_icmp(ctx, ip6, end);
+	if (proto == IPV6_FRAGMENT)
+		return parse6_fragment(ctx, ip6, end);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
 		switch (proto) {
 		case 0:   /* hop-by-hop options */
 		case 43:  /* routing */
-		case 44:  /* fragment */
 		case 50:  /* ESP */
 		case 51:  /* AH */
 		case 60:  /* destination options */

@@ -88,24 +88,24 @@ enum xlb_syn_mode {
 
 /* Per-CPU counters, indexes into xlb_stats. */
 enum xlb_stat {
-	XLB_STAT_FWD = 0,           /* client->backend packets transmitted */
-	XLB_STAT_RET,               /* backend->client packets transmitted */
-	XLB_STAT_NEW_CONN,          /* connections created */
-	XLB_STAT_RECYCLED,          /* closed or expired entries replaced by a new SYN */
-	XLB_STAT_CLOSED,            /* connections closed by FIN/RST */
-	XLB_STAT_REDIRECT,          /* transmitted through another interface */
-	XLB_STAT_PASS_NOT_IPV4,     /* passed: neither IPv4 nor IPv6 */
-	XLB_STAT_PASS_NOT_TCP,      /* passed: neither TCP nor UDP, nor an ICMP error about a flow */
-	XLB_STAT_PASS_IP_OPTIONS,   /* passed: IPv4 options, not for xlb */
-	XLB_STAT_PASS_IPV6_EXT,     /* passed: IPv6 with an extension header */
-	XLB_STAT_PASS_FRAGMENT,     /* passed: IPv4 fragment, not for xlb or not the first */
+	XLB_STAT_FWD = 0,         /* client->backend packets transmitted */
+	XLB_STAT_RET,             /* backend->client packets transmitted */
+	XLB_STAT_NEW_CONN,        /* connections created */
+	XLB_STAT_RECYCLED,        /* closed or expired entries replaced by a new SYN */
+	XLB_STAT_CLOSED,          /* connections closed by FIN/RST */
+	XLB_STAT_REDIRECT,        /* transmitted through another interface */
+	XLB_STAT_PASS_NOT_IPV4,   /* passed: neither IPv4 nor IPv6 */
+	XLB_STAT_PASS_NOT_TCP,    /* passed: neither TCP nor UDP, nor an ICMP error about a flow */
+	XLB_STAT_PASS_IP_OPTIONS, /* passed: IPv4 options, not for xlb */
+	XLB_STAT_PASS_IPV6_EXT,   /* passed: IPv6 with an extension header other than a fragment header */
+	XLB_STAT_PASS_FRAGMENT, /* passed: IPv4 fragment or IPv6 fragment header, not for xlb or not the first */
 	XLB_STAT_PASS_NOT_OURS,     /* passed: not for a VIP nor a reply */
 	XLB_STAT_DROP_ETH_TRUNC,    /* dropped: IPv4 frame shorter than its headers */
 	XLB_STAT_DROP_IP_HDR,       /* dropped: bad version or IHL below 5 */
 	XLB_STAT_DROP_IP_LEN,       /* dropped: total length inconsistent with frame */
 	XLB_STAT_DROP_TCP_HDR,      /* dropped: TCP data offset below 5 or beyond the packet */
 	XLB_STAT_DROP_IP_OPTIONS,   /* dropped: for xlb, with IPv4 options */
-	XLB_STAT_DROP_FRAGMENT,     /* dropped: for xlb, the first fragment of a packet */
+	XLB_STAT_DROP_FRAGMENT,     /* dropped: for xlb, the first fragment of a packet (IPv4 or IPv6) */
 	XLB_STAT_DROP_NO_CONN,      /* dropped: a RST for a VIP, no entry */
 	XLB_STAT_DROP_BAD_SOURCE,   /* dropped: SYN from an address no client can have */
 	XLB_STAT_DROP_BAD_CSUM,     /* dropped: SYN with a wrong IPv4 or TCP checksum */
