@@ -696,6 +696,7 @@ static __always_inline int first_source(__u32 mask, __u32 h)
 #define ADDR_CPY(to, from) ((to) = (from))
 #define ADDR_EQ(a, b) ((a) == (b))
 #define ADDR_FOLD(a) (a)
+#define ADDR_XOR(a) (a)
 #define MAP_CT_BUSY xlb_ct_busy
 #define MAP_PORTS xlb_ports
 #define STAGE_SELECT XLB_STAGE_SELECT
@@ -716,6 +717,7 @@ static __always_inline int first_source(__u32 mask, __u32 h)
 #undef ADDR_CPY
 #undef ADDR_EQ
 #undef ADDR_FOLD
+#undef ADDR_XOR
 #undef MAP_CT_BUSY
 #undef MAP_PORTS
 #undef STAGE_SELECT
@@ -736,6 +738,7 @@ static __always_inline int first_source(__u32 mask, __u32 h)
 #define ADDR_CPY(to, from) addr6_copy(to, from)
 #define ADDR_EQ(a, b) addr6_eq(a, b)
 #define ADDR_FOLD(a) addr6_fold(a)
+#define ADDR_XOR(a) ((a)[0] ^ (a)[1] ^ (a)[2] ^ (a)[3])
 #define MAP_CT_BUSY xlb_ct6_busy
 #define MAP_PORTS xlb_ports6
 #define STAGE_SELECT XLB_STAGE_SELECT6

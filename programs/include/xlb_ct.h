@@ -82,11 +82,11 @@ static __always_inline int ct_key_eq6(const struct xlb_flow6 *a, const struct xl
 	 * used, or a tombstone) of its window or, in a full window, the least                                   \
 	 * recently seen one, taken (odd) for the caller (CT_NEW). A taken slot                                  \
 	 * may still hold the connection it evicts, for the caller to clean up.                                  \
-	 * *slot is the slot's index. */ \
-	static __always_inline int ct_claim##sfx(const struct xlb_cfg *cfg, const flow_t *k, conn_t **out,         \
-						 __u32 *seq, __u32 *slot)                                          \
+	 * h is the flow's hash (hashfn(k)). *slot is the slot's index. */ \
+	static __always_inline int ct_claim##sfx(const struct xlb_cfg *cfg, const flow_t *k, __u32 h,              \
+						 conn_t **out, __u32 *seq, __u32 *slot)                            \
 	{                                                                                                          \
-		__u32 h = hashfn(k), i, best_seq = 0, best_i = 0;                                                  \
+		__u32 i, best_seq = 0, best_i = 0;                                                                 \
 		conn_t *best = NULL;                                                                               \
 		__u64 best_seen = 0;                                                                               \
                                                                                                                    \

@@ -15,7 +15,10 @@
  *   ADDR_FIELD(name)   declares an address member
  *   ADDR_CPY(to, from), ADDR_EQ(a, b)
  *                      copy and compare addresses
- *   ADDR_FOLD(a)       an address as 32 bits (keys of hashes)
+ *   ADDR_FOLD(a)       an address as 32 bits, every bit mixed (the SYN
+ *                      defence's keys)
+ *   ADDR_XOR(a)        an address as 32 bits, its words XORed (inputs of
+ *                      a keyed hash)
  *   MAP_CT_BUSY, MAP_PORTS
  *                      the connection table's occupancy bitmap, the ports
  *   STAGE_SELECT, STAGE_REWRITE, IS_V6
@@ -330,7 +333,7 @@ int F(xlb_select)(struct xdp_md *ctx)
 	struct tcphdr *tcp;
 	struct ethhdr *eth;
 	__u64 now = bpf_jiffies64();
-	__u32 bid, seq = 0, slot = 0, off = 0, mask, *maskp, isn = 0, src = 0;
+	__u32 bid, seq = 0, slot = 0, off = 0, mask, *maskp, isn = 0, src = 0, h;
 	SRC_T *laddr = NULL;
 	__s64 sel;
 	int first, udp;
@@ -348,7 +351,8 @@ int F(xlb_select)(struct xdp_md *ctx)
 		return drop(XLB_STAT_DROP_BAD_CSUM);
 	udp = PKT_FLOW(p).proto == IPPROTO_UDP;
 
-	switch (F(ct_claim)(cfg, &PKT_FLOW(p), &c, &seq, &slot)) {
+	h = F(flow_hash)(&PKT_FLOW(p));
+	switch (F(ct_claim)(cfg, &PKT_FLOW(p), h, &c, &seq, &slot)) {
 	case CT_EXISTS:
 		if (!c)
 			return drop(XLB_STAT_DROP_INTERNAL);
@@ -370,12 +374,12 @@ int F(xlb_select)(struct xdp_md *ctx)
 	/* The slot is ours (odd) from here: every exit frees it or fills it. */
 	c->flags = XLB_CF_DEAD;
 
-	sel = select_backend(p, F(flow_hash)(&PKT_FLOW(p)), IS_V6);
+	sel = select_backend(p, h, IS_V6);
 	bid = sel;
 	b = sel < 0 ? NULL : bpf_map_lookup_elem(&F(xlb_backends), &bid);
 	maskp = bpf_map_lookup_elem(&xlb_svc_src, &p->svc_id);
 	mask = maskp ? *maskp : 0;
-	first = first_source(mask, F(flow_hash)(&PKT_FLOW(p)));
+	first = first_source(mask, h);
 	if (first >= 0) {
 		src = first;
 		laddr = bpf_map_lookup_elem(&F(xlb_src), &src);
@@ -444,7 +448,7 @@ int F(xlb_select)(struct xdp_md *ctx)
 			ct_publish(&c->seq);
 			return drop(XLB_STAT_DROP_INTERNAL);
 		}
-		isn = backend_isn(cfg, r->flags, r->tw_seq, ADDR_FOLD(c->laddr), c->lport, ADDR_FOLD(b->addr),
+		isn = backend_isn(cfg, r->flags, r->tw_seq, ADDR_XOR(c->laddr), c->lport, ADDR_XOR(b->addr),
 				  b->port, now);
 		c->seq_delta = isn - bpf_ntohl(tcp->seq);
 	}
