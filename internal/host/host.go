@@ -1,7 +1,7 @@
 // Package host prepares the load balancer host for xlb's data path: it
 // adds the addresses that clients and backends must reach (VIPs, the
-// source address) to the interface as /32s, turns on IPv4 forwarding for
-// the interface (bpf_fib_lookup requires it), turns off the VLAN receive
+// source address) to the interface as /32s or /128s, turns on forwarding
+// for the interface (bpf_fib_lookup requires it, per family), turns off the VLAN receive
 // offloads that would hide VLAN tags from XDP, and checks that xlb's source
 // ports cannot collide with the kernel's ephemeral ports. An Iface
 // remembers what it changed, and Close undoes exactly that.
@@ -29,6 +29,7 @@ import (
 // Errors returned by the package.
 var (
 	ErrNoIPv4      = errors.New("interface has no IPv4 address")
+	ErrNoIPv6      = errors.New("interface has no global IPv6 address")
 	ErrPortOverlap = errors.New("source ports overlap the kernel's ephemeral ports")
 )
 
@@ -40,7 +41,7 @@ type Iface struct {
 
 	mu         sync.Mutex
 	added      []netip.Addr // addresses this Iface added, in order
-	restoreFwd []byte       // forwarding's value before EnableForwarding changed it; nil when unchanged
+	restoreFwd [2][]byte    // forwarding's value (IPv4, IPv6) before EnableForwarding changed it; nil when unchanged
 	vlanOff    []int        // feature bits KeepVLANTags turned off
 }
 
@@ -74,22 +75,47 @@ func (h *Iface) PrimaryIPv4() (netip.Addr, error) {
 	return netip.Addr{}, fmt.Errorf("%s: %w", h.name, ErrNoIPv4)
 }
 
-// IsLocal tells whether a is an IPv4 address of any interface of the host.
+// PrimaryIPv6 returns the interface's first global IPv6 address that is
+// neither tentative (duplicate address detection still running) nor
+// deprecated.
+func (h *Iface) PrimaryIPv6() (netip.Addr, error) {
+	addrs, err := netlink.AddrList(h.link, netlink.FAMILY_V6)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("list addresses of %s: %w", h.name, err)
+	}
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if ok && ip.Is6() && !ip.Is4In6() && ip.IsGlobalUnicast() &&
+			a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED|unix.IFA_F_DEPRECATED) == 0 {
+			return ip, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("%s: %w", h.name, ErrNoIPv6)
+}
+
+// IsLocal tells whether a is an address (IPv4 or IPv6) of any interface of
+// the host.
 func IsLocal(a netip.Addr) (bool, error) {
-	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	fam := netlink.FAMILY_V4
+	if !a.Is4() {
+		fam = netlink.FAMILY_V6
+	}
+	addrs, err := netlink.AddrList(nil, fam)
 	if err != nil {
 		return false, fmt.Errorf("list addresses: %w", err)
 	}
 	for _, x := range addrs {
-		if ip, ok := netip.AddrFromSlice(x.IP.To4()); ok && ip == a {
+		if ip, ok := netip.AddrFromSlice(x.IP); ok && ip.Unmap() == a {
 			return true, nil
 		}
 	}
 	return false, nil
 }
 
-// AddAddress adds a to the interface as a /32, so the host answers ARP
-// for it, unless a is already an address of the host. It tells whether it
+// AddAddress adds a to the interface as a /32 (IPv4) or a /128 (IPv6,
+// without duplicate address detection, so it is usable at once), so the
+// host answers ARP or neighbour solicitations for it, unless a is already
+// an address of the host. It tells whether it
 // added it; an address it added is removed by RemoveAddress or Close.
 func (h *Iface) AddAddress(a netip.Addr) (bool, error) {
 	h.mu.Lock()
@@ -128,31 +154,39 @@ func (h *Iface) Added() []netip.Addr {
 	return slices.Clone(h.added)
 }
 
-// EnableForwarding turns on IPv4 forwarding for the interface
-// (net.ipv4.conf.<iface>.forwarding), which bpf_fib_lookup requires. Close
-// restores the value it found.
-func (h *Iface) EnableForwarding() error {
+// EnableForwarding turns on forwarding for the interface in the families
+// given (net.ipv4.conf.<iface>.forwarding, net.ipv6.conf.<iface>.forwarding),
+// which bpf_fib_lookup requires. Close restores the values it found.
+// IPv6 forwarding on an interface also makes the kernel ignore router
+// advertisements there unless accept_ra is 2.
+func (h *Iface) EnableForwarding(ipv4, ipv6 bool) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	path := h.forwardingPath()
-	old, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Errorf("read forwarding of %s: %w", h.name, err)
-	}
-	if strings.TrimSpace(string(old)) == "1" {
-		return nil
-	}
-	if err := os.WriteFile(path, []byte("1"), 0o644); err != nil {
-		return fmt.Errorf("enable forwarding on %s: %w", h.name, err)
-	}
-	if h.restoreFwd == nil {
-		h.restoreFwd = old
+	for fam, on := range [2]bool{ipv4, ipv6} {
+		if !on {
+			continue
+		}
+		path := h.forwardingPath(fam)
+		old, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("read forwarding of %s: %w", h.name, err)
+		}
+		if strings.TrimSpace(string(old)) == "1" {
+			continue
+		}
+		if err := os.WriteFile(path, []byte("1"), 0o644); err != nil {
+			return fmt.Errorf("enable forwarding on %s: %w", h.name, err)
+		}
+		if h.restoreFwd[fam] == nil {
+			h.restoreFwd[fam] = old
+		}
 	}
 	return nil
 }
 
-func (h *Iface) forwardingPath() string {
-	return "/proc/sys/net/ipv4/conf/" + h.name + "/forwarding"
+// forwardingPath is the interface's forwarding switch: fam 0 IPv4, 1 IPv6.
+func (h *Iface) forwardingPath(fam int) string {
+	return "/proc/sys/net/ipv" + [2]string{"4", "6"}[fam] + "/conf/" + h.name + "/forwarding"
 }
 
 // Close removes every address the Iface added, restores forwarding and
@@ -167,11 +201,14 @@ func (h *Iface) Close() error {
 		}
 	}
 	h.added = nil
-	if h.restoreFwd != nil {
-		if err := os.WriteFile(h.forwardingPath(), h.restoreFwd, 0o644); err != nil {
+	for fam, old := range h.restoreFwd {
+		if old == nil {
+			continue
+		}
+		if err := os.WriteFile(h.forwardingPath(fam), old, 0o644); err != nil {
 			errs = append(errs, fmt.Errorf("restore forwarding on %s: %w", h.name, err))
 		}
-		h.restoreFwd = nil
+		h.restoreFwd[fam] = nil
 	}
 	if err := h.restoreVLAN(); err != nil {
 		errs = append(errs, err)
@@ -180,7 +217,10 @@ func (h *Iface) Close() error {
 }
 
 func hostAddr(a netip.Addr) *netlink.Addr {
-	return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(32, 32)}}
+	if a.Is4() {
+		return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(32, 32)}}
+	}
+	return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(128, 128)}, Flags: unix.IFA_F_NODAD}
 }
 
 // AttachedXDP describes the XDP program attached to the interface, such
@@ -214,7 +254,7 @@ func (h *Iface) AttachedXDP() string {
 }
 
 // EphemeralPorts reads the kernel's ephemeral port range
-// (net.ipv4.ip_local_port_range).
+// (net.ipv4.ip_local_port_range, which IPv6 sockets use too).
 func EphemeralPorts() (lo, hi int, err error) {
 	raw, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
 	if err != nil {

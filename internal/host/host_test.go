@@ -131,42 +131,135 @@ func TestHostNoIPv4(t *testing.T) {
 
 func TestHostForwarding(t *testing.T) {
 	ns := newHostNS(t, "10.77.0.1/24")
-	read := func() string {
+	read := func(fam string) string {
 		t.Helper()
 		var v []byte
 		if err := ns.Do(func() (err error) {
-			v, err = os.ReadFile("/proc/sys/net/ipv4/conf/eth0/forwarding")
+			v, err = os.ReadFile("/proc/sys/net/" + fam + "/conf/eth0/forwarding")
 			return err
 		}); err != nil {
 			t.Fatal(err)
 		}
 		return strings.TrimSpace(string(v))
 	}
-	for _, before := range []string{"0", "1"} {
-		t.Run("from "+before, func(t *testing.T) {
-			ns.Sysctl(t, "net/ipv4/conf/eth0/forwarding", before)
-			var h *Iface
-			if err := ns.Do(func() (err error) {
-				if h, err = Open("eth0"); err != nil {
-					return err
+	for _, tc := range []struct {
+		name       string
+		ipv4, ipv6 bool
+	}{{"ipv4", true, false}, {"ipv6", false, true}, {"both", true, true}} {
+		for _, before := range []string{"0", "1"} {
+			t.Run(tc.name+" from "+before, func(t *testing.T) {
+				ns.Sysctl(t, "net/ipv4/conf/eth0/forwarding", before)
+				ns.Sysctl(t, "net/ipv6/conf/eth0/forwarding", before)
+				var h *Iface
+				if err := ns.Do(func() (err error) {
+					if h, err = Open("eth0"); err != nil {
+						return err
+					}
+					if err := h.EnableForwarding(tc.ipv4, tc.ipv6); err != nil {
+						return err
+					}
+					return h.EnableForwarding(tc.ipv4, tc.ipv6) // twice: Close still restores the first value
+				}); err != nil {
+					t.Fatal(err)
 				}
-				if err := h.EnableForwarding(); err != nil {
-					return err
+				for fam, on := range map[string]bool{"ipv4": tc.ipv4, "ipv6": tc.ipv6} {
+					want := before
+					if on {
+						want = "1"
+					}
+					if got := read(fam); got != want {
+						t.Fatalf("%s forwarding %s after EnableForwarding(%v, %v), want %s", fam, got, tc.ipv4, tc.ipv6, want)
+					}
 				}
-				return h.EnableForwarding() // twice: Close still restores the first value
-			}); err != nil {
-				t.Fatal(err)
+				if err := ns.Do(h.Close); err != nil {
+					t.Fatal(err)
+				}
+				for _, fam := range []string{"ipv4", "ipv6"} {
+					if got := read(fam); got != before {
+						t.Fatalf("%s forwarding %s after Close, want %s as before", fam, got, before)
+					}
+				}
+			})
+		}
+	}
+}
+
+// TestHostIPv6: the primary IPv6 address is a global one (never the
+// link-local one every interface has, never a tentative one), an IPv6
+// address is added as a /128 usable at once and removed by Close, and
+// IsLocal and the port-range check work on IPv6 addresses.
+func TestHostIPv6(t *testing.T) {
+	ns := newHostNS(t, "10.77.0.1/24")
+	v6addrs := func() []string {
+		t.Helper()
+		var out []string
+		for _, f := range strings.Fields(ns.Exec(t, "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global")) {
+			if strings.Contains(f, "/") && strings.Contains(f, ":") {
+				out = append(out, f)
 			}
-			if got := read(); got != "1" {
-				t.Fatalf("forwarding %s after EnableForwarding", got)
+		}
+		return out
+	}
+	var h *Iface
+	do := func(fn func() error) {
+		t.Helper()
+		if err := ns.Do(fn); err != nil {
+			t.Fatal(err)
+		}
+	}
+	do(func() (err error) {
+		h, err = Open("eth0")
+		return err
+	})
+	do(func() error {
+		if _, err := h.PrimaryIPv6(); !errors.Is(err, ErrNoIPv6) {
+			t.Errorf("PrimaryIPv6 with only a link-local address: %v, want %v", err, ErrNoIPv6)
+		}
+		return nil
+	})
+	// A tentative address (duplicate address detection running) is not
+	// taken; one without DAD is.
+	ns.Exec(t, "ip", "-6", "addr", "add", "fd00:77::5/64", "dev", "eth0")
+	ns.Exec(t, "ip", "-6", "addr", "add", "fd00:77::1/64", "dev", "eth0", "nodad")
+	primary := netip.MustParseAddr("fd00:77::1")
+	vip := netip.MustParseAddr("fd00:77::10")
+	do(func() error {
+		got, err := h.PrimaryIPv6()
+		if err != nil {
+			return err
+		}
+		if got != primary {
+			t.Errorf("primary IPv6 address %s, want %s (fd00:77::5 is still tentative)", got, primary)
+		}
+		for a, want := range map[netip.Addr]bool{primary: true, vip: false, netip.MustParseAddr("10.77.0.1"): true} {
+			if local, err := IsLocal(a); err != nil || local != want {
+				t.Errorf("IsLocal(%s) = %v, %v; want %v", a, local, err, want)
 			}
-			if err := ns.Do(h.Close); err != nil {
-				t.Fatal(err)
-			}
-			if got := read(); got != before {
-				t.Fatalf("forwarding %s after Close, want %s as before", got, before)
-			}
-		})
+		}
+		added, err := h.AddAddress(vip)
+		if err != nil || !added {
+			t.Errorf("AddAddress(%s) = %v, %v; want it added", vip, added, err)
+		}
+		if added, err := h.AddAddress(primary); err != nil || added {
+			t.Errorf("AddAddress(%s) = %v, %v; want it left (already the host's)", primary, added, err)
+		}
+		return nil
+	})
+	if got := v6addrs(); !slices.Contains(got, "fd00:77::10/128") {
+		t.Fatalf("global IPv6 addresses %v, want fd00:77::10/128 among them", got)
+	}
+	if out := ns.Exec(t, "ip", "-6", "-o", "addr", "show", "dev", "eth0", "to", "fd00:77::10/128"); strings.Contains(out, "tentative") {
+		t.Errorf("added address is tentative: %s", out)
+	}
+	ns.Sysctl(t, "net.ipv4.ip_local_port_range", "40000 50000")
+	do(func() error {
+		if err := CheckPortRange(primary, 45000, 46000); !errors.Is(err, ErrPortOverlap) {
+			t.Errorf("CheckPortRange on a local IPv6 address inside the ephemeral range: %v, want %v", err, ErrPortOverlap)
+		}
+		return h.Close()
+	})
+	if got := v6addrs(); slices.Contains(got, "fd00:77::10/128") || !slices.Contains(got, "fd00:77::1/64") {
+		t.Errorf("global IPv6 addresses after Close %v, want the added /128 gone and the host's own kept", got)
 	}
 }
 
