@@ -71,6 +71,7 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		XDPMode:              dispatcher.XDPMode(cfg.XDPMode),
 		SourceAddresses:      cfg.SourceAddresses.Addrs(),
 		OtherSourceAddresses: cfg.AllSourceAddresses(),
+		IPv6:                 cfg.HasIPv6(),
 		PortLo:               cfg.SourcePorts.Lo,
 		PortHi:               cfg.SourcePorts.Hi,
 		ConntrackSize:        uint32(cfg.Conntrack.MaxEntries),

@@ -42,13 +42,20 @@ type Options struct {
 	Iface   string
 	XDPMode dispatcher.XDPMode
 	// SourceAddresses are the addresses used towards backends by services
-	// that name none of their own. Empty: the interface's primary IPv4
-	// address.
+	// that name none of their own, IPv4 and IPv6 ones (a service uses
+	// those of its VIP's family). No IPv4 one: the interface's primary
+	// IPv4 address. No IPv6 one while IPv6 services are expected (IPv6):
+	// the interface's primary global IPv6 address.
 	SourceAddresses []netip.Addr
 	// OtherSourceAddresses are the further addresses services may name
 	// (Service.SourceAddresses): the data path is sized for all of them
 	// at start.
 	OtherSourceAddresses []netip.Addr
+	// IPv6 sizes the IPv6 tables even when no IPv6 source address is
+	// given: xlbd sets it when an IPv6 service is configured at start.
+	// Without it (and without IPv6 source addresses) an IPv6 service is
+	// refused until a restart.
+	IPv6 bool
 	// PortLo and PortHi are the source-port range; zero means 10000-32767
 	// when a source address is one of the host's, 1024-65535 when none is.
 	PortLo        uint16
@@ -212,15 +219,14 @@ const noPortWarnEvery = 10 * time.Second
 // Balancer owns the pipeline, its attachment and the host changes made
 // for it.
 type Balancer struct {
-	opts     Options
-	log      *slog.Logger
-	pipe     *dispatcher.Pipeline
-	att      *dispatcher.Attachment
-	host     *host.Iface
-	sources  []netip.Addr // by data-path index
-	defaults []int        // indexes of Options.SourceAddresses
-	neigh    *neigh.Keeper
-	kick     chan struct{} // asks the refresher for a round now
+	opts  Options
+	log   *slog.Logger
+	pipe  *dispatcher.Pipeline
+	att   *dispatcher.Attachment
+	host  *host.Iface
+	fam   [2]sourceFamily // IPv4, IPv6
+	neigh *neigh.Keeper
+	kick  chan struct{} // asks the refresher for a round now
 
 	// mu guards the fields below. It is never held across a Selector call.
 	mu        sync.Mutex
@@ -267,12 +273,13 @@ func New(opts Options) (_ *Balancer, err error) {
 		return nil, err
 	}
 	b.pipe, err = dispatcher.Load(dispatcher.Options{ConntrackSize: opts.ConntrackSize, PortLo: b.opts.PortLo,
-		PortHi: b.opts.PortHi, Sources: len(b.sources)})
+		PortHi: b.opts.PortHi, Sources: len(b.fam[0].sources), Sources6: len(b.fam[1].sources)})
 	if err != nil {
 		return nil, err
 	}
 	err = b.pipe.SetSettings(dispatcher.Settings{
-		SourceAddresses:  b.sources,
+		SourceAddresses:  b.fam[0].sources,
+		SourceAddresses6: b.fam[1].sources,
 		PortLo:           b.opts.PortLo,
 		PortHi:           b.opts.PortHi,
 		ConntrackTimeout: opts.Timeouts,
@@ -281,7 +288,7 @@ func New(opts Options) (_ *Balancer, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := b.host.EnableForwarding(); err != nil {
+	if err := b.host.EnableForwarding(true, len(b.fam[1].sources) > 0); err != nil {
 		return nil, err
 	}
 	// VLAN-tagged frames must keep their tag where XDP sees it, so the
@@ -298,35 +305,68 @@ func New(opts Options) (_ *Balancer, err error) {
 	return b, nil
 }
 
+// sourceFamily is one family's source addresses.
+type sourceFamily struct {
+	sources  []netip.Addr // by data-path index (Settings.SourceAddresses or SourceAddresses6)
+	defaults []int        // indexes of those among Options.SourceAddresses
+}
+
+// family is the index into Balancer.fam of a's family.
+func family(a netip.Addr) int {
+	if a.Is4() {
+		return 0
+	}
+	return 1
+}
+
+// familyName names a fam index for messages.
+func familyName(fam int) string { return [2]string{"IPv4", "IPv6"}[fam] }
+
 // prepareSources settles the source addresses and the port range: the
-// interface's primary address when none is configured; the default range
-// by whether any is the host's; no overlap between the range and the
+// interface's primary address of a family when none of it is configured
+// (for IPv6 only when IPv6 services are expected); the default range by
+// whether any is the host's; no overlap between the range and the
 // kernel's ephemeral ports on an address of the host's. An address that
 // is not the host's is added to the interface, since backends' replies
-// must reach it (ARP).
+// must reach it (ARP, neighbour discovery).
 func (b *Balancer) prepareSources() error {
-	b.sources = slices.Clone(b.opts.SourceAddresses)
-	if len(b.sources) == 0 {
+	for _, a := range b.opts.SourceAddresses {
+		f := &b.fam[family(a)]
+		if !slices.Contains(f.sources, a) {
+			f.defaults = append(f.defaults, len(f.sources))
+			f.sources = append(f.sources, a)
+		}
+	}
+	for _, a := range b.opts.OtherSourceAddresses {
+		if f := &b.fam[family(a)]; !slices.Contains(f.sources, a) {
+			f.sources = append(f.sources, a)
+		}
+	}
+	if len(b.fam[0].defaults) == 0 {
 		a, err := b.host.PrimaryIPv4()
 		if err != nil {
 			return err
 		}
-		b.sources = []netip.Addr{a}
+		b.fam[0].defaults = []int{len(b.fam[0].sources)}
+		b.fam[0].sources = append(b.fam[0].sources, a)
 	}
-	for i := range b.sources {
-		b.defaults = append(b.defaults, i)
+	if len(b.fam[1].defaults) == 0 && (b.opts.IPv6 || len(b.fam[1].sources) > 0) {
+		a, err := b.host.PrimaryIPv6()
+		if err != nil {
+			return fmt.Errorf("ipv6 services without an ipv6 source address use the interface's: %w", err)
+		}
+		b.fam[1].defaults = []int{len(b.fam[1].sources)}
+		b.fam[1].sources = append(b.fam[1].sources, a)
 	}
-	for _, a := range b.opts.OtherSourceAddresses {
-		if !slices.Contains(b.sources, a) {
-			b.sources = append(b.sources, a)
+	all := b.SourceAddresses()
+	for fam, f := range b.fam {
+		if len(f.sources) > dispatcher.MaxSources {
+			return fmt.Errorf("%d %s source addresses: at most %d", len(f.sources), familyName(fam), dispatcher.MaxSources)
 		}
 	}
-	if len(b.sources) > dispatcher.MaxSources {
-		return fmt.Errorf("%d source addresses: at most %d", len(b.sources), dispatcher.MaxSources)
-	}
-	local := make([]bool, len(b.sources))
+	local := make([]bool, len(all))
 	anyLocal := false
-	for i, a := range b.sources {
+	for i, a := range all {
 		var err error
 		if local[i], err = host.IsLocal(a); err != nil {
 			return err
@@ -339,7 +379,7 @@ func (b *Balancer) prepareSources() error {
 			b.opts.PortLo, b.opts.PortHi = 10000, 32767
 		}
 	}
-	for i, a := range b.sources {
+	for i, a := range all {
 		if local[i] {
 			if err := host.CheckPortRange(a, b.opts.PortLo, b.opts.PortHi); err != nil {
 				return err
@@ -355,15 +395,23 @@ func (b *Balancer) prepareSources() error {
 }
 
 // sourceIndexes returns the data-path indexes of a service's source
-// addresses: its own, or the defaults.
+// addresses, in its VIP's family: its own, or the defaults.
 func (b *Balancer) sourceIndexes(s Service) ([]int, error) {
+	fam := family(s.VIP.Addr())
+	f := b.fam[fam]
+	if len(f.sources) == 0 {
+		return nil, fmt.Errorf("service %s: xlbd started without IPv6 services or source addresses, so its IPv6 tables are not sized (an IPv6 service needs a restart)", s.Key())
+	}
 	if len(s.SourceAddresses) == 0 {
-		return b.defaults, nil
+		return f.defaults, nil
 	}
 	var out []int
 	for _, a := range s.SourceAddresses {
-		i := slices.Index(b.sources, a)
-		if i < 0 {
+		i := slices.Index(f.sources, a)
+		switch {
+		case family(a) != fam:
+			return nil, fmt.Errorf("service %s: source address %s is not %s", s.Key(), a, familyName(fam))
+		case i < 0:
 			return nil, fmt.Errorf("service %s: source address %s was not configured when xlbd started (a new source address needs a restart)", s.Key(), a)
 		}
 		out = append(out, i)
@@ -375,7 +423,7 @@ func (b *Balancer) sourceIndexes(s Service) ([]int, error) {
 // source-port range, where replies are expected: its packets would be
 // taken for replies.
 func (b *Balancer) onSource(vip netip.AddrPort) bool {
-	return slices.Contains(b.sources, vip.Addr()) && vip.Port() >= b.opts.PortLo && vip.Port() <= b.opts.PortHi
+	return slices.Contains(b.fam[family(vip.Addr())].sources, vip.Addr()) && vip.Port() >= b.opts.PortLo && vip.Port() <= b.opts.PortHi
 }
 
 // Attach attaches prog (nil: the pipeline's own entry, xlb_dispatch) to
@@ -395,7 +443,7 @@ func (b *Balancer) Attach(prog *ebpf.Program) error {
 		return err
 	}
 	b.att = att
-	b.log.Info("attached", "iface", b.opts.Iface, "xdp_mode", string(b.opts.XDPMode), "source_addresses", fmt.Sprint(b.sources),
+	b.log.Info("attached", "iface", b.opts.Iface, "xdp_mode", string(b.opts.XDPMode), "source_addresses", fmt.Sprint(b.SourceAddresses()),
 		"source_ports", fmt.Sprintf("%d-%d", b.opts.PortLo, b.opts.PortHi))
 	return nil
 }
@@ -406,8 +454,11 @@ func (b *Balancer) Pipeline() *dispatcher.Pipeline { return b.pipe }
 // Attachment is the interface attachment, for chaining.
 func (b *Balancer) Attachment() *dispatcher.Attachment { return b.att }
 
-// SourceAddresses are the addresses used towards backends.
-func (b *Balancer) SourceAddresses() []netip.Addr { return slices.Clone(b.sources) }
+// SourceAddresses are the addresses used towards backends: the IPv4
+// ones, then the IPv6 ones.
+func (b *Balancer) SourceAddresses() []netip.Addr {
+	return slices.Concat(b.fam[0].sources, b.fam[1].sources)
+}
 
 // SourcePorts is the source-port range in force.
 func (b *Balancer) SourcePorts() (lo, hi uint16) { return b.opts.PortLo, b.opts.PortHi }
@@ -418,7 +469,7 @@ func (b *Balancer) SourcePorts() (lo, hi uint16) { return b.opts.PortLo, b.opts.
 func (b *Balancer) portPool(s Service) int {
 	n := len(s.SourceAddresses)
 	if n == 0 {
-		n = len(b.defaults)
+		n = len(b.fam[family(s.VIP.Addr())].defaults)
 	}
 	return n * b.pipe.PortPool()
 }

@@ -172,3 +172,58 @@ func TestServicesPlan(t *testing.T) {
 		}
 	})
 }
+
+// TestIPv6Services: a balancer started without IPv6 refuses an IPv6 service
+// with what to do, and keeps its services; one started with an IPv6
+// source address takes IPv6 services beside IPv4 ones, each family from
+// its own source addresses.
+func TestIPv6Services(t *testing.T) {
+	ns, b := newTestBalancer(t)
+	ctx := context.Background()
+	v4 := svc("10.88.0.1:80", "random", "10.88.0.2:8080")
+	v6 := svc("[fd00:88::50]:80", "random", "[fd00:88::2]:8080")
+	do := func(fn func() error) error {
+		var err error
+		if e := ns.Do(func() error { err = fn(); return nil }); e != nil {
+			t.Fatal(e)
+		}
+		return err
+	}
+	if err := do(func() error { return b.SetServices(ctx, []Service{v4}) }); err != nil {
+		t.Fatal(err)
+	}
+	err := do(func() error { return b.SetServices(ctx, []Service{v4, v6}) })
+	if err == nil || !strings.Contains(err.Error(), "an IPv6 service needs a restart") {
+		t.Errorf("IPv6 service on a balancer started without IPv6: %v, want a refusal saying a restart is needed", err)
+	}
+	if got := summary(b); !strings.HasPrefix(got, "10.88.0.1:80 random") || strings.Contains(got, "fd00") {
+		t.Errorf("services after the refusal: %s, want only the IPv4 one", got)
+	}
+
+	ns6 := testnet.NewNS(t, "balancer6")
+	ns6.AddVeth(t, "eth0", "peer0", "10.88.0.1/24")
+	src6 := netip.MustParseAddr("fd00:88::1")
+	var b6 *Balancer
+	if err := ns6.Do(func() (err error) {
+		b6, err = New(Options{Iface: "eth0", XDPMode: dispatcher.Generic, PortLo: 10000, PortHi: 20000, ConntrackSize: 1024,
+			SourceAddresses: []netip.Addr{src6}, Selector: uniform{}})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns6.Do(b6.Close) })
+	if got, want := b6.SourceAddresses(), []netip.Addr{netip.MustParseAddr("10.88.0.1"), src6}; !slices.Equal(got, want) {
+		t.Errorf("source addresses %v, want the interface's IPv4 one and the configured IPv6 one %v", got, want)
+	}
+	if err := ns6.Do(func() error { return b6.SetServices(ctx, []Service{v4, v6}) }); err != nil {
+		t.Fatal(err)
+	}
+	if got := summary(b6); !strings.Contains(got, "[fd00:88::50]:80 random") || !strings.Contains(got, "10.88.0.1:80 random") {
+		t.Errorf("services %s, want both", got)
+	}
+	bad := v6
+	bad.SourceAddresses = []netip.Addr{netip.MustParseAddr("fd00:88::99")}
+	if err := ns6.Do(func() error { return b6.SetServices(ctx, []Service{v4, bad}) }); err == nil || !strings.Contains(err.Error(), "was not configured when xlbd started") {
+		t.Errorf("an IPv6 source address unknown at start: %v, want it refused", err)
+	}
+}

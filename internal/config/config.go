@@ -162,6 +162,13 @@ func (c *Config) AllSourceAddresses() []netip.Addr {
 	return pool.Addrs()
 }
 
+// HasIPv6 tells whether a service has an IPv6 VIP or an IPv6 source
+// address is configured: then xlbd sizes its IPv6 tables at start.
+func (c *Config) HasIPv6() bool {
+	return slices.ContainsFunc(c.Services, func(s Service) bool { return !s.VIP.Addr().Is4() }) ||
+		slices.ContainsFunc(c.AllSourceAddresses(), func(a netip.Addr) bool { return !a.Is4() })
+}
+
 // Conntrack configures the connection tracking table.
 type Conntrack struct {
 	// MaxEntries is the capacity of the connection table.

@@ -1,7 +1,8 @@
 // Package preflight checks what a configuration asks of this host before
 // xlbd loads, pins or attaches anything: that the interface exists and is
-// not the loopback interface, that the default source address can be
-// found, that the source ports cannot collide with the kernel's ephemeral
+// not the loopback interface, that the default source addresses can be
+// found (the primary IPv4 address, and the primary global IPv6 address when
+// IPv6 services need one), that the source ports cannot collide with the kernel's ephemeral
 // ports on a source address of the host, that no VIP's port is among the
 // source ports of a source address, and that no backend is the load
 // balancer itself. Its errors name the configuration
@@ -39,19 +40,33 @@ func Check(cfg *config.Config) error {
 		return fmt.Errorf("iface: %s is the loopback interface: xlb attaches to the interface that clients' packets arrive on", cfg.Iface)
 	}
 	sources := cfg.AllSourceAddresses()
-	if len(cfg.SourceAddresses) == 0 {
+	own := cfg.SourceAddresses.Addrs()
+	needV6 := cfg.HasIPv6() && !slices.ContainsFunc(own, func(a netip.Addr) bool { return !a.Is4() })
+	if !slices.ContainsFunc(own, netip.Addr.Is4) || needV6 {
 		h, err := host.Open(cfg.Iface)
 		if err != nil {
 			return fmt.Errorf("iface: %w", err)
 		}
-		primary, err := h.PrimaryIPv4()
-		if err != nil {
-			if errors.Is(err, host.ErrNoIPv4) {
-				return fmt.Errorf("iface: %s has no IPv4 address: give it one, or set source-addresses", cfg.Iface)
+		if !slices.ContainsFunc(own, netip.Addr.Is4) {
+			primary, err := h.PrimaryIPv4()
+			if err != nil {
+				if errors.Is(err, host.ErrNoIPv4) {
+					return fmt.Errorf("iface: %s has no IPv4 address: give it one, or set an IPv4 address in source-addresses", cfg.Iface)
+				}
+				return fmt.Errorf("iface: %w", err)
 			}
-			return fmt.Errorf("iface: %w", err)
+			sources = append([]netip.Addr{primary}, sources...)
 		}
-		sources = append([]netip.Addr{primary}, sources...)
+		if needV6 {
+			primary, err := h.PrimaryIPv6()
+			if err != nil {
+				if errors.Is(err, host.ErrNoIPv6) {
+					return fmt.Errorf("iface: %s has no global IPv6 address (or it is still tentative) for the IPv6 services: give it one, or set an IPv6 address in source-addresses", cfg.Iface)
+				}
+				return fmt.Errorf("iface: %w", err)
+			}
+			sources = append(sources, primary)
+		}
 	}
 	local, err := localAddrs()
 	if err != nil {
@@ -91,16 +106,17 @@ func Check(cfg *config.Config) error {
 	return nil
 }
 
-// localAddrs returns every IPv4 address of the host's interfaces.
+// localAddrs returns every address, IPv4 and IPv6, of the host's
+// interfaces.
 func localAddrs() (map[netip.Addr]bool, error) {
-	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, fmt.Errorf("list the host's addresses: %w", err)
 	}
 	out := make(map[netip.Addr]bool, len(addrs))
 	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok {
-			out[ip] = true
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			out[ip.Unmap()] = true
 		}
 	}
 	return out, nil

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/testnet"
@@ -35,7 +36,12 @@ func TestPreflight(t *testing.T) {
 			return err
 		}
 		a, _ := netlink.ParseAddr("10.77.0.1/24")
-		return netlink.AddrAdd(l, a)
+		if err := netlink.AddrAdd(l, a); err != nil {
+			return err
+		}
+		a6, _ := netlink.ParseAddr("fd00:77::1/64")
+		a6.Flags = unix.IFA_F_NODAD
+		return netlink.AddrAdd(l, a6)
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -66,7 +72,7 @@ func TestPreflight(t *testing.T) {
 		}), ""},
 		{"no such interface", cfg(func(c *config.Config) { c.Iface = "nosuch0" }), `iface: no interface "nosuch0" on this host`},
 		{"loopback", cfg(func(c *config.Config) { c.Iface = "lo" }), "iface: lo is the loopback interface"},
-		{"no IPv4 address", cfg(func(c *config.Config) { c.Iface = "bare0" }), "iface: bare0 has no IPv4 address: give it one, or set source-addresses"},
+		{"no IPv4 address", cfg(func(c *config.Config) { c.Iface = "bare0" }), "iface: bare0 has no IPv4 address: give it one, or set an IPv4 address in source-addresses"},
 		{"no IPv4 address but source-addresses", cfg(func(c *config.Config) {
 			c.Iface = "bare0"
 			c.SourceAddresses = config.AddrPool{netip.MustParsePrefix("10.77.0.9/32")}
@@ -90,6 +96,34 @@ func TestPreflight(t *testing.T) {
 			c.Services[0].Backends[0].Address = netip.MustParseAddrPort("10.77.0.50:8080")
 		}), "services[0].backends[0]: 10.77.0.50:8080 is a VIP's address"},
 	}
+	v6 := func(edit func(*config.Config)) *config.Config {
+		return cfg(func(c *config.Config) {
+			c.Services[0].VIP = netip.MustParseAddrPort("[fd00:77::50]:80")
+			c.Services[0].Backends[0].Address = netip.MustParseAddrPort("[fd00:77::2]:8080")
+			if edit != nil {
+				edit(c)
+			}
+		})
+	}
+	tests = append(tests, []struct {
+		name string
+		cfg  *config.Config
+		want string
+	}{
+		{"ipv6 service from the interface's ipv6 address", v6(nil), ""},
+		{"ipv6 service, interface without a global ipv6 address", v6(func(c *config.Config) {
+			c.Iface = "bare0"
+			c.SourceAddresses = config.AddrPool{netip.MustParsePrefix("10.77.0.9/32")}
+		}), "iface: bare0 has no global IPv6 address (or it is still tentative) for the IPv6 services"},
+		{"ipv6 service, interface without one but an ipv6 source address", v6(func(c *config.Config) {
+			c.Iface = "bare0"
+			c.SourceAddresses = config.AddrPool{netip.MustParsePrefix("10.77.0.9/32"), netip.MustParsePrefix("fd00:77::9/128")}
+		}), ""},
+		{"ipv6 vip port in the source ports", v6(func(c *config.Config) { c.Services[0].VIP = netip.MustParseAddrPort("[fd00:77::1]:10000") }),
+			"services[0].vip: port 10000 of the source address fd00:77::1 is inside source-ports 10000-32767"},
+		{"ipv6 backend on this host", v6(func(c *config.Config) { c.Services[0].Backends[0].Address = netip.MustParseAddrPort("[fd00:77::1]:8080") }),
+			"services[0].backends[0]: [fd00:77::1]:8080 is an address of this host"},
+	}...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var got error
