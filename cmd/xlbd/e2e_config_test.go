@@ -70,22 +70,24 @@ func (ct *configTopo) start(tb testing.TB, yaml string, extra ...string) {
 }
 
 // addr is host h's address with port p, as written in a configuration.
-func addr(h *testnet.Host, p int) string { return fmt.Sprintf("%s:%d", h.IP, p) }
+func addr(h *testnet.Host, p int) string { return netip.AddrPortFrom(h.IP, uint16(p)).String() }
 
 // hostState is what xlbd changes on the load balancer host.
 type hostState struct {
 	XDP        string   // "" when no XDP program is attached, else native or generic
 	IPLinkXDP  bool     // `ip -d link show eth0` shows an XDP program
-	Addrs      []string // eth0's IPv4 addresses
+	Addrs      []string // eth0's IPv4 and global IPv6 addresses
 	Forwarding string   // net.ipv4.conf.eth0.forwarding
+	Forward6   string   // net.ipv6.conf.eth0.forwarding
 }
 
 func (s hostState) String() string {
-	return fmt.Sprintf("xdp=%q ip-link-xdp=%v addrs=%v forwarding=%s", s.XDP, s.IPLinkXDP, s.Addrs, s.Forwarding)
+	return fmt.Sprintf("xdp=%q ip-link-xdp=%v addrs=%v forwarding=%s forwarding6=%s", s.XDP, s.IPLinkXDP, s.Addrs, s.Forwarding, s.Forward6)
 }
 
 func (s hostState) equal(o hostState) bool {
-	return s.XDP == o.XDP && s.IPLinkXDP == o.IPLinkXDP && slices.Equal(s.Addrs, o.Addrs) && s.Forwarding == o.Forwarding
+	return s.XDP == o.XDP && s.IPLinkXDP == o.IPLinkXDP && slices.Equal(s.Addrs, o.Addrs) && s.Forwarding == o.Forwarding &&
+		s.Forward6 == o.Forward6
 }
 
 func lbState(tb testing.TB, h *testnet.Host) hostState {
@@ -106,16 +108,23 @@ func lbState(tb testing.TB, h *testnet.Host) hostState {
 				s.XDP = fmt.Sprintf("mode %d", x.AttachMode)
 			}
 		}
-		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
 		if err != nil {
 			return err
 		}
 		for _, a := range addrs {
-			s.Addrs = append(s.Addrs, a.IPNet.String())
+			if !a.IP.IsLinkLocalUnicast() {
+				s.Addrs = append(s.Addrs, a.IPNet.String())
+			}
 		}
 		slices.Sort(s.Addrs)
 		fwd, err := os.ReadFile("/proc/sys/net/ipv4/conf/" + h.Iface + "/forwarding")
+		if err != nil {
+			return err
+		}
 		s.Forwarding = strings.TrimSpace(string(fwd))
+		fwd, err = os.ReadFile("/proc/sys/net/ipv6/conf/" + h.Iface + "/forwarding")
+		s.Forward6 = strings.TrimSpace(string(fwd))
 		return err
 	})
 	if err != nil {
