@@ -121,7 +121,9 @@ func TestPreflight(t *testing.T) {
 		}), ""},
 		{"ipv6 vip port in the source ports", v6(func(c *config.Config) { c.Services[0].VIP = netip.MustParseAddrPort("[fd00:77::1]:10000") }),
 			"services[0].vip: port 10000 of the source address fd00:77::1 is inside source-ports 10000-32767"},
-		{"ipv6 backend on this host", v6(func(c *config.Config) { c.Services[0].Backends[0].Address = netip.MustParseAddrPort("[fd00:77::1]:8080") }),
+		{"ipv6 backend on this host", v6(func(c *config.Config) {
+			c.Services[0].Backends[0].Address = netip.MustParseAddrPort("[fd00:77::1]:8080")
+		}),
 			"services[0].backends[0]: [fd00:77::1]:8080 is an address of this host"},
 	}...)
 	for _, tt := range tests {
