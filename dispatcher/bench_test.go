@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/xlb-project/xlb/internal/packet"
@@ -214,17 +215,23 @@ func benchCaseRun(b *testing.B, e *env, fl *testRun, bc benchCase) {
 	b.ReportMetric(c-f, "ns_above_floor/pkt")
 }
 
-// TestDatapathCostTargets fails when a case costs more than three times
-// its target (median kernel ns above the floor's median, 20000 runs),
-// which catches gross regressions without flaking on a noisy machine: the
-// same build measures up to twice as slow on one machine of this kind as
-// on another, and slower again while other work shares its two cores.
+// TestDatapathCostTargets fails when an IPv4 case costs more than three
+// times its target (median kernel ns above the floor's median, 20000
+// runs), which catches gross regressions without flaking on a noisy
+// machine: the same build measures up to twice as slow on one machine of
+// this kind as on another, and slower again while other work shares its
+// two cores. An IPv6 case is held to its IPv4 counterpart measured in the
+// same run instead: at most 1.5 times it (the target is 1.2; the margin is
+// for noise between the two measurements), a SYN at most twice (a new
+// IPv6 flow hashes and writes 40-byte keys into 128-byte slots: measured
+// 1.3 to 1.45 times the IPv4 SYN).
 func TestDatapathCostTargets(t *testing.T) {
 	if testing.Short() {
 		t.Skip("cost measurement skipped in -short mode")
 	}
 	e, fl, cases := benchSetup(t)
 	const runs = 20000
+	above := map[string]float64{}
 	for _, bc := range cases {
 		if bc.reset != nil {
 			bc.reset()
@@ -234,12 +241,28 @@ func TestDatapathCostTargets(t *testing.T) {
 			t.Fatal(err)
 		}
 		c, f := median(caseNs), median(floorNs)
+		above[bc.name] = c - f
 		target := costTargets[bc.name]
-		t.Logf("%-20s median %5.0f ns, floor %3.0f ns, above floor %5.0f ns (target %3.0f)", bc.name, c, f, c-f, target)
-		if c-f > 3*target {
+		t.Logf("%-22s median %5.0f ns, floor %3.0f ns, above floor %5.0f ns (target %3.0f)", bc.name, c, f, c-f, target)
+		v4, isV6 := strings.CutSuffix(bc.name, "-v6")
+		switch {
+		case isV6 && above[v4] == 0:
+			t.Errorf("%s: measured before its IPv4 counterpart %s", bc.name, v4)
+		case isV6 && c-f > v6Bound(bc.name)*above[v4]:
+			t.Errorf("%s: %.0f ns above floor, more than %.1f times the %.0f ns of %s in the same run", bc.name, c-f, v6Bound(bc.name), above[v4], v4)
+		case !isV6 && c-f > 3*target:
 			t.Errorf("%s: %.0f ns above floor, more than three times the %.0f ns target", bc.name, c-f, target)
 		}
 	}
+}
+
+// v6Bound is how many times its IPv4 counterpart an IPv6 case may cost in
+// TestDatapathCostTargets.
+func v6Bound(name string) float64 {
+	if strings.HasPrefix(name, "syn-") {
+		return 2
+	}
+	return 1.5
 }
 
 // BenchmarkTrafficCounters measures what counting each backend's packets
