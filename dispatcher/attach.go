@@ -1,7 +1,9 @@
 package dispatcher
 
 import (
+	"errors"
 	"fmt"
+	"os"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -29,6 +31,7 @@ func (m XDPMode) flags() (link.XDPAttachFlags, error) {
 // Attachment is a program attached to an interface through a bpf_link.
 type Attachment struct {
 	link link.Link
+	pin  string // where the link is pinned, or ""
 }
 
 // Attach attaches prog to the interface ifindex. Closing the attachment
@@ -54,10 +57,35 @@ func (a *Attachment) Replace(prog *ebpf.Program) error {
 	return nil
 }
 
-// Close detaches the program.
+// Close detaches the program, removing the link's pin if it has one.
 func (a *Attachment) Close() error {
+	if a.pin != "" {
+		if err := os.Remove(a.pin); err != nil && !errors.Is(err, os.ErrNotExist) {
+			a.link.Close()
+			return fmt.Errorf("detach xdp: remove pin: %w", err)
+		}
+	}
 	if err := a.link.Close(); err != nil {
 		return fmt.Errorf("detach xdp: %w", err)
 	}
 	return nil
+}
+
+// Release lets the attachment go without detaching: a pinned link keeps
+// the program attached after the process exits. An unpinned one is
+// detached, as by Close.
+func (a *Attachment) Release() error {
+	if a.pin == "" {
+		return a.Close()
+	}
+	return a.link.Close()
+}
+
+// ProgramID is the id of the program the link runs.
+func (a *Attachment) ProgramID() (ebpf.ProgramID, error) {
+	info, err := a.link.Info()
+	if err != nil {
+		return 0, fmt.Errorf("read link: %w", err)
+	}
+	return info.Program, nil
 }

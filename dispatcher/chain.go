@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/btf"
+	"golang.org/x/sys/unix"
 
 	"github.com/xlb-project/xlb/internal/xdp"
 )
@@ -232,6 +233,46 @@ func (m *Member) CreateMaps(pinDir string) (err error) {
 		m.pins = append(m.pins, path)
 	}
 	return nil
+}
+
+// AdoptMaps creates the member's maps, unpinned, as CreateMaps("") does,
+// except that a map an earlier run pinned under pinDir (as PinName) and
+// that is compatible with the object's (type, key and value size, entries,
+// flags) is taken instead, so the member's state survives a restart of
+// xlbd. Read-only maps (.rodata) are always created from the object. It
+// returns the names of the maps it took.
+func (m *Member) AdoptMaps(pinDir string) (_ []string, err error) {
+	if m.maps != nil {
+		return nil, fmt.Errorf("chain member %s: maps already created", m.Name)
+	}
+	m.maps = map[string]*ebpf.Map{}
+	defer func() {
+		if err != nil {
+			m.Close()
+		}
+	}()
+	var took []string
+	for _, name := range slices.Sorted(mapKeys(m.mapSpecs)) {
+		spec := m.mapSpecs[name].Copy()
+		spec.Pinning = ebpf.PinNone
+		if spec.Flags&unix.BPF_F_RDONLY_PROG == 0 && !strings.HasPrefix(name, ".rodata") && !strings.HasPrefix(name, ".kconfig") {
+			old, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, PinName(name)), nil)
+			if err == nil && spec.Compatible(old) == nil {
+				m.maps[name] = old
+				took = append(took, name)
+				continue
+			}
+			if err == nil {
+				old.Close()
+			}
+		}
+		mp, err := ebpf.NewMap(spec)
+		if err != nil {
+			return nil, fmt.Errorf("create map %s of chain member %s: %w", name, m.Name, err)
+		}
+		m.maps[name] = mp
+	}
+	return took, nil
 }
 
 // PinName is the file name a member's map is pinned as: its name with

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"math/bits"
 	"net/netip"
+	"path/filepath"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -111,6 +112,15 @@ type Options struct {
 	// the IPv6 connection table is sized as the IPv4 one (ConntrackSize).
 	Sources6 int
 
+	// PinPath, when set, is a bpffs directory where every map is pinned
+	// (see pin.go), so the data path outlives the process.
+	PinPath string
+	// Adopt takes the maps pinned under PinPath by an earlier run instead
+	// of creating them; ReadPinned must have found them and the sizes above
+	// must be theirs. The ISN and cookie secrets are read back from the
+	// pinned settings.
+	Adopt bool
+
 	// noTraffic leaves each backend's traffic uncounted, for the
 	// benchmark that measures what counting costs.
 	noTraffic bool
@@ -120,8 +130,13 @@ type Options struct {
 // for the Pipeline's lifetime (the kernel empties an unreferenced one).
 type Pipeline struct {
 	objs      xlbObjects
-	bkStats   []byte // mmap of xlb_bk_stats
-	t4, t6    table  // the IPv4 and IPv6 connection tables and port ways
+	spec      *ebpf.CollectionSpec
+	owner     *ebpf.Map   // xlb_bk_owner
+	pinPath   string      // "" when nothing is pinned
+	adopted   bool        // the maps are an earlier run's
+	oldProgs  []*ebpf.Map // program arrays pinned by an earlier run, held until Attach
+	bkStats   []byte      // mmap of xlb_bk_stats
+	t4, t6    table       // the IPv4 and IPv6 connection tables and port ways
 	portLo    uint16
 	nports    uint32
 	sources   int       // IPv4 source addresses SetSettings wrote
@@ -131,20 +146,22 @@ type Pipeline struct {
 	tick      time.Duration // one jiffy: the data path's clock unit
 }
 
+// ConntrackSlots is the number of slots of the connection table Load
+// makes for Options.ConntrackSize connections (of each family's table).
+func ConntrackSlots(size uint32) uint32 {
+	if size == 0 {
+		size = 131072
+	}
+	return max(uint32(1)<<bits.Len32(2*size-1), ctWays)
+}
+
 // Load loads the pipeline into the kernel and fills its program array.
 func Load(opts Options) (_ *Pipeline, err error) {
 	spec, err := loadXlb()
 	if err != nil {
 		return nil, fmt.Errorf("load pipeline spec: %w", err)
 	}
-	want := opts.ConntrackSize
-	if want == 0 {
-		want = 131072
-	}
-	slots := uint32(1) << bits.Len32(2*want-1)
-	if slots < ctWays {
-		slots = ctWays
-	}
+	slots := ConntrackSlots(opts.ConntrackSize)
 	spec.Maps["xlb_conns"].MaxEntries = slots
 	if opts.PortLo == 0 && opts.PortHi == 0 {
 		opts.PortLo, opts.PortHi = 10000, 32767
@@ -187,18 +204,32 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Pipeline{statNames: names, tick: tick, portLo: opts.PortLo, nports: nports,
+	p := &Pipeline{statNames: names, tick: tick, portLo: opts.PortLo, nports: nports, spec: spec, pinPath: opts.PinPath,
 		t4: table{layout: &layout4, ctMask: slots - 1, nsrc: nsrc, nports: nports, portLo: opts.PortLo},
 		t6: table{layout: &layout6, ctMask: slots6 - 1, nsrc: nsrc6, nports: nports, portLo: opts.PortLo},
 	}
-	var seed [16]byte
-	if _, err := rand.Read(seed[:]); err != nil {
-		return nil, fmt.Errorf("draw secrets: %w", err)
+	var adopted map[string]*ebpf.Map
+	if opts.Adopt {
+		if opts.PinPath == "" {
+			return nil, errors.New("load pipeline: adopt without a pin path")
+		}
+		if adopted, err = adoptMaps(spec, opts.PinPath); err != nil {
+			return nil, err
+		}
+		defer func() {
+			for _, m := range adopted {
+				m.Close() // the collection holds clones
+			}
+		}()
+		if p.owner, err = ebpf.LoadPinnedMap(filepath.Join(opts.PinPath, ownerMap), nil); err != nil {
+			return nil, fmt.Errorf("adopt map %s: %w", ownerMap, err)
+		}
+		p.adopted = true
+	} else if p.owner, err = ebpf.NewMap(ownerSpec()); err != nil {
+		return nil, fmt.Errorf("create map %s: %w", ownerMap, err)
 	}
-	for i := range p.keys {
-		p.keys[i] = binary.LittleEndian.Uint32(seed[4*i:])
-	}
-	if err := spec.LoadAndAssign(&p.objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&p.objs, &ebpf.CollectionOptions{MapReplacements: adopted}); err != nil {
+		p.owner.Close()
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
 			return nil, fmt.Errorf("load pipeline: %+v", verr)
@@ -210,6 +241,9 @@ func Load(opts Options) (_ *Pipeline, err error) {
 			p.Close()
 		}
 	}()
+	if err := p.secrets(); err != nil {
+		return nil, err
+	}
 	for slot := range numStages {
 		prog := p.Stage(slot)
 		if err := p.objs.XlbProgs.Put(uint32(slot), prog); err != nil {
@@ -241,11 +275,39 @@ func Load(opts Options) (_ *Pipeline, err error) {
 			return nil, fmt.Errorf("mmap %s: %w", m.name, err)
 		}
 	}
+	if p.pinPath != "" {
+		if err := p.pin(adopted); err != nil {
+			return nil, err
+		}
+	}
 	return p, nil
 }
 
+// secrets draws the ISN and cookie secrets, or reads them back from the
+// adopted settings: a restart must not change the ISNs that running
+// connections' ports will be reused with, nor the cookies in flight.
+func (p *Pipeline) secrets() error {
+	if p.adopted {
+		var v xlbXlbCfg
+		if err := p.objs.XlbSettings.Lookup(uint32(0), &v); err != nil {
+			return fmt.Errorf("read pinned secrets: %w", err)
+		}
+		p.keys = [4]uint32{v.IsnKey[0], v.IsnKey[1], v.CookieKey[0], v.CookieKey[1]}
+		return nil
+	}
+	var seed [16]byte
+	if _, err := rand.Read(seed[:]); err != nil {
+		return fmt.Errorf("draw secrets: %w", err)
+	}
+	for i := range p.keys {
+		p.keys[i] = binary.LittleEndian.Uint32(seed[4*i:])
+	}
+	return nil
+}
+
 // Close releases the programs and maps. An attachment made from the
-// pipeline must be closed first or it keeps the programs alive.
+// pipeline must be closed first or it keeps the programs alive. What is
+// pinned stays (Unpin removes it).
 func (p *Pipeline) Close() error {
 	for _, m := range []*[]byte{&p.bkStats, &p.t4.ports, &p.t4.conns, &p.t4.ctBusy, &p.t4.portBusy,
 		&p.t6.ports, &p.t6.conns, &p.t6.ctBusy, &p.t6.portBusy} {
@@ -253,6 +315,14 @@ func (p *Pipeline) Close() error {
 			unix.Munmap(*m)
 			*m = nil
 		}
+	}
+	for _, m := range p.oldProgs {
+		m.Close()
+	}
+	p.oldProgs = nil
+	if p.owner != nil {
+		p.owner.Close()
+		p.owner = nil
 	}
 	return p.objs.Close()
 }
