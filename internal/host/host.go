@@ -43,6 +43,76 @@ type Iface struct {
 	added      []netip.Addr // addresses this Iface added, in order
 	restoreFwd [2][]byte    // forwarding's value (IPv4, IPv6) before EnableForwarding changed it; nil when unchanged
 	vlanOff    []int        // feature bits KeepVLANTags turned off
+	rec        Recorder     // nil: changes are remembered only in memory
+}
+
+// Recorder keeps what an Iface changed somewhere that outlives the
+// process (xlbd: a pinned map, internal/state), so that the next xlbd, or
+// `xlbd cleanup`, can take it back after a crash.
+type Recorder interface {
+	AddressAdded(a netip.Addr) error
+	AddressRemoved(a netip.Addr) error
+	// ForwardingChanged records forwarding's value in a family (0 IPv4,
+	// 1 IPv6) before it was changed; "" says it was restored.
+	ForwardingChanged(fam int, prev string) error
+}
+
+// SetRecorder makes the Iface record every change it makes from now on.
+func (h *Iface) SetRecorder(r Recorder) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.rec = r
+}
+
+// Adopt takes over changes an earlier process made and recorded: the
+// addresses it added and forwarding's value, by family (IPv4, IPv6),
+// before it changed it ("" if it did not). They are then undone by
+// RemoveAddress and Close as if this Iface had made them; an address no
+// longer on the interface is dropped.
+func (h *Iface) Adopt(added []netip.Addr, prevForwarding [2]string) error {
+	addrs, err := netlink.AddrList(h.link, netlink.FAMILY_ALL)
+	if err != nil {
+		return fmt.Errorf("list addresses of %s: %w", h.name, err)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, a := range added {
+		present := slices.ContainsFunc(addrs, func(x netlink.Addr) bool {
+			ip, ok := netip.AddrFromSlice(x.IP)
+			return ok && ip.Unmap() == a
+		})
+		if !present {
+			if h.rec != nil {
+				_ = h.rec.AddressRemoved(a)
+			}
+			continue
+		}
+		if !slices.Contains(h.added, a) {
+			h.added = append(h.added, a)
+		}
+	}
+	for fam, prev := range prevForwarding {
+		if prev != "" && h.restoreFwd[fam] == nil {
+			h.restoreFwd[fam] = []byte(prev)
+		}
+	}
+	return nil
+}
+
+// Owns tells whether a is an address this Iface added (or adopted).
+func (h *Iface) Owns(a netip.Addr) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Contains(h.added, a)
+}
+
+// OpenIndex finds the interface with index ifindex.
+func OpenIndex(ifindex int) (*Iface, error) {
+	l, err := netlink.LinkByIndex(ifindex)
+	if err != nil {
+		return nil, fmt.Errorf("find interface %d: %w", ifindex, err)
+	}
+	return &Iface{name: l.Attrs().Name, link: l}, nil
 }
 
 // Open finds the interface name.
@@ -124,7 +194,17 @@ func (h *Iface) AddAddress(a netip.Addr) (bool, error) {
 	if err != nil || local {
 		return false, err
 	}
+	// Recorded first: a crash between the two leaves a record of an
+	// address that is not there, which the next start drops.
+	if h.rec != nil {
+		if err := h.rec.AddressAdded(a); err != nil {
+			return false, err
+		}
+	}
 	if err := netlink.AddrAdd(h.link, hostAddr(a)); err != nil {
+		if h.rec != nil {
+			_ = h.rec.AddressRemoved(a)
+		}
 		return false, fmt.Errorf("add address %s to %s: %w", a, h.name, err)
 	}
 	h.added = append(h.added, a)
@@ -140,11 +220,26 @@ func (h *Iface) RemoveAddress(a netip.Addr) (bool, error) {
 	if i < 0 {
 		return false, nil
 	}
-	if err := netlink.AddrDel(h.link, hostAddr(a)); err != nil {
+	if err := delAddr(h.link, a); err != nil {
 		return false, fmt.Errorf("remove address %s from %s: %w", a, h.name, err)
 	}
 	h.added = slices.Delete(h.added, i, i+1)
+	if h.rec != nil {
+		if err := h.rec.AddressRemoved(a); err != nil {
+			return true, err
+		}
+	}
 	return true, nil
+}
+
+// delAddr removes a /32 from l; an address that is gone already is no
+// error.
+func delAddr(l netlink.Link, a netip.Addr) error {
+	err := netlink.AddrDel(l, hostAddr(a))
+	if errors.Is(err, unix.EADDRNOTAVAIL) {
+		return nil
+	}
+	return err
 }
 
 // Added lists the addresses the Iface added and has not removed.
@@ -174,6 +269,11 @@ func (h *Iface) EnableForwarding(ipv4, ipv6 bool) error {
 		if strings.TrimSpace(string(old)) == "1" {
 			continue
 		}
+		if h.rec != nil && h.restoreFwd[fam] == nil {
+			if err := h.rec.ForwardingChanged(fam, strings.TrimSpace(string(old))); err != nil {
+				return err
+			}
+		}
 		if err := os.WriteFile(path, []byte("1"), 0o644); err != nil {
 			return fmt.Errorf("enable forwarding on %s: %w", h.name, err)
 		}
@@ -196,8 +296,10 @@ func (h *Iface) Close() error {
 	defer h.mu.Unlock()
 	var errs []error
 	for _, a := range h.added {
-		if err := netlink.AddrDel(h.link, hostAddr(a)); err != nil {
+		if err := delAddr(h.link, a); err != nil {
 			errs = append(errs, fmt.Errorf("remove address %s from %s: %w", a, h.name, err))
+		} else if h.rec != nil {
+			errs = append(errs, h.rec.AddressRemoved(a))
 		}
 	}
 	h.added = nil
@@ -207,6 +309,8 @@ func (h *Iface) Close() error {
 		}
 		if err := os.WriteFile(h.forwardingPath(fam), old, 0o644); err != nil {
 			errs = append(errs, fmt.Errorf("restore forwarding on %s: %w", h.name, err))
+		} else if h.rec != nil {
+			errs = append(errs, h.rec.ForwardingChanged(fam, ""))
 		}
 		h.restoreFwd[fam] = nil
 	}
@@ -214,6 +318,34 @@ func (h *Iface) Close() error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// Forwarding reads the interface's forwarding sysctl of a family (0
+// IPv4, 1 IPv6).
+func (h *Iface) Forwarding(fam int) (string, error) {
+	b, err := os.ReadFile(h.forwardingPath(fam))
+	if err != nil {
+		return "", fmt.Errorf("read forwarding of %s: %w", h.name, err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// XDPMode is the mode of the XDP program attached to the interface:
+// "native", "generic", "offload", or "" when there is none.
+func (h *Iface) XDPMode() string {
+	l, err := netlink.LinkByIndex(h.Index())
+	if err != nil || l.Attrs().Xdp == nil || !l.Attrs().Xdp.Attached {
+		return ""
+	}
+	switch l.Attrs().Xdp.AttachMode {
+	case nl.XDP_ATTACHED_DRV:
+		return "native"
+	case nl.XDP_ATTACHED_SKB:
+		return "generic"
+	case nl.XDP_ATTACHED_HW:
+		return "offload"
+	}
+	return "unknown"
 }
 
 func hostAddr(a netip.Addr) *netlink.Addr {

@@ -34,6 +34,30 @@ const arpLen = 28 // an IPv4-over-Ethernet ARP packet, after the Ethernet header
 
 var broadcast = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
 
+// arpRequest is an ARP request from sha (hardware) and spa (protocol
+// address; the zero address for an RFC 5227 probe) for tpa.
+func arpRequest(sha net.HardwareAddr, spa, tpa netip.Addr) [arpLen]byte {
+	var b [arpLen]byte
+	binary.BigEndian.PutUint16(b[0:], 1)      // hardware type: Ethernet
+	binary.BigEndian.PutUint16(b[2:], 0x0800) // protocol type: IPv4
+	b[4], b[5] = 6, 4
+	binary.BigEndian.PutUint16(b[6:], 1) // request
+	copy(b[8:14], sha)
+	if spa.Is4() {
+		src := spa.As4()
+		copy(b[14:18], src[:])
+	}
+	// target hardware address: zero
+	dst := tpa.As4()
+	copy(b[24:28], dst[:])
+	return b
+}
+
+// isIPv4ARP tells whether b is an IPv4-over-Ethernet ARP packet.
+func isIPv4ARP(b []byte) bool {
+	return len(b) >= arpLen && binary.BigEndian.Uint16(b[0:]) == 1 && binary.BigEndian.Uint16(b[2:]) == 0x0800 && b[4] == 6 && b[5] == 4
+}
+
 // send sends probe p, opening the interface's socket (and starting its
 // reader in g) on first use.
 func (k *Keeper) send(ctx context.Context, g *errgroup.Group, p probe) error {
@@ -51,17 +75,7 @@ func (k *Keeper) send(ctx context.Context, g *errgroup.Group, p probe) error {
 	if dst == nil {
 		dst = broadcast
 	}
-	var b [arpLen]byte
-	binary.BigEndian.PutUint16(b[0:], 1)      // hardware type: Ethernet
-	binary.BigEndian.PutUint16(b[2:], 0x0800) // protocol type: IPv4
-	b[4], b[5] = 6, 4
-	binary.BigEndian.PutUint16(b[6:], 1) // request
-	copy(b[8:14], s.mac)
-	src := p.src.As4()
-	copy(b[14:18], src[:])
-	// target hardware address: zero
-	tpa := p.key.ip.As4()
-	copy(b[24:28], tpa[:])
+	b := arpRequest(s.mac, p.src, p.key.ip)
 	to := &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: s.ifindex, Halen: 6}
 	copy(to.Addr[:], dst)
 	return s.sendto(b[:], to)
@@ -162,14 +176,14 @@ func (k *Keeper) read(ctx context.Context, s *linkSocket) {
 		if err != nil {
 			return // closed
 		}
-		if rerr != nil || n < arpLen {
+		if rerr != nil {
 			continue
 		}
 		if ll, ok := from.(*unix.SockaddrLinklayer); ok && ll.Pkttype == unix.PACKET_OUTGOING {
 			continue
 		}
 		b := buf[:n]
-		if binary.BigEndian.Uint16(b[0:]) != 1 || binary.BigEndian.Uint16(b[2:]) != 0x0800 || b[4] != 6 || b[5] != 4 {
+		if !isIPv4ARP(b) {
 			continue
 		}
 		spa := netip.AddrFrom4([4]byte(b[14:18]))
