@@ -14,6 +14,7 @@ import (
 // ServiceEntry is a service as the data path holds it.
 type ServiceEntry struct {
 	VIP     netip.AddrPort
+	Proto   uint8 // TCP or UDP
 	ID      uint32
 	Sources []int // indexes of its source addresses
 	// Mode and Table are its selection table in force (backend ids);
@@ -32,7 +33,7 @@ func (p *Pipeline) ServiceEntries() ([]ServiceEntry, error) {
 	)
 	it := p.objs.XlbServices.Iterate()
 	for it.Next(&k, &v) {
-		e := ServiceEntry{VIP: netip.AddrPortFrom(addrFromBE(k.Addr), portBE(k.Port)), ID: v.Id}
+		e := ServiceEntry{VIP: netip.AddrPortFrom(addrFromBE(k.Addr), portBE(k.Port)), Proto: k.Proto, ID: v.Id}
 		var mask uint32
 		if err := p.objs.XlbSvcSrc.Lookup(v.Id, &mask); err != nil {
 			return nil, fmt.Errorf("read source addresses of service %s: %w", e.VIP, err)

@@ -29,6 +29,7 @@ type daemon interface {
 	ChainList(ctx context.Context) ([]control.ChainMember, error)
 	ChainAdd(ctx context.Context, m control.ChainMember) error
 	ChainRemove(ctx context.Context, name string) error
+	Shutdown(ctx context.Context, req control.ShutdownRequest) error
 }
 
 // usageError is a command line xlbctl does not understand (exit status 2);
@@ -124,7 +125,7 @@ connections, counters, policy swaps and the XDP chain.`,
 	pf.DurationVar(&c.timeout, "timeout", 30*time.Second, "how long to wait for xlbd")
 	pf.BoolVar(&c.json, "json", false, "print JSON")
 	root.AddGroup(&cobra.Group{ID: "xlbd", Title: "Commands:"})
-	for _, sub := range []*cobra.Command{c.statusCmd(), c.connsCmd(), c.statsCmd(), c.policyCmd(), c.chainCmd()} {
+	for _, sub := range []*cobra.Command{c.statusCmd(), c.connsCmd(), c.statsCmd(), c.policyCmd(), c.chainCmd(), c.shutdownCmd()} {
 		sub.GroupID = "xlbd"
 		root.AddCommand(sub)
 	}
@@ -441,6 +442,50 @@ docs/chain-protocol.md describes what a member must do.`,
 		}),
 	}
 	cmd.AddCommand(list, add, remove)
+	return cmd
+}
+
+func (c *cli) shutdownCmd() *cobra.Command {
+	var keep bool
+	cmd := &cobra.Command{
+		Use:   "shutdown [--keep-datapath]",
+		Short: "Stop xlbd, removing everything it made or keeping its data path forwarding",
+		Long: `shutdown stops xlbd and waits until it has. Without --keep-datapath it
+removes everything, as SIGTERM does: the XDP program, the pinned maps, the
+addresses it added, the forwarding sysctl, the VIP filter. With
+--keep-datapath (or SIGUSR2) the data path keeps forwarding established
+and new connections with the tables in force, pinned under pin-path for
+the next xlbd to adopt; xlbd cleanup removes it.`,
+		Args:              cobra.NoArgs,
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE: runE(func(cmd *cobra.Command, _ []string) error {
+			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) error {
+				if err := d.Shutdown(ctx, control.ShutdownRequest{KeepDatapath: keep}); err != nil {
+					return err
+				}
+				// Stopped once the socket no longer answers.
+				for {
+					if _, err := d.Status(ctx); err != nil {
+						if ctx.Err() != nil {
+							return fmt.Errorf("xlbd still answers after %v", c.timeout)
+						}
+						return nil
+					}
+					time.Sleep(50 * time.Millisecond)
+				}
+			})
+			if err != nil {
+				return err
+			}
+			if keep {
+				fmt.Fprintln(c.stdout, "xlbd stopped; the data path keeps forwarding (start xlbd to take it up, or run xlbd cleanup to remove it)")
+			} else {
+				fmt.Fprintln(c.stdout, "xlbd stopped; its data path and host changes are removed")
+			}
+			return nil
+		}),
+	}
+	cmd.Flags().BoolVar(&keep, "keep-datapath", false, "leave the data path forwarding, pinned for the next xlbd")
 	return cmd
 }
 

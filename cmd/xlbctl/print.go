@@ -33,9 +33,21 @@ func printStatus(w io.Writer, st control.Status) {
 			fmt.Fprintf(w, "last reload %s: failed: %s\n", at, firstLine(r.Error))
 		}
 	}
+	if s := st.State; s.PinPath != "" {
+		how := "started afresh"
+		if a := s.Adopted; a != nil {
+			how = fmt.Sprintf("adopted at start: %d services, %d backend ids (%d retired), %d connections, addresses added: %d", a.Services, a.BackendIDs, a.Retired, a.Connections, a.Addresses)
+		}
+		fmt.Fprintf(w, "state pinned at %s (layout %s), %s\n", s.PinPath, s.Layout, how)
+		if s.VIPFilter == "" {
+			fmt.Fprintln(w, "vip filter: off")
+		} else {
+			fmt.Fprintf(w, "vip filter: %s on %s\n", s.VIPFilter, strings.Join(s.VIPFilterAddr, ","))
+		}
+	}
 	tw := newTable(w)
 	for _, s := range st.Services {
-		fmt.Fprintf(tw, "service %s/%s\tpolicy %s\n", s.VIP, s.Protocol, s.Policy)
+		fmt.Fprintf(tw, "service %s/%s\tpolicy %s\tmanage-vip %v\n", s.VIP, s.Protocol, s.Policy, s.ManageVIP)
 		for _, b := range s.Backends {
 			fmt.Fprintf(tw, "  backend %s\t%s\tweight %d\tactive %d\thalf-open %d\tnew/s %.1f\tports %d used %d resting of %d\trefused %d\tnext hop: %s\n",
 				b.Address, b.State, b.Weight, b.Active, b.HalfOpen, b.NewPerSec, b.PortsUsed, b.PortsHeld, b.PortPool, b.NoPort, b.NextHop)

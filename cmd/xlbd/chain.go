@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 
 	"github.com/xlb-project/xlb/internal/chain"
 	"github.com/xlb-project/xlb/internal/config"
@@ -14,9 +13,10 @@ import (
 func chainOptions(cfg *config.Config, d *daemon) chain.Options {
 	return chain.Options{
 		Pipeline:    d.bal.Pipeline(),
-		PinRoot:     filepath.Join(cfg.PinPath, "chain"),
+		PinRoot:     d.state.ChainPath(),
 		XLBPriority: cfg.XLBPriority,
 		Logger:      d.log,
+		Adopt:       d.bal.Adopted() != nil,
 	}
 }
 

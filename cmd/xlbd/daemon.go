@@ -20,9 +20,12 @@ import (
 	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/metrics"
+	"github.com/xlb-project/xlb/internal/neigh"
 	"github.com/xlb-project/xlb/internal/policy"
 	"github.com/xlb-project/xlb/internal/preflight"
 	"github.com/xlb-project/xlb/internal/sdnotify"
+	"github.com/xlb-project/xlb/internal/state"
+	"github.com/xlb-project/xlb/internal/vipfilter"
 )
 
 // daemon ties the configuration, the balancer and the control socket.
@@ -30,12 +33,15 @@ type daemon struct {
 	cfg      *config.Config
 	args     []string
 	log      *slog.Logger
+	state    *state.Dir
+	filter   *vipfilter.Filter // nil with vip-filter: false
 	bal      *balancer.Balancer
 	pol      *policy.Manager
 	chain    *chain.Chain
 	metrics  *metrics.Metrics
 	metricsL net.Listener       // nil when metrics-address is not set
 	notify   *sdnotify.Notifier // systemd's Type=notify; nil sends nothing
+	stop     chan bool          // a shutdown asked over the socket: true keeps the data path
 
 	reloading sync.Mutex // serialises reloads (and only them)
 
@@ -44,9 +50,12 @@ type daemon struct {
 }
 
 func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog.Logger) (_ *daemon, err error) {
-	d := &daemon{cfg: cfg, args: args, log: log}
+	d := &daemon{cfg: cfg, args: args, log: log, stop: make(chan bool, 1)}
 	if err := checkChain(cfg); err != nil {
 		return nil, configError{err}
+	}
+	if err := chain.CheckPinPath(cfg.PinPath); err != nil {
+		return nil, configError{fmt.Errorf("pin-path: %w", err)}
 	}
 	if err := preflight.Check(cfg); err != nil {
 		return nil, configError{err}
@@ -66,6 +75,17 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		d.closeMetrics()
 		return nil, configError{err}
 	}
+	if _, err := net.InterfaceByName(cfg.Iface); err != nil {
+		d.pol.Close()
+		return nil, fmt.Errorf("find interface %s: %w", cfg.Iface, err)
+	}
+	if d.state, err = state.Open(ctx, cfg.PinPath, state.Options{Fresh: cfg.FreshState, Logger: log}); err != nil {
+		d.pol.Close()
+		return nil, err
+	}
+	if cfg.VIPFilter {
+		d.filter = vipfilter.New(cfg.Iface)
+	}
 	d.bal, err = balancer.New(balancer.Options{
 		Iface:                cfg.Iface,
 		XDPMode:              dispatcher.XDPMode(cfg.XDPMode),
@@ -80,25 +100,36 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		GCInterval:           cfg.Conntrack.GCInterval,
 		Logger:               log,
 		Selector:             d.pol,
+		State:                d.state,
+		VIPFilter:            d.filter,
+		ProbeVIP:             neigh.Probe,
 	})
 	if err != nil {
 		d.pol.Close()
 		d.closeMetrics()
+		if d.state.Pinned() == nil {
+			d.state.Remove()
+		}
+		d.state.Close()
 		return nil, err
 	}
-	// The chain and the services are ready before anything is attached,
-	// so the interface goes from no program to the whole configuration
-	// in one step (a filter in front of xlb is never missing).
+	defer func() {
+		if err != nil {
+			d.closeFailed()
+		}
+	}()
+	// The chain and the services are ready before anything is attached
+	// (or, when a pinned link is taken over, swapped in), so the interface
+	// goes from no program, or the earlier run's, to the whole
+	// configuration in one step (a filter in front of xlb is never
+	// missing).
 	if d.chain, err = chain.New(chainOptions(cfg, d), chainSpecs(cfg)); err != nil {
-		d.Close()
 		return nil, err
 	}
 	if err := d.bal.SetServices(ctx, services(cfg)); err != nil {
-		d.Close()
 		return nil, err
 	}
 	if err := d.bal.Attach(d.chain.Entry()); err != nil {
-		d.Close()
 		return nil, err
 	}
 	d.chain.Attached(d.bal.Attachment())
@@ -111,6 +142,9 @@ func (d *daemon) closeMetrics() {
 	}
 }
 
+// Close stops and undoes everything: the data path (link, programs, maps
+// and their pins), the chain members' pins, the VIP filter, the host
+// changes, the pin directory and the policy plugins.
 func (d *daemon) Close() error {
 	d.closeMetrics()
 	err := d.bal.Close()
@@ -118,11 +152,59 @@ func (d *daemon) Close() error {
 	if cerr := d.chain.Close(); err == nil {
 		err = cerr
 	}
+	if rerr := d.state.Remove(); err == nil {
+		err = rerr
+	}
 	return err
 }
 
-// Run serves until ctx ends; a signal on hup reloads the configuration.
-func (d *daemon) Run(ctx context.Context, hup <-chan os.Signal) error {
+// Release stops the daemon and leaves the data path running with the
+// tables in force, pinned for the next xlbd: the link, the maps, the
+// chain members' maps, the host changes and the VIP filter stay. The
+// policy plugins stop.
+func (d *daemon) Release() error {
+	err := d.bal.Release()
+	d.pol.Close()
+	if cerr := d.chain.Release(); err == nil {
+		err = cerr
+	}
+	d.state.Close()
+	return err
+}
+
+// closeFailed cleans up after a start that failed: state that was adopted
+// is left running as it was found; a fresh start is undone.
+func (d *daemon) closeFailed() {
+	if d.state.Pinned() != nil {
+		d.log.Warn("start failed: the adopted data path is left running as it was found")
+		d.Release()
+		return
+	}
+	d.Close()
+}
+
+// Run serves until ctx ends or a shutdown is asked for; a signal on hup
+// reloads the configuration. It reports whether the data path is to be
+// kept: a signal on keep or `xlbctl shutdown --keep-datapath`.
+func (d *daemon) Run(ctx context.Context, hup, keep <-chan os.Signal) (keepDatapath bool, err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-keep:
+			keepDatapath = true
+			cancel()
+		case keepDatapath = <-d.stop:
+			cancel()
+		}
+	}()
+	err = d.run(ctx, hup)
+	cancel()
+	return keepDatapath, err
+}
+
+func (d *daemon) run(ctx context.Context, hup <-chan os.Signal) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return d.bal.Run(ctx) })
 	g.Go(func() error { return d.pol.Watch(ctx, 200*time.Millisecond, d.bal.Invalidate) })
@@ -151,7 +233,12 @@ func (d *daemon) Run(ctx context.Context, hup <-chan os.Signal) error {
 		d.notifyErr(d.notify.Stopping())
 		return nil
 	})
-	d.log.Info("ready", "iface", d.cfg.Iface, "services", len(d.cfg.Services), "socket", d.cfg.Socket, "metrics_address", d.cfg.MetricsAddress)
+	start := "fresh"
+	if d.bal.Adopted() != nil {
+		start = "adopted"
+	}
+	d.log.Info("ready", "iface", d.cfg.Iface, "services", len(d.cfg.Services), "socket", d.cfg.Socket, "metrics_address", d.cfg.MetricsAddress,
+		"pin_path", d.cfg.PinPath, "state", start)
 	d.notifyErr(d.notify.Ready(d.statusLine()))
 	return g.Wait()
 }
@@ -283,7 +370,8 @@ func services(cfg *config.Config) []balancer.Service {
 		if s.Protocol == "udp" {
 			proto = balancer.UDP
 		}
-		out = append(out, balancer.Service{VIP: s.VIP, Protocol: proto, Policy: s.Policy, Backends: bs, SourceAddresses: s.SourceAddresses.Addrs()})
+		out = append(out, balancer.Service{VIP: s.VIP, Protocol: proto, Policy: s.Policy, Backends: bs, SourceAddresses: s.SourceAddresses.Addrs(),
+			ExternalVIP: !cfg.ManagesVIP(s)})
 	}
 	return out
 }
@@ -306,7 +394,7 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 	}
 	ports := d.bal.Pipeline().PortUse()
 	for _, s := range d.bal.Services() {
-		cs := control.Service{VIP: s.VIP.String(), Protocol: s.Protocol.String(), Policy: s.Policy}
+		cs := control.Service{VIP: s.VIP.String(), Protocol: s.Protocol.String(), Policy: s.Policy, ManageVIP: !s.ExternalVIP}
 		for _, b := range s.Backends {
 			use := ports[b.Address]
 			cs.Backends = append(cs.Backends, control.Backend{
@@ -320,6 +408,7 @@ func (d *daemon) Status(context.Context) (control.Status, error) {
 	d.lastMu.Lock()
 	st.LastReload = d.lastReload
 	d.lastMu.Unlock()
+	st.State = d.stateStatus()
 	for _, p := range d.pol.Statuses() {
 		ps := control.PolicyStatus{Name: p.Name, Path: p.Path, Pid: p.Pid, Restarts: p.Restarts, APIVersion: p.APIVersion}
 		if p.Pid != 0 {
@@ -355,4 +444,37 @@ func (d *daemon) Conns(_ context.Context, f control.ConnFilter) ([]control.Conn,
 		}
 	}
 	return out, nil
+}
+
+// stateStatus is the state line of the status.
+func (d *daemon) stateStatus() control.StateStatus {
+	st := control.StateStatus{PinPath: d.state.Path()}
+	if l, err := dispatcher.BuildLayout(); err == nil {
+		st.Layout = l.Version()
+	}
+	if a := d.bal.Adopted(); a != nil {
+		st.Adopted = &control.Adopted{Services: a.Services, BackendIDs: a.Backends, Retired: a.Retired,
+			Connections: a.Connections, Addresses: a.Addresses}
+	}
+	if d.filter != nil {
+		st.VIPFilter = "nftables table ip " + d.filter.Name()
+		for _, a := range d.filter.Addrs() {
+			st.VIPFilterAddr = append(st.VIPFilterAddr, a.String())
+		}
+	}
+	return st
+}
+
+// Shutdown implements control.Handler.
+func (d *daemon) Shutdown(_ context.Context, req control.ShutdownRequest) error {
+	select {
+	case d.stop <- req.KeepDatapath:
+		if req.KeepDatapath {
+			d.log.Info("shutdown asked: stopping, the data path keeps running")
+		} else {
+			d.log.Info("shutdown asked: stopping and removing everything")
+		}
+	default: // one is under way
+	}
+	return nil
 }

@@ -390,6 +390,12 @@ func runXlbd(t *testing.T, ns *testnet.NS, env []string, args ...string) (int, s
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	args = append(args, "--socket", filepath.Join(sockDir, "xlbd.sock"))
+	pin := xlbtest.ConfigPinPath(args)
+	if pin == "" {
+		pin = xlbtest.NewPinPath()
+		args = append(args, "--pin-path", pin)
+	}
+	t.Cleanup(func() { xlbtest.CleanupPinPath(ns, pin) })
 	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + ns.Path, "--", filepath.Join(dir, "xlbd")}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	out, err := cmd.CombinedOutput()

@@ -39,6 +39,9 @@ type configError struct{ error }
 func (e configError) Unwrap() error { return e.error }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "cleanup" {
+		return runCleanup(ctx, args[1:], stdout, stderr)
+	}
 	cfg, err := config.Parse(args)
 	if errors.Is(err, config.ErrVersion) {
 		fmt.Fprintln(stdout, "xlbd", version.Read())
@@ -56,23 +59,33 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat)
 	// Before anything starts: a SIGHUP during the start is a reload once
-	// ready, and the plugins do not inherit systemd's socket.
+	// ready, a SIGUSR2 a stop keeping the data path, and the plugins do
+	// not inherit systemd's socket.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	keep := make(chan os.Signal, 1)
+	signal.Notify(keep, syscall.SIGUSR2)
+	defer signal.Stop(keep)
 	notify := sdnotify.FromEnv()
 	d, err := newDaemon(ctx, cfg, args, log)
 	if err != nil {
 		return err
 	}
 	d.notify = notify
-	defer func() {
-		if cerr := d.Close(); cerr != nil {
+	keepDatapath, err := d.Run(ctx, hup, keep)
+	if keepDatapath {
+		if cerr := d.Release(); cerr != nil {
 			log.Error("shut down", "err", cerr)
 		}
-		log.Info("stopped")
-	}()
-	return d.Run(ctx, hup)
+		log.Info("stopped; the data path keeps running, pinned under pin-path for the next xlbd (xlbd cleanup removes it)", "pin_path", cfg.PinPath)
+		return err
+	}
+	if cerr := d.Close(); cerr != nil {
+		log.Error("shut down", "err", cerr)
+	}
+	log.Info("stopped")
+	return err
 }
 
 // newLogger logs at level in format "text" (key=value) or "json".

@@ -23,6 +23,8 @@ import (
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/host"
 	"github.com/xlb-project/xlb/internal/neigh"
+	"github.com/xlb-project/xlb/internal/state"
+	"github.com/xlb-project/xlb/internal/vipfilter"
 	"github.com/xlb-project/xlb/plugins"
 )
 
@@ -68,6 +70,19 @@ type Options struct {
 	// Selector computes selection tables (xlbd: the policy plugins).
 	// Required.
 	Selector Selector
+	// State, when set, is the pin directory: the data path is pinned
+	// there and outlives the process (Release), the host changes are
+	// recorded there, and state an earlier run left there
+	// (State.Pinned()) is adopted.
+	State *state.Dir
+	// VIPFilter, when set, keeps the host's own services off the VIPs
+	// (internal/vipfilter): the VIP addresses xlbd added and those of
+	// services with ExternalVIP.
+	VIPFilter *vipfilter.Filter
+	// ProbeVIP, when set, checks before a VIP address is added to the
+	// interface that no other host answers ARP for it (duplicate address
+	// detection); an error refuses the service.
+	ProbeVIP func(ctx context.Context, ifindex int, a netip.Addr) error
 }
 
 // Backend is a configured backend of a service.
@@ -86,6 +101,10 @@ type Service struct {
 	// Options.OtherSourceAddresses; empty means Options.SourceAddresses.
 	SourceAddresses []netip.Addr
 	Backends        []Backend
+	// ExternalVIP says another owner (keepalived, a routing daemon) adds
+	// and removes the VIP address: the Balancer never does (manage-vip:
+	// false).
+	ExternalVIP bool
 }
 
 // Protocol is a service's transport protocol.
@@ -162,6 +181,8 @@ type ServiceState struct {
 	// the range on each of the service's source addresses (backends
 	// sharing a port way share them).
 	PortPool int
+	// ExternalVIP: another owner manages the VIP address.
+	ExternalVIP bool
 }
 
 // Selection is a selection table: a mode and indexes into
@@ -199,6 +220,7 @@ type service struct {
 	stale     bool      // the table must be computed again
 	retryAt   time.Time // after a failed computation, not before
 	refreshAt time.Time // the Selector's Refresh; zero: only on change
+	adopted   bool      // taken from pinned state, not yet reconciled with a configuration
 }
 
 type backend struct {
@@ -236,6 +258,18 @@ type Balancer struct {
 	retired   []uint32     // backend ids waiting for their connections to end
 	addedVIPs []netip.Addr // VIPs the host did not have, added for their services
 	svcGen    uint64       // counts committed service changes
+	adopted   *Adoption    // what New adopted; nil for a fresh start
+
+	filterMu sync.Mutex // serialises VIP filter updates (never held with mu)
+}
+
+// Adoption says what New took over from an earlier run's pinned state.
+type Adoption struct {
+	Services    int // services in the pinned maps
+	Backends    int // backend ids in use, retired ones included
+	Retired     int // backend ids whose service or backend is gone, waiting for their connections to end
+	Connections int // connections in the connection table
+	Addresses   int // addresses the earlier run added to the interface
 }
 
 // New loads the pipeline and prepares the interface; Attach attaches.
@@ -260,7 +294,7 @@ func New(opts Options) (_ *Balancer, err error) {
 	}
 	defer func() {
 		if err != nil {
-			b.Close()
+			b.closeFailed()
 		}
 	}()
 	if b.neigh, err = neigh.New(neigh.Options{Logger: opts.Logger, OnChange: b.syncStates}); err != nil {
@@ -269,11 +303,43 @@ func New(opts Options) (_ *Balancer, err error) {
 	if b.host, err = host.Open(opts.Iface); err != nil {
 		return nil, err
 	}
+	var pinned *dispatcher.Pinned
+	if st := opts.State; st != nil {
+		pinned = st.Pinned()
+		if pinned != nil {
+			if err := b.checkPinned(pinned); err != nil {
+				return nil, err
+			}
+			found := st.Found()
+			if err := b.host.Adopt(found.Addresses, found.Forwarding); err != nil {
+				return nil, err
+			}
+			if found.Filter && opts.VIPFilter != nil {
+				opts.VIPFilter.Adopt()
+			}
+		}
+		b.host.SetRecorder(st)
+		if err := st.SetIface(b.host.Index()); err != nil {
+			return nil, err
+		}
+	}
 	if err := b.prepareSources(); err != nil {
 		return nil, err
 	}
-	b.pipe, err = dispatcher.Load(dispatcher.Options{ConntrackSize: opts.ConntrackSize, PortLo: b.opts.PortLo,
-		PortHi: b.opts.PortHi, Sources: len(b.fam[0].sources), Sources6: len(b.fam[1].sources)})
+	if pinned != nil {
+		if err := b.samePinnedSizes(pinned); err != nil {
+			return nil, err
+		}
+	}
+	if err := b.addSources(); err != nil {
+		return nil, err
+	}
+	lopts := dispatcher.Options{ConntrackSize: opts.ConntrackSize, PortLo: b.opts.PortLo, PortHi: b.opts.PortHi,
+		Sources: len(b.fam[0].sources), Sources6: len(b.fam[1].sources)}
+	if opts.State != nil {
+		lopts.PinPath, lopts.Adopt = opts.State.Path(), pinned != nil
+	}
+	b.pipe, err = dispatcher.Load(lopts)
 	if err != nil {
 		return nil, err
 	}
@@ -287,6 +353,11 @@ func New(opts Options) (_ *Balancer, err error) {
 	})
 	if err != nil {
 		return nil, err
+	}
+	if b.pipe.Adopted() {
+		if err := b.adopt(); err != nil {
+			return nil, err
+		}
 	}
 	if err := b.host.EnableForwarding(true, len(b.fam[1].sources) > 0); err != nil {
 		return nil, err
@@ -326,9 +397,8 @@ func familyName(fam int) string { return [2]string{"IPv4", "IPv6"}[fam] }
 // interface's primary address of a family when none of it is configured
 // (for IPv6 only when IPv6 services are expected); the default range by
 // whether any is the host's; no overlap between the range and the
-// kernel's ephemeral ports on an address of the host's. An address that
-// is not the host's is added to the interface, since backends' replies
-// must reach it (ARP, neighbour discovery).
+// kernel's ephemeral ports on an address of the host's. It changes
+// nothing: addSources adds the addresses that are not the host's.
 func (b *Balancer) prepareSources() error {
 	for _, a := range b.opts.SourceAddresses {
 		f := &b.fam[family(a)]
@@ -371,6 +441,8 @@ func (b *Balancer) prepareSources() error {
 		if local[i], err = host.IsLocal(a); err != nil {
 			return err
 		}
+		// An address an earlier run added is not the host's.
+		local[i] = local[i] && !b.host.Owns(a)
 		anyLocal = anyLocal || local[i]
 	}
 	if b.opts.PortLo == 0 && b.opts.PortHi == 0 {
@@ -384,12 +456,22 @@ func (b *Balancer) prepareSources() error {
 			if err := host.CheckPortRange(a, b.opts.PortLo, b.opts.PortHi); err != nil {
 				return err
 			}
-			continue
 		}
-		if _, err := b.host.AddAddress(a); err != nil {
+	}
+	return nil
+}
+
+// addSources adds the source addresses that are not the host's to the
+// interface (backends' replies must reach them: ARP, neighbour discovery).
+func (b *Balancer) addSources() error {
+	for _, a := range b.SourceAddresses() {
+		added, err := b.host.AddAddress(a)
+		if err != nil {
 			return err
 		}
-		b.log.Info("source address added", "address", a.String(), "iface", b.opts.Iface)
+		if added {
+			b.log.Info("source address added", "address", a.String(), "iface", b.opts.Iface)
+		}
 	}
 	return nil
 }
@@ -434,7 +516,7 @@ func (b *Balancer) Attach(prog *ebpf.Program) error {
 	if prog == nil {
 		prog = b.pipe.Entry()
 	}
-	att, err := dispatcher.Attach(prog, b.host.Index(), b.opts.XDPMode)
+	att, err := b.pipe.Attach(prog, b.host.Index(), b.opts.XDPMode)
 	if err != nil {
 		if other := b.host.AttachedXDP(); other != "" && (errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EEXIST)) {
 			return fmt.Errorf("%w: %s already runs an XDP program that xlbd did not attach (%s); remove it first, for example with `xdp-loader unload %s --all` or `ip link set dev %s xdp off`",
@@ -474,7 +556,9 @@ func (b *Balancer) portPool(s Service) int {
 	return n * b.pipe.PortPool()
 }
 
-// Close detaches, releases the pipeline and undoes the host changes.
+// Close stops the data path and undoes everything: it detaches (removing
+// the link's pin), removes the pipeline's pins, releases the pipeline,
+// removes the VIP filter and undoes the host changes.
 func (b *Balancer) Close() error {
 	var errs []error
 	if b.att != nil {
@@ -482,8 +566,16 @@ func (b *Balancer) Close() error {
 		b.att = nil
 	}
 	if b.pipe != nil {
-		errs = append(errs, b.pipe.Close())
+		errs = append(errs, b.pipe.Unpin(), b.pipe.Close())
 		b.pipe = nil
+	}
+	if f := b.opts.VIPFilter; f != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		errs = append(errs, f.Remove(ctx))
+		cancel()
+		if b.opts.State != nil {
+			errs = append(errs, b.opts.State.FilterInstalled(false))
+		}
 	}
 	if b.host != nil {
 		errs = append(errs, b.host.Close())
@@ -493,6 +585,46 @@ func (b *Balancer) Close() error {
 	}
 	b.addedVIPs = nil
 	return errors.Join(errs...)
+}
+
+// Release lets the Balancer go and leaves the data path running: the
+// pinned link keeps the programs attached with their maps, the addresses,
+// forwarding and the VIP filter stay, all recorded in the pin directory
+// for the next xlbd to adopt. Without a pin directory it is Close.
+func (b *Balancer) Release() error {
+	if b.opts.State == nil {
+		return b.Close()
+	}
+	var errs []error
+	if b.att != nil {
+		errs = append(errs, b.att.Release())
+		b.att = nil
+	}
+	if b.pipe != nil {
+		errs = append(errs, b.pipe.Close())
+		b.pipe = nil
+	}
+	if b.neigh != nil {
+		errs = append(errs, b.neigh.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// closeFailed cleans up after New failed: an adopted data path is left
+// running as it was found (Release); a fresh one is undone (Close).
+func (b *Balancer) closeFailed() {
+	if b.pipe != nil && b.pipe.Adopted() || b.opts.State != nil && b.opts.State.Pinned() != nil {
+		b.Release()
+		return
+	}
+	b.Close()
+}
+
+// Adopted says what New took over from an earlier run, or nil.
+func (b *Balancer) Adopted() *Adoption {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.adopted
 }
 
 // SetServices makes the data path serve exactly these services: it
@@ -601,6 +733,9 @@ func (b *Balancer) sample() {
 	kept := b.retired[:0]
 	for _, id := range b.retired {
 		if st, err := b.pipe.BackendStats(id); err == nil && st.Active <= 0 {
+			if err := b.pipe.FreeBackend(id); err != nil {
+				b.log.Warn("free backend id", "id", id, "err", err)
+			}
 			b.bkIDs.free(id)
 			continue
 		}
@@ -631,3 +766,18 @@ func (a *idAllocator) alloc() (uint32, bool) {
 }
 
 func (a *idAllocator) free(id uint32) { a.released = append(a.released, id) }
+
+// reserve marks id as in use (an id an adopted state uses).
+func (a *idAllocator) reserve(id uint32) {
+	if id >= a.max {
+		return
+	}
+	if id >= a.next {
+		for i := a.next; i < id; i++ {
+			a.released = append(a.released, i)
+		}
+		a.next = id + 1
+		return
+	}
+	a.released = slices.DeleteFunc(a.released, func(x uint32) bool { return x == id })
+}

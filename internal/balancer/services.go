@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
+	"github.com/xlb-project/xlb/internal/host"
 	"github.com/xlb-project/xlb/plugins"
 )
 
@@ -70,19 +72,83 @@ func (b *Balancer) PrepareServices(ctx context.Context, specs []Service) (_ *Ser
 	}
 	// Host changes come last: a new service's VIP must be an address of
 	// the host before the service is published.
-	for _, ps := range p.services {
-		if ps.svc != nil {
-			continue
-		}
-		added, err := b.host.AddAddress(ps.spec.VIP.Addr())
-		if err != nil {
-			return nil, fmt.Errorf("service %s: %w", ps.spec.VIP, err)
-		}
-		if added {
-			p.vips = append(p.vips, ps.spec.VIP.Addr())
-		}
+	if err := b.addVIPs(ctx, p); err != nil {
+		return nil, err
+	}
+	if err := b.syncFilter(ctx, p.vips); err != nil {
+		return nil, err
 	}
 	return p, nil
+}
+
+// addVIPs adds the VIP addresses of the planned services that xlbd manages
+// and that are not addresses of the host yet, after checking with an ARP
+// probe that no other host holds them.
+func (b *Balancer) addVIPs(ctx context.Context, p *ServicesPlan) error {
+	for _, ps := range p.services {
+		a := ps.spec.VIP.Addr()
+		if ps.spec.ExternalVIP || slices.Contains(p.vips, a) || (ps.svc != nil && !ps.svc.spec.ExternalVIP && !ps.svc.adopted) {
+			continue
+		}
+		local, err := host.IsLocal(a)
+		if err != nil {
+			return err
+		}
+		if local {
+			continue
+		}
+		if b.opts.ProbeVIP != nil {
+			if err := b.opts.ProbeVIP(ctx, b.host.Index(), a); err != nil {
+				return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+			}
+		}
+		added, err := b.host.AddAddress(a)
+		if err != nil {
+			return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+		}
+		if added {
+			p.vips = append(p.vips, a)
+		}
+	}
+	return nil
+}
+
+// syncFilter makes the VIP filter hold the VIP addresses xlbd added, those
+// of services whose VIP another owner manages, and extra.
+func (b *Balancer) syncFilter(ctx context.Context, extra []netip.Addr) error {
+	f := b.opts.VIPFilter
+	if f == nil {
+		return nil
+	}
+	b.filterMu.Lock()
+	defer b.filterMu.Unlock()
+	b.mu.Lock()
+	addrs := slices.Concat(b.addedVIPs, extra)
+	for _, svc := range b.services {
+		if svc.spec.ExternalVIP {
+			addrs = append(addrs, svc.spec.VIP.Addr())
+		}
+	}
+	b.mu.Unlock()
+	if st := b.opts.State; st != nil && len(addrs) > 0 {
+		if err := st.FilterInstalled(true); err != nil {
+			return err
+		}
+	}
+	if err := f.Set(ctx, addrs); err != nil {
+		return err
+	}
+	return nil
+}
+
+// syncFilterLogged is syncFilter after a change was committed or aborted,
+// when there is nobody to return an error to.
+func (b *Balancer) syncFilterLogged() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := b.syncFilter(ctx, nil); err != nil {
+		b.log.Error("update the vip filter", "err", err)
+	}
 }
 
 // plan checks specs against the running services and reserves ids,
@@ -171,8 +237,11 @@ func (p *ServicesPlan) Commit() error {
 		return errors.New("commit services: already finished")
 	}
 	b := p.b
-	// The keeper's targets are the services' backends again afterwards.
+	// The keeper's targets are the services' backends again afterwards,
+	// and the VIP filter holds the VIPs in force, once the lock is
+	// released.
 	defer b.setTargets(nil)
+	defer b.syncFilterLogged()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.svcGen != p.gen {
@@ -212,11 +281,15 @@ func (p *ServicesPlan) apply() error {
 			if err := b.pipe.SetBackend(pb.bk.id, pb.spec.Address, uint16(min(pb.spec.Weight, 0xffff))); err != nil {
 				return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
 			}
+			if err := b.pipe.SetBackendOwner(pb.bk.id, svc.id); err != nil {
+				return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+			}
 			pb.bk.spec, pb.bk.state = pb.spec, pb.state
 			next = append(next, pb.bk)
 		}
 		svc.spec, svc.backends = ps.spec, next
 		svc.gen++
+		svc.adopted = false
 		if err := b.install(svc, ps.choice, now); err != nil {
 			return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
 		}
@@ -253,6 +326,7 @@ func (p *ServicesPlan) Abort() {
 		return
 	}
 	defer p.b.setTargets(nil)
+	defer p.b.syncFilterLogged()
 	p.b.mu.Lock()
 	defer p.b.mu.Unlock()
 	p.abortLocked()

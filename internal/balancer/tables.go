@@ -121,7 +121,7 @@ func (b *Balancer) install(svc *service, c choice, now time.Time) error {
 // state is the snapshot of svc a Selector sees and status shows. Caller
 // holds b.mu.
 func (b *Balancer) state(svc *service) ServiceState {
-	st := ServiceState{VIP: svc.spec.VIP, Protocol: svc.spec.Protocol, Policy: svc.spec.Policy, PortPool: b.portPool(svc.spec)}
+	st := ServiceState{VIP: svc.spec.VIP, Protocol: svc.spec.Protocol, Policy: svc.spec.Policy, PortPool: b.portPool(svc.spec), ExternalVIP: svc.spec.ExternalVIP}
 	for _, bk := range svc.backends {
 		stats, _ := b.pipe.BackendStats(bk.id)
 		_, hop := b.health(bk.spec.Address)

@@ -75,6 +75,11 @@ type Options struct {
 	PinRoot     string // members' maps are pinned in PinRoot/<name>
 	XLBPriority int
 	Logger      *slog.Logger
+	// Adopt makes New take the maps an earlier xlbd pinned for a member
+	// under PinRoot/<name> when they are compatible with its object's
+	// (dispatcher.Member.AdoptMaps), so the member's state survives a
+	// restart.
+	Adopt bool
 }
 
 // Chain is the chain on one interface. Its methods are safe for
@@ -83,6 +88,8 @@ type Chain struct {
 	log     *slog.Logger
 	pipe    *dispatcher.Pipeline
 	pinRoot string
+
+	adopt bool // set while New loads the members
 
 	mu      sync.Mutex
 	att     *dispatcher.Attachment
@@ -112,11 +119,12 @@ func New(opts Options, specs []Spec) (*Chain, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	c := &Chain{log: opts.Logger, pipe: opts.Pipeline, pinRoot: opts.PinRoot, xlbPrio: opts.XLBPriority}
+	c := &Chain{log: opts.Logger, pipe: opts.Pipeline, pinRoot: opts.PinRoot, xlbPrio: opts.XLBPriority, adopt: opts.Adopt}
 	if len(specs) == 0 {
 		return c, nil
 	}
 	p, err := c.Prepare(specs, opts.XLBPriority)
+	c.adopt = false
 	if err != nil {
 		return nil, err
 	}
@@ -164,6 +172,26 @@ func (c *Chain) Close() error {
 	}
 	_ = os.Remove(c.pinRoot) // only if empty
 	return errors.Join(errs...)
+}
+
+// Release lets the chain's program and the members' maps go, keeping their
+// pins (the data path stays attached).
+func (c *Chain) Release() error {
+	if c == nil {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, m := range c.members {
+		m.pins = nil // kept
+		m.m.Close()
+	}
+	c.members = nil
+	if c.prog != nil {
+		c.prog.Close()
+		c.prog = nil
+	}
+	return nil
 }
 
 // List returns the chain in run order, xlb's pipeline included.
@@ -481,6 +509,16 @@ func (c *Chain) load(s Spec) (_ *member, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if c.adopt {
+		took, err := dm.AdoptMaps(m.pinDir)
+		if err != nil {
+			return nil, err
+		}
+		if len(took) > 0 {
+			c.log.Info("chain member's pinned maps adopted", "name", s.Name, "maps", took)
+		}
+		return m, nil
+	}
 	if err := dm.CreateMaps(""); err != nil {
 		return nil, err
 	}
@@ -541,6 +579,10 @@ func (m *member) pin() (err error) {
 	maps := m.m.Maps()
 	for _, name := range m.m.MapNames() {
 		path := filepath.Join(m.pinDir, dispatcher.PinName(name))
+		if samePinned(path, maps[name]) {
+			m.pins = append(m.pins, path) // adopted: pinned there already
+			continue
+		}
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("remove stale pin %s: %w", path, err)
 		}
@@ -550,6 +592,23 @@ func (m *member) pin() (err error) {
 		m.pins = append(m.pins, path)
 	}
 	return nil
+}
+
+// samePinned tells whether the map pinned at path is mp.
+func samePinned(path string, mp *ebpf.Map) bool {
+	old, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		return false
+	}
+	defer old.Close()
+	a, errA := old.Info()
+	b, errB := mp.Info()
+	if errA != nil || errB != nil {
+		return false
+	}
+	idA, okA := a.ID()
+	idB, okB := b.ID()
+	return okA && okB && idA == idB
 }
 
 func (m *member) unpin() error {

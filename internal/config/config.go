@@ -17,6 +17,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -73,6 +74,27 @@ type Config struct {
 	XLBPriority int `mapstructure:"xlb-priority"`
 	// SYNDefence configures the SYN flood defence.
 	SYNDefence SYNDefence `mapstructure:"syn-defence"`
+	// ManageVIP is the default of the services' manage-vip: whether
+	// xlbd adds a VIP that is not an address of the host to the
+	// interface (and removes it again), or leaves the address to another
+	// owner such as keepalived.
+	ManageVIP bool `mapstructure:"manage-vip"`
+	// VIPFilter installs an nftables table that keeps the host's own
+	// services off the VIPs: on a VIP, ports no service uses are refused
+	// instead of reaching the host's listeners.
+	VIPFilter bool `mapstructure:"vip-filter"`
+
+	// FreshState (--fresh-state, not a key) makes xlbd remove the state
+	// an earlier run pinned instead of adopting it.
+	FreshState bool `mapstructure:"-"`
+}
+
+// ManagesVIP tells whether xlbd adds and removes the VIP address of s.
+func (c *Config) ManagesVIP(s Service) bool {
+	if s.ManageVIP != nil {
+		return *s.ManageVIP
+	}
+	return c.ManageVIP
 }
 
 // SYNDefence configures the SYN flood defence: SYNs from sources that have
@@ -213,6 +235,9 @@ type Service struct {
 	// SourceAddresses, when set, are the addresses this service's
 	// connections use towards its backends instead of the top-level ones.
 	SourceAddresses AddrPool `mapstructure:"source-addresses"`
+	// ManageVIP overrides the top-level manage-vip for this service; nil
+	// means the top-level value (Config.ManagesVIP).
+	ManageVIP *bool `mapstructure:"manage-vip"`
 }
 
 // Backend is a real server behind a service.
@@ -280,6 +305,8 @@ func Default() *Config {
 			},
 		},
 		SYNDefence: SYNDefence{Mode: "auto", HalfOpen: 1000, TrustFor: 10 * time.Minute},
+		ManageVIP:  true,
+		VIPFilter:  true,
 	}
 }
 
@@ -309,6 +336,8 @@ var envKeys = []string{
 	"syn-defence.mode",
 	"syn-defence.half-open",
 	"syn-defence.trust-for",
+	"manage-vip",
+	"vip-filter",
 }
 
 // fileOnlyKeys are the keys that only the configuration file may set.
@@ -329,6 +358,8 @@ var flagKeys = map[string]string{
 	"metrics-address":       "metrics-address",
 	"conntrack-max-entries": "conntrack.max-entries",
 	"syn-defence":           "syn-defence.mode",
+	"manage-vip":            "manage-vip",
+	"vip-filter":            "vip-filter",
 }
 
 // EnvName returns the environment variable that sets key, such as
@@ -362,6 +393,9 @@ func NewFlagSet() *pflag.FlagSet {
 	fs.String("metrics-address", "", "serve Prometheus metrics on `[IP]:PORT` (default: no endpoint)")
 	fs.Int("conntrack-max-entries", d.Conntrack.MaxEntries, "connection table `size`")
 	fs.String("syn-defence", d.SYNDefence.Mode, "SYN flood defence `mode`: auto, on or off")
+	fs.Bool("manage-vip", d.ManageVIP, "add each VIP that is not a host address to the interface, and remove it on exit (false: keepalived or another daemon owns it)")
+	fs.Bool("vip-filter", d.VIPFilter, "refuse, with an nftables table, traffic to a VIP on ports no service uses")
+	fs.Bool("fresh-state", false, "remove the state an earlier xlbd pinned (dropping its connections) instead of adopting it")
 	return fs
 }
 
@@ -430,6 +464,7 @@ func Parse(args []string) (*Config, error) {
 	if err := addFlagService(fs, cfg); err != nil {
 		return nil, err
 	}
+	cfg.FreshState, _ = fs.GetBool("fresh-state")
 	for i := range cfg.Services {
 		if cfg.Services[i].Policy == "" {
 			cfg.Services[i].Policy = cfg.DefaultPolicy
@@ -473,6 +508,8 @@ func setDefaults(v *viper.Viper, d *Config) {
 	v.SetDefault("syn-defence.mode", d.SYNDefence.Mode)
 	v.SetDefault("syn-defence.half-open", d.SYNDefence.HalfOpen)
 	v.SetDefault("syn-defence.trust-for", d.SYNDefence.TrustFor)
+	v.SetDefault("manage-vip", d.ManageVIP)
+	v.SetDefault("vip-filter", d.VIPFilter)
 }
 
 // readFile reads the YAML file at path and checks that it holds only known
@@ -559,4 +596,23 @@ func addFlagService(fs *pflag.FlagSet, cfg *Config) error {
 	}
 	cfg.Services = append(cfg.Services, svc)
 	return nil
+}
+
+// PinPathOf reads the pin-path key of the configuration file at path,
+// without checking the rest of the configuration (xlbd cleanup). It
+// returns "" when the file does not set it.
+func PinPathOf(path string) (string, error) {
+	raw, err := readFile(path)
+	if err != nil {
+		return "", err
+	}
+	v, ok := raw["pin-path"]
+	if !ok {
+		return "", nil
+	}
+	s, ok := v.(string)
+	if !ok || !filepath.IsAbs(s) {
+		return "", fmt.Errorf("pin-path: %v is not an absolute path", v)
+	}
+	return s, nil
 }

@@ -302,6 +302,8 @@ var (
 		"log-format":       leaf,
 		"metrics-address":  leaf,
 		"xlb-priority":     leaf,
+		"manage-vip":       leaf,
+		"vip-filter":       leaf,
 		"conntrack": {fields: map[string]*schema{
 			"max-entries": leaf,
 			"gc-interval": leaf,
@@ -324,6 +326,7 @@ var (
 			"protocol":         leaf,
 			"policy":           leaf,
 			"source-addresses": leaf,
+			"manage-vip":       leaf,
 			"backends": {elem: &schema{orString: true, fields: map[string]*schema{
 				"address": leaf,
 				"weight":  leaf,

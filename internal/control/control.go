@@ -50,6 +50,9 @@ type Service struct {
 	Protocol string    `json:"protocol"` // tcp or udp
 	Policy   string    `json:"policy"`
 	Backends []Backend `json:"backends"`
+	// ManageVIP: xlbd adds and removes the VIP address (false: another
+	// owner, such as keepalived, does).
+	ManageVIP bool `json:"manage_vip"`
 }
 
 // Status is xlbd's state.
@@ -62,6 +65,37 @@ type Status struct {
 	Policies        []PolicyStatus    `json:"policies"`
 	LastReload      *ReloadStatus     `json:"last_reload,omitempty"` // nil before the first
 	Counters        map[string]uint64 `json:"counters"`
+	State           StateStatus       `json:"state"`
+}
+
+// StateStatus says where the data path is pinned and how this xlbd took
+// it up.
+type StateStatus struct {
+	PinPath string `json:"pin_path"`
+	Layout  string `json:"layout"` // the layout version of the pinned maps
+	// Adopted is what xlbd took over from an earlier run at start; nil
+	// when it started afresh.
+	Adopted *Adopted `json:"adopted,omitempty"`
+	// VIPFilter is the nftables table keeping the host's services off the
+	// VIPs, and the VIPs it holds; empty when vip-filter is false.
+	VIPFilter     string   `json:"vip_filter,omitempty"`
+	VIPFilterAddr []string `json:"vip_filter_addresses,omitempty"`
+}
+
+// Adopted is what an xlbd took over from an earlier run's pinned state.
+type Adopted struct {
+	Services    int `json:"services"`
+	BackendIDs  int `json:"backend_ids"`
+	Retired     int `json:"retired"`
+	Connections int `json:"connections"`
+	Addresses   int `json:"addresses"`
+}
+
+// ShutdownRequest asks xlbd to stop. With KeepDatapath the data path keeps
+// forwarding, pinned for the next xlbd; without it everything is removed,
+// as on SIGTERM.
+type ShutdownRequest struct {
+	KeepDatapath bool `json:"keep_datapath"`
 }
 
 // ReloadStatus is the outcome of the last configuration reload.
@@ -209,6 +243,8 @@ type Handler interface {
 	ChainList(ctx context.Context) ([]ChainMember, error)
 	ChainAdd(ctx context.Context, m ChainMember) error
 	ChainRemove(ctx context.Context, name string) error
+	// Shutdown makes xlbd stop after it answered.
+	Shutdown(ctx context.Context, req ShutdownRequest) error
 }
 
 // ErrNotSupported is returned by handlers for features not built in.
@@ -272,6 +308,13 @@ func Serve(ctx context.Context, path string, h Handler) error {
 	})
 	mux.HandleFunc("DELETE /v1/chain/{name}", func(w http.ResponseWriter, r *http.Request) {
 		send(w, struct{}{}, h.ChainRemove(r.Context(), r.PathValue("name")))
+	})
+	mux.HandleFunc("POST /v1/shutdown", func(w http.ResponseWriter, r *http.Request) {
+		var req ShutdownRequest
+		if !decode(w, r, &req) {
+			return
+		}
+		send(w, struct{}{}, h.Shutdown(r.Context(), req))
 	})
 	err = ServeHTTP(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, l)
 	_ = os.Remove(path)
@@ -450,4 +493,9 @@ func (c *Client) ChainAdd(ctx context.Context, m ChainMember) error {
 // ChainRemove removes a member.
 func (c *Client) ChainRemove(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/chain/"+name, nil, nil)
+}
+
+// Shutdown asks xlbd to stop.
+func (c *Client) Shutdown(ctx context.Context, req ShutdownRequest) error {
+	return c.do(ctx, http.MethodPost, "/v1/shutdown", req, nil)
 }

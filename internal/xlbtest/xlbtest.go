@@ -6,6 +6,7 @@ package xlbtest
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/cilium/ebpf/btf"
 
+	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/testnet"
 )
@@ -101,12 +103,13 @@ func Cleanup() {
 
 // Daemon is a running xlbd.
 type Daemon struct {
-	Socket string
-	Dir    string // the binaries' directory (xlbd's default plugin dir)
-	cmd    *exec.Cmd
-	log    *syncBuffer
-	done   chan struct{}
-	err    error
+	Socket  string
+	PinPath string // where it pins its state
+	Dir     string // the binaries' directory (xlbd's default plugin dir)
+	cmd     *exec.Cmd
+	log     *syncBuffer
+	done    chan struct{}
+	err     error
 }
 
 // SyncBuffer collects a process's output; it is safe for concurrent use.
@@ -135,9 +138,20 @@ func (s *syncBuffer) String() string {
 // if the test failed.
 func Start(t testnet.TB, ns *testnet.NS, args ...string) *Daemon {
 	t.Helper()
+	return StartBinary(t, ns, "", args...)
+}
+
+// StartBinary is Start with another xlbd binary ("" is the one Build
+// made), such as a build of another version for an upgrade. Its default
+// plugin directory is its own; Dir is still Build's, for xlbctl.
+func StartBinary(t testnet.TB, ns *testnet.NS, xlbd string, args ...string) *Daemon {
+	t.Helper()
 	dir, err := Build()
 	if err != nil {
 		t.Fatal(err)
+	}
+	if xlbd == "" {
+		xlbd = filepath.Join(dir, "xlbd")
 	}
 	d := &Daemon{Dir: dir, log: &syncBuffer{}, done: make(chan struct{})}
 	if !hasFlag(args, "--socket") {
@@ -151,7 +165,15 @@ func Start(t testnet.TB, ns *testnet.NS, args ...string) *Daemon {
 	} else {
 		d.Socket = flagValue(args, "--socket")
 	}
-	d.cmd = exec.Command("nsenter", append([]string{"--net=" + ns.Path, "--", filepath.Join(dir, "xlbd")}, args...)...)
+	if d.PinPath = ConfigPinPath(args); d.PinPath == "" {
+		d.PinPath = NewPinPath()
+		args = append(args, "--pin-path", d.PinPath)
+	}
+	// Registered before the stop below, so it runs after it: whatever
+	// the daemon left (it may have been killed, or told to keep its data
+	// path) is removed.
+	t.Cleanup(func() { CleanupPinPath(ns, d.PinPath) })
+	d.cmd = exec.Command("nsenter", append([]string{"--net=" + ns.Path, "--", xlbd}, args...)...)
 	d.cmd.Stdout = d.log
 	d.cmd.Stderr = d.log
 	if err := d.cmd.Start(); err != nil {
@@ -247,6 +269,45 @@ func ProcessGone(pid int) bool {
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	return i < 0 || i+2 >= len(s) || s[i+2] == 'Z'
+}
+
+// NewPinPath returns a fresh pin path on the bpffs for one test's xlbd (not
+// created): tests never share the default one, which another xlbd on the
+// machine may use.
+func NewPinPath() string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return fmt.Sprintf("/sys/fs/bpf/xlbt-%x", b)
+}
+
+// CleanupPinPath removes what an xlbd left under pinPath, as `xlbd cleanup`
+// run in ns does; when that fails (the namespace is gone) it removes the
+// pins.
+func CleanupPinPath(ns *testnet.NS, pinPath string) {
+	if _, err := os.Stat(pinPath); err != nil {
+		return
+	}
+	if dir, err := Build(); err == nil {
+		cmd := exec.Command("nsenter", "--net="+ns.Path, "--", filepath.Join(dir, "xlbd"), "cleanup", "--pin-path", pinPath)
+		if cmd.Run() == nil {
+			return
+		}
+	}
+	_ = os.RemoveAll(pinPath)
+}
+
+// ConfigPinPath is the pin path args give: --pin-path, or a --config
+// file's pin-path.
+func ConfigPinPath(args []string) string {
+	if p := flagValue(args, "--pin-path"); p != "" {
+		return p
+	}
+	if f := flagValue(args, "--config"); f != "" {
+		if p, err := config.PinPathOf(f); err == nil {
+			return p
+		}
+	}
+	return ""
 }
 
 func hasFlag(args []string, name string) bool {
