@@ -1,0 +1,835 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+
+	"github.com/xlb-project/xlb/internal/control"
+	"github.com/xlb-project/xlb/internal/testnet"
+	"github.com/xlb-project/xlb/internal/vipfilter"
+	"github.com/xlb-project/xlb/internal/xlbtest"
+)
+
+// Restarts, upgrades and crashes under traffic: every case keeps
+// streamConns long-lived connections streaming both ways through xlb while
+// new connections arrive at newPerSec, and counts broken connections and
+// failed requests.
+
+const (
+	streamPort  = 7000 // the backends' echo service, and its VIP port
+	streamConns = 30
+	newPerSec   = 20
+	// streamStall is how long a long-lived connection may go without an
+	// echo before it counts as broken.
+	streamStall = 5 * time.Second
+)
+
+// serveEcho serves TCP echo on host h's port: every byte a client sends
+// comes back.
+func serveEcho(t testing.TB, h *testnet.Host, port int) {
+	t.Helper()
+	l, err := h.NS.Listen("tcp", addr(h, port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+}
+
+// stream is one long-lived connection of the traffic.
+type stream struct {
+	from string // client and local address
+	mu   sync.Mutex
+	msgs int
+	last time.Time // of the last echo that came back right
+	err  error     // why it broke; nil while it streams
+}
+
+// traffic is the load every case runs.
+type traffic struct {
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	streams []*stream
+	mu      sync.Mutex
+	reqs    []attempt
+}
+
+// startTraffic opens streamConns connections from the clients to
+// vip:streamPort, each sending a 256-byte message every 20 ms and checking
+// its echo, and makes newPerSec new HTTP connections per second to vip:80.
+// It fails the test if a long-lived connection cannot be opened.
+func startTraffic(t *testing.T, clients []*testnet.Host, vip netip.Addr) *traffic {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	tr := &traffic{cancel: cancel}
+	t.Cleanup(func() { tr.stop() })
+	for i := range streamConns {
+		h := clients[i%len(clients)]
+		dctx, dcancel := context.WithTimeout(ctx, 5*time.Second)
+		conn, err := h.NS.Dial(dctx, "tcp", netip.AddrPortFrom(vip, streamPort).String())
+		dcancel()
+		if err != nil {
+			t.Fatalf("open long-lived connection %d: %v", i, err)
+		}
+		s := &stream{from: h.Name + " " + conn.LocalAddr().String(), last: time.Now()}
+		tr.streams = append(tr.streams, s)
+		tr.wg.Add(1)
+		go func() {
+			defer tr.wg.Done()
+			defer conn.Close()
+			tr.runStream(ctx, conn, s, uint64(i))
+		}()
+	}
+	url := "http://" + netip.AddrPortFrom(vip, 80).String() + "/"
+	httpClients := make([]*http.Client, len(clients))
+	for i, h := range clients {
+		httpClients[i] = h.NS.HTTPClient(false)
+		httpClients[i].Timeout = 5 * time.Second
+	}
+	tr.wg.Add(1)
+	go func() {
+		defer tr.wg.Done()
+		tick := time.NewTicker(time.Second / newPerSec)
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			c := httpClients[i%len(httpClients)]
+			tr.wg.Add(1)
+			go func() {
+				defer tr.wg.Done()
+				start := time.Now()
+				b, err := get(nil, c, url)
+				if err != nil && ctx.Err() != nil {
+					return // stopped meanwhile
+				}
+				tr.mu.Lock()
+				tr.reqs = append(tr.reqs, attempt{start: start, took: time.Since(start), backend: b, err: err})
+				tr.mu.Unlock()
+			}()
+		}
+	}()
+	return tr
+}
+
+func (tr *traffic) runStream(ctx context.Context, conn net.Conn, s *stream, id uint64) {
+	out := make([]byte, 256)
+	in := make([]byte, 256)
+	for seq := uint64(0); ctx.Err() == nil; seq++ {
+		binary.BigEndian.PutUint64(out[0:], id)
+		binary.BigEndian.PutUint64(out[8:], seq)
+		for i := 16; i < len(out); i++ {
+			out[i] = byte(seq) + byte(i)
+		}
+		err := conn.SetDeadline(time.Now().Add(streamStall))
+		if err == nil {
+			_, err = conn.Write(out)
+		}
+		if err == nil {
+			_, err = io.ReadFull(conn, in)
+		}
+		if err == nil && !bytes.Equal(in, out) {
+			err = fmt.Errorf("message %d came back changed", seq)
+		}
+		if err != nil {
+			if ctx.Err() == nil {
+				s.mu.Lock()
+				s.err = err
+				s.mu.Unlock()
+			}
+			return
+		}
+		s.mu.Lock()
+		s.msgs++
+		s.last = time.Now()
+		s.mu.Unlock()
+		select {
+		case <-ctx.Done():
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// stop ends the traffic.
+func (tr *traffic) stop() {
+	tr.cancel()
+	tr.wg.Wait()
+}
+
+// broken lists the long-lived connections that broke.
+func (tr *traffic) broken() []string {
+	var out []string
+	for _, s := range tr.streams {
+		s.mu.Lock()
+		if s.err != nil {
+			out = append(out, fmt.Sprintf("%s: %v", s.from, s.err))
+		}
+		s.mu.Unlock()
+	}
+	return out
+}
+
+// attempts returns the new connections made so far.
+func (tr *traffic) attempts() []attempt {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	return slices.Clone(tr.reqs)
+}
+
+// check stops the traffic and fails the test for any broken connection,
+// any failed request, and any long-lived connection that sent nothing
+// after since.
+func (tr *traffic) check(t *testing.T, what string, since time.Time) {
+	t.Helper()
+	tr.stop()
+	broken := tr.broken()
+	reqs := tr.attempts()
+	var failed []string
+	var worst time.Duration
+	for _, a := range reqs {
+		worst = max(worst, a.took)
+		if a.err != nil {
+			failed = append(failed, fmt.Sprintf("%s: %v", a.start.Format("15:04:05.000"), a.err))
+		}
+	}
+	msgs, stale := 0, 0
+	for _, s := range tr.streams {
+		s.mu.Lock()
+		msgs += s.msgs
+		if s.err == nil && !s.last.After(since) {
+			stale++
+		}
+		s.mu.Unlock()
+	}
+	t.Logf("%s: %d long-lived connections, %d broken, %d messages echoed; %d new connections, %d failed, slowest %v",
+		what, len(tr.streams), len(broken), msgs, len(reqs), len(failed), worst)
+	for i, b := range broken {
+		if i == 5 {
+			t.Errorf("... and %d more broken", len(broken)-5)
+			break
+		}
+		t.Errorf("%s: broken: %s", what, b)
+	}
+	for i, f := range failed {
+		if i == 5 {
+			t.Errorf("... and %d more failed", len(failed)-5)
+			break
+		}
+		t.Errorf("%s: failed request at %s", what, f)
+	}
+	if stale > 0 {
+		t.Errorf("%s: %d long-lived connections echoed nothing after %s", what, stale, since.Format("15:04:05.000"))
+	}
+	if len(reqs) < 10 {
+		t.Errorf("%s: only %d new connections made", what, len(reqs))
+	}
+}
+
+// restartTopo is configTopo with the echo service on every backend and a
+// VIP that xlbd adds to the interface, streamPort and 80 on it.
+type restartTopo struct {
+	*configTopo
+	vipAddr netip.Addr
+	pin     string
+	yaml    string
+}
+
+func newRestartTopo(t *testing.T, extraYAML string) *restartTopo {
+	t.Helper()
+	ct := newConfigTopo(t, "native")
+	rt := &restartTopo{configTopo: ct, vipAddr: ct.lan.AddrInSubnet(100), pin: xlbtest.NewPinPath()}
+	for _, h := range []*testnet.Host{ct.ba, ct.bb, ct.bc} {
+		serveEcho(t, h, streamPort)
+	}
+	rt.yaml = fmt.Sprintf("iface: eth0\npin-path: %s\n%sservices:\n  - vip: %s:80\n    backends: [%s, %s]\n  - vip: %s:%d\n    policy: least-conn\n    backends: [%s, %s]\n",
+		rt.pin, extraYAML, rt.vipAddr, addr(ct.ba, backendPort), addr(ct.bb, backendPort),
+		rt.vipAddr, streamPort, addr(ct.ba, streamPort), addr(ct.bb, streamPort))
+	return rt
+}
+
+// startXlbd starts an xlbd (binary, or the one built from this tree when
+// "") with the topology's configuration and pin path.
+func (rt *restartTopo) startXlbd(t *testing.T) {
+	t.Helper()
+	rt.start(t, rt.yaml)
+}
+
+// xlbctl runs xlbctl against the running xlbd.
+func (rt *restartTopo) xlbctl(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(rt.d.Dir, "xlbctl"), append([]string{"--socket", rt.d.Socket}, args...)...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// waitExit waits for xlbd to exit and returns its error.
+func waitExit(t *testing.T, d *xlbtest.Daemon, within time.Duration) error {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		if done, err := d.Exited(); done {
+			return err
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("xlbd still running after %v", within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// pluginPids are the policy plugins' pids in a status.
+func pluginPids(st control.Status) []int {
+	var out []int
+	for _, p := range st.Policies {
+		if p.Pid > 0 {
+			out = append(out, p.Pid)
+		}
+	}
+	return out
+}
+
+// waitGone waits until every process of pids has exited.
+func waitGone(t *testing.T, pids []int, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for _, pid := range pids {
+		for !xlbtest.ProcessGone(pid) {
+			if time.Now().After(deadline) {
+				t.Errorf("plugin process %d still runs %v after xlbd stopped", pid, within)
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
+// backendIDs maps "vip backend" to its backend id in a status.
+func backendIDs(st control.Status) map[string]uint32 {
+	out := map[string]uint32{}
+	for _, s := range st.Services {
+		for _, b := range s.Backends {
+			out[s.VIP+" "+b.Address] = b.ID
+		}
+	}
+	return out
+}
+
+// activeSum is the open connections over every backend in a status.
+func activeSum(st control.Status) int64 {
+	var n int64
+	for _, s := range st.Services {
+		for _, b := range s.Backends {
+			n += b.Active
+		}
+	}
+	return n
+}
+
+// TestRestartKeepDatapath stops xlbd with `xlbctl shutdown --keep-datapath`
+// under traffic, checks that the data path stayed (link, pins, addresses)
+// while the plugins went, starts a new xlbd on the same pin path and checks
+// that it adopted everything: same backend ids, the connections counted,
+// the secrets (long-lived connections keep their sequence translation). No
+// connection breaks, no request fails.
+func TestRestartKeepDatapath(t *testing.T) {
+	rt := newRestartTopo(t, "")
+	rt.startXlbd(t)
+	tr := startTraffic(t, []*testnet.Host{rt.c1, rt.c2}, rt.vipAddr)
+	time.Sleep(2 * time.Second)
+	ctx := context.Background()
+	before, err := rt.d.Client().Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if before.State.Adopted != nil || before.State.PinPath != rt.pin {
+		t.Fatalf("first xlbd's state: %+v, want a fresh start pinned at %s", before.State, rt.pin)
+	}
+	running := lbState(t, rt.lb)
+
+	out, err := rt.xlbctl(t, "shutdown", "--keep-datapath")
+	if err != nil {
+		t.Fatalf("xlbctl shutdown --keep-datapath: %v\n%s", err, out)
+	}
+	stopped := time.Now()
+	if err := waitExit(t, rt.d, 5*time.Second); err != nil {
+		t.Errorf("xlbd exited with %v, want status 0", err)
+	}
+	t.Logf("xlbctl: %s", strings.TrimSpace(out))
+	waitGone(t, pluginPids(before), 3*time.Second)
+	if now := lbState(t, rt.lb); !now.equal(running) {
+		t.Errorf("host while no xlbd runs:\n  %v\nwhile it ran:\n  %v", now, running)
+	}
+	for _, pin := range []string{"xlb_link", "xlb_conns", "xlb_progs", "xlb_layout", "xlb_host"} {
+		if _, err := os.Stat(filepath.Join(rt.pin, pin)); err != nil {
+			t.Errorf("pin %s: %v", pin, err)
+		}
+	}
+	time.Sleep(time.Second) // traffic with no daemon
+
+	first := rt.d
+	rt.startXlbd(t)
+	ready := time.Now()
+	t.Logf("restart: %v from the shutdown to the new xlbd ready (1 s of it waiting on purpose)", ready.Sub(stopped))
+	after, err := rt.d.Client().Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := after.State.Adopted
+	if a == nil || a.Services != 2 || a.Connections < streamConns {
+		t.Errorf("second xlbd adopted %+v, want 2 services and at least %d connections", a, streamConns)
+	}
+	if b, a := backendIDs(before), backendIDs(after); !mapsEqual(b, a) {
+		t.Errorf("backend ids before %v, after %v", b, a)
+	}
+	if n := activeSum(after); n < streamConns {
+		t.Errorf("%d active connections counted after the restart, want at least %d", n, streamConns)
+	}
+	if !strings.Contains(rt.d.Output(), "adopted the pinned state") || strings.Contains(first.Output(), "adopted") {
+		t.Errorf("logs do not say which xlbd adopted")
+	}
+	time.Sleep(3 * time.Second)
+	tr.check(t, "restart with --keep-datapath", ready)
+	c := rt.counters(t)
+	if c["drop_no_conn"] != 0 || c["drop_stale"] != 0 {
+		t.Errorf("counters: drop_no_conn %d, drop_stale %d", c["drop_no_conn"], c["drop_stale"])
+	}
+}
+
+// xdpProgID is the id of the XDP program attached to host h's interface,
+// 0 when there is none.
+func xdpProgID(t *testing.T, h *testnet.Host) uint32 {
+	t.Helper()
+	var id uint32
+	err := h.NS.Do(func() error {
+		l, err := netlink.LinkByName(h.Iface)
+		if err != nil {
+			return err
+		}
+		if x := l.Attrs().Xdp; x != nil && x.Attached {
+			id = x.ProgId
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// TestCrashRecovery kills xlbd with SIGKILL under traffic: the data path
+// keeps forwarding, established and new connections, with the tables in
+// force; the plugins die with xlbd. A new xlbd started 5 s later adopts
+// it all. Nothing breaks, nothing fails.
+func TestCrashRecovery(t *testing.T) {
+	rt := newRestartTopo(t, "")
+	rt.startXlbd(t)
+	tr := startTraffic(t, []*testnet.Host{rt.c1, rt.c2}, rt.vipAddr)
+	time.Sleep(2 * time.Second)
+	before, err := rt.d.Client().Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	running := lbState(t, rt.lb)
+	prog := xdpProgID(t, rt.lb)
+	if err := rt.d.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitExit(t, rt.d, 5*time.Second)
+	killed := time.Now()
+	waitGone(t, pluginPids(before), 2*time.Second)
+	if now := lbState(t, rt.lb); !now.equal(running) || xdpProgID(t, rt.lb) != prog {
+		t.Errorf("host after kill -9:\n  %v (program %d)\nwhile xlbd ran:\n  %v (program %d)", now, xdpProgID(t, rt.lb), running, prog)
+	}
+	time.Sleep(5 * time.Second)
+	restarting := time.Now()
+	rt.startXlbd(t)
+	ready := time.Now()
+	t.Logf("new xlbd ready %v after it started", ready.Sub(restarting))
+	served, failed := 0, 0
+	for _, a := range tr.attempts() {
+		if a.start.After(killed) && a.start.Before(restarting) {
+			if a.err == nil {
+				served++
+			} else {
+				failed++
+			}
+		}
+	}
+	t.Logf("while no xlbd ran (%v): %d new connections served, %d failed", restarting.Sub(killed), served, failed)
+	if served < 4*newPerSec || failed > 0 {
+		t.Errorf("while no xlbd ran: %d new connections served, %d failed; want about %d served, none failed", served, failed, 5*newPerSec)
+	}
+	after, err := rt.d.Client().Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := after.State.Adopted; a == nil || a.Connections < streamConns {
+		t.Errorf("new xlbd adopted %+v, want at least %d connections", a, streamConns)
+	}
+	if b, a := backendIDs(before), backendIDs(after); !mapsEqual(b, a) {
+		t.Errorf("backend ids before %v, after %v", b, a)
+	}
+	if now := xdpProgID(t, rt.lb); now == prog || now == 0 {
+		t.Errorf("xdp program %d after the restart, was %d: not replaced", now, prog)
+	}
+	time.Sleep(3 * time.Second)
+	tr.check(t, "kill -9, then a new xlbd 5 s later", ready)
+}
+
+// buildVariant builds xlbd from a copy of this module changed by edit
+// (paths relative to the module root), regenerating the BPF object with
+// bpf2go: another build, as an upgrade brings.
+func buildVariant(t *testing.T, name string, edit func(root string) error) string {
+	t.Helper()
+	root, err := xlbtest.ModuleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tarOut := exec.Command("tar", "-C", root, "--exclude=./.git", "--exclude=./bin", "-cf", "-", ".")
+	tarIn := exec.Command("tar", "-C", dir, "-xf", "-")
+	pipe, err := tarOut.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tarIn.Stdin = pipe
+	if err := tarIn.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tarOut.Run(); err != nil {
+		t.Fatalf("copy module: %v", err)
+	}
+	if err := tarIn.Wait(); err != nil {
+		t.Fatalf("copy module: %v", err)
+	}
+	if err := edit(dir); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"generate", "./dispatcher/"}, {"build", "-o", "xlbd-" + name, "./cmd/xlbd"}} {
+		cmd := exec.Command("go", args...)
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go %v in the %s copy: %v\n%s", args, name, err, out)
+		}
+	}
+	return filepath.Join(dir, "xlbd-"+name)
+}
+
+// appendTo appends text to the file at path.
+func appendTo(path, text string) error {
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(text); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// programNamed tells whether a BPF program of that name is loaded.
+func programNamed(t *testing.T, name string) bool {
+	t.Helper()
+	var id ebpf.ProgramID
+	for {
+		next, err := ebpf.ProgramGetNextID(id)
+		if err != nil {
+			return false
+		}
+		id = next
+		p, err := ebpf.NewProgramFromID(id)
+		if err != nil {
+			continue
+		}
+		info, err := p.Info()
+		p.Close()
+		if err == nil && info.Name == name {
+			return true
+		}
+	}
+}
+
+// TestUpgrade replaces a running xlbd with a build of other code and the
+// same layout, under traffic: the new build adopts the pinned state and
+// its programs replace the old ones in the link, nothing breaks. A build
+// whose layout differs (a field added to struct xlb_backend) is refused
+// with the documented message, and changes nothing.
+func TestUpgrade(t *testing.T) {
+	testnet.RequirePrivileged(t)
+	const marker = "xlb_v2_marker"
+	upgrade := buildVariant(t, "upgrade", func(root string) error {
+		return appendTo(filepath.Join(root, "programs/xlb.c"),
+			"\n/* A program only this build has, to tell its programs loaded. */\nSEC(\"xdp\") int "+marker+"(struct xdp_md *ctx) { return XDP_PASS; }\n")
+	})
+	changed := buildVariant(t, "layout", func(root string) error {
+		path := filepath.Join(root, "programs/include/xlb_structs.h")
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		old := "\t__u16 weight; /* 0: not selectable */\n};"
+		if !bytes.Contains(b, []byte(old)) {
+			return fmt.Errorf("struct xlb_backend not as expected in %s", path)
+		}
+		return os.WriteFile(path, bytes.Replace(b, []byte(old), []byte("\t__u16 weight; /* 0: not selectable */\n\t__u32 spare;\n};"), 1), 0o644)
+	})
+	if programNamed(t, marker) {
+		t.Fatalf("program %s loaded before the upgrade", marker)
+	}
+	rt := newRestartTopo(t, "")
+	rt.startXlbd(t)
+	tr := startTraffic(t, []*testnet.Host{rt.c1, rt.c2}, rt.vipAddr)
+	time.Sleep(2 * time.Second)
+	if out, err := rt.xlbctl(t, "shutdown", "--keep-datapath"); err != nil {
+		t.Fatalf("xlbctl shutdown --keep-datapath: %v\n%s", err, out)
+	}
+	waitExit(t, rt.d, 5*time.Second)
+	running := lbState(t, rt.lb)
+	prog := xdpProgID(t, rt.lb)
+
+	t.Run("changed layout refused", func(t *testing.T) {
+		rt.writeConfig(t, rt.yaml)
+		code, out := runXlbdBinary(t, rt.lb.NS, changed, nil, "--config", rt.file, "--plugin-dir", rt.d.Dir)
+		t.Logf("xlbd with another layout:\n%s", out)
+		if code != 1 {
+			t.Errorf("exit status %d, want 1", code)
+		}
+		for _, want := range []string{"pinned state has another layout", "map xlb_backends", "struct xlb_backend", "spare", "xlbd cleanup", "--fresh-state"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("output lacks %q", want)
+			}
+		}
+		if now := lbState(t, rt.lb); !now.equal(running) || xdpProgID(t, rt.lb) != prog {
+			t.Errorf("the refused xlbd changed the host:\n  %v\nwas\n  %v", now, running)
+		}
+	})
+
+	rt.d = xlbtest.StartBinary(t, rt.lb.NS, upgrade, "--config", rt.file, "--plugin-dir", rt.d.Dir, "--log-level", "debug")
+	ready := time.Now()
+	if !programNamed(t, marker) {
+		t.Errorf("program %s of the new build is not loaded", marker)
+	}
+	if now := xdpProgID(t, rt.lb); now == prog || now == 0 {
+		t.Errorf("xdp program %d after the upgrade, was %d: not replaced", now, prog)
+	}
+	st, err := rt.d.Client().Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := st.State.Adopted; a == nil || a.Connections < streamConns {
+		t.Errorf("the new build adopted %+v, want at least %d connections", a, streamConns)
+	}
+	time.Sleep(3 * time.Second)
+	tr.check(t, "upgrade to a build with the same layout", ready)
+}
+
+// runXlbdBinary is runXlbd with another xlbd binary.
+func runXlbdBinary(t *testing.T, ns *testnet.NS, xlbd string, env []string, args ...string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	args = append(args, "--socket", filepath.Join(t.TempDir(), "xlbd.sock"))
+	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + ns.Path, "--", xlbd}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return 0, string(out)
+	case errors.As(err, &ee) && ee.Exited():
+		return ee.ExitCode(), string(out)
+	}
+	t.Fatalf("run %s %v: %v\n%s", xlbd, args, err, out)
+	return -1, ""
+}
+
+// hostEverything is what xlbd may leave on the load balancer host.
+type hostEverything struct {
+	host   hostState
+	pins   bool // the pin directory exists
+	filter bool // the VIP filter's nftables table exists
+}
+
+func (rt *restartTopo) everything(t *testing.T) hostEverything {
+	t.Helper()
+	e := hostEverything{host: lbState(t, rt.lb)}
+	_, err := os.Stat(rt.pin)
+	e.pins = err == nil
+	err = rt.lb.NS.Do(func() error {
+		var err error
+		e.filter, err = vipfilter.Exists(context.Background(), vipfilter.Table("eth0"))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// checkNothingLeft fails the test unless the host is as before xlbd
+// started: no XDP program, the same addresses, forwarding restored, no
+// pins, no VIP filter, no plugin process.
+func (rt *restartTopo) checkNothingLeft(t *testing.T, before hostEverything, plugins []int) {
+	t.Helper()
+	after := rt.everything(t)
+	if !after.host.equal(before.host) {
+		t.Errorf("host after:\n  %v\nbefore xlbd started:\n  %v", after.host, before.host)
+	}
+	if after.pins {
+		ents, _ := os.ReadDir(rt.pin)
+		t.Errorf("pin directory %s left, holding %v", rt.pin, ents)
+	}
+	if after.filter {
+		t.Errorf("vip filter (nftables table ip %s) left", vipfilter.Table("eth0"))
+	}
+	waitGone(t, plugins, 2*time.Second)
+}
+
+// stopTopo is restartTopo with a source address xlbd adds, forwarding
+// off at the start and a chain member, so that a stop has everything to
+// remove.
+func newStopTopo(t *testing.T) (*restartTopo, hostEverything) {
+	t.Helper()
+	rt := newRestartTopo(t, "")
+	src := rt.lan.AddrInSubnet(101)
+	rt.yaml = strings.Replace(rt.yaml, "iface: eth0\n", fmt.Sprintf("iface: eth0\nsource-addresses: [%s, %s]\nchain:\n  - {name: filter, object: %s, program: xdpfilt_alw_ip}\n", rt.lb.IP, src, xdpFilterIP), 1)
+	rt.lb.NS.Sysctl(t, "net.ipv4.conf.eth0.forwarding", "0")
+	before := rt.everything(t)
+	if before.host.XDP != "" || before.pins || before.filter || before.host.Forwarding != "0" {
+		t.Fatalf("host before xlbd started: %+v", before)
+	}
+	rt.startXlbd(t)
+	now := rt.everything(t)
+	if now.host.XDP == "" || !now.pins || !now.filter || now.host.Forwarding != "1" || len(now.host.Addrs) != len(before.host.Addrs)+2 {
+		t.Fatalf("xlbd running, host: %+v; want xdp, pins, the vip filter, forwarding and two more addresses", now)
+	}
+	if _, err := os.Stat(filepath.Join(rt.pin, "chain", "filter")); err != nil {
+		t.Fatalf("chain member's pins: %v", err)
+	}
+	return rt, before
+}
+
+// TestStopRemovesEverything: SIGTERM stops xlbd and removes everything it
+// made: the link and its program, every pin (the data path's, the chain
+// member's, the host record), the VIP and source addresses it added, the
+// VIP filter, forwarding restored, the plugin processes gone. The
+// long-lived connections then break: their data path is gone.
+func TestStopRemovesEverything(t *testing.T) {
+	rt, before := newStopTopo(t)
+	tr := startTraffic(t, []*testnet.Host{rt.c1, rt.c2}, rt.vipAddr)
+	time.Sleep(2 * time.Second)
+	st, err := rt.d.Client().Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rt.d.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitExit(t, rt.d, 10*time.Second); err != nil {
+		t.Errorf("xlbd exited with %v after SIGTERM, want status 0", err)
+	}
+	rt.checkNothingLeft(t, before, pluginPids(st))
+	time.Sleep(streamStall + time.Second)
+	tr.stop()
+	broken := tr.broken()
+	t.Logf("after SIGTERM: %d of %d long-lived connections broken, as expected with the data path removed", len(broken), streamConns)
+	if len(broken) != streamConns {
+		t.Errorf("%d of %d long-lived connections broke after SIGTERM removed the data path", len(broken), streamConns)
+	}
+}
+
+// TestCrashCleanup: after kill -9, `xlbd cleanup` removes everything xlbd
+// left (the data path keeps running until then).
+func TestCrashCleanup(t *testing.T) {
+	rt, before := newStopTopo(t)
+	tr := startTraffic(t, []*testnet.Host{rt.c1, rt.c2}, rt.vipAddr)
+	time.Sleep(2 * time.Second)
+	st, err := rt.d.Client().Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rt.d.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitExit(t, rt.d, 5*time.Second)
+	waitGone(t, pluginPids(st), 2*time.Second)
+	if left := rt.everything(t); left.host.XDP == "" || !left.pins || !left.filter {
+		t.Errorf("after kill -9 the data path is gone: %+v", left)
+	}
+	time.Sleep(time.Second)
+	if b := tr.broken(); len(b) > 0 {
+		t.Errorf("connections broken before the cleanup: %v", b)
+	}
+	out, err := exec.Command("nsenter", "--net="+rt.lb.NS.Path, "--", filepath.Join(rt.d.Dir, "xlbd"), "cleanup", "--config", rt.file).CombinedOutput()
+	t.Logf("xlbd cleanup:\n%s", out)
+	if err != nil {
+		t.Fatalf("xlbd cleanup: %v", err)
+	}
+	for _, want := range []string{"detached the pinned XDP link", "removed address " + rt.vipAddr.String(), "restored net.ipv4.conf.eth0.forwarding to 0",
+		"removed the VIP filter", "removed the chain members' pins", "removed the pinned maps"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("cleanup output lacks %q", want)
+		}
+	}
+	rt.checkNothingLeft(t, before, nil)
+	out, err = exec.Command("nsenter", "--net="+rt.lb.NS.Path, "--", filepath.Join(rt.d.Dir, "xlbd"), "cleanup", "--pin-path", rt.pin).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "nothing of xlb") {
+		t.Errorf("second xlbd cleanup: %v\n%s", err, out)
+	}
+	tr.stop()
+}
