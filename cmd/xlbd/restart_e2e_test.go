@@ -821,7 +821,7 @@ func TestCrashCleanup(t *testing.T) {
 		t.Fatalf("xlbd cleanup: %v", err)
 	}
 	for _, want := range []string{"detached the pinned XDP link", "removed address " + rt.vipAddr.String(), "restored net.ipv4.conf.eth0.forwarding to 0",
-		"removed the VIP filter", "removed the chain members' pins", "removed the pinned maps"} {
+		"removed the VIP filter", "removed the chain members' pins", "removed the pins under"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("cleanup output lacks %q", want)
 		}

@@ -99,7 +99,7 @@ func (b *Balancer) addVIPs(ctx context.Context, p *ServicesPlan) error {
 		}
 		if b.opts.ProbeVIP != nil {
 			if err := b.opts.ProbeVIP(ctx, b.host.Index(), a); err != nil {
-				return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
+				return fmt.Errorf("service %s: vip %s not added: %w (when keepalived or a routing daemon owns the address, set manage-vip: false)", ps.spec.VIP, a, err)
 			}
 		}
 		added, err := b.host.AddAddress(a)

@@ -343,6 +343,39 @@ chain:
 				}
 			},
 		},
+		{
+			name: "manage-vip and vip-filter",
+			file: `
+iface: eth0
+manage-vip: false
+vip-filter: false
+services:
+  - vip: 10.0.0.10:80
+    backends: [10.0.0.2:8080]
+  - vip: 10.0.0.11:80
+    manage-vip: true
+    backends: [10.0.0.2:8080]
+`,
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.ManageVIP, c.VIPFilter = false, false
+				yes := true
+				second := svc("10.0.0.11:80", "random", "10.0.0.2:8080")
+				second.ManageVIP = &yes
+				c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:8080"), second}
+			},
+		},
+		{
+			name: "manage-vip, vip-filter and fresh-state from flags and env",
+			args: []string{"--iface", "eth0", "--vip", "10.0.0.10:80", "--backend", "10.0.0.2:80", "--manage-vip=false", "--fresh-state"},
+			env:  map[string]string{"XLB_VIP_FILTER": "false"},
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.ManageVIP, c.VIPFilter, c.FreshState = false, false, true
+				c.Services = []Service{svc("10.0.0.10:80", "random", "10.0.0.2:80")}
+			},
+		},
+		{name: "manage-vip not a bool", file: oneService + "manage-vip: sometimes\n", wantErr: "manage-vip"},
 
 		// Flags.
 		{name: "help", args: []string{"--help"}, wantErr: "parse flags: pflag: help requested"},
@@ -619,6 +652,43 @@ chain:
 				t.Errorf("Parse(%q)\n got %+v\nwant %+v", args, got, want)
 			}
 		})
+	}
+}
+
+// TestManagesVIP: a service's own manage-vip wins over the top level's.
+func TestManagesVIP(t *testing.T) {
+	yes, no := true, false
+	c := Default()
+	for _, tt := range []struct {
+		top  bool
+		own  *bool
+		want bool
+	}{{true, nil, true}, {false, nil, false}, {true, &no, false}, {false, &yes, true}} {
+		c.ManageVIP = tt.top
+		if got := c.ManagesVIP(Service{ManageVIP: tt.own}); got != tt.want {
+			t.Errorf("top %v, own %v: %v, want %v", tt.top, tt.own, got, tt.want)
+		}
+	}
+}
+
+// TestPinPathOf reads only the pin-path of a file (xlbd cleanup), even of
+// one that is otherwise incomplete.
+func TestPinPathOf(t *testing.T) {
+	dir := t.TempDir()
+	for _, tt := range []struct{ file, want, wantErr string }{
+		{"pin-path: /sys/fs/bpf/xlb-a\n", "/sys/fs/bpf/xlb-a", ""},
+		{"iface: eth0\n", "", ""},
+		{"pin-path: xlb\n", "", "not an absolute path"},
+		{"pin-pth: /x\n", "", `unknown key "pin-pth"`},
+	} {
+		f := filepath.Join(dir, "c.yaml")
+		if err := os.WriteFile(f, []byte(tt.file), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		got, err := PinPathOf(f)
+		if got != tt.want || (err == nil) != (tt.wantErr == "") || err != nil && !strings.Contains(err.Error(), tt.wantErr) {
+			t.Errorf("PinPathOf(%q) = %q, %v; want %q, %q", tt.file, got, err, tt.want, tt.wantErr)
+		}
 	}
 }
 

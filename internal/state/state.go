@@ -329,9 +329,9 @@ func ReadRecord(path string) (*Record, error) {
 // mapped.
 func addrKey(a netip.Addr) recordKey { return recordKey{Kind: kindAddress, Value: a.As16()} }
 
-// netnsInode identifies the calling process's network namespace.
+// netnsInode identifies the calling thread's network namespace.
 func netnsInode() (uint64, error) {
-	fi, err := os.Stat("/proc/self/ns/net")
+	fi, err := os.Stat("/proc/thread-self/ns/net")
 	if err != nil {
 		return 0, fmt.Errorf("identify network namespace: %w", err)
 	}
@@ -422,7 +422,7 @@ func Cleanup(ctx context.Context, path string, log *slog.Logger) ([]string, erro
 		if err := os.Remove(filepath.Join(path, RecordPin)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("remove host record: %w", err))
 		}
-		note("removed the pinned maps under %s", path)
+		note("removed the pins under %s", path)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("remove pin directory (not empty: files xlb did not make?): %w", err))
