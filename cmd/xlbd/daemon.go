@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -42,6 +43,8 @@ type daemon struct {
 	metricsL net.Listener       // nil when metrics-address is not set
 	notify   *sdnotify.Notifier // systemd's Type=notify; nil sends nothing
 	stop     chan bool          // a shutdown asked over the socket: true keeps the data path
+	// started is when the daemon began to start, for the ready log.
+	started time.Time
 
 	reloading sync.Mutex // serialises reloads (and only them)
 
@@ -50,7 +53,7 @@ type daemon struct {
 }
 
 func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog.Logger) (_ *daemon, err error) {
-	d := &daemon{cfg: cfg, args: args, log: log, stop: make(chan bool, 1)}
+	d := &daemon{cfg: cfg, args: args, log: log, stop: make(chan bool, 1), started: time.Now()}
 	if err := checkChain(cfg); err != nil {
 		return nil, configError{err}
 	}
@@ -83,6 +86,7 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		d.pol.Close()
 		return nil, err
 	}
+	log.Debug("pin directory opened", "pin_path", cfg.PinPath, "adopt", d.state.Pinned() != nil, "took", time.Since(d.started).String())
 	if cfg.VIPFilter {
 		d.filter = vipfilter.New(cfg.Iface)
 	}
@@ -189,19 +193,21 @@ func (d *daemon) closeFailed() {
 func (d *daemon) Run(ctx context.Context, hup, keep <-chan os.Signal) (keepDatapath bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	var kept atomic.Bool
 	go func() {
 		select {
 		case <-ctx.Done():
 		case <-keep:
-			keepDatapath = true
+			kept.Store(true)
 			cancel()
-		case keepDatapath = <-d.stop:
+		case k := <-d.stop:
+			kept.Store(k)
 			cancel()
 		}
 	}()
 	err = d.run(ctx, hup)
 	cancel()
-	return keepDatapath, err
+	return kept.Load(), err
 }
 
 func (d *daemon) run(ctx context.Context, hup <-chan os.Signal) error {
@@ -238,7 +244,7 @@ func (d *daemon) run(ctx context.Context, hup <-chan os.Signal) error {
 		start = "adopted"
 	}
 	d.log.Info("ready", "iface", d.cfg.Iface, "services", len(d.cfg.Services), "socket", d.cfg.Socket, "metrics_address", d.cfg.MetricsAddress,
-		"pin_path", d.cfg.PinPath, "state", start)
+		"pin_path", d.cfg.PinPath, "state", start, "took", time.Since(d.started).Round(time.Millisecond).String())
 	d.notifyErr(d.notify.Ready(d.statusLine()))
 	return g.Wait()
 }

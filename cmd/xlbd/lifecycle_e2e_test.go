@@ -355,7 +355,7 @@ func TestSYNFlood(t *testing.T) {
 
 // spoofSYNs sends n SYNs from random addresses of 198.18.0.0/15 through
 // host h's interface to vip (at the MAC lbMAC), as raw Ethernet frames.
-func spoofSYNs(t *testing.T, h *testnet.Host, lbMAC net.HardwareAddr, vip netip.AddrPort, n int) int {
+func spoofSYNs(t testing.TB, h *testnet.Host, lbMAC net.HardwareAddr, vip netip.AddrPort, n int) int {
 	t.Helper()
 	sent := 0
 	err := h.NS.Do(func() error {

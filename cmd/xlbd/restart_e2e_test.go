@@ -383,8 +383,16 @@ func activeSum(st control.Status) int64 {
 // the secrets (long-lived connections keep their sequence translation). No
 // connection breaks, no request fails.
 func TestRestartKeepDatapath(t *testing.T) {
-	rt := newRestartTopo(t, "")
+	rt := newRestartTopo(t, fmt.Sprintf("chain:\n  - {name: filter, object: %s, program: xdpfilt_alw_ip}\n", xdpFilterIP))
 	rt.startXlbd(t)
+	// The chain member's state: backend-c, no backend of these services,
+	// is denied by xdp-filter.
+	filterMap := filepath.Join(rt.pin, "chain", "filter", "filter_ipv4")
+	denyClient2(t, filterMap, rt.bc)
+	filterID := mapID(t, filterMap)
+	if got := dialResult(rt.bc, netip.AddrPortFrom(rt.vipAddr, 80)); got == "connected" {
+		t.Fatalf("backend-c reaches the VIP through the filter")
+	}
 	tr := startTraffic(t, []*testnet.Host{rt.c1, rt.c2}, rt.vipAddr)
 	time.Sleep(2 * time.Second)
 	ctx := context.Background()
@@ -438,8 +446,33 @@ func TestRestartKeepDatapath(t *testing.T) {
 	if !strings.Contains(rt.d.Output(), "adopted the pinned state") || strings.Contains(first.Output(), "adopted") {
 		t.Errorf("logs do not say which xlbd adopted")
 	}
+	if id := mapID(t, filterMap); id != filterID {
+		t.Errorf("chain member's map is %d after the restart, was %d: not adopted", id, filterID)
+	}
+	if got := dialResult(rt.bc, netip.AddrPortFrom(rt.vipAddr, 80)); got == "connected" {
+		t.Errorf("backend-c reaches the VIP after the restart: the filter's rule is gone")
+	}
+	time.Sleep(2 * time.Second)
+
+	// Again, stopped with SIGUSR2 this time, adopting what an adopting
+	// xlbd left.
+	second := rt.d
+	if err := second.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitExit(t, second, 5*time.Second); err != nil {
+		t.Errorf("xlbd exited with %v after SIGUSR2, want status 0", err)
+	}
+	if xdpProgID(t, rt.lb) == 0 {
+		t.Fatalf("no XDP program after SIGUSR2")
+	}
+	rt.startXlbd(t)
+	ready = time.Now()
+	if st, err := rt.d.Client().Status(ctx); err != nil || st.State.Adopted == nil || !mapsEqual(backendIDs(before), backendIDs(st)) {
+		t.Errorf("after the second restart: %v, adopted %+v, backend ids %v, want %v", err, st.State.Adopted, backendIDs(st), backendIDs(before))
+	}
 	time.Sleep(3 * time.Second)
-	tr.check(t, "restart with --keep-datapath", ready)
+	tr.check(t, "two restarts keeping the data path", ready)
 	c := rt.counters(t)
 	if c["drop_no_conn"] != 0 || c["drop_stale"] != 0 {
 		t.Errorf("counters: drop_no_conn %d, drop_stale %d", c["drop_no_conn"], c["drop_stale"])
@@ -676,6 +709,24 @@ func TestUpgrade(t *testing.T) {
 	}
 	time.Sleep(3 * time.Second)
 	tr.check(t, "upgrade to a build with the same layout", ready)
+
+	// The documented way out of a layout change: --fresh-state starts
+	// afresh (dropping the connections, none left now).
+	if out, err := rt.xlbctl(t, "shutdown", "--keep-datapath"); err != nil {
+		t.Fatalf("xlbctl shutdown --keep-datapath: %v\n%s", err, out)
+	}
+	waitExit(t, rt.d, 5*time.Second)
+	rt.d = xlbtest.StartBinary(t, rt.lb.NS, changed, "--config", rt.file, "--plugin-dir", rt.d.Dir, "--fresh-state")
+	st, err = rt.d.Client().Status(context.Background())
+	if err != nil || st.State.Adopted != nil {
+		t.Errorf("the other layout with --fresh-state: %v, adopted %+v; want a fresh start", err, st.State.Adopted)
+	}
+	if !strings.Contains(rt.d.Output(), "--fresh-state: removing the pinned state") {
+		t.Errorf("--fresh-state did not say it removed the pinned state")
+	}
+	if b, err := get(t, rt.c1.NS.HTTPClient(false), "http://"+netip.AddrPortFrom(rt.vipAddr, 80).String()+"/"); err != nil {
+		t.Errorf("after --fresh-state: %q, %v", b, err)
+	}
 }
 
 // runXlbdBinary is runXlbd with another xlbd binary.

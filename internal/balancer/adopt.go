@@ -21,6 +21,9 @@ import (
 // checkPinned refuses pinned state whose link this configuration cannot
 // take over: another interface, another XDP mode.
 func (b *Balancer) checkPinned(p *dispatcher.Pinned) error {
+	if i := b.opts.State.Found().Ifindex; i != 0 && i != b.host.Index() {
+		return fmt.Errorf("iface: %s is ifindex %d, the pinned state is for ifindex %d; give each interface its own pin-path, or %s", b.opts.Iface, b.host.Index(), i, state.FreshHint)
+	}
 	if p.Link && p.LinkIfindex != b.host.Index() {
 		return fmt.Errorf("iface: %s is ifindex %d, the pinned link is attached to ifindex %d; %s", b.opts.Iface, b.host.Index(), p.LinkIfindex, state.FreshHint)
 	}
@@ -112,8 +115,10 @@ func (b *Balancer) adopt() error {
 		}
 	}
 	a.Addresses = len(b.host.Added())
-	if conns, err := b.pipe.Conns(); err == nil {
-		a.Connections = len(conns)
+	for _, e := range bks {
+		if st, err := b.pipe.BackendStats(e.ID); err == nil {
+			a.Connections += int(st.Active)
+		}
 	}
 	b.adopted = a
 	b.log.Info("adopted the pinned state", "pin_path", b.opts.State.Path(), "services", a.Services, "backend_ids", a.Backends,

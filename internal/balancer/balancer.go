@@ -268,7 +268,7 @@ type Adoption struct {
 	Services    int // services in the pinned maps
 	Backends    int // backend ids in use, retired ones included
 	Retired     int // backend ids whose service or backend is gone, waiting for their connections to end
-	Connections int // connections in the connection table
+	Connections int // open connections (half-open ones included), as their backends count them
 	Addresses   int // addresses the earlier run added to the interface
 }
 
@@ -339,10 +339,12 @@ func New(opts Options) (_ *Balancer, err error) {
 	if opts.State != nil {
 		lopts.PinPath, lopts.Adopt = opts.State.Path(), pinned != nil
 	}
+	loading := time.Now()
 	b.pipe, err = dispatcher.Load(lopts)
 	if err != nil {
 		return nil, err
 	}
+	b.log.Debug("pipeline loaded", "adopted", b.pipe.Adopted(), "took", time.Since(loading).String())
 	err = b.pipe.SetSettings(dispatcher.Settings{
 		SourceAddresses:  b.fam[0].sources,
 		SourceAddresses6: b.fam[1].sources,
