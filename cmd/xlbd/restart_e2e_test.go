@@ -443,8 +443,14 @@ func TestRestartKeepDatapath(t *testing.T) {
 	if n := activeSum(after); n < streamConns {
 		t.Errorf("%d active connections counted after the restart, want at least %d", n, streamConns)
 	}
-	if !strings.Contains(rt.d.Output(), "adopted the pinned state") || strings.Contains(first.Output(), "adopted") {
+	if !strings.Contains(rt.d.Output(), "adopted the pinned state") || strings.Contains(first.Output(), "adopted the pinned state") {
 		t.Errorf("logs do not say which xlbd adopted")
+	}
+	if out, err := rt.xlbctl(t, "status"); err != nil || !strings.Contains(out, "state pinned at "+rt.pin+" (layout ") ||
+		!strings.Contains(out, "adopted at start: 2 services, 4 backend ids (0 retired)") {
+		t.Errorf("xlbctl status after the restart: %v\n%s", err, out)
+	} else {
+		t.Logf("xlbctl status after the restart:\n%s", out)
 	}
 	if id := mapID(t, filterMap); id != filterID {
 		t.Errorf("chain member's map is %d after the restart, was %d: not adopted", id, filterID)
