@@ -480,8 +480,10 @@ func TestRestartKeepDatapath(t *testing.T) {
 	time.Sleep(3 * time.Second)
 	tr.check(t, "two restarts keeping the data path", ready)
 	c := rt.counters(t)
-	if c["drop_no_conn"] != 0 || c["drop_stale"] != 0 {
-		t.Errorf("counters: drop_no_conn %d, drop_stale %d", c["drop_no_conn"], c["drop_stale"])
+	for _, name := range []string{"reset_no_conn", "drop_no_conn", "drop_stale"} {
+		if v, ok := c[name]; !ok || v != 0 {
+			t.Errorf("counter %s: %d (known: %v)", name, v, ok)
+		}
 	}
 }
 
