@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"math/bits"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"sync/atomic"
 	"time"
@@ -315,6 +316,10 @@ func (p *Pipeline) Close() error {
 			unix.Munmap(*m)
 			*m = nil
 		}
+	}
+	if len(p.oldProgs) > 0 {
+		// Never put in force: the link still runs the pinned array.
+		_ = os.Remove(filepath.Join(p.pinPath, progsNext))
 	}
 	for _, m := range p.oldProgs {
 		m.Close()

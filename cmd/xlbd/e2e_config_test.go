@@ -462,6 +462,8 @@ func TestBadInput(t *testing.T) {
 			wantCode: 2, wantMsg: []string{"chain[0].object", "not an ELF object"}},
 		{name: "chain member with an empty continue-on", file: good + "chain:\n  - {name: fw, object: " + xdpFilterIP + ", continue-on: []}\n",
 			wantCode: 2, wantMsg: []string{"chain[0].continue-on: empty", "xlb would never see a packet"}},
+		{name: "pin path outside bpffs", file: good + "pin-path: " + t.TempDir() + "\n",
+			wantCode: 2, wantMsg: []string{"pin-path:", "not on a bpffs", "mount -t bpf"}},
 		{name: "chain member with pins outside bpffs", file: good + "pin-path: " + t.TempDir() + "\nchain:\n  - {name: fw, object: " + xdpFilterIP + "}\n",
 			wantCode: 2, wantMsg: []string{"pin-path:", "not on a bpffs", "mount -t bpf"}},
 	}

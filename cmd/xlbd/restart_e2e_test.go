@@ -700,6 +700,32 @@ func TestUpgrade(t *testing.T) {
 		}
 	})
 
+	t.Run("start that fails after adopting", func(t *testing.T) {
+		// A chain member the verifier refuses fails the start after the
+		// state was adopted: the data path stays as it was found.
+		broken := compileBPF(t, "testdata/chain_broken.c", t.TempDir())
+		rt.writeConfig(t, strings.Replace(rt.yaml, "services:", "chain:\n  - {name: broken, object: "+broken+"}\nservices:", 1))
+		code, out := runXlbdBinary(t, rt.lb.NS, filepath.Join(rt.d.Dir, "xlbd"), nil, "--config", rt.file, "--plugin-dir", rt.d.Dir)
+		if code != 1 || !strings.Contains(out, "adopted the pinned state") || !strings.Contains(out, "the adopted data path is left running") {
+			t.Errorf("exit status %d, want 1 after adopting:\n%s", code, out)
+		}
+		if now := lbState(t, rt.lb); !now.equal(running) || xdpProgID(t, rt.lb) != prog {
+			t.Errorf("the failed start changed the host:\n  %v\nwas\n  %v", now, running)
+		}
+		for _, pin := range []string{"xlb_link", "xlb_conns", "xlb_progs", "xlb_layout", "xlb_host"} {
+			if _, err := os.Stat(filepath.Join(rt.pin, pin)); err != nil {
+				t.Errorf("pin %s: %v", pin, err)
+			}
+		}
+		if _, err := os.Stat(filepath.Join(rt.pin, "xlb_progs_next")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the failed start left its program array pinned: %v", err)
+		}
+		if b := tr.broken(); len(b) > 0 {
+			t.Errorf("broken by the failed start: %v", b)
+		}
+		rt.writeConfig(t, rt.yaml)
+	})
+
 	rt.d = xlbtest.StartBinary(t, rt.lb.NS, upgrade, "--config", rt.file, "--plugin-dir", rt.d.Dir, "--log-level", "debug")
 	ready := time.Now()
 	if !programNamed(t, marker) {
