@@ -25,6 +25,9 @@ COPY . .
 RUN make install DESTDIR=/out PREFIX=/usr
 
 FROM debian:${DEBIAN_RELEASE}-slim
+# nft(8) for the VIP filter (vip-filter, on by default).
+RUN apt-get update && apt-get install -y --no-install-recommends nftables \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /
 # The control socket's directory (the systemd unit's RuntimeDirectory).
 RUN mkdir -p /run/xlb

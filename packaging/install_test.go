@@ -162,8 +162,11 @@ func TestInstall(t *testing.T) {
 	})
 
 	sock := filepath.Join(t.TempDir(), "xlbd.sock")
-	filled := fmt.Sprintf("iface: eth0\nxdp-mode: generic\nsocket: %s\nservices:\n  - vip: %s\n    backends: [%s]\n",
-		sock, vip, strings.Join(backends, ", "))
+	// A pin path of its own: the default is the host's xlbd's.
+	pin := xlbtest.NewPinPath()
+	t.Cleanup(func() { xlbtest.CleanupPinPath(lb.NS, pin) })
+	filled := fmt.Sprintf("iface: eth0\nxdp-mode: generic\nsocket: %s\npin-path: %s\nservices:\n  - vip: %s\n    backends: [%s]\n",
+		sock, pin, vip, strings.Join(backends, ", "))
 	if err := os.WriteFile(conf, []byte(filled), 0o644); err != nil {
 		t.Fatal(err)
 	}
