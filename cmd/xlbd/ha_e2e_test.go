@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,24 +25,6 @@ type keepalived struct {
 	cmd  *exec.Cmd
 	dir  string
 	done chan struct{}
-}
-
-// lockedWriter collects output written from several goroutines.
-type lockedWriter struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (w *lockedWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
-}
-
-func (w *lockedWriter) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.String()
 }
 
 func startKeepalived(t *testing.T, h *testnet.Host, vip netip.Addr, priority int) *keepalived {
@@ -72,7 +53,7 @@ vrrp_instance xlb {
 	}
 	k.cmd = exec.Command("nsenter", "--net="+h.NS.Path, "--", "keepalived", "--dont-fork", "--log-console", "--log-detail",
 		"--vrrp", "--use-file", file, "--pid", filepath.Join(k.dir, "keepalived.pid"), "--vrrp_pid", filepath.Join(k.dir, "vrrp.pid"))
-	w := &lockedWriter{}
+	w := &xlbtest.SyncBuffer{}
 	k.cmd.Stdout, k.cmd.Stderr = w, w
 	if err := k.cmd.Start(); err != nil {
 		t.Fatalf("start keepalived: %v", err)

@@ -21,7 +21,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/vishvananda/netlink"
 
 	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/testnet"
@@ -489,24 +488,7 @@ func TestRestartKeepDatapath(t *testing.T) {
 
 // xdpProgID is the id of the XDP program attached to host h's interface,
 // 0 when there is none.
-func xdpProgID(t *testing.T, h *testnet.Host) uint32 {
-	t.Helper()
-	var id uint32
-	err := h.NS.Do(func() error {
-		l, err := netlink.LinkByName(h.Iface)
-		if err != nil {
-			return err
-		}
-		if x := l.Attrs().Xdp; x != nil && x.Attached {
-			id = x.ProgId
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return id
-}
+func xdpProgID(t *testing.T, h *testnet.Host) uint32 { return h.NS.XDPProgram(t, h.Iface) }
 
 // TestCrashRecovery kills xlbd with SIGKILL under traffic: the data path
 // keeps forwarding, established and new connections, with the tables in
@@ -849,12 +831,11 @@ func newStopTopo(t *testing.T) (*restartTopo, hostEverything) {
 	return rt, before
 }
 
-// TestStopRemovesEverything: SIGTERM stops xlbd and removes everything it
-// made: the link and its program, every pin (the data path's, the chain
-// member's, the host record), the VIP and source addresses it added, the
-// VIP filter, forwarding restored, the plugin processes gone. The
-// long-lived connections then break: their data path is gone.
-func TestStopRemovesEverything(t *testing.T) {
+// stopUnderTraffic starts xlbd on a newStopTopo, runs the traffic for 2 s
+// and stops xlbd with sig; it returns the host before xlbd started and
+// xlbd's last status.
+func stopUnderTraffic(t *testing.T, sig syscall.Signal) (*restartTopo, hostEverything, control.Status, *traffic) {
+	t.Helper()
 	rt, before := newStopTopo(t)
 	tr := startTraffic(t, []*testnet.Host{rt.c1, rt.c2}, rt.vipAddr)
 	time.Sleep(2 * time.Second)
@@ -862,10 +843,21 @@ func TestStopRemovesEverything(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := rt.d.Signal(syscall.SIGTERM); err != nil {
+	if err := rt.d.Signal(sig); err != nil {
 		t.Fatal(err)
 	}
-	if err := waitExit(t, rt.d, 10*time.Second); err != nil {
+	waitExit(t, rt.d, 10*time.Second)
+	return rt, before, st, tr
+}
+
+// TestStopRemovesEverything: SIGTERM stops xlbd and removes everything it
+// made: the link and its program, every pin (the data path's, the chain
+// member's, the host record), the VIP and source addresses it added, the
+// VIP filter, forwarding restored, the plugin processes gone. The
+// long-lived connections then break: their data path is gone.
+func TestStopRemovesEverything(t *testing.T) {
+	rt, before, st, tr := stopUnderTraffic(t, syscall.SIGTERM)
+	if done, err := rt.d.Exited(); !done || err != nil {
 		t.Errorf("xlbd exited with %v after SIGTERM, want status 0", err)
 	}
 	rt.checkNothingLeft(t, before, pluginPids(st))
@@ -881,17 +873,7 @@ func TestStopRemovesEverything(t *testing.T) {
 // TestCrashCleanup: after kill -9, `xlbd cleanup` removes everything xlbd
 // left (the data path keeps running until then).
 func TestCrashCleanup(t *testing.T) {
-	rt, before := newStopTopo(t)
-	tr := startTraffic(t, []*testnet.Host{rt.c1, rt.c2}, rt.vipAddr)
-	time.Sleep(2 * time.Second)
-	st, err := rt.d.Client().Status(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rt.d.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	waitExit(t, rt.d, 5*time.Second)
+	rt, before, st, tr := stopUnderTraffic(t, syscall.SIGKILL)
 	waitGone(t, pluginPids(st), 2*time.Second)
 	if left := rt.everything(t); left.host.XDP == "" || !left.pins || !left.filter {
 		t.Errorf("after kill -9 the data path is gone: %+v", left)

@@ -129,21 +129,7 @@ func (f *fixture) newChain(specs ...Spec) *Chain {
 // attachedID is the id of the program attached to the namespace's lo.
 func (f *fixture) attachedID() ebpf.ProgramID {
 	f.t.Helper()
-	var id uint32
-	err := f.ns.Do(func() error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		if x := lo.Attrs().Xdp; x != nil && x.Attached {
-			id = x.ProgId
-		}
-		return nil
-	})
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	return ebpf.ProgramID(id)
+	return ebpf.ProgramID(f.ns.XDPProgram(f.t, "lo"))
 }
 
 // checkAttached fails unless c's Entry() is what runs on lo.

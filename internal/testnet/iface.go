@@ -64,3 +64,24 @@ func (ns *NS) IPv4Addrs(t TB, iface string) []string {
 	slices.Sort(out)
 	return out
 }
+
+// XDPProgram is the id of the XDP program attached to iface inside the
+// namespace, 0 when there is none.
+func (ns *NS) XDPProgram(t TB, iface string) uint32 {
+	t.Helper()
+	var id uint32
+	err := ns.Do(func() error {
+		l, err := netlink.LinkByName(iface)
+		if err != nil {
+			return err
+		}
+		if x := l.Attrs().Xdp; x != nil && x.Attached {
+			id = x.ProgId
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("read the xdp program of %s in %s: %v", iface, ns.Name, err)
+	}
+	return id
+}
