@@ -23,19 +23,33 @@ type ServiceEntry struct {
 	Table []uint32
 }
 
-// ServiceEntries lists the services in xlb_services with their source
-// addresses and selection tables.
+// ServiceEntries lists the services in xlb_services and xlb_services6
+// with their source addresses and selection tables.
 func (p *Pipeline) ServiceEntries() ([]ServiceEntry, error) {
 	var (
 		k   xlbXlbVip
+		k6  xlbXlbVip6
 		v   xlbXlbService
-		out []ServiceEntry
+		all []ServiceEntry
 	)
 	it := p.objs.XlbServices.Iterate()
 	for it.Next(&k, &v) {
-		e := ServiceEntry{VIP: netip.AddrPortFrom(addrFromBE(k.Addr), portBE(k.Port)), Proto: k.Proto, ID: v.Id}
+		all = append(all, ServiceEntry{VIP: netip.AddrPortFrom(addrFromBE(k.Addr), portBE(k.Port)), Proto: k.Proto, ID: v.Id})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read services: %w", err)
+	}
+	it = p.objs.XlbServices6.Iterate()
+	for it.Next(&k6, &v) {
+		all = append(all, ServiceEntry{VIP: netip.AddrPortFrom(addr6FromWords(k6.Addr), portBE(k6.Port)), Proto: k6.Proto, ID: v.Id})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read IPv6 services: %w", err)
+	}
+	out := all[:0]
+	for _, e := range all {
 		var mask uint32
-		if err := p.objs.XlbSvcSrc.Lookup(v.Id, &mask); err != nil {
+		if err := p.objs.XlbSvcSrc.Lookup(e.ID, &mask); err != nil {
 			return nil, fmt.Errorf("read source addresses of service %s: %w", e.VIP, err)
 		}
 		for i := range MaxSources {
@@ -44,13 +58,10 @@ func (p *Pipeline) ServiceEntries() ([]ServiceEntry, error) {
 			}
 		}
 		var err error
-		if e.Mode, e.Table, err = p.selection(v.Id); err != nil {
+		if e.Mode, e.Table, err = p.selection(e.ID); err != nil {
 			return nil, fmt.Errorf("read selection table of service %s: %w", e.VIP, err)
 		}
 		out = append(out, e)
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read services: %w", err)
 	}
 	return out, nil
 }
@@ -114,11 +125,22 @@ func (p *Pipeline) BackendEntries() ([]BackendEntry, error) {
 		if owners[i] == 0 {
 			continue
 		}
-		var b xlbXlbBackend
+		// SetBackend leaves the other family's entry of an id zero.
+		var (
+			b  xlbXlbBackend
+			b6 xlbXlbBackend6
+		)
 		if err := p.objs.XlbBackends.Lookup(keys[i], &b); err != nil {
 			return nil, fmt.Errorf("read backend %d: %w", keys[i], err)
 		}
-		out = append(out, BackendEntry{ID: keys[i], Address: netip.AddrPortFrom(addrFromBE(b.Addr), portBE(b.Port)), Weight: b.Weight, Service: owners[i] - 1})
+		e := BackendEntry{ID: keys[i], Address: netip.AddrPortFrom(addrFromBE(b.Addr), portBE(b.Port)), Weight: b.Weight, Service: owners[i] - 1}
+		if b.Port == 0 {
+			if err := p.objs.XlbBackends6.Lookup(keys[i], &b6); err != nil {
+				return nil, fmt.Errorf("read backend %d: %w", keys[i], err)
+			}
+			e.Address, e.Weight = netip.AddrPortFrom(addr6FromWords(b6.Addr), portBE(b6.Port)), b6.Weight
+		}
+		out = append(out, e)
 	}
 	return out, nil
 }

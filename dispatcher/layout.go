@@ -32,9 +32,10 @@ var (
 	// afresh otherwise: counters and hints no connection depends on.
 	optionalMaps = []string{"xlb_stats", "xlb_bk_ctr", "xlb_rr", "xlb_syn_ok"}
 	// sizedMaps are sized from configuration (conntrack.max-entries,
-	// source-ports, the number of source addresses): their layout leaves
-	// the size out, Pinned says it and the daemon checks it.
-	sizedMaps = []string{"xlb_conns", "xlb_ports", "xlb_ct_busy", "xlb_port_busy"}
+	// source-ports, the number of source addresses of each family): their
+	// layout leaves the size out, Pinned says it and the daemon checks it.
+	sizedMaps = []string{"xlb_conns", "xlb_ports", "xlb_ct_busy", "xlb_port_busy",
+		"xlb_conns6", "xlb_ports6", "xlb_ct6_busy", "xlb_port6_busy"}
 )
 
 // ErrLayout is returned when pinned state was left by a build whose layout

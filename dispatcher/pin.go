@@ -60,10 +60,14 @@ func layoutSpec() *ebpf.MapSpec {
 type Pinned struct {
 	Layout         Layout
 	Slots          uint32 // connection table slots
+	Slots6         uint32 // IPv6 connection table slots (a few when it is not sized)
 	PortLo, PortHi uint16
 	Sources        []netip.Addr // by index
-	Link           bool         // an XDP link is pinned
-	LinkIfindex    int          // the interface it is attached to
+	// Sources6 are the IPv6 source addresses, by index; with none the
+	// IPv6 tables were not sized (Options.Sources6 0).
+	Sources6    []netip.Addr
+	Link        bool // an XDP link is pinned
+	LinkIfindex int  // the interface it is attached to
 }
 
 // ReadPinned reads the state pinned under dir. It returns an error wrapping
@@ -95,7 +99,7 @@ func ReadPinned(dir string) (*Pinned, error) {
 	if cfg.Nports == 0 {
 		return nil, fmt.Errorf("read pinned settings: %w: settings never written", ErrNoState)
 	}
-	st.Slots, st.PortLo, st.PortHi = cfg.CtMask+1, cfg.PortLo, cfg.PortHi
+	st.Slots, st.Slots6, st.PortLo, st.PortHi = cfg.CtMask+1, cfg.Ct6Mask+1, cfg.PortLo, cfg.PortHi
 	ports, err := ebpf.LoadPinnedMap(filepath.Join(dir, "xlb_ports"), nil)
 	if err != nil {
 		return nil, fmt.Errorf("read pinned source ports: %w", err)
@@ -114,6 +118,9 @@ func ReadPinned(dir string) (*Pinned, error) {
 		}
 		st.Sources = append(st.Sources, addrFromBE(a))
 	}
+	if st.Sources6, err = readSources6(dir, cfg.Nports); err != nil {
+		return nil, err
+	}
 	if l, err := link.LoadPinnedLink(filepath.Join(dir, LinkPin), nil); err == nil {
 		st.Link = true
 		if info, err := l.Info(); err == nil && info.XDP() != nil {
@@ -122,6 +129,40 @@ func ReadPinned(dir string) (*Pinned, error) {
 		l.Close()
 	}
 	return st, nil
+}
+
+// readSources6 reads the IPv6 source addresses pinned under dir: the
+// entries of xlb_src6 SetSettings wrote (index + 1 in each), which must
+// be as many as the IPv6 return table is sized for.
+func readSources6(dir string, nports uint32) ([]netip.Addr, error) {
+	srcs, err := ebpf.LoadPinnedMap(filepath.Join(dir, "xlb_src6"), nil)
+	if err != nil {
+		return nil, fmt.Errorf("read pinned IPv6 source addresses: %w", err)
+	}
+	defer srcs.Close()
+	var out []netip.Addr
+	for i := range uint32(MaxSources) {
+		var v xlbXlbSrc6Slot
+		if err := srcs.Lookup(i, &v); err != nil {
+			return nil, fmt.Errorf("read pinned IPv6 source address %d: %w", i, err)
+		}
+		if v.Idx != i+1 {
+			break
+		}
+		out = append(out, addr6FromWords(v.Addr))
+	}
+	if len(out) == 0 {
+		return nil, nil
+	}
+	ports, err := ebpf.LoadPinnedMap(filepath.Join(dir, "xlb_ports6"), nil)
+	if err != nil {
+		return nil, fmt.Errorf("read pinned IPv6 source ports: %w", err)
+	}
+	defer ports.Close()
+	if want := uint32(len(out)) * nports * uint32(PortWays); ports.MaxEntries() != want {
+		return nil, fmt.Errorf("read pinned IPv6 source ports: %d entries for %d addresses, want %d", ports.MaxEntries(), len(out), want)
+	}
+	return out, nil
 }
 
 // readLayout reads the layout record pinned under dir.

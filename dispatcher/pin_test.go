@@ -21,7 +21,8 @@ func TestLayout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"xlb_conns", "xlb_ports", "xlb_settings", "xlb_backends", "xlb_services", "xlb_sel", ownerMap} {
+	for _, name := range []string{"xlb_conns", "xlb_ports", "xlb_settings", "xlb_backends", "xlb_services", "xlb_sel", ownerMap,
+		"xlb_conns6", "xlb_ports6", "xlb_ct6_busy", "xlb_port6_busy", "xlb_services6", "xlb_vip_ports6", "xlb_backends6", "xlb_src6", "xlb_src6_slots", "xlb_port6_cur"} {
 		if _, ok := l[name]; !ok {
 			t.Errorf("layout lacks %s", name)
 		}
@@ -32,16 +33,23 @@ func TestLayout(t *testing.T) {
 		}
 	}
 	for name, want := range map[string]string{
-		"xlb_conns":    "struct xlb_conn{seq u32 @0, flags u32 @4, key struct xlb_flow @8,",
-		"xlb_backends": "struct xlb_backend{addr u32 @0, port u16 @4, weight u16 @6} size 8",
-		"xlb_sel":      "inner {Array key u32 value u32",
+		"xlb_conns":     "struct xlb_conn{seq u32 @0, flags u32 @4, last_seen_j u64 @8,",
+		"xlb_backends":  "struct xlb_backend{addr u32 @0, port u16 @4, weight u16 @6} size 8",
+		"xlb_sel":       "inner {Array key u32 value u32",
+		"xlb_conns6":    "struct xlb_conn6{",
+		"xlb_backends6": "struct xlb_backend6{",
 	} {
 		if !strings.Contains(l[name], want) {
 			t.Errorf("layout of %s lacks %q:\n%s", name, want, l[name])
 		}
 	}
-	if strings.Contains(l["xlb_conns"], "entries") || !strings.Contains(l["xlb_backends"], "entries 4096") {
-		t.Errorf("a daemon-sized map's size is in its layout, or a fixed one's is not:\n%s\n%s", l["xlb_conns"], l["xlb_backends"])
+	for _, name := range sizedMaps {
+		if strings.Contains(l[name], "entries") {
+			t.Errorf("daemon-sized map %s has its size in its layout:\n%s", name, l[name])
+		}
+	}
+	if !strings.Contains(l["xlb_backends"], "entries 4096") || !strings.Contains(l["xlb_backends6"], "entries 4096") {
+		t.Errorf("a fixed map's size is not in its layout:\n%s\n%s", l["xlb_backends"], l["xlb_backends6"])
 	}
 	if d := l.Diff(l); len(d) != 0 {
 		t.Errorf("a layout differs from itself: %v", d)
@@ -75,23 +83,30 @@ func pinDir(t *testing.T) string {
 	return dir
 }
 
-// TestPinnedAdoption loads a pipeline pinned in a directory, opens a
-// connection through it, lets it go, and loads another that adopts the
-// pins: the new programs find the connection, the services, tables and
-// backend owners are read back, the secrets are the same, and one update of
-// the pinned link swaps the new dispatcher in. A layout record of another
-// build is refused.
+// TestPinnedAdoption loads a pipeline pinned in a directory, opens an IPv4
+// and an IPv6 connection through it, lets it go, and loads another that
+// adopts the pins: the new programs find both connections and forward
+// them, the services of both families, tables and backend owners are read
+// back, the table sizes and source addresses of both families, the
+// secrets are the same, and one update of the pinned link swaps the new
+// dispatcher in. A layout record of another build is refused.
 func TestPinnedAdoption(t *testing.T) {
 	dir := pinDir(t)
-	opts := Options{ConntrackSize: 4096, PortLo: portLo, PortHi: portHi, PinPath: dir}
+	opts := Options{ConntrackSize: 4096, PortLo: portLo, PortHi: portHi, PinPath: dir, Sources6: 1}
 	e := newEnvOpts(t, opts)
 	e.must(e.p.SetBackendOwner(idA, 1))
 	e.must(e.p.SetBackendOwner(idB, 1))
+	e.must(e.p.SetBackendOwner(id6A, 3))
 	cl := netip.AddrPortFrom(client1, 40000)
 	if v, _ := e.run(e.p.Entry(), fromClient(cl, vip, seg{flags: "S", seq: 1000})); v != xdpTX {
 		t.Fatalf("syn: %s", verdictName(v))
 	}
 	c := e.mustConn(cl, vip)
+	cl6 := netip.AddrPortFrom(client6, 40000)
+	if v, _ := e.run(e.p.Entry(), fromClient(cl6, vip6, seg{flags: "S", seq: 7000})); v != xdpTX {
+		t.Fatalf("ipv6 syn: %s", verdictName(v))
+	}
+	c6 := e.mustConn(cl6, vip6)
 	var first *Attachment
 	var err error
 	e.ns.Do(func() { first, err = e.p.Attach(e.p.Entry(), int(e.lb0), Generic) })
@@ -110,8 +125,9 @@ func TestPinnedAdoption(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if pinned.Slots != 8192 || pinned.PortLo != portLo || pinned.PortHi != portHi ||
-		!slices.Equal(pinned.Sources, []netip.Addr{lbAddr}) || !pinned.Link || pinned.LinkIfindex != int(e.lb0) {
+	if pinned.Slots != 8192 || pinned.Slots6 != 8192 || pinned.PortLo != portLo || pinned.PortHi != portHi ||
+		!slices.Equal(pinned.Sources, []netip.Addr{lbAddr}) || !slices.Equal(pinned.Sources6, []netip.Addr{lbAddr6}) ||
+		!pinned.Link || pinned.LinkIfindex != int(e.lb0) {
 		t.Errorf("pinned %+v", pinned)
 	}
 	opts.Adopt = true
@@ -128,26 +144,34 @@ func TestPinnedAdoption(t *testing.T) {
 	if got := e.mustConn(cl, vip); got.Idle < c.Idle || func() bool { got.Idle = c.Idle; return got != c }() {
 		t.Errorf("connection after adoption %+v, before %+v", got, c)
 	}
+	if got := e.mustConn(cl6, vip6); got.Idle < c6.Idle || func() bool { got.Idle = c6.Idle; return got != c6 }() {
+		t.Errorf("IPv6 connection after adoption %+v, before %+v", got, c6)
+	}
 	ack := fromClient(cl, vip, seg{flags: "A", seq: 1001, ack: 1})
 	e.expect(t, p2.Entry(), ack, xdpTX, toBackend(c, seg{flags: "A", seq: 1001, ack: 1}), map[string]uint64{"fwd": 1})
+	ack6 := seg{flags: "A", seq: 7001, ack: 1}
+	e.expect(t, p2.Entry(), fromClient(cl6, vip6, ack6), xdpTX, toBackend(c6, ack6), map[string]uint64{"fwd": 1})
 	svcs, err := p2.ServiceEntries()
 	if err != nil {
 		t.Fatal(err)
 	}
 	slices.SortFunc(svcs, func(a, b ServiceEntry) int { return int(a.ID) - int(b.ID) })
-	if len(svcs) != 2 || svcs[0].VIP != vip || svcs[0].Mode != ModeRandom || !slices.Equal(svcs[0].Table, []uint32{idA, idB}) ||
-		!slices.Equal(svcs[0].Sources, []int{0}) || svcs[1].VIP != vip2 || svcs[1].Table != nil {
+	if len(svcs) != 4 || svcs[0].VIP != vip || svcs[0].Mode != ModeRandom || !slices.Equal(svcs[0].Table, []uint32{idA, idB}) ||
+		!slices.Equal(svcs[0].Sources, []int{0}) || svcs[1].VIP != vip2 || svcs[1].Table != nil ||
+		svcs[2].VIP != vip6 || svcs[2].Proto != TCP || !slices.Equal(svcs[2].Table, []uint32{id6A, id6B}) || !slices.Equal(svcs[2].Sources, []int{0}) ||
+		svcs[3].VIP != vip6udp || svcs[3].Proto != UDP || !slices.Equal(svcs[3].Table, []uint32{id6A}) {
 		t.Errorf("services %+v", svcs)
 	}
 	bks, err := p2.BackendEntries()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(bks) != 2 || bks[0] != (BackendEntry{ID: idA, Address: backendA, Weight: 1, Service: 1}) || bks[1].ID != idB {
+	if len(bks) != 3 || bks[0] != (BackendEntry{ID: idA, Address: backendA, Weight: 1, Service: 1}) || bks[1].ID != idB ||
+		bks[2] != (BackendEntry{ID: id6A, Address: backend6A, Weight: 1, Service: 3}) {
 		t.Errorf("backends %+v", bks)
 	}
 	e.must(p2.FreeBackend(idB))
-	if bks, _ := p2.BackendEntries(); len(bks) != 1 {
+	if bks, _ := p2.BackendEntries(); len(bks) != 2 {
 		t.Errorf("after freeing %d: %+v", idB, bks)
 	}
 

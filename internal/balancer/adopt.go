@@ -38,8 +38,8 @@ func (b *Balancer) checkPinned(p *dispatcher.Pinned) error {
 }
 
 // samePinnedSizes refuses a configuration whose tables would be sized
-// otherwise than the pinned ones, and puts the source addresses in the
-// pinned order (connections and ports name them by index).
+// otherwise than the pinned ones, and puts the source addresses of each
+// family in the pinned order (connections and ports name them by index).
 func (b *Balancer) samePinnedSizes(p *dispatcher.Pinned) error {
 	if slots := dispatcher.ConntrackSlots(b.opts.ConntrackSize); slots != p.Slots {
 		return fmt.Errorf("conntrack.max-entries: %d makes a connection table of %d slots, the pinned one has %d; keep the value it was started with, or %s",
@@ -48,22 +48,29 @@ func (b *Balancer) samePinnedSizes(p *dispatcher.Pinned) error {
 	if b.opts.PortLo != p.PortLo || b.opts.PortHi != p.PortHi {
 		return fmt.Errorf("source-ports: %d-%d, the pinned tables are for %d-%d; keep that range, or %s", b.opts.PortLo, b.opts.PortHi, p.PortLo, p.PortHi, state.FreshHint)
 	}
-	f := &b.fam[0]
-	same := len(p.Sources) == len(f.sources)
-	for _, a := range f.sources {
-		same = same && slices.Contains(p.Sources, a)
-	}
-	if !same {
-		return fmt.Errorf("source-addresses: %v (with the services'), the pinned tables are for %v; keep those, or %s", f.sources, p.Sources, state.FreshHint)
-	}
-	defaults := make([]netip.Addr, len(f.defaults))
-	for i, d := range f.defaults {
-		defaults[i] = f.sources[d]
-	}
-	f.sources = slices.Clone(p.Sources)
-	f.defaults = f.defaults[:0]
-	for _, a := range defaults {
-		f.defaults = append(f.defaults, slices.Index(f.sources, a))
+	for fam, pinned := range [2][]netip.Addr{p.Sources, p.Sources6} {
+		f := &b.fam[fam]
+		same := len(pinned) == len(f.sources)
+		for _, a := range f.sources {
+			same = same && slices.Contains(pinned, a)
+		}
+		switch {
+		case !same && fam == 1 && len(pinned) == 0:
+			return fmt.Errorf("source-addresses: IPv6 %v (with the services', or the interface's for IPv6 services), but the pinned state was started without IPv6 and its IPv6 tables are not sized; remove the IPv6 services, or %s", f.sources, state.FreshHint)
+		case !same:
+			return fmt.Errorf("source-addresses: %s %v (with the services'), the pinned tables are for %v; keep those, or %s", familyName(fam), f.sources, pinned, state.FreshHint)
+		case fam == 1 && len(pinned) > 0 && p.Slots6 != p.Slots:
+			return fmt.Errorf("adopt: the pinned IPv6 connection table has %d slots, the IPv4 one %d: not a table this build makes; %s", p.Slots6, p.Slots, state.FreshHint)
+		}
+		defaults := make([]netip.Addr, len(f.defaults))
+		for i, d := range f.defaults {
+			defaults[i] = f.sources[d]
+		}
+		f.sources = slices.Clone(pinned)
+		f.defaults = f.defaults[:0]
+		for _, a := range defaults {
+			f.defaults = append(f.defaults, slices.Index(f.sources, a))
+		}
 	}
 	return nil
 }

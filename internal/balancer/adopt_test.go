@@ -2,8 +2,10 @@ package balancer
 
 import (
 	"context"
+	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/xlb-project/xlb/dispatcher"
@@ -34,19 +36,25 @@ func TestIDAllocatorReserve(t *testing.T) {
 // one adopt it: the services keep their ids, the backends theirs, a
 // backend removed before the restart stays retired (its id is not reused),
 // the VIP the first one added is the second one's to remove, and the new
-// Balancer's programs replace the old ones in the pinned link. Close then
-// removes everything.
+// Balancer's programs replace the old ones in the pinned link. An IPv6
+// service goes along: its id, its backend's, its /128 VIP and the IPv6
+// source address's place in the pinned table; a configuration with
+// another IPv6 source address is refused. Close then removes everything.
 func TestBalancerAdopt(t *testing.T) {
 	testnet.RequirePrivileged(t)
 	ns := testnet.NewNS(t, "adopt")
 	ns.AddVeth(t, "eth0", "peer0", "10.88.0.1/24")
+	ns.Exec(t, "ip", "-6", "addr", "add", "fd88::1/64", "dev", "eth0", "nodad")
+	vip6 := func() bool {
+		return strings.Contains(ns.Exec(t, "ip", "-6", "addr", "show", "dev", "eth0"), "fd88::50/128")
+	}
 	pin, err := os.MkdirTemp("/sys/fs/bpf", "xlbt-adopt-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(pin) })
 	ctx := context.Background()
-	open := func() (*state.Dir, *Balancer) {
+	openErr := func(sources ...netip.Addr) (*state.Dir, *Balancer, error) {
 		t.Helper()
 		var (
 			st *state.Dir
@@ -58,9 +66,17 @@ func TestBalancerAdopt(t *testing.T) {
 				return err
 			}
 			b, err = New(Options{Iface: "eth0", XDPMode: dispatcher.Generic, PortLo: 10000, PortHi: 20000, ConntrackSize: 1024,
-				Selector: uniform{}, State: st})
+				Selector: uniform{}, State: st, IPv6: true, SourceAddresses: sources})
+			if err != nil {
+				st.Close()
+			}
 			return err
 		})
+		return st, b, err
+	}
+	open := func() (*state.Dir, *Balancer) {
+		t.Helper()
+		st, b, err := openErr()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -69,10 +85,12 @@ func TestBalancerAdopt(t *testing.T) {
 	start := []Service{
 		svc("10.88.0.1:80", "random", "10.88.0.21:8080", "10.88.0.22:8080"),
 		svc("10.88.0.50:81", "random", "10.88.0.23:8080"),
+		svc("[fd88::50]:81", "random", "[fd88::23]:8080"),
 	}
 	next := []Service{
 		svc("10.88.0.1:80", "random", "10.88.0.21:8080"),
 		svc("10.88.0.50:81", "random", "10.88.0.23:8080"),
+		svc("[fd88::50]:81", "random", "[fd88::23]:8080"),
 	}
 	st1, b1 := open()
 	if b1.Adopted() != nil {
@@ -99,14 +117,27 @@ func TestBalancerAdopt(t *testing.T) {
 		t.Fatal(err)
 	}
 	st1.Close()
-	if got := addrs(t, ns); !slices.Contains(got, "10.88.0.50/32") {
-		t.Fatalf("the VIP went with the first balancer: %v", got)
+	if got := addrs(t, ns); !slices.Contains(got, "10.88.0.50/32") || !vip6() {
+		t.Fatalf("the VIPs went with the first balancer: %v", got)
+	}
+	pinned, err := dispatcher.ReadPinned(pin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []netip.Addr{netip.MustParseAddr("fd88::1")}; !slices.Equal(pinned.Sources6, want) || pinned.Slots6 != pinned.Slots {
+		t.Errorf("pinned IPv6 sources %v, slots %d (IPv4 %d); want %v and as many slots", pinned.Sources6, pinned.Slots6, pinned.Slots, want)
+	}
+	if _, b, err := openErr(netip.MustParseAddr("10.88.0.1"), netip.MustParseAddr("fd88::2")); err == nil {
+		ns.Do(b.Close)
+		t.Errorf("another IPv6 source address adopted")
+	} else if !strings.Contains(err.Error(), "source-addresses: IPv6 [fd88::2]") || !strings.Contains(err.Error(), "[fd88::1]") {
+		t.Errorf("another IPv6 source address: %v", err)
 	}
 
 	st2, b2 := open()
 	a := b2.Adopted()
-	if a == nil || a.Services != 2 || a.Backends != 3 || a.Retired != 1 || a.Addresses != 1 {
-		t.Fatalf("adopted %+v, want 2 services, 3 backend ids, 1 retired, 1 address", a)
+	if a == nil || a.Services != 3 || a.Backends != 4 || a.Retired != 1 || a.Addresses != 2 {
+		t.Fatalf("adopted %+v, want 3 services, 4 backend ids, 1 retired, 2 addresses", a)
 	}
 	if !slices.Equal(b2.retired, retired) {
 		t.Errorf("retired after adoption %v, before %v", b2.retired, retired)
@@ -142,8 +173,8 @@ func TestBalancerAdopt(t *testing.T) {
 	if err := st2.Remove(); err != nil {
 		t.Fatal(err)
 	}
-	if got := addrs(t, ns); !slices.Equal(got, []string{"10.88.0.1/24"}) {
-		t.Errorf("addresses after Close: %v", got)
+	if got := addrs(t, ns); !slices.Equal(got, []string{"10.88.0.1/24"}) || vip6() {
+		t.Errorf("addresses after Close: %v, IPv6 VIP left: %v", got, vip6())
 	}
 	if _, err := os.Stat(pin); !os.IsNotExist(err) {
 		ents, _ := os.ReadDir(pin)

@@ -131,14 +131,16 @@ func (h *Iface) Name() string { return h.name }
 func (h *Iface) Index() int { return h.link.Attrs().Index }
 
 // PrimaryIPv4 returns the interface's first IPv4 address that is not a
-// secondary one.
+// secondary one, nor one the Iface added (or adopted: an earlier xlbd's
+// VIP is not the host's address).
 func (h *Iface) PrimaryIPv4() (netip.Addr, error) {
 	addrs, err := netlink.AddrList(h.link, netlink.FAMILY_V4)
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("list addresses of %s: %w", h.name, err)
 	}
+	added := h.Added()
 	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && a.Flags&unix.IFA_F_SECONDARY == 0 {
+		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && a.Flags&unix.IFA_F_SECONDARY == 0 && !slices.Contains(added, ip) {
 			return ip, nil
 		}
 	}
@@ -147,15 +149,16 @@ func (h *Iface) PrimaryIPv4() (netip.Addr, error) {
 
 // PrimaryIPv6 returns the interface's first global IPv6 address that is
 // neither tentative (duplicate address detection still running) nor
-// deprecated.
+// deprecated, nor one the Iface added (or adopted).
 func (h *Iface) PrimaryIPv6() (netip.Addr, error) {
 	addrs, err := netlink.AddrList(h.link, netlink.FAMILY_V6)
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("list addresses of %s: %w", h.name, err)
 	}
+	added := h.Added()
 	for _, a := range addrs {
 		ip, ok := netip.AddrFromSlice(a.IP)
-		if ok && ip.Is6() && !ip.Is4In6() && ip.IsGlobalUnicast() &&
+		if ok && ip.Is6() && !ip.Is4In6() && ip.IsGlobalUnicast() && !slices.Contains(added, ip) &&
 			a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED|unix.IFA_F_DEPRECATED) == 0 {
 			return ip, nil
 		}
