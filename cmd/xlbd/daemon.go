@@ -463,7 +463,7 @@ func (d *daemon) stateStatus() control.StateStatus {
 			Connections: a.Connections, Addresses: a.Addresses}
 	}
 	if d.filter != nil {
-		st.VIPFilter = "nftables table ip " + d.filter.Name()
+		st.VIPFilter = "nftables table inet " + d.filter.Name()
 		for _, a := range d.filter.Addrs() {
 			st.VIPFilterAddr = append(st.VIPFilterAddr, a.String())
 		}

@@ -802,7 +802,7 @@ func (rt *restartTopo) checkNothingLeft(t *testing.T, before hostEverything, plu
 		t.Errorf("pin directory %s left, holding %v", rt.pin, ents)
 	}
 	if after.filter {
-		t.Errorf("vip filter (nftables table ip %s) left", vipfilter.Table("eth0"))
+		t.Errorf("vip filter (nftables table inet %s) left", vipfilter.Table("eth0"))
 	}
 	waitGone(t, plugins, 2*time.Second)
 }

@@ -64,7 +64,7 @@ func TestVIPOtherPorts(t *testing.T) {
 		ct.start(t, yaml)
 		check(t, "refused")
 		out, err := exec.Command(filepath.Join(ct.d.Dir, "xlbctl"), "--socket", ct.d.Socket, "status").CombinedOutput()
-		if err != nil || !strings.Contains(string(out), "vip filter: nftables table ip xlb_eth0 on "+vip.String()+"\n") {
+		if err != nil || !strings.Contains(string(out), "vip filter: nftables table inet xlb_eth0 on "+vip.String()+"\n") {
 			t.Errorf("xlbctl status: %v\n%s", err, out)
 		}
 		if strings.Contains(string(out), ct.lb.IP.String()+"\n") {

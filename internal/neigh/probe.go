@@ -30,8 +30,12 @@ const (
 // them) and listens for an ARP packet whose sender address is a from
 // another MAC address. It returns an error wrapping ErrAddressInUse, which
 // names the MAC that answered, or nil after about 400 ms of silence. It
-// works in the calling thread's network namespace.
+// works in the calling thread's network namespace. An IPv6 address is not
+// probed (nil at once): neighbour-discovery DAD is not implemented.
 func Probe(ctx context.Context, ifindex int, a netip.Addr) error {
+	if !a.Is4() {
+		return nil
+	}
 	l, err := netlink.LinkByIndex(ifindex)
 	if err != nil {
 		return fmt.Errorf("find interface %d: %w", ifindex, err)

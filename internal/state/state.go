@@ -402,7 +402,7 @@ func Cleanup(ctx context.Context, path string, log *slog.Logger) ([]string, erro
 				if err := vipfilter.Remove(ctx, table); err != nil {
 					errs = append(errs, err)
 				} else {
-					note("removed the VIP filter (nftables table ip %s)", table)
+					note("removed the VIP filter (nftables table inet %s)", table)
 				}
 			}
 		}

@@ -2,10 +2,11 @@
 // to a VIP on a port that no service uses is not load balanced, so XDP
 // passes it to the host's stack, where every listener on 0.0.0.0 would
 // answer it. The filter is an nftables table of xlb's own (one per
-// interface) whose input chain accepts ICMP and the replies of the host's
-// own connections on the VIPs it lists and rejects everything else: TCP
-// with a reset, as a closed port answers, other protocols with ICMP port
-// unreachable. The services' own ports never reach it: XDP handles them
+// interface, family inet, so it holds IPv4 and IPv6 VIPs) whose input
+// chain accepts ICMP (ICMPv6, neighbour discovery included) and the
+// replies of the host's own connections on the VIPs it lists and rejects
+// everything else: TCP with a reset, as a closed port answers, other
+// protocols with ICMP port unreachable. The services' own ports never reach it: XDP handles them
 // before the stack.
 //
 // It runs nft(8) (package nftables) in the calling process's network
@@ -41,7 +42,7 @@ type Filter struct {
 // Set lists a VIP.
 func New(iface string) *Filter { return &Filter{table: Table(iface)} }
 
-// Table is the name of the nftables table (family ip) of interface iface.
+// Table is the name of the nftables table (family inet) of interface iface.
 func Table(iface string) string {
 	var b strings.Builder
 	b.WriteString("xlb_")
@@ -92,7 +93,7 @@ func (f *Filter) Set(ctx context.Context, addrs []netip.Addr) error {
 		return nil
 	}
 	if err := nft(ctx, script(f.table, addrs)); err != nil {
-		return fmt.Errorf("install vip filter (nftables table ip %s): %w", f.table, err)
+		return fmt.Errorf("install vip filter (nftables table inet %s): %w", f.table, err)
 	}
 	f.installed, f.addrs = true, addrs
 	return nil
@@ -118,8 +119,8 @@ func Remove(ctx context.Context, table string) error {
 	if _, err := exec.LookPath("nft"); err != nil {
 		return nil
 	}
-	if err := nft(ctx, fmt.Sprintf("table ip %s {}\ndelete table ip %s\n", table, table)); err != nil {
-		return fmt.Errorf("remove vip filter (nftables table ip %s): %w", table, err)
+	if err := nft(ctx, fmt.Sprintf("table inet %s {}\ndelete table inet %s\n", table, table)); err != nil {
+		return fmt.Errorf("remove vip filter (nftables table inet %s): %w", table, err)
 	}
 	return nil
 }
@@ -129,7 +130,7 @@ func Exists(ctx context.Context, table string) (bool, error) {
 	if _, err := exec.LookPath("nft"); err != nil {
 		return false, nil
 	}
-	out, err := exec.CommandContext(ctx, "nft", "list", "tables", "ip").Output()
+	out, err := exec.CommandContext(ctx, "nft", "list", "tables", "inet").Output()
 	if err != nil {
 		return false, fmt.Errorf("list nftables tables: %w", err)
 	}
@@ -139,21 +140,32 @@ func Exists(ctx context.Context, table string) (bool, error) {
 // script is the nft transaction that replaces the table.
 func script(table string, addrs []netip.Addr) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "table ip %s {}\ndelete table ip %s\n", table, table)
-	fmt.Fprintf(&b, "table ip %s {\n\tset vips {\n\t\ttype ipv4_addr\n", table)
-	if len(addrs) > 0 {
-		s := make([]string, len(addrs))
-		for i, a := range addrs {
-			s[i] = a.String()
+	fmt.Fprintf(&b, "table inet %s {}\ndelete table inet %s\n", table, table)
+	fmt.Fprintf(&b, "table inet %s {\n", table)
+	for _, set := range []struct {
+		name, typ string
+		v4        bool
+	}{{"vips", "ipv4_addr", true}, {"vips6", "ipv6_addr", false}} {
+		fmt.Fprintf(&b, "\tset %s {\n\t\ttype %s\n", set.name, set.typ)
+		var s []string
+		for _, a := range addrs {
+			if a.Is4() == set.v4 {
+				s = append(s, a.String())
+			}
 		}
-		fmt.Fprintf(&b, "\t\telements = { %s }\n", strings.Join(s, ", "))
+		if len(s) > 0 {
+			fmt.Fprintf(&b, "\t\telements = { %s }\n", strings.Join(s, ", "))
+		}
+		b.WriteString("\t}\n")
 	}
-	b.WriteString("\t}\n")
 	b.WriteString("\tchain input {\n\t\ttype filter hook input priority filter - 10; policy accept;\n")
 	b.WriteString("\t\tip daddr @vips ip protocol icmp accept\n")
-	b.WriteString("\t\tip daddr @vips ct state established,related accept\n")
-	b.WriteString("\t\tip daddr @vips meta l4proto tcp reject with tcp reset\n")
-	b.WriteString("\t\tip daddr @vips reject\n")
+	b.WriteString("\t\tip6 daddr @vips6 meta l4proto ipv6-icmp accept\n")
+	for _, m := range []string{"ip daddr @vips", "ip6 daddr @vips6"} {
+		fmt.Fprintf(&b, "\t\t%s ct state established,related accept\n", m)
+		fmt.Fprintf(&b, "\t\t%s meta l4proto tcp reject with tcp reset\n", m)
+		fmt.Fprintf(&b, "\t\t%s reject\n", m)
+	}
 	b.WriteString("\t}\n}\n")
 	return b.String()
 }

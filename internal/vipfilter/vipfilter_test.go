@@ -19,7 +19,7 @@ func TestTable(t *testing.T) {
 }
 
 // TestFilter installs, changes and removes the table in a network
-// namespace and checks what nft lists.
+// namespace and checks what nft lists, for IPv4 and IPv6 VIPs.
 func TestFilter(t *testing.T) {
 	testnet.RequirePrivileged(t)
 	if _, err := exec.LookPath("nft"); err != nil {
@@ -28,20 +28,23 @@ func TestFilter(t *testing.T) {
 	ns := testnet.NewNS(t, "vipfilter")
 	ctx := context.Background()
 	a, b := netip.MustParseAddr("10.9.0.1"), netip.MustParseAddr("10.9.0.2")
+	a6 := netip.MustParseAddr("fd09::1")
 	f := New("eth0")
 	err := ns.Do(func() error {
 		if err := f.Set(ctx, nil); err != nil || f.Installed() {
 			t.Errorf("no VIP: installed %v, %v", f.Installed(), err)
 		}
-		if err := f.Set(ctx, []netip.Addr{b, a, b}); err != nil {
+		if err := f.Set(ctx, []netip.Addr{b, a6, a, b}); err != nil {
 			return err
 		}
-		out, err := exec.Command("nft", "list", "table", "ip", "xlb_eth0").CombinedOutput()
+		out, err := exec.Command("nft", "list", "table", "inet", "xlb_eth0").CombinedOutput()
 		if err != nil {
 			return err
 		}
-		for _, want := range []string{"elements = { 10.9.0.1, 10.9.0.2 }", "hook input", "ip daddr @vips ip protocol icmp accept",
-			"ip daddr @vips ct state established,related accept", "ip daddr @vips reject with tcp reset", "ip daddr @vips reject\n"} {
+		for _, want := range []string{"elements = { 10.9.0.1, 10.9.0.2 }", "elements = { fd09::1 }", "hook input", "ip daddr @vips ip protocol icmp accept",
+			"ip daddr @vips ct state established,related accept", "ip daddr @vips meta l4proto tcp reject with tcp reset", "ip daddr @vips reject with icmp port-unreachable",
+			"ip6 daddr @vips6 meta l4proto ipv6-icmp accept", "ip6 daddr @vips6 ct state established,related accept",
+			"ip6 daddr @vips6 meta l4proto tcp reject with tcp reset", "ip6 daddr @vips6 reject with icmpv6 port-unreachable"} {
 			if !strings.Contains(string(out), want) {
 				t.Errorf("table lacks %q:\n%s", want, out)
 			}
@@ -49,7 +52,7 @@ func TestFilter(t *testing.T) {
 		if err := f.Set(ctx, []netip.Addr{b}); err != nil {
 			return err
 		}
-		out, _ = exec.Command("nft", "list", "set", "ip", "xlb_eth0", "vips").CombinedOutput()
+		out, _ = exec.Command("nft", "list", "set", "inet", "xlb_eth0", "vips").CombinedOutput()
 		if !strings.Contains(string(out), "elements = { 10.9.0.2 }") {
 			t.Errorf("after Set(b):\n%s", out)
 		}
