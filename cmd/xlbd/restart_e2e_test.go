@@ -46,7 +46,13 @@ const (
 // comes back.
 func serveEcho(t testing.TB, h *testnet.Host, port int) {
 	t.Helper()
-	l, err := h.NS.Listen("tcp", addr(h, port))
+	serveEchoAt(t, h, addr(h, port))
+}
+
+// serveEchoAt is serveEcho on another address of h (its IPv6 one).
+func serveEchoAt(t testing.TB, h *testnet.Host, at string) {
+	t.Helper()
+	l, err := h.NS.Listen("tcp", at)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -483,6 +489,82 @@ func TestRestartKeepDatapath(t *testing.T) {
 		if v, ok := c[name]; !ok || v != 0 {
 			t.Errorf("counter %s: %d (known: %v)", name, v, ok)
 		}
+	}
+}
+
+// TestRestartIPv6 restarts xlbd with --keep-datapath while an IPv6
+// service (its VIP a /128 xlbd added, its source address the
+// interface's IPv6 one) and an IPv4 one each carry the traffic of every
+// case: the new xlbd adopts both families' services, backend ids and
+// connections, keeps the IPv6 VIP and forwarding as they were, and no
+// connection of either family breaks, no request fails. SIGTERM then
+// removes everything, the IPv6 VIP and forwarding included.
+func TestRestartIPv6(t *testing.T) {
+	rt := newRestartTopo(t, "")
+	vip6 := rt.lan.AddrInSubnet6(100)
+	for _, h := range []*testnet.Host{rt.ba, rt.bb} {
+		h.NS.ServeHTTP(t, netip.AddrPortFrom(h.IP6, backendPort).String(), h.Name+"-v6")
+		serveEchoAt(t, h, netip.AddrPortFrom(h.IP6, streamPort).String())
+	}
+	rt.yaml += fmt.Sprintf("  - vip: \"%s\"\n    backends: [\"%s\", \"%s\"]\n  - vip: \"%s\"\n    policy: least-conn\n    backends: [\"%s\", \"%s\"]\n",
+		netip.AddrPortFrom(vip6, 80), netip.AddrPortFrom(rt.ba.IP6, backendPort), netip.AddrPortFrom(rt.bb.IP6, backendPort),
+		netip.AddrPortFrom(vip6, streamPort), netip.AddrPortFrom(rt.ba.IP6, streamPort), netip.AddrPortFrom(rt.bb.IP6, streamPort))
+	before := lbState(t, rt.lb)
+	rt.startXlbd(t)
+	running := lbState(t, rt.lb)
+	if !slices.Contains(running.Addrs, vip6.String()+"/128") || running.Forward6 != "1" {
+		t.Fatalf("while running: %v; want %s/128 added and IPv6 forwarding on", running, vip6)
+	}
+	clients := []*testnet.Host{rt.c1, rt.c2}
+	tr6 := startTraffic(t, clients, vip6)
+	tr4 := startTraffic(t, clients, rt.vipAddr)
+	time.Sleep(2 * time.Second)
+	ctx := context.Background()
+	st, err := rt.d.Client().Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := rt.xlbctl(t, "shutdown", "--keep-datapath"); err != nil {
+		t.Fatalf("xlbctl shutdown --keep-datapath: %v\n%s", err, out)
+	}
+	stopped := time.Now()
+	if err := waitExit(t, rt.d, 5*time.Second); err != nil {
+		t.Errorf("xlbd exited with %v, want status 0", err)
+	}
+	if now := lbState(t, rt.lb); !now.equal(running) {
+		t.Errorf("host while no xlbd runs:\n  %v\nwhile it ran:\n  %v", now, running)
+	}
+	time.Sleep(time.Second)
+	rt.startXlbd(t)
+	ready := time.Now()
+	t.Logf("restart: %v from the shutdown to the new xlbd ready (1 s of it waiting on purpose)", ready.Sub(stopped))
+	after, err := rt.d.Client().Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := after.State.Adopted; a == nil || a.Services != 4 || a.Connections < 2*streamConns {
+		t.Errorf("adopted %+v, want 4 services and at least %d connections", a, 2*streamConns)
+	}
+	if b, a := backendIDs(st), backendIDs(after); !mapsEqual(b, a) || len(a) != 8 {
+		t.Errorf("backend ids before %v, after %v", b, a)
+	}
+	if !slices.Equal(st.SourceAddresses, after.SourceAddresses) || !slices.Contains(after.SourceAddresses, rt.lb.IP6.String()) {
+		t.Errorf("source addresses %v after the restart, %v before; want the interface's IPv6 %s among them", after.SourceAddresses, st.SourceAddresses, rt.lb.IP6)
+	}
+	if now := lbState(t, rt.lb); !now.equal(running) {
+		t.Errorf("host after the restart:\n  %v\nbefore:\n  %v", now, running)
+	}
+	time.Sleep(3 * time.Second)
+	tr6.check(t, "IPv6, a restart keeping the data path", ready)
+	tr4.check(t, "IPv4 beside it", ready)
+	if err := rt.d.Stop(); err != nil {
+		t.Errorf("SIGTERM: %v", err)
+	}
+	if now := lbState(t, rt.lb); !now.equal(before) {
+		t.Errorf("host after SIGTERM:\n  %v\nbefore xlbd started:\n  %v", now, before)
+	}
+	if _, err := os.Stat(rt.pin); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pin directory after SIGTERM: %v", err)
 	}
 }
 
