@@ -408,36 +408,15 @@ func TestRestartKeepDatapath(t *testing.T) {
 	if before.State.Adopted != nil || before.State.PinPath != rt.pin {
 		t.Fatalf("first xlbd's state: %+v, want a fresh start pinned at %s", before.State, rt.pin)
 	}
-	running := lbState(t, rt.lb)
-
-	out, err := rt.xlbctl(t, "shutdown", "--keep-datapath")
-	if err != nil {
-		t.Fatalf("xlbctl shutdown --keep-datapath: %v\n%s", err, out)
-	}
-	stopped := time.Now()
-	if err := waitExit(t, rt.d, 5*time.Second); err != nil {
-		t.Errorf("xlbd exited with %v, want status 0", err)
-	}
-	t.Logf("xlbctl: %s", strings.TrimSpace(out))
-	waitGone(t, pluginPids(before), 3*time.Second)
-	if now := lbState(t, rt.lb); !now.equal(running) {
-		t.Errorf("host while no xlbd runs:\n  %v\nwhile it ran:\n  %v", now, running)
-	}
-	for _, pin := range []string{"xlb_link", "xlb_conns", "xlb_progs", "xlb_layout", "xlb_host"} {
-		if _, err := os.Stat(filepath.Join(rt.pin, pin)); err != nil {
-			t.Errorf("pin %s: %v", pin, err)
-		}
-	}
-	time.Sleep(time.Second) // traffic with no daemon
-
 	first := rt.d
-	rt.startXlbd(t)
-	ready := time.Now()
-	t.Logf("restart: %v from the shutdown to the new xlbd ready (1 s of it waiting on purpose)", ready.Sub(stopped))
-	after, err := rt.d.Client().Status(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, after := rt.restartKeeping(t, func() {
+		waitGone(t, pluginPids(before), 3*time.Second)
+		for _, pin := range []string{"xlb_link", "xlb_conns", "xlb_progs", "xlb_layout", "xlb_host"} {
+			if _, err := os.Stat(filepath.Join(rt.pin, pin)); err != nil {
+				t.Errorf("pin %s: %v", pin, err)
+			}
+		}
+	})
 	a := after.State.Adopted
 	if a == nil || a.Services != 2 || a.Connections < streamConns {
 		t.Errorf("second xlbd adopted %+v, want 2 services and at least %d connections", a, streamConns)
@@ -478,7 +457,7 @@ func TestRestartKeepDatapath(t *testing.T) {
 		t.Fatalf("no XDP program after SIGUSR2")
 	}
 	rt.startXlbd(t)
-	ready = time.Now()
+	ready := time.Now()
 	if st, err := rt.d.Client().Status(ctx); err != nil || st.State.Adopted == nil || !mapsEqual(backendIDs(before), backendIDs(st)) {
 		t.Errorf("after the second restart: %v, adopted %+v, backend ids %v, want %v", err, st.State.Adopted, backendIDs(st), backendIDs(before))
 	}
@@ -490,6 +469,40 @@ func TestRestartKeepDatapath(t *testing.T) {
 			t.Errorf("counter %s: %d (known: %v)", name, v, ok)
 		}
 	}
+}
+
+// restartKeeping stops the running xlbd with `xlbctl shutdown
+// --keep-datapath`, checks that it exits with status 0 and leaves the host
+// as it was (link, addresses, forwarding), runs whileStopped (if not nil),
+// lets the traffic run 1 s with no daemon, and starts a new xlbd. It
+// returns when that one is ready, with its status.
+func (rt *restartTopo) restartKeeping(t *testing.T, whileStopped func()) (time.Time, control.Status) {
+	t.Helper()
+	running := lbState(t, rt.lb)
+	out, err := rt.xlbctl(t, "shutdown", "--keep-datapath")
+	if err != nil {
+		t.Fatalf("xlbctl shutdown --keep-datapath: %v\n%s", err, out)
+	}
+	stopped := time.Now()
+	if err := waitExit(t, rt.d, 5*time.Second); err != nil {
+		t.Errorf("xlbd exited with %v, want status 0", err)
+	}
+	t.Logf("xlbctl: %s", strings.TrimSpace(out))
+	if now := lbState(t, rt.lb); !now.equal(running) {
+		t.Errorf("host while no xlbd runs:\n  %v\nwhile it ran:\n  %v", now, running)
+	}
+	if whileStopped != nil {
+		whileStopped()
+	}
+	time.Sleep(time.Second) // traffic with no daemon
+	rt.startXlbd(t)
+	ready := time.Now()
+	t.Logf("restart: %v from the shutdown to the new xlbd ready (1 s of it waiting on purpose)", ready.Sub(stopped))
+	st, err := rt.d.Client().Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ready, st
 }
 
 // TestRestartIPv6 restarts xlbd with --keep-datapath while an IPv6
@@ -519,29 +532,11 @@ func TestRestartIPv6(t *testing.T) {
 	tr6 := startTraffic(t, clients, vip6)
 	tr4 := startTraffic(t, clients, rt.vipAddr)
 	time.Sleep(2 * time.Second)
-	ctx := context.Background()
-	st, err := rt.d.Client().Status(ctx)
+	st, err := rt.d.Client().Status(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if out, err := rt.xlbctl(t, "shutdown", "--keep-datapath"); err != nil {
-		t.Fatalf("xlbctl shutdown --keep-datapath: %v\n%s", err, out)
-	}
-	stopped := time.Now()
-	if err := waitExit(t, rt.d, 5*time.Second); err != nil {
-		t.Errorf("xlbd exited with %v, want status 0", err)
-	}
-	if now := lbState(t, rt.lb); !now.equal(running) {
-		t.Errorf("host while no xlbd runs:\n  %v\nwhile it ran:\n  %v", now, running)
-	}
-	time.Sleep(time.Second)
-	rt.startXlbd(t)
-	ready := time.Now()
-	t.Logf("restart: %v from the shutdown to the new xlbd ready (1 s of it waiting on purpose)", ready.Sub(stopped))
-	after, err := rt.d.Client().Status(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ready, after := rt.restartKeeping(t, nil)
 	if a := after.State.Adopted; a == nil || a.Services != 4 || a.Connections < 2*streamConns {
 		t.Errorf("adopted %+v, want 4 services and at least %d connections", a, 2*streamConns)
 	}
