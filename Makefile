@@ -107,7 +107,10 @@ test: deps build
 
 # Fuzzing: FuzzPipeline (dispatcher/fuzz_test.go) runs arbitrary frames
 # through the whole pipeline. FUZZTIME is go test's -fuzztime: a count of
-# inputs (the default, 1,000,000) or a duration (CI runs 10s). New inputs
+# inputs (the default, 1,000,000; CI runs 10,000) or a duration. A count, not
+# a duration: Go 1.26's fuzzing coordinator can fail a run that ends on
+# its -fuzztime deadline with "context deadline exceeded" (golang/go#75804),
+# which is what a CI run did. New inputs
 # that widen coverage are minimised for at most a second (the default,
 # a minute each, would stall the run). The time taken is printed at the end.
 FUZZTIME ?= 1000000x
