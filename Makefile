@@ -73,13 +73,14 @@ install: build
 deps:
 	@.ci/install-deps
 
-# Regenerate the committed bpf2go and protobuf output (needs clang, libbpf-dev, protoc).
+# Regenerate the committed bpf2go and protobuf output (needs clang, libbpf-dev,
+# protoc): the data path, the policy plugin protocol and the control API.
 generate: deps
-	$(GO) generate ./dispatcher/ ./plugins/...
+	$(GO) generate ./dispatcher/ ./plugins/... ./internal/control/
 
 # CI: the committed generated code must be what `make generate` makes.
 check-generated: generate
-	@git diff --exit-code --stat -- dispatcher plugins || \
+	@git diff --exit-code --stat -- dispatcher plugins internal/control || \
 		{ echo "generated code is stale: run make generate and commit"; exit 1; }
 
 # First-party C: the pipeline and the tests' BPF objects (libbpf's vendored

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -318,6 +319,13 @@ func (c *Client) Select(ctx context.Context, req Request) (Selection, error) {
 	}
 	if c.Exited() {
 		return Selection{}, fmt.Errorf("policy %s: select %s: %w", c.name, req.Service, ErrExited)
+	}
+	if c.version < 3 {
+		// Health is version 3's: an older plugin must not see it.
+		req.Backends = slices.Clone(req.Backends)
+		for i := range req.Backends {
+			req.Backends[i].Health = HealthNone
+		}
 	}
 	var sel Selection
 	err := c.call(ctx, func(ctx context.Context) (err error) {

@@ -70,6 +70,7 @@ func (s *grpcServer) Select(ctx context.Context, in *policypb.SelectRequest) (*p
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	req.APIVersion = s.info.APIVersion
 	sel, err := s.impl.Select(ctx, req)
 	if errors.Is(err, ErrNoBackends) && s.info.APIVersion >= 2 {
 		// The "no backend" answer: an empty table.
@@ -159,6 +160,7 @@ func requestToProto(req Request) (*policypb.SelectRequest, error) {
 			// What a version 1 plugin reads: no new connections.
 			Draining: b.State != StateUp,
 			State:    policypb.BackendState(b.State),
+			Health:   policypb.BackendHealth(b.Health),
 		}
 	}
 	return out, nil
@@ -185,6 +187,7 @@ func requestFromProto(in *policypb.SelectRequest) (Request, error) {
 			Active:    b.GetActive(),
 			NewPerSec: b.GetNewPerSec(),
 			State:     state,
+			Health:    Health(b.GetHealth()),
 		}
 	}
 	return req, nil

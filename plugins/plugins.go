@@ -31,10 +31,12 @@ import (
 // ProtocolVersion is the newest version of the policy plugin API: the
 // highest protocol version the go-plugin handshake negotiates, and the
 // APIVersion a plugin reports in Info. Version 2 added Info.Needs,
-// Backend.State and the "no backend" answer (ErrNoBackends); a host and a
-// plugin built with this SDK also speak version 1 with older peers. It is
-// raised only by a change that old hosts or plugins cannot ignore.
-const ProtocolVersion = 2
+// Backend.State and the "no backend" answer (ErrNoBackends); version 3
+// added Backend.Health. A host and a plugin built with this SDK also speak
+// the older versions with older peers. It is raised only by a change that
+// old hosts or plugins cannot ignore, or whose zero value a new peer could
+// not tell from an old peer's silence.
+const ProtocolVersion = 3
 
 // MinProtocolVersion is the oldest API version this SDK speaks.
 const MinProtocolVersion = 1
@@ -145,6 +147,35 @@ func (s BackendState) String() string {
 	return enumName(policypb.BackendState(s).String(), "BACKEND_STATE_")
 }
 
+// Health is what a backend's health check finds (API version 3). Its
+// values are the protocol's enum BackendHealth; the zero value is
+// HealthNone.
+type Health policypb.BackendHealth
+
+// The health verdicts. Health is separate from State: with the service's
+// all-down use-all, a backend whose check fails is up when no backend of
+// the service passes.
+const (
+	// HealthNone: the backend has no health check (or the host speaks an
+	// API version older than 3: see Request.APIVersion).
+	HealthNone = Health(policypb.BackendHealth_BACKEND_HEALTH_NONE)
+	// HealthUnchecked: no check has finished yet.
+	HealthUnchecked = Health(policypb.BackendHealth_BACKEND_HEALTH_UNCHECKED)
+	// HealthPassing: the check passes.
+	HealthPassing = Health(policypb.BackendHealth_BACKEND_HEALTH_PASSING)
+	// HealthFailing: the check fails.
+	HealthFailing = Health(policypb.BackendHealth_BACKEND_HEALTH_FAILING)
+)
+
+// String returns the verdict's name: "none", "unchecked", "passing" or
+// "failing".
+func (h Health) String() string {
+	if _, ok := policypb.BackendHealth_name[int32(h)]; !ok {
+		return fmt.Sprintf("health(%d)", int32(h))
+	}
+	return enumName(policypb.BackendHealth(h).String(), "BACKEND_HEALTH_")
+}
+
 // enumName turns a protocol enum value's name into the lower-case, dashed
 // form used in logs: "MODE_LEAST_CONN" is "least-conn".
 func enumName(name, prefix string) string {
@@ -217,6 +248,8 @@ type Backend struct {
 	NewPerSec float64
 	// State is the backend's state; only StateUp may take new connections.
 	State BackendState
+	// Health is what its health check finds (API version 3).
+	Health Health
 }
 
 // Eligible reports whether b may be given new connections: it is up and
@@ -230,6 +263,9 @@ type Request struct {
 	// Backends are the service's backends; a Selection's table holds
 	// indexes into this slice.
 	Backends []Backend
+	// APIVersion is the version negotiated with the host (set by Serve on
+	// the plugin side): below 3, Backend.Health is always HealthNone.
+	APIVersion int
 }
 
 // Eligible returns the indexes of the backends that may take new

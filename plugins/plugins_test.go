@@ -184,7 +184,7 @@ func TestGRPCRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info != (Info{Name: "fake", Version: "0.0.1", APIVersion: 2, Needs: needs}) {
+	if info != (Info{Name: "fake", Version: "0.0.1", APIVersion: 3, Needs: needs}) {
 		t.Errorf("Info = %+v", info)
 	}
 	if c.Needs() != needs {
@@ -193,10 +193,10 @@ func TestGRPCRoundTrip(t *testing.T) {
 	req := Request{
 		Service: netip.MustParseAddrPort("[2001:db8::10]:443"),
 		Backends: []Backend{
-			{Address: netip.MustParseAddrPort("192.0.2.1:8443"), Weight: 3, Active: 1 << 40, NewPerSec: 12.5},
-			{Address: netip.MustParseAddrPort("[2001:db8::1]:443"), Weight: 0, State: StateDraining},
+			{Address: netip.MustParseAddrPort("192.0.2.1:8443"), Weight: 3, Active: 1 << 40, NewPerSec: 12.5, Health: HealthPassing},
+			{Address: netip.MustParseAddrPort("[2001:db8::1]:443"), Weight: 0, State: StateDraining, Health: HealthUnchecked},
 			{Address: netip.MustParseAddrPort("192.0.2.3:1"), Weight: 1},
-			{Address: netip.MustParseAddrPort("192.0.2.4:1"), Weight: 1, State: StateDown},
+			{Address: netip.MustParseAddrPort("192.0.2.4:1"), Weight: 1, State: StateDown, Health: HealthFailing},
 		},
 	}
 	sel, err := c.Select(ctx, req)
@@ -207,8 +207,38 @@ func TestGRPCRoundTrip(t *testing.T) {
 		t.Errorf("Select = %+v", sel)
 	}
 	got := <-fake.got
-	if got.Service != req.Service || !slices.Equal(got.Backends, req.Backends) {
-		t.Errorf("plugin got %+v, want %+v", got, req)
+	if got.Service != req.Service || !slices.Equal(got.Backends, req.Backends) || got.APIVersion != 3 {
+		t.Errorf("plugin got %+v, want %+v at version 3", got, req)
+	}
+}
+
+// TestHealthVersioned: a backend's health reaches a plugin that speaks
+// version 3; one that negotiated version 2 sees none, whatever its SDK.
+func TestHealthVersioned(t *testing.T) {
+	ctx := context.Background()
+	req := Request{Service: netip.MustParseAddrPort("192.0.2.100:80"), Backends: testBackends(2)}
+	req.Backends[0].Health, req.Backends[1].Health = HealthFailing, HealthPassing
+	for _, v := range []int{2, 3} {
+		fake := &fakePolicy{sel: Selection{ModeRandom, []uint32{0}}, got: make(chan Request, 1)}
+		c := inProcess(t, Info{Name: "fake", APIVersion: v}, fake)
+		if _, err := c.Select(ctx, req); err != nil {
+			t.Fatal(err)
+		}
+		got := <-fake.got
+		want := []Health{HealthFailing, HealthPassing}
+		if v < 3 {
+			want = []Health{HealthNone, HealthNone}
+		}
+		if got.APIVersion != v || got.Backends[0].Health != want[0] || got.Backends[1].Health != want[1] {
+			t.Errorf("version %d: plugin got version %d, health %s, %s; want %s, %s", v, got.APIVersion, got.Backends[0].Health,
+				got.Backends[1].Health, want[0], want[1])
+		}
+	}
+	if req.Backends[0].Health != HealthFailing {
+		t.Error("Select changed the caller's request")
+	}
+	if s := HealthFailing.String(); s != "failing" {
+		t.Errorf("HealthFailing.String() = %q", s)
 	}
 }
 
@@ -250,15 +280,15 @@ func TestClientRefusesNonsense(t *testing.T) {
 }
 
 func TestHandshakeRefusesOtherAPIVersion(t *testing.T) {
-	client, _ := plugin.TestPluginGRPCConn(t, false, PluginMap(Info{Name: "future", APIVersion: 3}, &fakePolicy{}))
+	client, _ := plugin.TestPluginGRPCConn(t, false, PluginMap(Info{Name: "future", APIVersion: 4}, &fakePolicy{}))
 	defer client.Close()
 	raw, err := client.Dispense(PluginName)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &Client{name: "test", rpc: raw.(*grpcClient), version: 2, callTimeout: DefaultCallTimeout}
+	c := &Client{name: "test", rpc: raw.(*grpcClient), version: 3, callTimeout: DefaultCallTimeout}
 	err = c.handshake(context.Background())
-	if !errors.Is(err, ErrIncompatible) || err.Error() != `incompatible plugin API version: plugin "future" speaks 3, host speaks 2` {
+	if !errors.Is(err, ErrIncompatible) || err.Error() != `incompatible plugin API version: plugin "future" speaks 4, host speaks 3` {
 		t.Fatalf("handshake = %v", err)
 	}
 }

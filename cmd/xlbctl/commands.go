@@ -16,21 +16,9 @@ import (
 
 	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/control"
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 	"github.com/xlb-project/xlb/internal/version"
 )
-
-// daemon is what the commands need from xlbd, whatever carries it:
-// internal/control's client over the unix socket today.
-type daemon interface {
-	Status(ctx context.Context) (control.Status, error)
-	FindConns(ctx context.Context, f control.ConnFilter) ([]control.Conn, error)
-	Stats(ctx context.Context) (control.Stats, error)
-	SetPolicy(ctx context.Context, req control.PolicyRequest) (control.PolicyResult, error)
-	ChainList(ctx context.Context) ([]control.ChainMember, error)
-	ChainAdd(ctx context.Context, m control.ChainMember) error
-	ChainRemove(ctx context.Context, name string) error
-	Shutdown(ctx context.Context, req control.ShutdownRequest) error
-}
 
 // usageError is a command line xlbctl does not understand (exit status 2);
 // cmd is the command whose help to read, such as "xlbctl chain add".
@@ -57,14 +45,24 @@ type cli struct {
 	stdout  io.Writer
 }
 
-func (c *cli) dial() daemon { return control.NewClient(c.socket) }
+// call runs f against xlbd's control API within the timeout, and turns a
+// failure to reach xlbd into advice.
+func (c *cli) call(ctx context.Context, f func(context.Context, controlpb.ControlClient) error) error {
+	return c.callWithin(ctx, c.timeout, f)
+}
 
-// call runs f against xlbd within the timeout, and turns a failure to
-// reach it into advice.
-func (c *cli) call(ctx context.Context, f func(context.Context, daemon) error) error {
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+func (c *cli) callWithin(ctx context.Context, timeout time.Duration, f func(context.Context, controlpb.ControlClient) error) error {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	return explain(f(ctx, c.dial()), c.timeout)
+	cl, err := control.Dial(c.socket)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	return explain(f(ctx, cl), timeout)
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -107,8 +105,11 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	root := &cobra.Command{
 		Use:   "xlbctl",
 		Short: "Control a running xlbd",
-		Long: `xlbctl talks to a running xlbd over its control socket: status, tracked
-connections, counters, policy swaps and the XDP chain.`,
+		Long: `xlbctl talks to a running xlbd over its control socket (the gRPC API of
+docs/api.md): status, tracked connections, counters, the configuration in
+force, reloads, and live changes of backends, services, policies and the
+XDP chain. Live changes are kept across reloads unless the configuration
+file changes the same item.`,
 		Version:           version.Read().String(),
 		SilenceErrors:     true,
 		SilenceUsage:      true,
@@ -125,7 +126,8 @@ connections, counters, policy swaps and the XDP chain.`,
 	pf.DurationVar(&c.timeout, "timeout", 30*time.Second, "how long to wait for xlbd")
 	pf.BoolVar(&c.json, "json", false, "print JSON")
 	root.AddGroup(&cobra.Group{ID: "xlbd", Title: "Commands:"})
-	for _, sub := range []*cobra.Command{c.statusCmd(), c.connsCmd(), c.statsCmd(), c.policyCmd(), c.chainCmd(), c.shutdownCmd()} {
+	for _, sub := range []*cobra.Command{c.statusCmd(), c.connsCmd(), c.statsCmd(), c.configCmd(), c.reloadCmd(), c.backendCmd(), c.serviceCmd(),
+		c.policyCmd(), c.chainCmd(), c.shutdownCmd()} {
 		sub.GroupID = "xlbd"
 		root.AddCommand(sub)
 	}
@@ -150,16 +152,16 @@ func (c *cli) statusCmd() *cobra.Command {
 		Args:              cobra.NoArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			var st control.Status
-			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
-				st, err = d.Status(ctx)
+			var st *controlpb.Status
+			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
+				st, err = d.GetStatus(ctx, &controlpb.GetStatusRequest{})
 				return err
 			})
 			if err != nil {
 				return err
 			}
 			if c.json {
-				return printJSON(c.stdout, st)
+				return printProtoJSON(c.stdout, st)
 			}
 			printStatus(c.stdout, st)
 			return nil
@@ -168,7 +170,7 @@ func (c *cli) statusCmd() *cobra.Command {
 }
 
 func (c *cli) connsCmd() *cobra.Command {
-	var f control.ConnFilter
+	f := &controlpb.ListConnsRequest{}
 	cmd := &cobra.Command{
 		Use:   "conns",
 		Short: "List tracked connections",
@@ -180,27 +182,24 @@ idle time, TCP and UDP alike. The filters combine: only connections matching all
 		Args:              cobra.NoArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		PreRunE: func(*cobra.Command, []string) error {
-			return f.Validate()
+			return control.ValidateConnFilter(f)
 		},
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			var cs []control.Conn
-			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
-				cs, err = d.FindConns(ctx, f)
+			var cs *controlpb.ListConnsResponse
+			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
+				cs, err = d.ListConns(ctx, f)
 				return err
 			})
 			if err != nil {
 				return err
 			}
 			if c.json {
-				if cs == nil {
-					cs = []control.Conn{}
-				}
-				return printJSON(c.stdout, cs)
+				return printProtoJSON(c.stdout, cs)
 			}
-			return printConns(c.stdout, cs)
+			return printConns(c.stdout, cs.GetConns())
 		}),
 	}
-	cmd.Flags().StringVar(&f.VIP, "vip", "", "only connections to this `VIP:PORT`")
+	cmd.Flags().StringVar(&f.Vip, "vip", "", "only connections to this `VIP:PORT`")
 	cmd.Flags().StringVar(&f.Backend, "backend", "", "only connections to this backend `IP:PORT`")
 	cmd.Flags().StringVar(&f.State, "state", "", "only connections in this `state`: "+strings.Join(control.ConnStates, ", "))
 	cmd.Flags().StringVar(&f.Protocol, "protocol", "", "only connections of this `protocol`: "+strings.Join(control.ConnProtocols, ", "))
@@ -237,11 +236,11 @@ second reading.`,
 			return nil
 		},
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			var first, second control.Stats
+			var first, second *controlpb.Stats
 			var t0, t1 time.Time
-			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
+			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
 				t0 = time.Now()
-				first, err = d.Stats(ctx)
+				first, err = d.GetStats(ctx, &controlpb.GetStatsRequest{})
 				return err
 			})
 			if err != nil {
@@ -249,7 +248,7 @@ second reading.`,
 			}
 			if !rate {
 				if c.json {
-					return printJSON(c.stdout, first)
+					return printProtoJSON(c.stdout, first)
 				}
 				return printStats(c.stdout, first)
 			}
@@ -258,9 +257,9 @@ second reading.`,
 				return cmd.Context().Err()
 			case <-time.After(interval):
 			}
-			err = c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
+			err = c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
 				t1 = time.Now()
-				second, err = d.Stats(ctx)
+				second, err = d.GetStats(ctx, &controlpb.GetStatsRequest{})
 				return err
 			})
 			if err != nil {
@@ -286,14 +285,16 @@ func (c *cli) policyCmd() *cobra.Command {
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE:              showHelp,
 	}
-	var service string
+	var service, protocol string
 	set := &cobra.Command{
 		Use:   "set NAME",
 		Short: "Swap the policy of every service, or of one with --service",
 		Long: `Start the policy's plugin, install its selection tables for the services
 and stop plugins no longer in use. NAME is a policy name looked up in
 xlbd's plugin directory (random, hash, least-conn, or a third party's) or
-the path of a plugin binary. Established connections keep their backends.`,
+the path of a plugin binary. Established connections keep their backends.
+The change is live: a reload keeps it unless the file changes the service's
+policy.`,
 		Example: `  xlbctl policy set hash
   xlbctl policy set least-conn --service 10.0.0.10:80
   xlbctl policy set /opt/xlb/xlb-policy-custom`,
@@ -304,9 +305,9 @@ the path of a plugin binary. Established connections keep their backends.`,
 			}
 			names := slices.Clone(builtinPolicies)
 			if st, err := c.quickStatus(cmd.Context()); err == nil {
-				for _, p := range st.Policies {
-					if !slices.Contains(names, p.Name) {
-						names = append(names, p.Name)
+				for _, p := range st.GetPolicies() {
+					if !slices.Contains(names, p.GetName()) {
+						names = append(names, p.GetName())
 					}
 				}
 			}
@@ -315,12 +316,12 @@ the path of a plugin binary. Established connections keep their backends.`,
 		},
 		PreRunE: func(*cobra.Command, []string) error {
 			if service == "" {
-				return nil
+				return checkProtocol(protocol)
 			}
 			if _, err := netip.ParseAddrPort(service); err != nil {
 				return fmt.Errorf("--service %q is not VIP:PORT", service)
 			}
-			return nil
+			return checkProtocol(protocol)
 		},
 		RunE: runE(func(cmd *cobra.Command, args []string) error {
 			name := args[0]
@@ -331,22 +332,23 @@ the path of a plugin binary. Established connections keep their backends.`,
 				}
 				name = abs
 			}
-			var r control.PolicyResult
-			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
-				r, err = d.SetPolicy(ctx, control.PolicyRequest{Policy: name, Service: service})
+			var r *controlpb.ChangeResponse
+			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
+				r, err = d.SetPolicy(ctx, &controlpb.SetPolicyRequest{Policy: name, Service: &controlpb.ServiceRef{Vip: service, Protocol: protocol}})
 				return err
 			})
 			if err != nil {
 				return err
 			}
 			if c.json {
-				return printJSON(c.stdout, r)
+				return printProtoJSON(c.stdout, r)
 			}
-			fmt.Fprintf(c.stdout, "policy %s in force for %s (took %s)\n", args[0], strings.Join(r.Services, ", "), r.Took)
+			fmt.Fprintf(c.stdout, "policy %s in force for %s (took %s)\n", args[0], strings.Join(r.GetServices(), ", "), roundTook(r.GetTook()))
 			return nil
 		}),
 	}
 	set.Flags().StringVar(&service, "service", "", "only this service (`VIP:PORT`)")
+	set.Flags().StringVar(&protocol, "protocol", "", "with --service: only the service of this `protocol` (tcp or udp)")
 	_ = set.RegisterFlagCompletionFunc("service", c.completeVIPs)
 	cmd.AddCommand(set)
 	return cmd
@@ -366,48 +368,54 @@ func (c *cli) chainCmd() *cobra.Command {
 		Args:              cobra.NoArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			var ms []control.ChainMember
-			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) (err error) {
-				ms, err = d.ChainList(ctx)
+			var ms *controlpb.ListChainResponse
+			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
+				ms, err = d.ListChain(ctx, &controlpb.ListChainRequest{})
 				return err
 			})
 			if err != nil {
 				return err
 			}
 			if c.json {
-				return printJSON(c.stdout, ms)
+				return printProtoJSON(c.stdout, ms)
 			}
-			return printChain(c.stdout, ms)
+			return printChain(c.stdout, ms.GetMembers())
 		}),
 	}
-	var m control.ChainMember
+	var m struct {
+		object, program string
+		priority        int
+		continueOn      []string
+	}
 	add := &cobra.Command{
 		Use:   "add NAME --object FILE",
 		Short: "Add an XDP program to the chain",
 		Long: `Load an XDP program from an ELF object and run it in the chain at its
 priority (lower runs first; xlb's own pipeline is the member "xlb").
-docs/chain-protocol.md describes what a member must do.`,
+docs/chain-protocol.md describes what a member must do. The change is live:
+a reload keeps it unless the file changes a member of that name.`,
 		Example:           `  xlbctl chain add ddos --object /usr/lib/xlb/filter.o --priority 10 --continue-on pass`,
 		Args:              oneArg("member NAME"),
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: runE(func(cmd *cobra.Command, args []string) error {
-			obj, err := filepath.Abs(m.Object)
+			obj, err := filepath.Abs(m.object)
 			if err != nil {
 				return err
 			}
-			member := m
-			member.Name, member.Object = args[0], obj
-			if err := c.call(cmd.Context(), func(ctx context.Context, d daemon) error { return d.ChainAdd(ctx, member) }); err != nil {
-				return err
+			member := &controlpb.ChainMember{Name: args[0], Object: obj, Program: m.program, ContinueOn: m.continueOn,
+				HasContinueOn: cmd.Flags().Changed("continue-on")}
+			if m.priority >= 0 {
+				member.Priority, member.HasPriority = int32(m.priority), true
 			}
-			fmt.Fprintf(c.stdout, "chain member %s added\n", args[0])
-			return nil
+			return c.liveChange(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (*controlpb.ChangeResponse, error) {
+				return d.AddChainMember(ctx, &controlpb.AddChainMemberRequest{Member: member})
+			})
 		}),
 	}
-	add.Flags().StringVar(&m.Object, "object", "", "ELF object `file` (required)")
-	add.Flags().StringVar(&m.Program, "program", "", "XDP program `name` in the object (default: its only XDP program)")
-	add.Flags().IntVar(&m.Priority, "priority", -1, "priority 0 to 1000, lower runs first (default: the object's XDP_RUN_CONFIG, or 50)")
-	add.Flags().StringSliceVar(&m.ContinueOn, "continue-on", nil, "`verdicts` after which the chain goes on: "+strings.Join(config.Verdicts, ", ")+" (default pass)")
+	add.Flags().StringVar(&m.object, "object", "", "ELF object `file` (required)")
+	add.Flags().StringVar(&m.program, "program", "", "XDP program `name` in the object (default: its only XDP program)")
+	add.Flags().IntVar(&m.priority, "priority", -1, "priority 0 to 1000, lower runs first (default: the object's XDP_RUN_CONFIG, or 50)")
+	add.Flags().StringSliceVar(&m.continueOn, "continue-on", nil, "`verdicts` after which the chain goes on: "+strings.Join(config.Verdicts, ", ")+" (default pass)")
 	_ = add.MarkFlagRequired("object")
 	_ = add.MarkFlagFilename("object", "o")
 	_ = add.RegisterFlagCompletionFunc("continue-on", cobra.FixedCompletions(config.Verdicts, cobra.ShellCompDirectiveNoFileComp))
@@ -419,26 +427,22 @@ docs/chain-protocol.md describes what a member must do.`,
 			if len(args) > 0 {
 				return nil, cobra.ShellCompDirectiveNoFileComp
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Second)
-			defer cancel()
-			ms, err := c.dial().ChainList(ctx)
-			if err != nil {
-				return nil, cobra.ShellCompDirectiveNoFileComp
-			}
 			var names []cobra.Completion
-			for _, m := range ms {
-				if !m.Builtin {
-					names = append(names, m.Name)
+			_ = c.callWithin(cmd.Context(), 2*time.Second, func(ctx context.Context, d controlpb.ControlClient) error {
+				ms, err := d.ListChain(ctx, &controlpb.ListChainRequest{})
+				for _, m := range ms.GetMembers() {
+					if !m.GetBuiltin() {
+						names = append(names, m.GetName())
+					}
 				}
-			}
+				return err
+			})
 			return names, cobra.ShellCompDirectiveNoFileComp
 		},
 		RunE: runE(func(cmd *cobra.Command, args []string) error {
-			if err := c.call(cmd.Context(), func(ctx context.Context, d daemon) error { return d.ChainRemove(ctx, args[0]) }); err != nil {
-				return err
-			}
-			fmt.Fprintf(c.stdout, "chain member %s removed\n", args[0])
-			return nil
+			return c.liveChange(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (*controlpb.ChangeResponse, error) {
+				return d.RemoveChainMember(ctx, &controlpb.RemoveChainMemberRequest{Name: args[0]})
+			})
 		}),
 	}
 	cmd.AddCommand(list, add, remove)
@@ -459,13 +463,13 @@ the next xlbd to adopt; xlbd cleanup removes it.`,
 		Args:              cobra.NoArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			err := c.call(cmd.Context(), func(ctx context.Context, d daemon) error {
-				if err := d.Shutdown(ctx, control.ShutdownRequest{KeepDatapath: keep}); err != nil {
+			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) error {
+				if _, err := d.Shutdown(ctx, &controlpb.ShutdownRequest{KeepDatapath: keep}); err != nil {
 					return err
 				}
 				// Stopped once the socket no longer answers.
 				for {
-					if _, err := d.Status(ctx); err != nil {
+					if _, err := d.GetStatus(ctx, &controlpb.GetStatusRequest{}); err != nil {
 						if ctx.Err() != nil {
 							return fmt.Errorf("xlbd still answers after %v", c.timeout)
 						}
@@ -490,13 +494,13 @@ the next xlbd to adopt; xlbd cleanup removes it.`,
 }
 
 // quickStatus asks xlbd for its status within 2 s, for completions.
-func (c *cli) quickStatus(ctx context.Context) (control.Status, error) {
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	return c.dial().Status(ctx)
+func (c *cli) quickStatus(ctx context.Context) (*controlpb.Status, error) {
+	var st *controlpb.Status
+	err := c.callWithin(ctx, 2*time.Second, func(ctx context.Context, d controlpb.ControlClient) (err error) {
+		st, err = d.GetStatus(ctx, &controlpb.GetStatusRequest{})
+		return err
+	})
+	return st, err
 }
 
 func (c *cli) completeVIPs(cmd *cobra.Command, _ []string, _ string) ([]cobra.Completion, cobra.ShellCompDirective) {
@@ -505,8 +509,10 @@ func (c *cli) completeVIPs(cmd *cobra.Command, _ []string, _ string) ([]cobra.Co
 		return nil, cobra.ShellCompDirectiveNoFileComp
 	}
 	var out []cobra.Completion
-	for _, s := range st.Services {
-		out = append(out, s.VIP)
+	for _, s := range st.GetServices() {
+		if !s.GetRemoved() && !slices.Contains(out, s.GetVip()) {
+			out = append(out, s.GetVip())
+		}
 	}
 	return out, cobra.ShellCompDirectiveNoFileComp
 }
@@ -517,10 +523,10 @@ func (c *cli) completeBackends(cmd *cobra.Command, _ []string, _ string) ([]cobr
 		return nil, cobra.ShellCompDirectiveNoFileComp
 	}
 	var out []cobra.Completion
-	for _, s := range st.Services {
-		for _, b := range s.Backends {
-			if !slices.Contains(out, b.Address) {
-				out = append(out, b.Address)
+	for _, s := range st.GetServices() {
+		for _, b := range s.GetBackends() {
+			if !slices.Contains(out, b.GetAddress()) {
+				out = append(out, b.GetAddress())
 			}
 		}
 	}

@@ -3,14 +3,21 @@
 //	xlbctl status
 //	xlbctl conns [--vip VIP:PORT] [--backend IP:PORT] [--state STATE]
 //	xlbctl stats [--rate [--interval 1s]]
+//	xlbctl config
+//	xlbctl reload
+//	xlbctl backend add|remove|drain SERVICE ADDRESS
+//	xlbctl backend set-weight SERVICE ADDRESS WEIGHT
+//	xlbctl service add VIP:PORT --backend IP:PORT[@WEIGHT]... [--check tcp|http ...]
+//	xlbctl service remove VIP:PORT
 //	xlbctl policy set NAME [--service VIP:PORT]
 //	xlbctl chain list
 //	xlbctl chain add NAME --object FILE [--program P] [--priority N] [--continue-on pass,drop]
 //	xlbctl chain remove NAME
 //	xlbctl completion bash|zsh|fish
 //
-// Every command takes --socket (default XLB_SOCKET or /run/xlb/xlbd.sock),
-// --timeout and --json. `xlbctl --help` lists them; `xlbctl --version`
+// It is a client of xlbd's gRPC control API (docs/api.md). Every command
+// takes --socket (default XLB_SOCKET or /run/xlb/xlbd.sock), --timeout and
+// --json. `xlbctl --help` lists them; `xlbctl --version`
 // says what it was built from.
 package main
 

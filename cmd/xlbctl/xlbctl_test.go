@@ -33,7 +33,14 @@ func TestHelp(t *testing.T) {
 		args []string
 		want []string
 	}{
-		{[]string{"--help"}, []string{"Usage:", "status", "conns", "stats", "policy", "chain", "completion", "--socket", "--timeout", "--json", "--version"}},
+		{[]string{"--help"}, []string{"Usage:", "status", "conns", "stats", "config", "reload", "backend", "service", "policy", "chain", "completion",
+			"--socket", "--timeout", "--json", "--version"}},
+		{[]string{"backend", "--help"}, []string{"add", "remove", "set-weight", "drain", "kept across reloads"}},
+		{[]string{"backend", "drain", "--help"}, []string{"weight becomes 0", "--protocol"}},
+		{[]string{"service", "add", "--help"}, []string{"--backend IP:PORT[@WEIGHT]", "--check", "--check-interval", "--rise", "--fall", "--http-path",
+			"--expect-status", "--all-down", "--reset-established"}},
+		{[]string{"reload", "--help"}, []string{"SIGHUP", "refused"}},
+		{[]string{"config", "--help"}, []string{"as a configuration file", "live changes applied"}},
 		{[]string{"-h"}, []string{"Usage:"}},
 		{[]string{"help"}, []string{"Usage:"}},
 		{nil, []string{"Usage:", "status"}},
@@ -136,7 +143,9 @@ func TestCompletion(t *testing.T) {
 		args []string
 		want []string
 	}{
-		{[]string{"__complete", ""}, []string{"status", "conns", "stats", "policy", "chain", "completion"}},
+		{[]string{"__complete", ""}, []string{"status", "conns", "stats", "config", "reload", "backend", "service", "policy", "chain", "completion"}},
+		{[]string{"__complete", "backend", ""}, []string{"add", "remove", "set-weight", "drain"}},
+		{[]string{"__complete", "service", "add", "10.0.0.10:80", "--check", ""}, []string{"tcp", "http", "none"}},
 		{[]string{"__complete", "chain", ""}, []string{"add", "list", "remove"}},
 		{[]string{"__complete", "conns", "--state", ""}, []string{"syn", "established", "fin", "closed"}},
 		{[]string{"__complete", "chain", "add", "fw", "--continue-on", ""}, []string{"aborted", "drop", "pass", "tx", "redirect"}},
@@ -183,6 +192,17 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"conns", "--protocol", "sctp"}, []string{`protocol filter "sctp" is not one of tcp, udp`}},
 		{[]string{"stats", "--interval", "0s", "--rate"}, []string{"--interval 0s: want a positive duration"}},
 		{[]string{"--timeout", "soon", "status"}, []string{`invalid argument "soon" for "--timeout"`}},
+		{[]string{"backend", "add", "10.0.0.10:80"}, []string{"backend add takes a service VIP:PORT and a backend IP:PORT, not 1 arguments"}},
+		{[]string{"backend", "add", "10.0.0.10", "10.0.0.2:80"}, []string{`service "10.0.0.10" is not VIP:PORT`}},
+		{[]string{"backend", "remove", "10.0.0.10:80", "backend-a"}, []string{`backend "backend-a" is not IP:PORT`}},
+		{[]string{"backend", "set-weight", "10.0.0.10:80", "10.0.0.2:80", "heavy"}, []string{`weight "heavy" is not a whole number from 0 to 65535`}},
+		{[]string{"backend", "set-weight", "10.0.0.10:80", "10.0.0.2:80", "70000"}, []string{`weight "70000" is not a whole number`}},
+		{[]string{"backend", "drain", "10.0.0.10:80", "10.0.0.2:80", "--protocol", "sctp"}, []string{`--protocol "sctp" is not tcp or udp`}},
+		{[]string{"service", "add", "10.0.0.10:80"}, []string{`required flag(s) "backend" not set`}},
+		{[]string{"service", "add", "10.0.0.10:80", "--backend", "10.0.0.2"}, []string{`--backend "10.0.0.2" is not IP:PORT[@WEIGHT]`}},
+		{[]string{"service", "add", "10.0.0.10:80", "--backend", "10.0.0.2:80@x"}, []string{`weight "x" is not a whole number`}},
+		{[]string{"service", "remove"}, []string{"service remove takes a service VIP:PORT, not 0 arguments"}},
+		{[]string{"reload", "now"}, []string{`unknown command "now" for "xlbctl reload"`}},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {

@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xlb-project/xlb/internal/control"
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 )
 
 // BenchmarkPolicySwap measures a policy swap from the command to the new
@@ -19,15 +19,11 @@ func BenchmarkPolicySwap(b *testing.B) {
 	var total time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		r, err := c.SetPolicy(context.Background(), control.PolicyRequest{Policy: policies[i%len(policies)]})
+		r, err := c.SetPolicy(context.Background(), &controlpb.SetPolicyRequest{Policy: policies[i%len(policies)]})
 		if err != nil {
 			b.Fatal(err)
 		}
-		took, err := time.ParseDuration(r.Took)
-		if err != nil {
-			b.Fatal(err)
-		}
-		total += took
+		total += r.GetTook().AsDuration()
 	}
 	b.ReportMetric(float64(total.Microseconds())/1000/float64(b.N), "ms/swap")
 }

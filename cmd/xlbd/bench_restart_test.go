@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/xlbtest"
 )
 
@@ -37,7 +36,7 @@ func BenchmarkRestart(b *testing.B) {
 			b.ResetTimer()
 			for range b.N {
 				start := time.Now()
-				if err := ct.d.Client().Shutdown(context.Background(), control.ShutdownRequest{KeepDatapath: true}); err != nil {
+				if err := ct.d.Client().Stop(context.Background(), true); err != nil {
 					b.Fatal(err)
 				}
 				for done, _ := ct.d.Exited(); !done; done, _ = ct.d.Exited() {
@@ -53,7 +52,7 @@ func BenchmarkRestart(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if a := st.State.Adopted; a == nil || a.Connections < conns {
+				if a := st.GetState().GetAdopted(); a == nil || a.GetConnections() < uint64(conns) {
 					b.Fatalf("adopted %+v, want %d connections", a, conns)
 				}
 				b.StartTimer()

@@ -1,19 +1,17 @@
 package main
 
 import (
-	"context"
 	"fmt"
 
 	"github.com/xlb-project/xlb/internal/chain"
 	"github.com/xlb-project/xlb/internal/config"
-	"github.com/xlb-project/xlb/internal/control"
 )
 
 // chainOptions are the chain's options from the configuration.
 func chainOptions(cfg *config.Config, d *daemon) chain.Options {
 	return chain.Options{
 		Pipeline:    d.bal.Pipeline(),
-		PinRoot:     d.state.ChainPath(),
+		PinRoot:     d.pins.ChainPath(),
 		XLBPriority: cfg.XLBPriority,
 		Logger:      d.log,
 		Adopt:       d.bal.Adopted() != nil,
@@ -49,26 +47,4 @@ func checkChain(cfg *config.Config) error {
 		}
 	}
 	return nil
-}
-
-// ChainList implements control.Handler.
-func (d *daemon) ChainList(context.Context) ([]control.ChainMember, error) {
-	var out []control.ChainMember
-	for _, m := range d.chain.List() {
-		out = append(out, control.ChainMember{
-			Name: m.Name, Object: m.Object, Program: m.Program, SHA256: m.SHA256, Priority: m.Priority,
-			ContinueOn: m.ContinueOn, Builtin: m.Builtin, PinPath: m.PinDir, Maps: m.Maps,
-		})
-	}
-	return out, nil
-}
-
-// ChainAdd implements control.Handler.
-func (d *daemon) ChainAdd(_ context.Context, m control.ChainMember) error {
-	return d.chain.Add(chain.Spec{Name: m.Name, Object: m.Object, Program: m.Program, Priority: m.Priority, ContinueOn: m.ContinueOn})
-}
-
-// ChainRemove implements control.Handler.
-func (d *daemon) ChainRemove(_ context.Context, name string) error {
-	return d.chain.Remove(name)
 }

@@ -197,7 +197,7 @@ func TestChainEndToEnd(t *testing.T) {
 			args []string
 			want string
 		}{
-			{[]string{"chain", "add", "bad", "--object", counterObj, "--continue-on", ""}, "empty continue-on set"},
+			{[]string{"chain", "add", "bad", "--object", counterObj, "--continue-on", ""}, "continue-on: empty"},
 			{[]string{"chain", "add", "bad", "--object", notELF}, "not an ELF object"},
 		} {
 			out, err := tp.xlbctl(t, tc.args...)

@@ -14,12 +14,17 @@ import (
 	"time"
 
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/balancer"
 	"github.com/xlb-project/xlb/internal/chain"
 	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/control"
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
+	"github.com/xlb-project/xlb/internal/health"
+	"github.com/xlb-project/xlb/internal/live"
 	"github.com/xlb-project/xlb/internal/metrics"
 	"github.com/xlb-project/xlb/internal/neigh"
 	"github.com/xlb-project/xlb/internal/policy"
@@ -31,10 +36,12 @@ import (
 
 // daemon ties the configuration, the balancer and the control socket.
 type daemon struct {
-	cfg      *config.Config
+	controlpb.UnimplementedControlServer
+
+	cfg      *config.Config // as xlbd started: the keys a reload does not change
 	args     []string
 	log      *slog.Logger
-	state    *state.Dir
+	pins     *state.Dir
 	filter   *vipfilter.Filter // nil with vip-filter: false
 	bal      *balancer.Balancer
 	pol      *policy.Manager
@@ -43,17 +50,30 @@ type daemon struct {
 	metricsL net.Listener       // nil when metrics-address is not set
 	notify   *sdnotify.Notifier // systemd's Type=notify; nil sends nothing
 	stop     chan bool          // a shutdown asked over the socket: true keeps the data path
+	gid      int                // socket-group's; -1: root only
 	// started is when the daemon began to start, for the ready log.
 	started time.Time
 
-	reloading sync.Mutex // serialises reloads (and only them)
+	// changing serialises reloads and live changes; state is what they
+	// put in force.
+	changing sync.Mutex
+	state    atomic.Pointer[inForce]
 
 	lastMu     sync.Mutex
-	lastReload *control.ReloadStatus
+	lastReload *controlpb.ReloadOutcome
+}
+
+// inForce is the configuration in force: the file's (with flags and
+// environment) and the live changes over it.
+type inForce struct {
+	file *config.Config // the file's, with the keys a reload does not change as xlbd started
+	live *live.Changes
+	cfg  *config.Config // file with live applied
 }
 
 func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog.Logger) (_ *daemon, err error) {
 	d := &daemon{cfg: cfg, args: args, log: log, stop: make(chan bool, 1), started: time.Now()}
+	d.state.Store(&inForce{file: cfg, live: new(live.Changes), cfg: cfg})
 	if err := checkChain(cfg); err != nil {
 		return nil, configError{err}
 	}
@@ -62,6 +82,9 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 	}
 	if err := preflight.Check(cfg); err != nil {
 		return nil, configError{err}
+	}
+	if d.gid, err = preflight.SocketGroup(cfg.SocketGroup); err != nil {
+		return nil, configError{fmt.Errorf("socket-group: %w", err)}
 	}
 	d.metrics = metrics.New(d)
 	if cfg.MetricsAddress != "" {
@@ -82,11 +105,11 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		d.pol.Close()
 		return nil, fmt.Errorf("find interface %s: %w", cfg.Iface, err)
 	}
-	if d.state, err = state.Open(ctx, cfg.PinPath, state.Options{Fresh: cfg.FreshState, Logger: log}); err != nil {
+	if d.pins, err = state.Open(ctx, cfg.PinPath, state.Options{Fresh: cfg.FreshState, Logger: log}); err != nil {
 		d.pol.Close()
 		return nil, err
 	}
-	log.Debug("pin directory opened", "pin_path", cfg.PinPath, "adopt", d.state.Pinned() != nil, "took", time.Since(d.started).String())
+	log.Debug("pin directory opened", "pin_path", cfg.PinPath, "adopt", d.pins.Pinned() != nil, "took", time.Since(d.started).String())
 	if cfg.VIPFilter {
 		d.filter = vipfilter.New(cfg.Iface)
 	}
@@ -102,19 +125,20 @@ func newDaemon(ctx context.Context, cfg *config.Config, args []string, log *slog
 		Timeouts:             timeouts(cfg.Conntrack.Timeouts),
 		SYN:                  synDefence(cfg.SYNDefence),
 		GCInterval:           cfg.Conntrack.GCInterval,
+		HealthConcurrency:    cfg.HealthConcurrency,
 		Logger:               log,
 		Selector:             d.pol,
-		State:                d.state,
+		State:                d.pins,
 		VIPFilter:            d.filter,
 		ProbeVIP:             neigh.Probe,
 	})
 	if err != nil {
 		d.pol.Close()
 		d.closeMetrics()
-		if d.state.Pinned() == nil {
-			d.state.Remove()
+		if d.pins.Pinned() == nil {
+			d.pins.Remove()
 		}
-		d.state.Close()
+		d.pins.Close()
 		return nil, err
 	}
 	defer func() {
@@ -156,7 +180,7 @@ func (d *daemon) Close() error {
 	if cerr := d.chain.Close(); err == nil {
 		err = cerr
 	}
-	if rerr := d.state.Remove(); err == nil {
+	if rerr := d.pins.Remove(); err == nil {
 		err = rerr
 	}
 	return err
@@ -172,14 +196,14 @@ func (d *daemon) Release() error {
 	if cerr := d.chain.Release(); err == nil {
 		err = cerr
 	}
-	d.state.Close()
+	d.pins.Close()
 	return err
 }
 
 // closeFailed cleans up after a start that failed: state that was adopted
 // is left running as it was found; a fresh start is undone.
 func (d *daemon) closeFailed() {
-	if d.state.Pinned() != nil {
+	if d.pins.Pinned() != nil {
 		d.log.Warn("start failed: the adopted data path is left running as it was found")
 		d.Release()
 		return
@@ -214,7 +238,11 @@ func (d *daemon) run(ctx context.Context, hup <-chan os.Signal) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return d.bal.Run(ctx) })
 	g.Go(func() error { return d.pol.Watch(ctx, 200*time.Millisecond, d.bal.Invalidate) })
-	g.Go(func() error { return control.Serve(ctx, d.cfg.Socket, d) })
+	sock, err := control.Listen(d.cfg.Socket, d.gid)
+	if err != nil {
+		return err
+	}
+	g.Go(func() error { return control.Serve(ctx, sock, d) })
 	if d.metricsL != nil {
 		g.Go(func() error { return d.metrics.Serve(ctx, d.metricsL) })
 	}
@@ -225,7 +253,7 @@ func (d *daemon) run(ctx context.Context, hup <-chan os.Signal) error {
 				return nil
 			case <-hup:
 				d.notifyErr(d.notify.Reloading())
-				if err := d.reloadAndLog(ctx); err != nil {
+				if _, err := d.reloadAndLog(ctx); err != nil {
 					msg, _, _ := strings.Cut(err.Error(), "\n")
 					d.notifyErr(d.notify.Ready("last reload failed: " + msg))
 				} else {
@@ -243,8 +271,8 @@ func (d *daemon) run(ctx context.Context, hup <-chan os.Signal) error {
 	if d.bal.Adopted() != nil {
 		start = "adopted"
 	}
-	d.log.Info("ready", "iface", d.cfg.Iface, "services", len(d.cfg.Services), "socket", d.cfg.Socket, "metrics_address", d.cfg.MetricsAddress,
-		"pin_path", d.cfg.PinPath, "state", start, "took", time.Since(d.started).Round(time.Millisecond).String())
+	d.log.Info("ready", "iface", d.cfg.Iface, "services", len(d.cfg.Services), "socket", d.cfg.Socket, "socket_group", d.cfg.SocketGroup,
+		"metrics_address", d.cfg.MetricsAddress, "pin_path", d.cfg.PinPath, "state", start, "took", time.Since(d.started).Round(time.Millisecond).String())
 	d.notifyErr(d.notify.Ready(d.statusLine()))
 	return g.Wait()
 }
@@ -253,6 +281,7 @@ func (d *daemon) run(ctx context.Context, hup <-chan os.Signal) error {
 type reloadResult struct {
 	Services int      // services in force
 	Chain    []string // the chain's changes
+	Dropped  []string // live changes the file overrode
 	Took     time.Duration
 }
 
@@ -262,7 +291,7 @@ var errPartlyApplied = errors.New("reload partly applied")
 
 // statusLine is the line `systemctl status` shows.
 func (d *daemon) statusLine() string {
-	return fmt.Sprintf("serving %d services on %s", len(d.cfg.Services), d.cfg.Iface)
+	return fmt.Sprintf("serving %d services on %s", len(d.state.Load().cfg.Services), d.cfg.Iface)
 }
 
 func (d *daemon) notifyErr(err error) {
@@ -271,76 +300,105 @@ func (d *daemon) notifyErr(err error) {
 	}
 }
 
-// reload re-reads the configuration from the same arguments and applies
-// its services, their policies and the chain as one transaction: first
-// everything that can fail is prepared (the configuration checked, chain
-// members loaded and the new chain verified, policy plugins started and
-// every selection table computed, VIP addresses added), then it is
-// switched in. If preparing fails, the running services, backends,
-// policies and chain are exactly the old ones. Settings that need a
-// restart are reported, not applied. Reloads run one at a time.
+// reload re-reads the configuration from the same arguments and puts its
+// services, their policies and the chain in force, with the live changes
+// whose items the file does not change (live.Changes.Rebase), as one
+// transaction (apply). Settings that need a restart are reported, not
+// applied. Reloads and live changes run one at a time.
 func (d *daemon) reload(ctx context.Context) (res reloadResult, err error) {
-	d.reloading.Lock()
-	defer d.reloading.Unlock()
+	d.changing.Lock()
+	defer d.changing.Unlock()
 	start := time.Now()
-	cfg, err := config.Parse(d.args)
+	parsed, err := config.Parse(d.args)
 	if err != nil {
 		return res, err
 	}
-	if cfg.Iface != d.cfg.Iface || cfg.XDPMode != d.cfg.XDPMode || !slices.Equal(cfg.AllSourceAddresses(), d.cfg.AllSourceAddresses()) ||
-		!slices.Equal(cfg.SourceAddresses.Addrs(), d.cfg.SourceAddresses.Addrs()) ||
-		cfg.SourcePorts != d.cfg.SourcePorts || cfg.Conntrack.MaxEntries != d.cfg.Conntrack.MaxEntries {
+	if parsed.Iface != d.cfg.Iface || parsed.XDPMode != d.cfg.XDPMode || !slices.Equal(parsed.AllSourceAddresses(), d.cfg.AllSourceAddresses()) ||
+		!slices.Equal(parsed.SourceAddresses.Addrs(), d.cfg.SourceAddresses.Addrs()) ||
+		parsed.SourcePorts != d.cfg.SourcePorts || parsed.Conntrack.MaxEntries != d.cfg.Conntrack.MaxEntries {
 		d.log.Warn("reload: iface, xdp-mode, the set of source addresses, source-ports and conntrack.max-entries need a restart; kept")
 	}
-	kept := *cfg
-	kept.Iface, kept.SourceAddresses, kept.SourcePorts = d.cfg.Iface, d.cfg.SourceAddresses, d.cfg.SourcePorts
-	if err := preflight.Check(&kept); err != nil {
+	file := d.reloadable(parsed)
+	ch := d.state.Load().live.Clone()
+	dropped := ch.Rebase(file)
+	cfg := ch.Apply(file)
+	if err := cfg.Validate(); err != nil {
+		return res, fmt.Errorf("the new file with the live changes kept (%s): %w", strings.Join(ch.List(), "; "), err)
+	}
+	summary, err := d.apply(ctx, cfg)
+	if err != nil {
 		return res, err
+	}
+	d.state.Store(&inForce{file: file, live: ch, cfg: cfg})
+	for _, line := range dropped {
+		d.log.Warn("reload: live change dropped, the file changes the same item", "change", line)
+	}
+	return reloadResult{Services: len(cfg.Services), Chain: summary, Dropped: dropped, Took: time.Since(start)}, nil
+}
+
+// reloadable is parsed with only what a reload changes taken from it:
+// the services, the chain, xlb-priority and the default policy; every
+// other key stays as xlbd started.
+func (d *daemon) reloadable(parsed *config.Config) *config.Config {
+	out := *d.cfg
+	out.Services, out.Chain, out.XLBPriority, out.DefaultPolicy = parsed.Services, parsed.Chain, parsed.XLBPriority, parsed.DefaultPolicy
+	return &out
+}
+
+// apply puts cfg's services, their policies and the chain in force as one
+// transaction: first everything that can fail is prepared (the host checked,
+// chain members loaded and the new chain verified, policy plugins started
+// and every selection table computed, health checks of new backends run
+// once, VIP addresses added), then it is switched in. If preparing fails,
+// the running services, backends, policies and chain are exactly the old
+// ones. It returns the chain's changes. Caller holds d.changing.
+func (d *daemon) apply(ctx context.Context, cfg *config.Config) ([]string, error) {
+	if err := preflight.Check(cfg); err != nil {
+		return nil, err
 	}
 	if err := checkPolicies(d.pol, cfg.Services); err != nil {
-		return res, err
+		return nil, err
 	}
 	if err := checkChain(cfg); err != nil {
-		return res, err
+		return nil, err
 	}
 	cp, err := d.chain.Prepare(chainSpecs(cfg), cfg.XLBPriority)
 	if err != nil {
-		return res, fmt.Errorf("prepare chain: %w", err)
+		return nil, fmt.Errorf("prepare chain: %w", err)
 	}
 	sp, err := d.bal.PrepareServices(ctx, services(cfg))
 	if err != nil {
 		cp.Abort()
 		d.pol.Prune(d.bal.Policies()) // stop plugins started for nothing
-		return res, fmt.Errorf("prepare services: %w", err)
+		return nil, fmt.Errorf("prepare services: %w", err)
 	}
 	// Switch: the chain first (its link update is the step that can still
 	// fail without anything changed), then the services' maps.
 	if err := cp.Commit(); err != nil && !errors.Is(err, chain.ErrUnpinned) {
 		sp.Abort()
 		d.pol.Prune(d.bal.Policies())
-		return res, fmt.Errorf("switch chain: %w", err)
+		return nil, fmt.Errorf("switch chain: %w", err)
 	} else if err != nil {
-		d.log.Error("reload: chain in force, pins missing", "err", err)
+		d.log.Error("chain in force, pins missing", "err", err)
 	}
 	err = sp.Commit()
 	d.pol.Prune(d.bal.Policies())
 	if err != nil {
-		return res, fmt.Errorf("%w: chain switched, services: %w", errPartlyApplied, err)
+		return nil, fmt.Errorf("%w: chain switched, services: %w", errPartlyApplied, err)
 	}
-	d.cfg.Services, d.cfg.Chain, d.cfg.XLBPriority = cfg.Services, cfg.Chain, cfg.XLBPriority
-	return reloadResult{Services: len(cfg.Services), Chain: cp.Summary, Took: time.Since(start)}, nil
+	return cp.Summary, nil
 }
 
 // reloadAndLog reloads and logs the outcome: ERROR with what failed, or
 // INFO "reloaded".
-func (d *daemon) reloadAndLog(ctx context.Context) error {
+func (d *daemon) reloadAndLog(ctx context.Context) (reloadResult, error) {
 	at := time.Now()
 	res, err := d.reload(ctx)
-	last := &control.ReloadStatus{At: at, OK: err == nil}
+	last := &controlpb.ReloadOutcome{At: timestamppb.New(at), Ok: err == nil}
 	if err != nil {
 		last.Error = err.Error()
 	} else {
-		last.Took = res.Took.String()
+		last.Took = durationpb.New(res.Took)
 	}
 	d.lastMu.Lock()
 	d.lastReload = last
@@ -351,9 +409,10 @@ func (d *daemon) reloadAndLog(ctx context.Context) error {
 	case err != nil:
 		d.log.Error("reload refused, configuration unchanged", "err", err)
 	default:
-		d.log.Info("reloaded", "services", res.Services, "chain_changes", res.Chain, "took", res.Took.String())
+		d.log.Info("reloaded", "services", res.Services, "chain_changes", res.Chain, "live_changes_dropped", len(res.Dropped),
+			"took", res.Took.String())
 	}
-	return err
+	return res, err
 }
 
 func timeouts(t config.Timeouts) dispatcher.Timeouts {
@@ -369,118 +428,59 @@ func services(cfg *config.Config) []balancer.Service {
 	out := make([]balancer.Service, 0, len(cfg.Services))
 	for _, s := range cfg.Services {
 		bs := make([]balancer.Backend, 0, len(s.Backends))
-		for _, b := range s.Backends {
-			bs = append(bs, balancer.Backend{Address: b.Address, Weight: b.Weight})
+		for j, b := range s.Backends {
+			bk := balancer.Backend{Address: b.Address, Weight: b.Weight}
+			if h := s.BackendHealth(j); h.Check != config.HealthNone {
+				bk.Health = healthSpec(h)
+				bk.ResetOnDown = *h.ResetEstablished
+			}
+			bs = append(bs, bk)
 		}
 		proto := balancer.TCP
 		if s.Protocol == "udp" {
 			proto = balancer.UDP
 		}
 		out = append(out, balancer.Service{VIP: s.VIP, Protocol: proto, Policy: s.Policy, Backends: bs, SourceAddresses: s.SourceAddresses.Addrs(),
-			ExternalVIP: !cfg.ManagesVIP(s)})
+			ExternalVIP: !cfg.ManagesVIP(s), UseAllWhenDown: s.AllDown == config.AllDownUseAll})
 	}
 	return out
 }
 
-// Status implements control.Handler.
-func (d *daemon) Status(context.Context) (control.Status, error) {
-	counters, err := d.bal.Pipeline().Stats()
-	if err != nil {
-		return control.Status{}, err
-	}
-	lo, hi := d.bal.SourcePorts()
-	st := control.Status{
-		Iface:       d.cfg.Iface,
-		XDPMode:     d.cfg.XDPMode,
-		SourcePorts: fmt.Sprintf("%d-%d", lo, hi),
-		Counters:    counters,
-	}
-	for _, a := range d.bal.SourceAddresses() {
-		st.SourceAddresses = append(st.SourceAddresses, a.String())
-	}
-	ports := d.bal.Pipeline().PortUse()
-	for _, s := range d.bal.Services() {
-		cs := control.Service{VIP: s.VIP.String(), Protocol: s.Protocol.String(), Policy: s.Policy, ManageVIP: !s.ExternalVIP}
-		for _, b := range s.Backends {
-			use := ports[b.Address]
-			cs.Backends = append(cs.Backends, control.Backend{
-				Address: b.Address.String(), Weight: b.Weight, ID: b.ID, Active: b.Active, HalfOpen: b.HalfOpen,
-				NewPerSec: b.NewPerSec, PortsUsed: use.Used, PortsHeld: use.Held, PortPool: s.PortPool, NoPort: b.NoPort,
-				State: b.State.String(), NextHop: b.NextHop,
-			})
-		}
-		st.Services = append(st.Services, cs)
-	}
-	d.lastMu.Lock()
-	st.LastReload = d.lastReload
-	d.lastMu.Unlock()
-	st.State = d.stateStatus()
-	for _, p := range d.pol.Statuses() {
-		ps := control.PolicyStatus{Name: p.Name, Path: p.Path, Pid: p.Pid, Restarts: p.Restarts, APIVersion: p.APIVersion}
-		if p.Pid != 0 {
-			ps.Asked = p.Needs.String()
-		}
-		st.Policies = append(st.Policies, ps)
-	}
-	return st, nil
-}
-
-// Conns implements control.Handler.
-func (d *daemon) Conns(_ context.Context, f control.ConnFilter) ([]control.Conn, error) {
-	if err := f.Validate(); err != nil {
-		return nil, err
-	}
-	conns, err := d.bal.Pipeline().Conns()
-	if err != nil {
-		return nil, err
-	}
-	out := make([]control.Conn, 0, len(conns))
-	for _, c := range conns {
-		proto := "tcp"
-		if c.Protocol == dispatcher.UDP {
-			proto = "udp"
-		}
-		cc := control.Conn{
-			Protocol: proto,
-			Client:   c.Client.String(), VIP: c.VIP.String(), Backend: c.Backend.String(),
-			Source: c.Source.String(), State: c.State, IdleMS: c.Idle.Milliseconds(),
-		}
-		if f.Match(cc) {
-			out = append(out, cc)
-		}
-	}
-	return out, nil
+// healthSpec is a resolved health check as the checker runs it.
+func healthSpec(h config.Health) health.Spec {
+	return health.Spec{Check: h.Check, Interval: h.Interval, Timeout: h.Timeout, Rise: h.Rise, Fall: h.Fall, Path: h.HTTP.Path,
+		Host: h.HTTP.Host, ExpectStatus: h.HTTP.ExpectStatus}
 }
 
 // stateStatus is the state line of the status.
-func (d *daemon) stateStatus() control.StateStatus {
-	st := control.StateStatus{PinPath: d.state.Path()}
+func (d *daemon) stateStatus() *controlpb.PinnedState {
+	st := &controlpb.PinnedState{PinPath: d.pins.Path()}
 	if l, err := dispatcher.BuildLayout(); err == nil {
 		st.Layout = l.Version()
 	}
 	if a := d.bal.Adopted(); a != nil {
-		st.Adopted = &control.Adopted{Services: a.Services, BackendIDs: a.Backends, Retired: a.Retired,
-			Connections: a.Connections, Addresses: a.Addresses}
+		st.Adopted = &controlpb.Adopted{Services: uint32(a.Services), BackendIds: uint32(a.Backends), Retired: uint32(a.Retired),
+			Connections: uint64(a.Connections), Addresses: uint32(a.Addresses)}
 	}
 	if d.filter != nil {
-		st.VIPFilter = "nftables table inet " + d.filter.Name()
+		st.VipFilter = "nftables table inet " + d.filter.Name()
 		for _, a := range d.filter.Addrs() {
-			st.VIPFilterAddr = append(st.VIPFilterAddr, a.String())
+			st.VipFilterAddresses = append(st.VipFilterAddresses, a.String())
 		}
 	}
 	return st
 }
 
-// Shutdown implements control.Handler.
-func (d *daemon) Shutdown(_ context.Context, req control.ShutdownRequest) error {
+// Shutdown implements controlpb.ControlServer.
+func (d *daemon) Shutdown(ctx context.Context, req *controlpb.ShutdownRequest) (*controlpb.ShutdownResponse, error) {
 	select {
-	case d.stop <- req.KeepDatapath:
-		if req.KeepDatapath {
-			d.log.Info("shutdown asked: stopping, the data path keeps running")
+	case d.stop <- req.GetKeepDatapath():
+		if req.GetKeepDatapath() {
+			d.log.Info("shutdown asked: stopping, the data path keeps running", peerAttrs(ctx)...)
 		} else {
-			d.log.Info("shutdown asked: stopping and removing everything")
+			d.log.Info("shutdown asked: stopping and removing everything", peerAttrs(ctx)...)
 		}
 	default: // one is under way
 	}
-	return nil
+	return &controlpb.ShutdownResponse{}, nil
 }

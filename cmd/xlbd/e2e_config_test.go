@@ -20,7 +20,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 
-	"github.com/xlb-project/xlb/internal/control"
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 	"github.com/xlb-project/xlb/internal/testnet"
 	"github.com/xlb-project/xlb/internal/xlbtest"
 )
@@ -193,7 +193,7 @@ services:
 	weights := map[string]uint32{}
 	for _, s := range st.Services {
 		for _, b := range s.Backends {
-			weights[s.VIP+" "+b.Address] = b.Weight
+			weights[s.Vip+" "+b.Address] = b.Weight
 		}
 	}
 	wantWeights := map[string]uint32{
@@ -288,7 +288,7 @@ func TestConfigEnvironment(t *testing.T) {
 		t.Fatalf("first request: %v", err)
 	}
 	local := conn.LocalAddr().String()
-	tracked := func() (control.Conn, bool) {
+	tracked := func() (*controlpb.Conn, bool) {
 		cs, err := tp.d.Client().Conns(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -298,7 +298,7 @@ func TestConfigEnvironment(t *testing.T) {
 				return c, true
 			}
 		}
-		return control.Conn{}, false
+		return nil, false
 	}
 	c, ok := tracked()
 	if !ok || c.State != "established" {
@@ -361,8 +361,8 @@ func TestConfigPrecedence(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := lbState(t, ct.lb).XDP; got != tt.want || st.XDPMode != tt.want {
-				t.Errorf("attached %q, status says %q, want %q", got, st.XDPMode, tt.want)
+			if got := lbState(t, ct.lb).XDP; got != tt.want || st.XdpMode != tt.want {
+				t.Errorf("attached %q, status says %q, want %q", got, st.XdpMode, tt.want)
 			}
 			if b, err := get(t, ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil || b != "backend-a" {
 				t.Errorf("request through the vip: %q, %v", b, err)
@@ -442,9 +442,17 @@ func TestBadInput(t *testing.T) {
 		{name: "backend without port",
 			file:     fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    backends: [%s]\n", vip, ct.ba.IP),
 			wantCode: 2, wantMsg: []string{"services[0].backends[0]", "missing port"}},
-		{name: "backend weight 0",
-			file:     fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    backends: [%s@0]\n", vip, a),
-			wantCode: 2, wantMsg: []string{"services[0].backends[0]", "weight 0"}},
+		{name: "backend weight above 65535",
+			file:     fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    backends: [%s@65536]\n", vip, a),
+			wantCode: 2, wantMsg: []string{"services[0].backends[0]", "weight 65536 out of range 0..65535"}},
+		{name: "health check that is not tcp or http",
+			file:     fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    health: {check: icmp}\n    backends: [%s]\n", vip, a),
+			wantCode: 2, wantMsg: []string{`services[0].health.check: "icmp" is not none, tcp or http`}},
+		{name: "health check timeout above its interval",
+			file:     fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    backends: [{address: %s, health: {interval: 1s, timeout: 2s}}]\n", vip, a),
+			wantCode: 2, wantMsg: []string{"services[0].backends[0]: health check timeout 2s above its interval 1s"}},
+		{name: "socket-group that does not exist", file: good + "socket-group: no-such-group\n",
+			wantCode: 2, wantMsg: []string{`socket-group: no group "no-such-group"`}},
 		{name: "policy that does not exist",
 			file:     fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    policy: no-such-policy\n    backends: [%s]\n", vip, a),
 			wantCode: 2, wantMsg: []string{"no-such-policy"}},
@@ -526,13 +534,16 @@ func (ct *configTopo) checkRefused(t *testing.T, before hostState, file string, 
 	}
 }
 
-// backendsOf returns the backend addresses of the service at vip.
-func backendsOf(st control.Status, vip string) []string {
+// backendsOf returns the addresses of the backends configured in the
+// service at vip (not those removed that still carry connections).
+func backendsOf(st *controlpb.Status, vip string) []string {
 	var out []string
 	for _, s := range st.Services {
-		if s.VIP == vip {
+		if s.Vip == vip && !s.Removed {
 			for _, b := range s.Backends {
-				out = append(out, b.Address)
+				if b.State != "removed" {
+					out = append(out, b.Address)
+				}
 			}
 		}
 	}

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xlb-project/xlb/internal/control"
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 	"github.com/xlb-project/xlb/internal/testnet"
 	"github.com/xlb-project/xlb/internal/xlbtest"
 )
@@ -122,13 +122,13 @@ func stopPlugin(t *testing.T, pid int) {
 }
 
 // pluginOf returns the status of the plugin of policy name.
-func pluginOf(st control.Status, name string) (control.PolicyStatus, bool) {
+func pluginOf(st *controlpb.Status, name string) (*controlpb.PolicyPlugin, bool) {
 	for _, p := range st.Policies {
 		if p.Name == name {
 			return p, true
 		}
 	}
-	return control.PolicyStatus{}, false
+	return nil, false
 }
 
 // waitReplaced waits until policy's plugin runs with another pid than
@@ -137,7 +137,7 @@ func (tp *topo) waitReplaced(t *testing.T, policy string, old int, since time.Ti
 	t.Helper()
 	for {
 		p, ok := pluginOf(tp.status(t), policy)
-		if ok && p.Pid != 0 && p.Pid != old {
+		if ok && p.Pid != 0 && int(p.Pid) != old {
 			return time.Since(since)
 		}
 		if time.Since(since) > limit {
@@ -196,12 +196,12 @@ services:
 			if !ok || p.Pid == 0 {
 				t.Fatalf("no %s plugin running: %+v", policy, tp.status(t).Policies)
 			}
-			stopPlugin(t, p.Pid)
+			stopPlugin(t, int(p.Pid))
 			at := time.Now()
-			took := tp.waitReplaced(t, policy, p.Pid, at, replaceWithin)
-			t.Logf("stopped %s plugin (pid %d, asked %s) replaced after %s", policy, p.Pid, p.Asked, took.Round(time.Millisecond))
-			if !xlbtest.ProcessGone(p.Pid) {
-				t.Errorf("stopped plugin %d still alive after its replacement", p.Pid)
+			took := tp.waitReplaced(t, policy, int(p.Pid), at, replaceWithin)
+			t.Logf("stopped %s plugin (pid %d, asked %s) replaced after %s", policy, int(p.Pid), p.Asked, took.Round(time.Millisecond))
+			if !xlbtest.ProcessGone(int(p.Pid)) {
+				t.Errorf("stopped plugin %d still alive after its replacement", int(p.Pid))
 			}
 			if !strings.Contains(tp.d.Output(), "policy plugin hung; killed it") {
 				t.Errorf("xlbd did not log the hang")
@@ -212,7 +212,7 @@ services:
 
 	t.Run("swap away from a stopped plugin", func(t *testing.T) {
 		p, _ := pluginOf(tp.status(t), "random")
-		stopPlugin(t, p.Pid)
+		stopPlugin(t, int(p.Pid))
 		start := time.Now()
 		out, err := tp.xlbctl(t, "policy", "set", "hash")
 		took := time.Since(start)
@@ -224,9 +224,9 @@ services:
 			t.Errorf("policy set took %s", took)
 		}
 		deadline := time.Now().Add(3 * time.Second)
-		for !xlbtest.ProcessGone(p.Pid) {
+		for !xlbtest.ProcessGone(int(p.Pid)) {
 			if time.Now().After(deadline) {
-				t.Fatalf("stopped plugin %d of the old policy still alive 3s after the swap", p.Pid)
+				t.Fatalf("stopped plugin %d of the old policy still alive 3s after the swap", int(p.Pid))
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
@@ -282,7 +282,7 @@ func TestPluginsDieWithXlbd(t *testing.T) {
 		if p.Pid == 0 {
 			t.Fatalf("plugin %s not running", p.Name)
 		}
-		pids = append(pids, p.Pid)
+		pids = append(pids, int(p.Pid))
 	}
 	if len(pids) != 2 {
 		t.Fatalf("%d plugins, want 2", len(pids))
@@ -343,7 +343,7 @@ func TestPolicyNeeds(t *testing.T) {
 	st := ct.topo.status(t)
 	for name, want := range map[string]string{"random": "on change", "least-conn": "live load every 1s"} {
 		p, ok := pluginOf(st, name)
-		if !ok || p.Asked != want || p.APIVersion != 2 {
+		if !ok || p.Asked != want || p.ApiVersion != 3 {
 			t.Errorf("plugin %s: %+v, want asked %q, api 2", name, p, want)
 		}
 	}
@@ -377,7 +377,7 @@ func requestsAfter(t *testing.T, what string, all []attempt, from time.Time, lim
 }
 
 // backendStatus returns the status of the backend at address a.
-func backendStatus(st control.Status, a string) control.Backend {
+func backendStatus(st *controlpb.Status, a string) *controlpb.Backend {
 	for _, s := range st.Services {
 		for _, b := range s.Backends {
 			if b.Address == a {
@@ -385,7 +385,7 @@ func backendStatus(st control.Status, a string) control.Backend {
 			}
 		}
 	}
-	return control.Backend{}
+	return &controlpb.Backend{}
 }
 
 // TestBackendNextHop re-creates a backend with a new MAC, removes it, and

@@ -149,7 +149,7 @@ func TestKeepalivedFailover(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(st.Services) != 2 || st.Services[0].ManageVIP {
+		if len(st.Services) != 2 || st.GetServices()[0].GetManageVip() {
 			t.Fatalf("status of %s: services %+v, want manage-vip false", h.Name, st.Services)
 		}
 	}

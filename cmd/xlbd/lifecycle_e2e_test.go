@@ -23,7 +23,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/xlb-project/xlb/internal/control"
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 	"github.com/xlb-project/xlb/internal/packet"
 	"github.com/xlb-project/xlb/internal/testnet"
 )
@@ -331,14 +331,14 @@ func TestSYNFlood(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		half := slices.IndexFunc(cs, func(c control.Conn) bool { return c.State == "syn" || c.State == "syn-recv" }) >= 0
+		half := slices.IndexFunc(cs, func(c *controlpb.Conn) bool { return c.State == "syn" || c.State == "syn-recv" }) >= 0
 		var halfOpen, active int64
 		used := 0
 		for _, s := range st.Services {
 			for _, b := range s.Backends {
 				halfOpen += b.HalfOpen
 				active += b.Active
-				used += b.PortsUsed
+				used += int(b.PortsUsed)
 			}
 		}
 		// The kept-alive connection may still be open, idle.

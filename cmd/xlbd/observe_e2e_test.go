@@ -17,7 +17,10 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/xlb-project/xlb/dispatcher"
+	"google.golang.org/protobuf/encoding/protojson"
+
 	"github.com/xlb-project/xlb/internal/control"
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 )
 
 const metricsAddr = "127.0.0.1:9190"
@@ -291,8 +294,8 @@ func TestCLIAgainstDaemon(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%v: %s", err, out)
 		}
-		var st control.Stats
-		if err := json.Unmarshal([]byte(out), &st); err != nil {
+		st := &controlpb.Stats{}
+		if err := protojson.Unmarshal([]byte(out), st); err != nil {
 			t.Fatalf("stats --json: %v\n%s", err, out)
 		}
 		if len(st.Services) != 1 || len(st.Services[0].Backends) != 2 {
@@ -361,16 +364,18 @@ func TestCLIAgainstDaemon(t *testing.T) {
 			if err != nil {
 				t.Fatalf("xlbctl conns %v: %v: %s", args, err, out)
 			}
-			var cs []control.Conn
-			if err := json.Unmarshal([]byte(out), &cs); err != nil {
+			var r controlpb.ListConnsResponse
+			if err := protojson.Unmarshal([]byte(out), &r); err != nil {
 				t.Fatalf("conns --json: %v\n%s", err, out)
 			}
-			for _, c := range cs {
-				if !(control.ConnFilter{VIP: flagArg(args, "--vip"), Backend: flagArg(args, "--backend"), State: flagArg(args, "--state"), Protocol: flagArg(args, "--protocol")}).Match(c) {
+			f := &controlpb.ListConnsRequest{Vip: flagArg(args, "--vip"), Backend: flagArg(args, "--backend"), State: flagArg(args, "--state"),
+				Protocol: flagArg(args, "--protocol")}
+			for _, c := range r.GetConns() {
+				if !control.MatchConn(f, c) {
 					t.Errorf("conns %v listed %+v", args, c)
 				}
 			}
-			return len(cs)
+			return len(r.GetConns())
 		}
 		if n := count("--backend", backendA, "--state", "established"); n != byBackend["backend-a"] {
 			t.Errorf("established connections to backend-a: %d, want %d", n, byBackend["backend-a"])

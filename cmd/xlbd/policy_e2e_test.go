@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xlb-project/xlb/internal/control"
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 	"github.com/xlb-project/xlb/internal/testnet"
 	"github.com/xlb-project/xlb/internal/xlbtest"
 )
@@ -28,7 +28,7 @@ func (tp *topo) xlbctl(t *testing.T, args ...string) (string, error) {
 	return string(out), err
 }
 
-func (tp *topo) status(t *testing.T) control.Status {
+func (tp *topo) status(t *testing.T) *controlpb.Status {
 	t.Helper()
 	st, err := tp.d.Client().Status(context.Background())
 	if err != nil {
@@ -90,7 +90,7 @@ func (tp *topo) setPolicy(t *testing.T, policy string) {
 	}
 }
 
-func active(st control.Status) map[string]int64 {
+func active(st *controlpb.Status) map[string]int64 {
 	out := map[string]int64{}
 	for _, b := range st.Services[0].Backends {
 		out[b.Address] = b.Active
@@ -224,7 +224,7 @@ func TestPolicySwapLive(t *testing.T) {
 			}()
 		}
 		time.Sleep(500 * time.Millisecond)
-		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		if err := syscall.Kill(int(pid), syscall.SIGKILL); err != nil {
 			t.Fatalf("kill plugin %d: %v", pid, err)
 		}
 		checkStick(t, "while the plugin is dead", long)
@@ -466,7 +466,7 @@ func TestPolicyPerService(t *testing.T) {
 	}
 	policies := map[string]string{}
 	for _, s := range ct.topo.status(t).Services {
-		policies[s.VIP] = s.Policy
+		policies[s.Vip] = s.Policy
 	}
 	if policies[ct.vip.String()] != "random" || policies[second.String()] != "hash" {
 		t.Fatalf("policies after the swap: %v", policies)

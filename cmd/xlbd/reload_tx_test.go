@@ -47,7 +47,7 @@ func running(t *testing.T, ct *configTopo) string {
 	}
 	var b strings.Builder
 	for _, s := range st.Services {
-		fmt.Fprintf(&b, "service %s policy %s backends %v\n", s.VIP, s.Policy, backendsOf(st, s.VIP))
+		fmt.Fprintf(&b, "service %s policy %s backends %v\n", s.Vip, s.Policy, backendsOf(st, s.Vip))
 	}
 	var plugins []string
 	for _, p := range st.Policies {
@@ -59,7 +59,7 @@ func running(t *testing.T, ct *configTopo) string {
 		t.Fatal(err)
 	}
 	for _, m := range ms {
-		fmt.Fprintf(&b, "chain %s@%d %s %s %v\n", m.Name, m.Priority, m.Program, m.SHA256, m.Maps)
+		fmt.Fprintf(&b, "chain %s@%d %s %s %v\n", m.Name, m.Priority, m.Program, m.Sha256, m.Maps)
 	}
 	return b.String()
 }
@@ -170,7 +170,7 @@ func TestReloadTransactional(t *testing.T) {
 				t.Errorf("log line lacks %q", want)
 			}
 		}
-		if r := ct.topo.status(t).LastReload; r == nil || r.OK || !strings.Contains(r.Error, newVIP) {
+		if r := ct.topo.status(t).LastReload; r == nil || r.Ok || !strings.Contains(r.Error, newVIP) {
 			t.Errorf("status's last reload: %+v, want failed naming %s", r, newVIP)
 		}
 		out, err := ct.topo.xlbctl(t, "status")
@@ -215,7 +215,7 @@ func TestReloadTransactional(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if r := st.LastReload; r == nil || !r.OK || r.Error != "" {
+		if r := st.LastReload; r == nil || !r.Ok || r.Error != "" {
 			t.Errorf("status's last reload: %+v, want applied", r)
 		}
 		want := []string{a, c}

@@ -22,7 +22,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/xlb-project/xlb/internal/control"
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 	"github.com/xlb-project/xlb/internal/testnet"
 	"github.com/xlb-project/xlb/internal/vipfilter"
 	"github.com/xlb-project/xlb/internal/xlbtest"
@@ -334,11 +334,11 @@ func waitExit(t *testing.T, d *xlbtest.Daemon, within time.Duration) error {
 }
 
 // pluginPids are the policy plugins' pids in a status.
-func pluginPids(st control.Status) []int {
+func pluginPids(st *controlpb.Status) []int {
 	var out []int
-	for _, p := range st.Policies {
-		if p.Pid > 0 {
-			out = append(out, p.Pid)
+	for _, p := range st.GetPolicies() {
+		if p.GetPid() > 0 {
+			out = append(out, int(p.GetPid()))
 		}
 	}
 	return out
@@ -360,22 +360,22 @@ func waitGone(t *testing.T, pids []int, within time.Duration) {
 }
 
 // backendIDs maps "vip backend" to its backend id in a status.
-func backendIDs(st control.Status) map[string]uint32 {
+func backendIDs(st *controlpb.Status) map[string]uint32 {
 	out := map[string]uint32{}
-	for _, s := range st.Services {
-		for _, b := range s.Backends {
-			out[s.VIP+" "+b.Address] = b.ID
+	for _, s := range st.GetServices() {
+		for _, b := range s.GetBackends() {
+			out[s.GetVip()+" "+b.GetAddress()] = b.GetId()
 		}
 	}
 	return out
 }
 
 // activeSum is the open connections over every backend in a status.
-func activeSum(st control.Status) int64 {
+func activeSum(st *controlpb.Status) int64 {
 	var n int64
-	for _, s := range st.Services {
-		for _, b := range s.Backends {
-			n += b.Active
+	for _, s := range st.GetServices() {
+		for _, b := range s.GetBackends() {
+			n += b.GetActive()
 		}
 	}
 	return n
@@ -405,8 +405,8 @@ func TestRestartKeepDatapath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if before.State.Adopted != nil || before.State.PinPath != rt.pin {
-		t.Fatalf("first xlbd's state: %+v, want a fresh start pinned at %s", before.State, rt.pin)
+	if before.GetState().GetAdopted() != nil || before.GetState().GetPinPath() != rt.pin {
+		t.Fatalf("first xlbd's state: %+v, want a fresh start pinned at %s", before.GetState(), rt.pin)
 	}
 	first := rt.d
 	_, after := rt.restartKeeping(t, func() {
@@ -417,8 +417,8 @@ func TestRestartKeepDatapath(t *testing.T) {
 			}
 		}
 	})
-	a := after.State.Adopted
-	if a == nil || a.Services != 2 || a.Connections < streamConns {
+	a := after.GetState().GetAdopted()
+	if a == nil || a.GetServices() != 2 || a.GetConnections() < streamConns {
 		t.Errorf("second xlbd adopted %+v, want 2 services and at least %d connections", a, streamConns)
 	}
 	if b, a := backendIDs(before), backendIDs(after); !mapsEqual(b, a) {
@@ -458,8 +458,8 @@ func TestRestartKeepDatapath(t *testing.T) {
 	}
 	rt.startXlbd(t)
 	ready := time.Now()
-	if st, err := rt.d.Client().Status(ctx); err != nil || st.State.Adopted == nil || !mapsEqual(backendIDs(before), backendIDs(st)) {
-		t.Errorf("after the second restart: %v, adopted %+v, backend ids %v, want %v", err, st.State.Adopted, backendIDs(st), backendIDs(before))
+	if st, err := rt.d.Client().Status(ctx); err != nil || st.GetState().GetAdopted() == nil || !mapsEqual(backendIDs(before), backendIDs(st)) {
+		t.Errorf("after the second restart: %v, adopted %+v, backend ids %v, want %v", err, st.GetState().GetAdopted(), backendIDs(st), backendIDs(before))
 	}
 	time.Sleep(3 * time.Second)
 	tr.check(t, "two restarts keeping the data path", ready)
@@ -476,7 +476,7 @@ func TestRestartKeepDatapath(t *testing.T) {
 // as it was (link, addresses, forwarding), runs whileStopped (if not nil),
 // lets the traffic run 1 s with no daemon, and starts a new xlbd. It
 // returns when that one is ready, with its status.
-func (rt *restartTopo) restartKeeping(t *testing.T, whileStopped func()) (time.Time, control.Status) {
+func (rt *restartTopo) restartKeeping(t *testing.T, whileStopped func()) (time.Time, *controlpb.Status) {
 	t.Helper()
 	running := lbState(t, rt.lb)
 	out, err := rt.xlbctl(t, "shutdown", "--keep-datapath")
@@ -537,14 +537,14 @@ func TestRestartIPv6(t *testing.T) {
 		t.Fatal(err)
 	}
 	ready, after := rt.restartKeeping(t, nil)
-	if a := after.State.Adopted; a == nil || a.Services != 4 || a.Connections < 2*streamConns {
+	if a := after.GetState().GetAdopted(); a == nil || a.GetServices() != 4 || a.GetConnections() < 2*streamConns {
 		t.Errorf("adopted %+v, want 4 services and at least %d connections", a, 2*streamConns)
 	}
 	if b, a := backendIDs(st), backendIDs(after); !mapsEqual(b, a) || len(a) != 8 {
 		t.Errorf("backend ids before %v, after %v", b, a)
 	}
-	if !slices.Equal(st.SourceAddresses, after.SourceAddresses) || !slices.Contains(after.SourceAddresses, rt.lb.IP6.String()) {
-		t.Errorf("source addresses %v after the restart, %v before; want the interface's IPv6 %s among them", after.SourceAddresses, st.SourceAddresses, rt.lb.IP6)
+	if !slices.Equal(st.GetSourceAddresses(), after.GetSourceAddresses()) || !slices.Contains(after.GetSourceAddresses(), rt.lb.IP6.String()) {
+		t.Errorf("source addresses %v after the restart, %v before; want the interface's IPv6 %s among them", after.GetSourceAddresses(), st.GetSourceAddresses(), rt.lb.IP6)
 	}
 	if now := lbState(t, rt.lb); !now.equal(running) {
 		t.Errorf("host after the restart:\n  %v\nbefore:\n  %v", now, running)
@@ -614,7 +614,7 @@ func TestCrashRecovery(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a := after.State.Adopted; a == nil || a.Connections < streamConns {
+	if a := after.GetState().GetAdopted(); a == nil || a.GetConnections() < streamConns {
 		t.Errorf("new xlbd adopted %+v, want at least %d connections", a, streamConns)
 	}
 	if b, a := backendIDs(before), backendIDs(after); !mapsEqual(b, a) {
@@ -797,7 +797,7 @@ func TestUpgrade(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a := st.State.Adopted; a == nil || a.Connections < streamConns {
+	if a := st.GetState().GetAdopted(); a == nil || a.GetConnections() < streamConns {
 		t.Errorf("the new build adopted %+v, want at least %d connections", a, streamConns)
 	}
 	time.Sleep(3 * time.Second)
@@ -811,8 +811,8 @@ func TestUpgrade(t *testing.T) {
 	waitExit(t, rt.d, 5*time.Second)
 	rt.d = xlbtest.StartBinary(t, rt.lb.NS, changed, "--config", rt.file, "--plugin-dir", rt.d.Dir, "--fresh-state")
 	st, err = rt.d.Client().Status(context.Background())
-	if err != nil || st.State.Adopted != nil {
-		t.Errorf("the other layout with --fresh-state: %v, adopted %+v; want a fresh start", err, st.State.Adopted)
+	if err != nil || st.GetState().GetAdopted() != nil {
+		t.Errorf("the other layout with --fresh-state: %v, adopted %+v; want a fresh start", err, st.GetState().GetAdopted())
 	}
 	if !strings.Contains(rt.d.Output(), "--fresh-state: removing the pinned state") {
 		t.Errorf("--fresh-state did not say it removed the pinned state")
@@ -911,7 +911,7 @@ func newStopTopo(t *testing.T) (*restartTopo, hostEverything) {
 // stopUnderTraffic starts xlbd on a newStopTopo, runs the traffic for 2 s
 // and stops xlbd with sig; it returns the host before xlbd started and
 // xlbd's last status.
-func stopUnderTraffic(t *testing.T, sig syscall.Signal) (*restartTopo, hostEverything, control.Status, *traffic) {
+func stopUnderTraffic(t *testing.T, sig syscall.Signal) (*restartTopo, hostEverything, *controlpb.Status, *traffic) {
 	t.Helper()
 	rt, before := newStopTopo(t)
 	tr := startTraffic(t, []*testnet.Host{rt.c1, rt.c2}, rt.vipAddr)

@@ -3,13 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
-	"time"
 
 	"github.com/xlb-project/xlb/internal/config"
-	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/policy"
 )
 
@@ -72,34 +69,4 @@ func startPolicies(ctx context.Context, m *policy.Manager, svcs []config.Service
 		started[svc.Policy] = true
 	}
 	return nil
-}
-
-// SetPolicy implements control.Handler: start the new policy's plugin,
-// install its tables, then stop plugins no longer in use.
-func (d *daemon) SetPolicy(ctx context.Context, req control.PolicyRequest) (control.PolicyResult, error) {
-	start := time.Now()
-	var vip netip.AddrPort
-	if req.Service != "" {
-		var err error
-		if vip, err = netip.ParseAddrPort(req.Service); err != nil {
-			return control.PolicyResult{}, fmt.Errorf("service %q: %w", req.Service, err)
-		}
-	}
-	if err := d.pol.Check(req.Policy); err != nil {
-		return control.PolicyResult{}, err
-	}
-	vips, err := d.bal.SetPolicy(ctx, vip, req.Policy)
-	if err != nil {
-		d.pol.Prune(d.bal.Policies())
-		return control.PolicyResult{}, fmt.Errorf("set policy %s: %w", req.Policy, err)
-	}
-	took := time.Since(start)
-	d.metrics.ObserveSwap(took)
-	d.pol.Prune(d.bal.Policies())
-	res := control.PolicyResult{Took: took.String()}
-	for _, v := range vips {
-		res.Services = append(res.Services, v.String())
-	}
-	d.log.Info("policy swapped", "policy", req.Policy, "services", res.Services, "took", res.Took)
-	return res, nil
 }

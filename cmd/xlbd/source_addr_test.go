@@ -48,11 +48,11 @@ services:
 	}
 	for _, s := range st.Services {
 		want := 2 * (65535 - 1024 + 1)
-		if s.VIP == vip81.String() {
+		if s.Vip == vip81.String() {
 			want /= 2
 		}
-		if got := s.Backends[0].PortPool; got != want {
-			t.Errorf("service %s: a backend's pool of %d ports, want %d", s.VIP, got, want)
+		if got := int(s.Backends[0].PortPool); got != want {
+			t.Errorf("service %s: a backend's pool of %d ports, want %d", s.Vip, got, want)
 		}
 	}
 

@@ -11,7 +11,7 @@ import (
 
 	"github.com/miekg/dns"
 
-	"github.com/xlb-project/xlb/internal/control"
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 	"github.com/xlb-project/xlb/internal/testnet"
 )
 
@@ -124,7 +124,7 @@ services:
 		t.Fatal(err)
 	}
 	local := pc.LocalAddr().String()
-	tracked := func() (control.Conn, bool) {
+	tracked := func() (*controlpb.Conn, bool) {
 		cs, err := ct.d.Client().Conns(context.Background())
 		if err != nil {
 			t.Fatal(err)
@@ -134,7 +134,7 @@ services:
 				return c, true
 			}
 		}
-		return control.Conn{}, false
+		return nil, false
 	}
 	if c, ok := tracked(); !ok || c.Protocol != "udp" || c.State != "udp" {
 		t.Fatalf("flow of %s: %+v, %v; want a udp flow", local, c, ok)

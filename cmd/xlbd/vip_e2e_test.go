@@ -76,8 +76,8 @@ func TestVIPOtherPorts(t *testing.T) {
 		ct.start(t, yaml, "--vip-filter=false")
 		check(t, "connected")
 		st, err := ct.d.Client().Status(context.Background())
-		if err != nil || st.State.VIPFilter != "" {
-			t.Errorf("status: vip filter %q, %v; want none", st.State.VIPFilter, err)
+		if err != nil || st.GetState().GetVipFilter() != "" {
+			t.Errorf("status: vip filter %q, %v; want none", st.GetState().GetVipFilter(), err)
 		}
 		ct.d.Stop()
 	})

@@ -105,7 +105,11 @@ func (b *Balancer) adopt() error {
 		b.bkIDs.reserve(e.ID)
 		svc := byID[e.Service]
 		if e.Weight == 0 || svc == nil {
-			b.retired = append(b.retired, e.ID)
+			r := retiredBackend{id: e.ID, spec: Backend{Address: e.Address}, since: now}
+			if svc != nil {
+				r.svc = svc.spec.Key()
+			}
+			b.retired = append(b.retired, r)
 			a.Retired++
 			continue
 		}

@@ -139,8 +139,8 @@ func TestBalancerAdopt(t *testing.T) {
 	if a == nil || a.Services != 3 || a.Backends != 4 || a.Retired != 1 || a.Addresses != 2 {
 		t.Fatalf("adopted %+v, want 3 services, 4 backend ids, 1 retired, 2 addresses", a)
 	}
-	if !slices.Equal(b2.retired, retired) {
-		t.Errorf("retired after adoption %v, before %v", b2.retired, retired)
+	if got, want := retiredIDs(b2.retired), retiredIDs(retired); !slices.Equal(got, want) {
+		t.Errorf("retired backend ids after adoption %v, before %v", got, want)
 	}
 	err = ns.Do(func() error {
 		if err := b2.SetServices(ctx, next); err != nil {
@@ -162,7 +162,7 @@ func TestBalancerAdopt(t *testing.T) {
 	}
 	for _, s := range b2.Services() {
 		for _, bk := range s.Backends {
-			if s.VIP.Port() == 82 && (bk.ID == retired[0] || bk.ID < 3) {
+			if s.VIP.Port() == 82 && (bk.ID == retired[0].id || bk.ID < 3) {
 				t.Errorf("new backend got id %d, in use (retired %v)", bk.ID, retired)
 			}
 		}
@@ -180,4 +180,12 @@ func TestBalancerAdopt(t *testing.T) {
 		ents, _ := os.ReadDir(pin)
 		t.Errorf("pin directory after Close: %v %v", err, ents)
 	}
+}
+
+func retiredIDs(rs []retiredBackend) []uint32 {
+	out := make([]uint32, 0, len(rs))
+	for _, r := range rs {
+		out = append(out, r.id)
+	}
+	return out
 }

@@ -15,12 +15,14 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/xlb-project/xlb/dispatcher"
+	"github.com/xlb-project/xlb/internal/health"
 	"github.com/xlb-project/xlb/internal/host"
 	"github.com/xlb-project/xlb/internal/neigh"
 	"github.com/xlb-project/xlb/internal/state"
@@ -66,7 +68,9 @@ type Options struct {
 	Timeouts      dispatcher.Timeouts
 	SYN           dispatcher.SYNDefence
 	GCInterval    time.Duration
-	Logger        *slog.Logger
+	// HealthConcurrency bounds the health checks in flight; 1 when 0.
+	HealthConcurrency int
+	Logger            *slog.Logger
 	// Selector computes selection tables (xlbd: the policy plugins).
 	// Required.
 	Selector Selector
@@ -88,7 +92,13 @@ type Options struct {
 // Backend is a configured backend of a service.
 type Backend struct {
 	Address netip.AddrPort
-	Weight  uint32
+	// Weight 0 drains the backend: no new connections.
+	Weight uint32
+	// Health is the backend's check; the zero Spec (Check "") is none.
+	Health health.Spec
+	// ResetOnDown ends the backend's established connections when its
+	// check takes it down.
+	ResetOnDown bool
 }
 
 // Service is a configured service.
@@ -105,6 +115,10 @@ type Service struct {
 	// and removes the VIP address: the Balancer never does (manage-vip:
 	// false).
 	ExternalVIP bool
+	// UseAllWhenDown: when no backend is up, the backends that are down
+	// only because their check fails take new connections (else the
+	// service refuses them with a RST).
+	UseAllWhenDown bool
 }
 
 // Protocol is a service's transport protocol.
@@ -160,8 +174,17 @@ type BackendState struct {
 	Backend
 	ID uint32 // data-path backend id
 	// State: only an up backend may take new connections. A backend whose
-	// next hop does not answer (the neighbour keeper) is down.
+	// next hop does not answer (the neighbour keeper) or whose health
+	// check fails is down (unless the service uses all its backends);
+	// one of weight 0 is draining.
 	State plugins.BackendState
+	// Reason says why the backend is not up.
+	Reason string
+	// Since is when State last changed.
+	Since time.Time
+	// Health is what its check found; Checked is false without a check.
+	Health  health.Status
+	Checked bool
 	// NextHop is the neighbour keeper's view: the next hop, its interface
 	// and MAC, or why it is unreachable.
 	NextHop   string
@@ -183,6 +206,9 @@ type ServiceState struct {
 	PortPool int
 	// ExternalVIP: another owner manages the VIP address.
 	ExternalVIP bool
+	// UsingAll: no backend is up, and the backends whose check fails
+	// take new connections (Service.UseAllWhenDown).
+	UsingAll bool
 }
 
 // Selection is a selection table: a mode and indexes into
@@ -221,12 +247,14 @@ type service struct {
 	retryAt   time.Time // after a failed computation, not before
 	refreshAt time.Time // the Selector's Refresh; zero: only on change
 	adopted   bool      // taken from pinned state, not yet reconciled with a configuration
+	usingAll  bool      // every backend down, those failing checks used
 }
 
 type backend struct {
 	id      uint32
 	spec    Backend
 	state   plugins.BackendState // the state the table in force was computed with
+	since   time.Time            // when state last changed
 	lastNew uint64
 	lastAt  time.Time
 	rate    float64
@@ -241,24 +269,27 @@ const noPortWarnEvery = 10 * time.Second
 // Balancer owns the pipeline, its attachment and the host changes made
 // for it.
 type Balancer struct {
-	opts  Options
-	log   *slog.Logger
-	pipe  *dispatcher.Pipeline
-	att   *dispatcher.Attachment
-	host  *host.Iface
-	fam   [2]sourceFamily // IPv4, IPv6
-	neigh *neigh.Keeper
-	kick  chan struct{} // asks the refresher for a round now
+	opts    Options
+	log     *slog.Logger
+	pipe    *dispatcher.Pipeline
+	att     *dispatcher.Attachment
+	host    *host.Iface
+	fam     [2]sourceFamily // IPv4, IPv6
+	neigh   *neigh.Keeper
+	checker *health.Checker
+	kick    chan struct{}                           // asks the refresher for a round now
+	vips    atomic.Pointer[map[netip.Addr][]uint16] // VIP ports by address, for the checker
 
 	// mu guards the fields below. It is never held across a Selector call.
 	mu        sync.Mutex
 	services  map[ServiceKey]*service
 	svcIDs    idAllocator
 	bkIDs     idAllocator
-	retired   []uint32     // backend ids waiting for their connections to end
-	addedVIPs []netip.Addr // VIPs the host did not have, added for their services
-	svcGen    uint64       // counts committed service changes
-	adopted   *Adoption    // what New adopted; nil for a fresh start
+	retired   []retiredBackend // removed backends waiting for their connections to end
+	resets    []reset          // backends whose connections to end, outside the lock
+	addedVIPs []netip.Addr     // VIPs the host did not have, added for their services
+	svcGen    uint64           // counts committed service changes
+	adopted   *Adoption        // what New adopted; nil for a fresh start
 
 	filterMu sync.Mutex // serialises VIP filter updates (never held with mu)
 }
@@ -334,6 +365,8 @@ func New(opts Options) (_ *Balancer, err error) {
 	if err := b.addSources(); err != nil {
 		return nil, err
 	}
+	b.checker = health.New(health.Options{Concurrency: opts.HealthConcurrency, Reserved: b.reserved, Logger: opts.Logger,
+		OnChange: b.syncStates})
 	lopts := dispatcher.Options{ConntrackSize: opts.ConntrackSize, PortLo: b.opts.PortLo, PortHi: b.opts.PortHi,
 		Sources: len(b.fam[0].sources), Sources6: len(b.fam[1].sources)}
 	if opts.State != nil {
@@ -563,6 +596,9 @@ func (b *Balancer) portPool(s Service) int {
 // removes the VIP filter and undoes the host changes.
 func (b *Balancer) Close() error {
 	var errs []error
+	if b.checker != nil {
+		errs = append(errs, b.checker.Close())
+	}
 	if b.att != nil {
 		errs = append(errs, b.att.Close())
 		b.att = nil
@@ -649,7 +685,7 @@ func (b *Balancer) removeService(key ServiceKey, svc *service) error {
 		return err
 	}
 	for _, bk := range svc.backends {
-		b.retire(bk)
+		b.retire(key, bk)
 	}
 	b.svcIDs.free(svc.id)
 	delete(b.services, key)
@@ -677,9 +713,12 @@ func (b *Balancer) dropVIP(a netip.Addr) error {
 	return nil
 }
 
-func (b *Balancer) retire(bk *backend) {
+// retire stops new connections to a backend that goes and keeps its id
+// (and its place in status) until its connections have ended. Caller
+// holds b.mu.
+func (b *Balancer) retire(key ServiceKey, bk *backend) {
 	_ = b.pipe.SetBackend(bk.id, bk.spec.Address, 0)
-	b.retired = append(b.retired, bk.id)
+	b.retired = append(b.retired, retiredBackend{id: bk.id, svc: key, spec: bk.spec, since: time.Now()})
 }
 
 // Policies lists the policies in use.
@@ -733,15 +772,16 @@ func (b *Balancer) sample() {
 		}
 	}
 	kept := b.retired[:0]
-	for _, id := range b.retired {
-		if st, err := b.pipe.BackendStats(id); err == nil && st.Active <= 0 {
-			if err := b.pipe.FreeBackend(id); err != nil {
-				b.log.Warn("free backend id", "id", id, "err", err)
+	for _, r := range b.retired {
+		if st, err := b.pipe.BackendStats(r.id); err == nil && st.Active <= 0 {
+			if err := b.pipe.FreeBackend(r.id); err != nil {
+				b.log.Warn("free backend id", "id", r.id, "err", err)
 			}
-			b.bkIDs.free(id)
+			b.bkIDs.free(r.id)
+			b.log.Info("removed backend has no connection left: forgotten", "vip", r.svc.VIP.String(), "backend", r.spec.Address.String())
 			continue
 		}
-		kept = append(kept, id)
+		kept = append(kept, r)
 	}
 	b.retired = kept
 }

@@ -62,6 +62,7 @@ func (b *Balancer) PrepareServices(ctx context.Context, specs []Service) (_ *Ser
 		}
 	}()
 	b.setTargets(specs)
+	b.waitChecked(ctx, specs)
 	if err := b.plan(p, specs); err != nil {
 		return nil, err
 	}
@@ -188,12 +189,13 @@ func (b *Balancer) plan(p *ServicesPlan, specs []Service) error {
 				running[bk.spec.Address] = bk
 			}
 		}
-		ps.state = ServiceState{VIP: s.VIP, Protocol: s.Protocol, Policy: s.Policy, PortPool: b.portPool(s)}
-		for _, spec := range s.Backends {
+		vs, usingAll := b.judge(s)
+		ps.state = ServiceState{VIP: s.VIP, Protocol: s.Protocol, Policy: s.Policy, PortPool: b.portPool(s), UsingAll: usingAll}
+		for i, spec := range s.Backends {
 			pb := plannedBackend{bk: running[spec.Address], spec: spec}
 			delete(running, spec.Address)
-			st := BackendState{Backend: spec}
-			st.State, st.NextHop = b.health(spec.Address)
+			st := BackendState{Backend: spec, State: vs[i].state, Reason: vs[i].reason, Health: vs[i].check, Checked: vs[i].checked,
+				NextHop: vs[i].hop}
 			pb.state = st.State
 			if pb.bk == nil {
 				id, ok := b.bkIDs.alloc()
@@ -242,6 +244,8 @@ func (p *ServicesPlan) Commit() error {
 	// released.
 	defer b.setTargets(nil)
 	defer b.syncFilterLogged()
+	// Connections of backends that went down, after the unlock.
+	defer b.endConns()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.svcGen != p.gen {
@@ -284,17 +288,22 @@ func (p *ServicesPlan) apply() error {
 			if err := b.pipe.SetBackendOwner(pb.bk.id, svc.id); err != nil {
 				return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
 			}
+			if pb.fresh || pb.bk.state != pb.state {
+				pb.bk.since = now
+			}
 			pb.bk.spec, pb.bk.state = pb.spec, pb.state
 			next = append(next, pb.bk)
 		}
-		svc.spec, svc.backends = ps.spec, next
+		svc.spec, svc.backends, svc.usingAll = ps.spec, next, ps.state.UsingAll
 		svc.gen++
 		svc.adopted = false
 		if err := b.install(svc, ps.choice, now); err != nil {
 			return fmt.Errorf("service %s: %w", ps.spec.VIP, err)
 		}
 		for _, bk := range ps.retire {
-			b.retire(bk)
+			b.retire(ps.spec.Key(), bk)
+			b.log.Info("backend removed: no new connections, established ones keep flowing", "vip", ps.spec.VIP.String(),
+				"protocol", ps.spec.Protocol.String(), "backend", bk.spec.Address.String())
 		}
 		// Published last for a new service; its source addresses may
 		// change for a running one.
@@ -316,6 +325,7 @@ func (p *ServicesPlan) apply() error {
 			return fmt.Errorf("service %s: %w", key, err)
 		}
 	}
+	b.publishVIPs()
 	return nil
 }
 

@@ -47,19 +47,6 @@ type choice struct {
 	refresh time.Duration
 }
 
-// health returns the state of a backend for new connections and its next
-// hop as the neighbour keeper sees it.
-func (b *Balancer) health(a netip.AddrPort) (plugins.BackendState, string) {
-	st, ok := b.neigh.Status(a.Addr())
-	if !ok {
-		return plugins.StateUp, ""
-	}
-	if !st.Reachable {
-		return plugins.StateDown, st.Reason
-	}
-	return plugins.StateUp, st.String()
-}
-
 // choose asks the Selector for a table for st and checks it. It takes no
 // lock. When no backend may take new connections it asks nothing and
 // returns the empty choice.
@@ -121,20 +108,26 @@ func (b *Balancer) install(svc *service, c choice, now time.Time) error {
 // state is the snapshot of svc a Selector sees and status shows. Caller
 // holds b.mu.
 func (b *Balancer) state(svc *service) ServiceState {
-	st := ServiceState{VIP: svc.spec.VIP, Protocol: svc.spec.Protocol, Policy: svc.spec.Policy, PortPool: b.portPool(svc.spec), ExternalVIP: svc.spec.ExternalVIP}
-	for _, bk := range svc.backends {
+	st := ServiceState{VIP: svc.spec.VIP, Protocol: svc.spec.Protocol, Policy: svc.spec.Policy, PortPool: b.portPool(svc.spec),
+		ExternalVIP: svc.spec.ExternalVIP, UsingAll: svc.usingAll}
+	vs, _ := b.judge(svc.spec)
+	for i, bk := range svc.backends {
 		stats, _ := b.pipe.BackendStats(bk.id)
-		_, hop := b.health(bk.spec.Address)
+		v := vs[i]
+		reason := v.reason
+		if bk.state == plugins.StateUp {
+			reason = ""
+		}
 		st.Backends = append(st.Backends, BackendState{
-			Backend: bk.spec, ID: bk.id, State: bk.state, NextHop: hop, Active: stats.Active, HalfOpen: stats.HalfOpen,
-			NoPort: stats.NoPort, NewPerSec: bk.rate,
+			Backend: bk.spec, ID: bk.id, State: bk.state, Reason: reason, Since: bk.since, Health: v.check, Checked: v.checked,
+			NextHop: v.hop, Active: stats.Active, HalfOpen: stats.HalfOpen, NoPort: stats.NoPort, NewPerSec: bk.rate,
 		})
 	}
 	return st
 }
 
-// setTargets gives the neighbour keeper the backends of the services in
-// force and of extra. It takes b.mu.
+// setTargets gives the neighbour keeper and the health checker the
+// backends of the services in force and of extra. It takes b.mu.
 func (b *Balancer) setTargets(extra []Service) {
 	var addrs []netip.Addr
 	add := func(a netip.Addr) {
@@ -142,19 +135,19 @@ func (b *Balancer) setTargets(extra []Service) {
 			addrs = append(addrs, a)
 		}
 	}
+	all := slices.Clone(extra)
 	b.mu.Lock()
 	for _, svc := range b.services {
-		for _, bk := range svc.backends {
-			add(bk.spec.Address.Addr())
-		}
+		all = append(all, svc.spec)
 	}
 	b.mu.Unlock()
-	for _, s := range extra {
+	for _, s := range all {
 		for _, bk := range s.Backends {
 			add(bk.Address.Addr())
 		}
 	}
 	b.neigh.SetTargets(addrs)
+	b.checker.SetTargets(healthTargets(all))
 }
 
 // SetPolicy switches the policy of one service (vip valid) or of all. The
@@ -323,29 +316,52 @@ func (b *Balancer) withoutIneligible(svc *service) {
 	svc.stale, svc.retryAt, svc.refreshAt = true, retry, refresh
 }
 
-// syncStates takes the neighbour keeper's view of every backend; a service
-// whose backends changed state computes its table again (the neighbour
-// keeper's OnChange).
+// syncStates takes the neighbour keeper's and the health checker's view
+// of every backend (their OnChange); a service whose backends changed
+// state computes its table again.
 func (b *Balancer) syncStates() {
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	b.syncStatesLocked()
+	b.mu.Unlock()
+	b.endConns()
 }
 
+// syncStatesLocked updates the backends' states. The connections of
+// backends to reset are left in b.resets for endConns. Caller holds b.mu.
 func (b *Balancer) syncStatesLocked() {
 	changed := false
+	now := time.Now()
 	for _, svc := range b.services {
-		for _, bk := range svc.backends {
-			st, why := b.health(bk.spec.Address)
-			if st == bk.state {
+		vs, usingAll := b.judge(svc.spec)
+		if usingAll != svc.usingAll {
+			if usingAll {
+				b.log.Warn("every backend down: the backends whose health check fails take new connections (all-down: use-all)",
+					"vip", svc.spec.VIP.String(), "protocol", svc.spec.Protocol.String())
+			} else {
+				b.log.Info("a backend is up again: backends whose health check fails no longer used", "vip", svc.spec.VIP.String(),
+					"protocol", svc.spec.Protocol.String())
+			}
+			svc.usingAll = usingAll
+		}
+		for i, bk := range svc.backends {
+			v := vs[i]
+			if v.state == bk.state {
 				continue
 			}
-			if st == plugins.StateUp {
-				b.log.Info("backend up: takes new connections again", "vip", svc.spec.VIP.String(), "backend", bk.spec.Address.String())
-			} else {
-				b.log.Warn("backend "+st.String()+": no new connections", "vip", svc.spec.VIP.String(), "backend", bk.spec.Address.String(), "reason", why)
+			attrs := []any{"vip", svc.spec.VIP.String(), "protocol", svc.spec.Protocol.String(), "backend", bk.spec.Address.String(),
+				"was", bk.state.String()}
+			switch v.state {
+			case plugins.StateUp:
+				b.log.Info("backend up: takes new connections again", attrs...)
+			case plugins.StateDraining:
+				b.log.Info("backend draining: no new connections, established ones keep flowing", attrs...)
+			default:
+				b.log.Warn("backend "+v.state.String()+": no new connections", append(attrs, "reason", v.reason)...)
 			}
-			bk.state = st
+			if v.state == plugins.StateDown && v.failing && !v.noHop && bk.spec.ResetOnDown {
+				b.resets = append(b.resets, reset{id: bk.id, vip: svc.spec.VIP, addr: bk.spec.Address})
+			}
+			bk.state, bk.since = v.state, now
 			svc.gen++
 			svc.stale, svc.retryAt = true, time.Time{}
 			changed = true

@@ -12,6 +12,7 @@
 package config
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -53,6 +54,9 @@ type Config struct {
 	PluginSHA256 map[string]string `mapstructure:"plugin-sha256"`
 	// Socket is the path of the unix control socket.
 	Socket string `mapstructure:"socket"`
+	// SocketGroup, when set, is the group (a name or a number) that may
+	// use the control socket besides root: the socket is then mode 0660.
+	SocketGroup string `mapstructure:"socket-group"`
 	// PinPath is the bpffs directory where xlb pins its maps and programs.
 	PinPath string `mapstructure:"pin-path"`
 	// LogLevel is one of debug, info, warn, error.
@@ -74,6 +78,8 @@ type Config struct {
 	XLBPriority int `mapstructure:"xlb-priority"`
 	// SYNDefence configures the SYN flood defence.
 	SYNDefence SYNDefence `mapstructure:"syn-defence"`
+	// HealthConcurrency bounds the health checks running at once.
+	HealthConcurrency int `mapstructure:"health-concurrency"`
 	// ManageVIP is the default of the services' manage-vip: whether
 	// xlbd adds a VIP that is not an address of the host to the
 	// interface (and removes it again), or leaves the address to another
@@ -238,15 +244,127 @@ type Service struct {
 	// ManageVIP overrides the top-level manage-vip for this service; nil
 	// means the top-level value (Config.ManagesVIP).
 	ManageVIP *bool `mapstructure:"manage-vip"`
+	// Health is the health check of the service's backends; nil means
+	// none (unless a backend has its own).
+	Health *Health `mapstructure:"health"`
+	// AllDown says what happens when no backend is up: AllDownRST (also
+	// the empty string) or AllDownUseAll.
+	AllDown string `mapstructure:"all-down"`
 }
+
+// What a service does when every backend is down (Service.AllDown).
+const (
+	// AllDownRST refuses new connections with a RST.
+	AllDownRST = "rst"
+	// AllDownUseAll sends new connections to every backend whose health
+	// check fails (but whose next hop answers and whose weight is not 0).
+	AllDownUseAll = "use-all"
+)
+
+// Key names the service in messages: "VIP:PORT/PROTOCOL".
+func (s Service) Key() string { return s.VIP.String() + "/" + s.protocol() }
 
 // Backend is a real server behind a service.
 type Backend struct {
 	// Address is the address (of the VIP's family) and port of the
 	// backend; the port may differ from the VIP's.
 	Address netip.AddrPort `mapstructure:"address"`
-	// Weight is the backend's relative share, 1 to 65535.
+	// Weight is the backend's relative share, 0 to 65535; 0 drains it (no
+	// new connections, established ones keep flowing).
 	Weight uint32 `mapstructure:"weight"`
+	// Health overrides the service's health check for this backend, key
+	// by key; nil means the service's as it is.
+	Health *Health `mapstructure:"health"`
+}
+
+// Health configures a health check. In a service it applies to every
+// backend; in a backend, the keys it sets override the service's. A zero
+// field (nil for ResetEstablished) is unset: it takes the service's value,
+// else the default (Resolve).
+type Health struct {
+	// Check is HealthNone, HealthTCP or HealthHTTP; unset means tcp.
+	Check string `mapstructure:"check"`
+	// Interval is the time between two checks of a backend.
+	Interval time.Duration `mapstructure:"interval"`
+	// Timeout bounds one check: connecting, and for http the answer.
+	Timeout time.Duration `mapstructure:"timeout"`
+	// Rise is how many checks in a row must pass to bring a backend that
+	// is down up again.
+	Rise int `mapstructure:"rise"`
+	// Fall is how many checks in a row must fail to take a backend down.
+	Fall int `mapstructure:"fall"`
+	// HTTP configures an http check.
+	HTTP HTTPCheck `mapstructure:"http"`
+	// ResetEstablished resets a backend's established connections when it
+	// goes down; unset means false: they keep flowing.
+	ResetEstablished *bool `mapstructure:"reset-established"`
+}
+
+// HTTPCheck is what an http check asks and expects.
+type HTTPCheck struct {
+	// Path of the GET request; unset means "/".
+	Path string `mapstructure:"path"`
+	// Host is the request's Host header; unset means the backend's
+	// IP:PORT.
+	Host string `mapstructure:"host"`
+	// ExpectStatus is the status code that passes; unset means 200.
+	ExpectStatus int `mapstructure:"expect-status"`
+}
+
+// The health checks.
+const (
+	HealthNone = "none"
+	HealthTCP  = "tcp"
+	HealthHTTP = "http"
+)
+
+// Health check defaults.
+const (
+	DefaultHealthInterval     = 2 * time.Second
+	DefaultHealthTimeout      = time.Second
+	DefaultHealthRise         = 2
+	DefaultHealthFall         = 3
+	DefaultHealthPath         = "/"
+	DefaultHealthExpectStatus = 200
+	DefaultHealthConcurrency  = 32
+)
+
+// BackendHealth is the health check of the service's backend i, resolved:
+// the backend's keys over the service's over the defaults (an unset
+// timeout is the default or the interval, whichever is shorter). Check is
+// HealthNone when neither the service nor the backend has a health block.
+func (s Service) BackendHealth(i int) Health {
+	var layers []*Health
+	if s.Health != nil {
+		layers = append(layers, s.Health)
+	}
+	if i >= 0 && i < len(s.Backends) && s.Backends[i].Health != nil {
+		layers = append(layers, s.Backends[i].Health)
+	}
+	if len(layers) == 0 {
+		return Health{Check: HealthNone}
+	}
+	no := false
+	h := Health{Check: HealthTCP, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: DefaultHealthRise,
+		Fall: DefaultHealthFall, HTTP: HTTPCheck{Path: DefaultHealthPath, ExpectStatus: DefaultHealthExpectStatus}, ResetEstablished: &no}
+	for _, l := range layers {
+		h.Check = cmp.Or(l.Check, h.Check)
+		h.Interval = cmp.Or(l.Interval, h.Interval)
+		h.Timeout = cmp.Or(l.Timeout, h.Timeout)
+		h.Rise = cmp.Or(l.Rise, h.Rise)
+		h.Fall = cmp.Or(l.Fall, h.Fall)
+		h.HTTP.Path = cmp.Or(l.HTTP.Path, h.HTTP.Path)
+		h.HTTP.Host = cmp.Or(l.HTTP.Host, h.HTTP.Host)
+		h.HTTP.ExpectStatus = cmp.Or(l.HTTP.ExpectStatus, h.HTTP.ExpectStatus)
+		if l.ResetEstablished != nil {
+			h.ResetEstablished = l.ResetEstablished
+		}
+	}
+	if !slices.ContainsFunc(layers, func(l *Health) bool { return l.Timeout != 0 }) {
+		// Unset, the timeout is at most the interval.
+		h.Timeout = min(h.Timeout, h.Interval)
+	}
+	return h
 }
 
 // ChainMember is an XDP program chained with xlb on the interface.
@@ -304,9 +422,10 @@ func Default() *Config {
 				TimeWait:    2 * time.Second,
 			},
 		},
-		SYNDefence: SYNDefence{Mode: "auto", HalfOpen: 1000, TrustFor: 10 * time.Minute},
-		ManageVIP:  true,
-		VIPFilter:  true,
+		SYNDefence:        SYNDefence{Mode: "auto", HalfOpen: 1000, TrustFor: 10 * time.Minute},
+		HealthConcurrency: DefaultHealthConcurrency,
+		ManageVIP:         true,
+		VIPFilter:         true,
 	}
 }
 
@@ -320,6 +439,7 @@ var envKeys = []string{
 	"policy",
 	"plugin-dir",
 	"socket",
+	"socket-group",
 	"pin-path",
 	"log-level",
 	"log-format",
@@ -338,6 +458,7 @@ var envKeys = []string{
 	"syn-defence.trust-for",
 	"manage-vip",
 	"vip-filter",
+	"health-concurrency",
 }
 
 // fileOnlyKeys are the keys that only the configuration file may set.
@@ -352,6 +473,7 @@ var flagKeys = map[string]string{
 	"policy":                "policy",
 	"plugin-dir":            "plugin-dir",
 	"socket":                "socket",
+	"socket-group":          "socket-group",
 	"pin-path":              "pin-path",
 	"log-level":             "log-level",
 	"log-format":            "log-format",
@@ -387,6 +509,7 @@ func NewFlagSet() *pflag.FlagSet {
 	fs.String("source-ports", "", "source port `range` LO-HI towards backends (default: 10000-32767, or 1024-65535 when no source address is the host's)")
 	fs.String("plugin-dir", "", "policy plugin `dir`ectory (default: the directory of xlbd)")
 	fs.String("socket", d.Socket, "control socket `path`")
+	fs.String("socket-group", "", "`group` that may use the control socket besides root (default: root only)")
 	fs.String("pin-path", d.PinPath, "bpffs `dir`ectory for pinned objects")
 	fs.String("log-level", d.LogLevel, "log `level`: debug, info, warn or error")
 	fs.String("log-format", d.LogFormat, "log `format`: text or json")
@@ -465,18 +588,23 @@ func Parse(args []string) (*Config, error) {
 		return nil, err
 	}
 	cfg.FreshState, _ = fs.GetBool("fresh-state")
-	for i := range cfg.Services {
-		if cfg.Services[i].Policy == "" {
-			cfg.Services[i].Policy = cfg.DefaultPolicy
-		}
-		if cfg.Services[i].Protocol == "" {
-			cfg.Services[i].Protocol = "tcp"
-		}
-	}
+	cfg.FillIn()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	return cfg, nil
+}
+
+// FillIn gives every service what its unset keys stand for: the default
+// policy, tcp, and all-down rst. Parse calls it; a configuration changed in
+// memory needs it before Validate.
+func (c *Config) FillIn() {
+	for i := range c.Services {
+		s := &c.Services[i]
+		s.Policy = cmp.Or(s.Policy, c.DefaultPolicy)
+		s.Protocol = cmp.Or(s.Protocol, "tcp")
+		s.AllDown = cmp.Or(s.AllDown, AllDownRST)
+	}
 }
 
 // setDefaults registers a default for every key, so that environment
@@ -490,6 +618,7 @@ func setDefaults(v *viper.Viper, d *Config) {
 	v.SetDefault("plugin-dir", d.PluginDir)
 	v.SetDefault("plugin-sha256", nil)
 	v.SetDefault("socket", d.Socket)
+	v.SetDefault("socket-group", d.SocketGroup)
 	v.SetDefault("pin-path", d.PinPath)
 	v.SetDefault("log-level", d.LogLevel)
 	v.SetDefault("log-format", d.LogFormat)
@@ -510,6 +639,7 @@ func setDefaults(v *viper.Viper, d *Config) {
 	v.SetDefault("syn-defence.trust-for", d.SYNDefence.TrustFor)
 	v.SetDefault("manage-vip", d.ManageVIP)
 	v.SetDefault("vip-filter", d.VIPFilter)
+	v.SetDefault("health-concurrency", d.HealthConcurrency)
 }
 
 // readFile reads the YAML file at path and checks that it holds only known

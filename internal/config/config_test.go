@@ -40,7 +40,7 @@ func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
 // svc builds a service from backends written "IP:PORT" or "IP:PORT@WEIGHT".
 func svc(vip, policy string, backends ...string) Service {
-	s := Service{VIP: ap(vip), Protocol: "tcp", Policy: policy}
+	s := Service{VIP: ap(vip), Protocol: "tcp", Policy: policy, AllDown: AllDownRST}
 	for _, b := range backends {
 		addr, w, ok := strings.Cut(b, "@")
 		weight := uint32(1)
@@ -150,6 +150,34 @@ services:
 				c.Iface = "eth0"
 				c.Services = []Service{svc("10.0.0.10:443", "random",
 					"10.0.0.2:8443", "10.0.0.3:9000@7", "10.0.0.4:443@65535", "10.0.0.5:1")}
+			},
+		},
+		{
+			name: "health checks, drained backends, all-down, socket-group",
+			file: `
+iface: eth0
+socket-group: xlb
+health-concurrency: 8
+services:
+  - vip: 10.0.0.10:80
+    all-down: use-all
+    health: {check: http, interval: 1s, timeout: 500ms, rise: 1, fall: 2, http: {path: /healthz, host: example.org, expect-status: 204}}
+    backends:
+      - 10.0.0.2:80@0
+      - {address: 10.0.0.3:80, weight: 0, health: {check: tcp, reset-established: true}}
+`,
+			args: []string{"--vip", "10.0.0.11:80", "--backend", "10.0.0.4:80@0"},
+			want: func(c *Config) {
+				c.Iface = "eth0"
+				c.SocketGroup = "xlb"
+				c.HealthConcurrency = 8
+				yes := true
+				s := svc("10.0.0.10:80", "random", "10.0.0.2:80@0", "10.0.0.3:80@0")
+				s.AllDown = AllDownUseAll
+				s.Health = &Health{Check: HealthHTTP, Interval: time.Second, Timeout: 500 * time.Millisecond, Rise: 1, Fall: 2,
+					HTTP: HTTPCheck{Path: "/healthz", Host: "example.org", ExpectStatus: 204}}
+				s.Backends[1].Health = &Health{Check: HealthTCP, ResetEstablished: &yes}
+				c.Services = []Service{s, svc("10.0.0.11:80", "random", "10.0.0.4:80@0")}
 			},
 		},
 		{
@@ -515,14 +543,71 @@ services:
 		},
 		{
 			name:    "same ip, other port is no duplicate but a bad weight is refused",
-			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80]\n  - vip: 10.0.0.10:443\n    backends: [{address: 10.0.0.3:80, weight: 0}]\n",
-			wantErr: "services[1].backends[0]: weight 0 out of range 1..65535 (remove the backend instead of giving it weight 0)",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80]\n  - vip: 10.0.0.10:443\n    backends: [{address: 10.0.0.3:80, weight: 70000}]\n",
+			wantErr: "services[1].backends[0]: weight 70000 out of range 0..65535",
 		},
 		{
 			name:    "weight above 65535",
 			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80@65536]\n",
-			wantErr: "services[0].backends[0]: weight 65536 out of range 1..65535",
+			wantErr: "services[0].backends[0]: weight 65536 out of range 0..65535",
 		},
+		{
+			name:    "unknown health key",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    health: {check: tcp, intreval: 1s}\n    backends: [10.0.0.2:80]\n",
+			wantErr: `unknown key "services[0].health.intreval" in {{file}}`,
+		},
+		{
+			name:    "unknown backend health key",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [{address: 10.0.0.2:80, health: {http: {code: 200}}}]\n",
+			wantErr: `unknown key "services[0].backends[0].health.http.code" in {{file}}`,
+		},
+		{
+			name:    "bad health check",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    health: {check: icmp}\n    backends: [10.0.0.2:80]\n",
+			wantErr: `services[0].health.check: "icmp" is not none, tcp or http`,
+		},
+		{
+			name:    "health interval without unit",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    health: {interval: 2}\n    backends: [10.0.0.2:80]\n",
+			wantErr: "services[0].health.interval: want a duration with a unit such as 900s or 15m, got 2",
+		},
+		{
+			name:    "backend health interval too short",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [{address: 10.0.0.2:80, health: {interval: 10ms}}]\n",
+			wantErr: "services[0].backends[0].health.interval: 10ms out of range 100ms..1h0m0s",
+		},
+		{
+			name:    "backend health duration without unit",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [{address: 10.0.0.2:80, health: {timeout: 1}}]\n",
+			wantErr: "services[0].backends[0]: health.timeout: want a duration with a unit such as 900s or 15m, got 1",
+		},
+		{
+			name:    "health timeout above interval",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    health: {interval: 1s}\n    backends: [10.0.0.2:80, {address: 10.0.0.3:80, health: {timeout: 2s}}]\n",
+			wantErr: "services[0].backends[1]: health check timeout 2s above its interval 1s",
+		},
+		{
+			name:    "bad rise",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    health: {rise: 101}\n    backends: [10.0.0.2:80]\n",
+			wantErr: "services[0].health.rise: 101 out of range 1..100",
+		},
+		{
+			name:    "bad http path",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    health: {check: http, http: {path: healthz}}\n    backends: [10.0.0.2:80]\n",
+			wantErr: `services[0].health.http.path: "healthz" is not a path starting with / (without spaces)`,
+		},
+		{
+			name:    "bad expect-status",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    health: {check: http, http: {expect-status: 2000}}\n    backends: [10.0.0.2:80]\n",
+			wantErr: "services[0].health.http.expect-status: 2000 out of range 100..599",
+		},
+		{
+			name:    "bad all-down",
+			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    all-down: drop\n    backends: [10.0.0.2:80]\n",
+			wantErr: `services[0].all-down: "drop" is not rst or use-all`,
+		},
+		{name: "bad socket-group", file: oneService + "socket-group: 'xlb ops'\n", wantErr: `socket-group: "xlb ops" is not a group name or number`},
+		{name: "bad health-concurrency", file: oneService, env: map[string]string{"XLB_HEALTH_CONCURRENCY": "0"}, wantErr: "health-concurrency: 0 out of range 1..1024"},
 		{
 			name:    "duplicate backend",
 			file:    "iface: eth0\nservices:\n  - vip: 10.0.0.10:80\n    backends: [10.0.0.2:80, {address: 10.0.0.2:80, weight: 2}]\n",
@@ -793,7 +878,8 @@ func TestValidate(t *testing.T) {
 		{name: "ipv4-mapped vip", edit: func(c *Config) { c.Services[0].VIP = ap("[::ffff:10.0.0.10]:80") }, wantErr: "services[0].vip: [::ffff:10.0.0.10]:80 is an IPv4-mapped IPv6 address: write it as IPv4"},
 		{name: "backend port 0", edit: func(c *Config) { c.Services[0].Backends[1].Address = ap("10.0.0.3:0") }, wantErr: "services[0].backends[1]: 10.0.0.3:0: port 0"},
 		{name: "backend is the vip", edit: func(c *Config) { c.Services[0].Backends[0].Address = ap("10.0.0.10:80") }, wantErr: "services[0].backends[0]: 10.0.0.10:80 is the service's own vip"},
-		{name: "zero weight", edit: func(c *Config) { c.Services[0].Backends[1].Weight = 0 }, wantErr: "services[0].backends[1]: weight 0 out of range 1..65535"},
+		{name: "zero weight drains", edit: func(c *Config) { c.Services[0].Backends[1].Weight = 0 }},
+		{name: "every weight zero", edit: func(c *Config) { c.Services[0].Backends[0].Weight, c.Services[0].Backends[1].Weight = 0, 0 }},
 		{name: "256 backends", edit: func(c *Config) { c.Services[0].Backends = backends(256) }},
 		{name: "257 backends", edit: func(c *Config) { c.Services[0].Backends = backends(257) }, wantErr: "services[0].backends: 257 above the limit of 256"},
 		{name: "same backend in two services", edit: func(c *Config) {
@@ -873,5 +959,121 @@ func TestPackagedConfig(t *testing.T) {
 	}
 	if cfg.Iface != "eth0" || len(cfg.Services) != 1 || cfg.MetricsAddress == "" {
 		t.Errorf("uncommented examples parsed as %+v", cfg)
+	}
+}
+
+func TestBackendHealth(t *testing.T) {
+	yes := true
+	s := svc("10.0.0.10:80", "random", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80")
+	if h := s.BackendHealth(0); h.Check != HealthNone {
+		t.Errorf("no health block: %+v, want check none", h)
+	}
+	s.Backends[2].Health = &Health{Interval: 5 * time.Second}
+	if h := s.BackendHealth(2); h.Check != HealthTCP || h.Interval != 5*time.Second || h.Timeout != DefaultHealthTimeout || h.Rise != DefaultHealthRise ||
+		h.Fall != DefaultHealthFall || *h.ResetEstablished {
+		t.Errorf("backend block alone: %+v, want tcp every 5s with the defaults", h)
+	}
+	s.Health = &Health{Check: HealthHTTP, Rise: 5, HTTP: HTTPCheck{Path: "/ok"}, ResetEstablished: &yes}
+	s.Backends[1].Health = &Health{Check: HealthNone}
+	want := Health{Check: HealthHTTP, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: 5, Fall: DefaultHealthFall,
+		HTTP: HTTPCheck{Path: "/ok", ExpectStatus: 200}}
+	got := s.BackendHealth(0)
+	if !*got.ResetEstablished {
+		t.Errorf("reset-established not inherited: %+v", got)
+	}
+	got.ResetEstablished = nil
+	if got != want {
+		t.Errorf("service block: %+v, want %+v", got, want)
+	}
+	if h := s.BackendHealth(1); h.Check != HealthNone {
+		t.Errorf("backend check none: %+v", h)
+	}
+	if h := s.BackendHealth(2); h.Check != HealthHTTP || h.Interval != 5*time.Second || h.Rise != 5 || h.HTTP.Path != "/ok" {
+		t.Errorf("backend over service: %+v", h)
+	}
+	s.Health.Interval = 300 * time.Millisecond
+	if h := s.BackendHealth(0); h.Timeout != 300*time.Millisecond {
+		t.Errorf("interval 300ms, timeout unset: timeout %s, want 300ms", h.Timeout)
+	}
+}
+
+// TestYAMLRoundTrip writes configurations as YAML and reads them back:
+// the result is the same configuration, and writing it again gives the
+// same text.
+func TestYAMLRoundTrip(t *testing.T) {
+	dir := t.TempDir()
+	obj := filepath.Join(dir, "prog.o")
+	if err := os.WriteFile(obj, []byte("\x7fELF"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	files := map[string]string{
+		"example": exampleFile,
+		"every key": `
+iface: ens1f0
+xdp-mode: generic
+source-addresses: [192.0.2.1, 192.0.2.8/30]
+source-ports: 1024-65535
+policy: /usr/lib/xlb/policy-maglev
+plugin-dir: /usr/lib/xlb
+plugin-sha256:
+  hash: "0123456789012345678901234567890123456789012345678901234567890123"
+  /opt/Policies/custom.bin: 2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824
+socket: /tmp/xlbd.sock
+socket-group: "65534"
+pin-path: /sys/fs/bpf/xlb-test
+log-level: debug
+log-format: json
+metrics-address: 127.0.0.1:9190
+health-concurrency: 4
+conntrack:
+  max-entries: 1024
+  gc-interval: 250ms
+  timeouts: {syn: 5s, established: 1h30m, fin: 30s, closed: 1s, udp: 45s, time-wait: 2m}
+syn-defence: {mode: on, half-open: 10, trust-for: 1h}
+xlb-priority: 20
+services:
+  - vip: 10.0.0.10:80
+    backends: [10.0.0.2:80, 10.0.0.3:80@0, {address: 10.0.0.4:80, weight: 7, health: {check: none}}]
+    health: {check: http, interval: 1s, rise: 1, http: {host: a.example}, reset-established: false}
+    all-down: use-all
+  - {vip: 10.0.0.10:53, protocol: udp, policy: hash, source-addresses: [192.0.2.9], backends: [10.0.0.2:53]}
+chain:
+  - {name: fw, object: ` + obj + `, priority: 0, continue-on: [pass, tx]}
+  - {name: ids, object: ` + obj + `, program: ids_main}
+`,
+	}
+	for name, file := range files {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(dir, "in.yaml")
+			if err := os.WriteFile(path, []byte(file), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			first, err := Parse([]string{"--config", path, "--vip", "10.0.0.12:80", "--backend", "10.0.0.5:80@3"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, err := first.YAML()
+			if err != nil {
+				t.Fatal(err)
+			}
+			again := filepath.Join(dir, "out.yaml")
+			if err := os.WriteFile(again, out, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			second, err := Parse([]string{"--config", again})
+			if err != nil {
+				t.Fatalf("parse the written configuration: %v\n%s", err, out)
+			}
+			if !reflect.DeepEqual(first, second) {
+				t.Errorf("read back as\n%+v\nwant\n%+v\nfrom\n%s", second, first, out)
+			}
+			out2, err := second.YAML()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(out2) != string(out) {
+				t.Errorf("written twice differently:\n%s\n---\n%s", out, out2)
+			}
+		})
 	}
 }

@@ -207,7 +207,7 @@ func backendFromMap(m map[string]any) (Backend, error) {
 	b := Backend{Weight: 1}
 	for _, k := range sortedKeys(m) {
 		switch k {
-		case "address", "weight":
+		case "address", "weight", "health":
 		default:
 			return Backend{}, fmt.Errorf("unknown key %q", k)
 		}
@@ -232,7 +232,26 @@ func backendFromMap(m map[string]any) (Backend, error) {
 			return Backend{}, fmt.Errorf("weight: %w", err)
 		}
 	}
+	if h, ok := m["health"]; ok && h != nil {
+		b.Health = new(Health)
+		if err := decodeInto(h, b.Health); err != nil {
+			return Backend{}, fmt.Errorf("health.%w", err)
+		}
+	}
 	return b, nil
+}
+
+// decodeInto decodes raw into out as the configuration's decoder does,
+// refusing unknown keys; errors are "key: problem".
+func decodeInto(raw, out any) error {
+	dec, err := mapstructure.NewDecoder(&mapstructure.DecoderConfig{DecodeHook: decodeHook(), ErrorUnused: true, Result: out})
+	if err != nil {
+		return fmt.Errorf("create decoder: %w", err)
+	}
+	if err := dec.Decode(raw); err != nil {
+		return decodeError(err)
+	}
+	return nil
 }
 
 func parseWeight(s string) (uint32, error) {
@@ -287,23 +306,38 @@ type schema struct {
 }
 
 var (
-	leaf      = &schema{}
+	leaf        = &schema{}
+	healthShape = &schema{fields: map[string]*schema{
+		"check":             leaf,
+		"interval":          leaf,
+		"timeout":           leaf,
+		"rise":              leaf,
+		"fall":              leaf,
+		"reset-established": leaf,
+		"http": {fields: map[string]*schema{
+			"path":          leaf,
+			"host":          leaf,
+			"expect-status": leaf,
+		}},
+	}}
 	rootShape = &schema{fields: map[string]*schema{
-		"iface":            leaf,
-		"xdp-mode":         leaf,
-		"source-addresses": leaf,
-		"source-ports":     leaf,
-		"policy":           leaf,
-		"plugin-dir":       leaf,
-		"plugin-sha256":    {anyKeys: true},
-		"socket":           leaf,
-		"pin-path":         leaf,
-		"log-level":        leaf,
-		"log-format":       leaf,
-		"metrics-address":  leaf,
-		"xlb-priority":     leaf,
-		"manage-vip":       leaf,
-		"vip-filter":       leaf,
+		"iface":              leaf,
+		"xdp-mode":           leaf,
+		"source-addresses":   leaf,
+		"source-ports":       leaf,
+		"policy":             leaf,
+		"plugin-dir":         leaf,
+		"plugin-sha256":      {anyKeys: true},
+		"socket":             leaf,
+		"socket-group":       leaf,
+		"health-concurrency": leaf,
+		"pin-path":           leaf,
+		"log-level":          leaf,
+		"log-format":         leaf,
+		"metrics-address":    leaf,
+		"xlb-priority":       leaf,
+		"manage-vip":         leaf,
+		"vip-filter":         leaf,
 		"conntrack": {fields: map[string]*schema{
 			"max-entries": leaf,
 			"gc-interval": leaf,
@@ -327,9 +361,12 @@ var (
 			"policy":           leaf,
 			"source-addresses": leaf,
 			"manage-vip":       leaf,
+			"health":           healthShape,
+			"all-down":         leaf,
 			"backends": {elem: &schema{orString: true, fields: map[string]*schema{
 				"address": leaf,
 				"weight":  leaf,
+				"health":  healthShape,
 			}}},
 		}}},
 		"chain": {elem: &schema{fields: map[string]*schema{

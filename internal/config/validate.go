@@ -34,9 +34,15 @@ const (
 	MaxBackends        = 256
 	MaxWeight          = 65535
 	MaxPriority        = 1000
-	maxIfaceLen        = 15  // IFNAMSIZ less the NUL
-	maxSocketPathLen   = 107 // sizeof(sun_path) less the NUL
-	maxChainMemberLen  = 15
+	// Health checks.
+	MinHealthInterval    = 100 * time.Millisecond
+	MaxHealthInterval    = time.Hour
+	MinHealthTimeout     = 10 * time.Millisecond
+	MaxHealthRiseFall    = 100
+	MaxHealthConcurrency = 1024
+	maxIfaceLen          = 15  // IFNAMSIZ less the NUL
+	maxSocketPathLen     = 107 // sizeof(sun_path) less the NUL
+	maxChainMemberLen    = 15
 )
 
 // Verdicts are the names a chain member's continue-on may list.
@@ -88,6 +94,12 @@ func (c *Config) Validate() error {
 		return errors.New("socket: empty")
 	case len(c.Socket) > maxSocketPathLen:
 		return fmt.Errorf("socket: %q is longer than %d bytes", c.Socket, maxSocketPathLen)
+	}
+	if err := validateGroup(c.SocketGroup); err != nil {
+		return fmt.Errorf("socket-group: %w", err)
+	}
+	if c.HealthConcurrency < 1 || c.HealthConcurrency > MaxHealthConcurrency {
+		return fmt.Errorf("health-concurrency: %d out of range 1..%d", c.HealthConcurrency, MaxHealthConcurrency)
 	}
 	if !filepath.IsAbs(c.PinPath) {
 		return fmt.Errorf("pin-path: %q is not an absolute path", c.PinPath)
@@ -263,6 +275,12 @@ func validateServices(services []Service) error {
 				return fmt.Errorf("%s.policy: %w", key, err)
 			}
 		}
+		if s.AllDown != AllDownRST && s.AllDown != AllDownUseAll {
+			return fmt.Errorf("%s.all-down: %q is not %s or %s", key, s.AllDown, AllDownRST, AllDownUseAll)
+		}
+		if err := s.Health.validate(); err != nil {
+			return fmt.Errorf("%s.health.%w", key, err)
+		}
 		switch {
 		case len(s.Backends) == 0:
 			return fmt.Errorf("%s.backends: none (a service needs at least one)", key)
@@ -286,13 +304,72 @@ func validateServices(services []Service) error {
 				return fmt.Errorf("%s: duplicate address %s (also backends[%d])", bkey, b.Address, first)
 			}
 			seen[b.Address] = j
-			if b.Weight < 1 || b.Weight > MaxWeight {
-				return fmt.Errorf("%s: weight %d out of range 1..%d (remove the backend instead of giving it weight 0)", bkey, b.Weight, MaxWeight)
+			if b.Weight > MaxWeight {
+				return fmt.Errorf("%s: weight %d out of range 0..%d", bkey, b.Weight, MaxWeight)
+			}
+			if err := b.Health.validate(); err != nil {
+				return fmt.Errorf("%s.health.%w", bkey, err)
+			}
+			if h := s.BackendHealth(j); h.Check != HealthNone && h.Timeout > h.Interval {
+				return fmt.Errorf("%s: health check timeout %s above its interval %s", bkey, h.Timeout, h.Interval)
 			}
 		}
 	}
 	return nil
 }
+
+// validate returns errors that start with the key below health. A nil
+// block is valid: no check, or the service's.
+func (h *Health) validate() error {
+	if h == nil {
+		return nil
+	}
+	switch h.Check {
+	case "", HealthNone, HealthTCP, HealthHTTP:
+	default:
+		return fmt.Errorf("check: %q is not %s, %s or %s", h.Check, HealthNone, HealthTCP, HealthHTTP)
+	}
+	if h.Interval != 0 && (h.Interval < MinHealthInterval || h.Interval > MaxHealthInterval) {
+		return fmt.Errorf("interval: %s out of range %s..%s", h.Interval, MinHealthInterval, MaxHealthInterval)
+	}
+	if h.Timeout != 0 && (h.Timeout < MinHealthTimeout || h.Timeout > MaxHealthInterval) {
+		return fmt.Errorf("timeout: %s out of range %s..%s", h.Timeout, MinHealthTimeout, MaxHealthInterval)
+	}
+	for _, x := range []struct {
+		key string
+		v   int
+	}{{"rise", h.Rise}, {"fall", h.Fall}} {
+		if x.v < 0 || x.v > MaxHealthRiseFall {
+			return fmt.Errorf("%s: %d out of range 1..%d", x.key, x.v, MaxHealthRiseFall)
+		}
+	}
+	if p := h.HTTP.Path; p != "" && (!strings.HasPrefix(p, "/") || strings.ContainsAny(p, " \t\r\n")) {
+		return fmt.Errorf("http.path: %q is not a path starting with / (without spaces)", p)
+	}
+	if strings.ContainsAny(h.HTTP.Host, " \t\r\n") {
+		return fmt.Errorf("http.host: %q has white space", h.HTTP.Host)
+	}
+	if st := h.HTTP.ExpectStatus; st != 0 && (st < 100 || st > 599) {
+		return fmt.Errorf("http.expect-status: %d out of range 100..599", st)
+	}
+	return nil
+}
+
+// validateGroup accepts "" (root only), a group name or a number.
+func validateGroup(g string) error {
+	if g == "" {
+		return nil
+	}
+	if _, err := strconv.ParseUint(g, 10, 32); err == nil {
+		return nil
+	}
+	if !groupName.MatchString(g) {
+		return fmt.Errorf("%q is not a group name or number", g)
+	}
+	return nil
+}
+
+var groupName = regexp.MustCompile(`^[a-z_][a-z0-9_-]*[$]?$`)
 
 // validateEndpoint accepts an IPv4 or IPv6 unicast address with a port
 // other than 0; not a link-local IPv6 one.

@@ -11,6 +11,7 @@ package metrics
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -24,7 +25,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/xlb-project/xlb/dispatcher"
-	"github.com/xlb-project/xlb/internal/control"
 )
 
 // Snapshot is the state the collector exports, read at scrape time.
@@ -51,8 +51,12 @@ func (s Service) key() string { return s.VIP.String() + "/" + s.Protocol }
 // Backend is a configured backend with the data path's figures for it.
 type Backend struct {
 	Address netip.AddrPort
-	Up      bool // takes new connections (its next hop answers)
-	Stats   dispatcher.BackendStats
+	Up      bool // takes new connections
+	// State is one of BackendStates: why it takes new connections or not.
+	State string
+	// Health is one of HealthResults, or "" when it has no health check.
+	Health string
+	Stats  dispatcher.BackendStats
 	// Traffic is the packets and bytes the data path forwarded to and
 	// from the backend (dispatcher.Pipeline.BackendTraffic).
 	Traffic dispatcher.Traffic
@@ -68,6 +72,14 @@ type Backend struct {
 type PortUse struct {
 	Used, Held, Capacity int
 }
+
+// BackendStates are the values of Backend.State, each a label value of
+// xlb_backend_state.
+var BackendStates = []string{"up", "down", "draining"}
+
+// HealthResults are the values of Backend.Health, each a label value of
+// xlb_backend_health_check.
+var HealthResults = []string{"unchecked", "passing", "failing"}
 
 // Plugin is a policy's plugin process.
 type Plugin struct {
@@ -163,6 +175,8 @@ var BackendFigures = []BackendFigure{
 // Metric names of figures that are not per backend.
 const (
 	nameBackendUp      = "xlb_backend_up"
+	nameBackendState   = "xlb_backend_state"
+	nameBackendHealth  = "xlb_backend_health_check"
 	nameServiceActive  = "xlb_service_active_connections"
 	nameServiceNew     = "xlb_service_new_connections_total"
 	nameServiceInfo    = "xlb_service_info"
@@ -252,10 +266,29 @@ func Listen(addr string) (net.Listener, error) {
 func (m *Metrics) Serve(ctx context.Context, l net.Listener) error {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
-	if err := control.ServeHTTP(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, l); err != nil {
+	if err := serveHTTP(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, l); err != nil {
 		return fmt.Errorf("serve metrics: %w", err)
 	}
 	return nil
+}
+
+// serveHTTP serves srv on l until ctx ends, then shuts it down, giving
+// requests in flight 2 s.
+func serveHTTP(ctx context.Context, srv *http.Server, l net.Listener) error {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	err := srv.Serve(l)
+	<-done
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
 }
 
 // collector reads a Snapshot at each scrape.
@@ -264,6 +297,8 @@ type collector struct {
 
 	backend        []*prometheus.Desc // by BackendFigures index
 	backendUp      *prometheus.Desc
+	backendState   *prometheus.Desc
+	backendHealth  *prometheus.Desc
 	serviceActive  *prometheus.Desc
 	serviceNew     *prometheus.Desc
 	serviceInfo    *prometheus.Desc
@@ -289,7 +324,9 @@ type collector struct {
 func newCollector(src Source) *collector {
 	c := &collector{
 		src:            src,
-		backendUp:      prometheus.NewDesc(nameBackendUp, "Whether the backend takes new connections (1), or is down (0): its next hop does not answer ARP.", []string{"service", "protocol", "backend"}, nil),
+		backendUp:      prometheus.NewDesc(nameBackendUp, "Whether the backend takes new connections (1) or not (0): its next hop does not answer ARP, its health check fails or its weight is 0 (xlb_backend_state says which).", []string{"service", "protocol", "backend"}, nil),
+		backendState:   prometheus.NewDesc(nameBackendState, "The backend's state: 1 for the state it is in (up, down or draining), 0 for the others.", []string{"service", "protocol", "backend", "state"}, nil),
+		backendHealth:  prometheus.NewDesc(nameBackendHealth, "What the backend's health check finds: 1 for its result (unchecked, passing or failing), 0 for the others; absent for a backend without a check.", []string{"service", "protocol", "backend", "result"}, nil),
 		serviceActive:  prometheus.NewDesc(nameServiceActive, "Open connections of the service (the sum over its backends).", []string{"service", "protocol"}, nil),
 		serviceNew:     prometheus.NewDesc(nameServiceNew, "Connections the data path has created for the service, its removed backends' included (those counted until the scrape before their removal).", []string{"service", "protocol"}, nil),
 		serviceInfo:    prometheus.NewDesc(nameServiceInfo, "A configured service and its policy (always 1).", []string{"service", "protocol", "policy"}, nil),
@@ -319,7 +356,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range c.backend {
 		ch <- d
 	}
-	for _, d := range []*prometheus.Desc{c.backendUp, c.serviceActive, c.serviceNew, c.serviceInfo, c.dropped, c.passed,
+	for _, d := range []*prometheus.Desc{c.backendUp, c.backendState, c.backendHealth, c.serviceActive, c.serviceNew, c.serviceInfo, c.dropped, c.passed,
 		c.transmitted, c.connEvents, c.rejected, c.synDefence, c.other, c.portWays, c.portCapacity, c.pluginUp, c.pluginRestarts, c.scrapeErrors} {
 		ch <- d
 	}
@@ -347,13 +384,17 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.portWays, prometheus.GaugeValue, float64(snap.Ports.Held), "held")
 	ch <- prometheus.MustNewConstMetric(c.portCapacity, prometheus.GaugeValue, float64(snap.Ports.Capacity))
 	for _, p := range snap.Plugins {
-		up := 0.0
-		if p.Up {
-			up = 1
-		}
-		ch <- prometheus.MustNewConstMetric(c.pluginUp, prometheus.GaugeValue, up, p.Policy)
+		ch <- prometheus.MustNewConstMetric(c.pluginUp, prometheus.GaugeValue, oneIf(p.Up), p.Policy)
 		ch <- prometheus.MustNewConstMetric(c.pluginRestarts, prometheus.CounterValue, float64(p.Restarts), p.Policy)
 	}
+}
+
+// oneIf is 1 when b holds, else 0.
+func oneIf(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func (c *collector) descFor(metric string) *prometheus.Desc {
@@ -396,11 +437,15 @@ func (c *collector) collectServices(ch chan<- prometheus.Metric, services []Serv
 				}
 				ch <- prometheus.MustNewConstMetric(c.backend[i], vt, f.Value(b), svc, s.Protocol, b.Address.String())
 			}
-			up := 0.0
-			if b.Up {
-				up = 1
+			ch <- prometheus.MustNewConstMetric(c.backendUp, prometheus.GaugeValue, oneIf(b.Up), svc, s.Protocol, b.Address.String())
+			for _, st := range BackendStates {
+				ch <- prometheus.MustNewConstMetric(c.backendState, prometheus.GaugeValue, oneIf(b.State == st), svc, s.Protocol, b.Address.String(), st)
 			}
-			ch <- prometheus.MustNewConstMetric(c.backendUp, prometheus.GaugeValue, up, svc, s.Protocol, b.Address.String())
+			if b.Health != "" {
+				for _, r := range HealthResults {
+					ch <- prometheus.MustNewConstMetric(c.backendHealth, prometheus.GaugeValue, oneIf(b.Health == r), svc, s.Protocol, b.Address.String(), r)
+				}
+			}
 			active += float64(max(b.Stats.Active, 0))
 			created += float64(b.Stats.NewConns)
 			now[b.Address] = b.Stats.NewConns

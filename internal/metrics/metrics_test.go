@@ -44,7 +44,7 @@ func service(backends ...Backend) Snapshot {
 }
 
 func bk(a netip.AddrPort, active int64, created uint64) Backend {
-	return Backend{Address: a, Up: true, Stats: dispatcher.BackendStats{Active: active, NewConns: created, HalfOpen: 1, NoPort: 2},
+	return Backend{Address: a, Up: true, State: "up", Health: "passing", Stats: dispatcher.BackendStats{Active: active, NewConns: created, HalfOpen: 1, NoPort: 2},
 		Ports: dispatcher.PortUse{Used: 3, Held: 4}, PortPool: 22768}
 }
 
@@ -204,5 +204,37 @@ func TestDashboard(t *testing.T) {
 		if !shown {
 			t.Errorf("the dashboard does not show %s", name)
 		}
+	}
+}
+
+// TestBackendStateAndHealth: xlb_backend_state is 1 for the backend's state
+// only, and xlb_backend_health_check is 1 for its check's result only and
+// absent for a backend without a check.
+func TestBackendStateAndHealth(t *testing.T) {
+	a, b := bk(bkA, 0, 0), bk(bkB, 0, 0)
+	a.Up, a.State, a.Health = false, "down", "failing"
+	b.State, b.Health = "draining", ""
+	fams := gather(t, New(&script{snaps: []Snapshot{service(a, b)}}))
+	for _, tt := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"xlb_backend_up", map[string]string{"backend": bkA.String()}, 0},
+		{"xlb_backend_state", map[string]string{"backend": bkA.String(), "state": "down"}, 1},
+		{"xlb_backend_state", map[string]string{"backend": bkA.String(), "state": "up"}, 0},
+		{"xlb_backend_state", map[string]string{"backend": bkA.String(), "state": "draining"}, 0},
+		{"xlb_backend_state", map[string]string{"backend": bkB.String(), "state": "draining"}, 1},
+		{"xlb_backend_state", map[string]string{"backend": bkB.String(), "state": "up"}, 0},
+		{"xlb_backend_health_check", map[string]string{"backend": bkA.String(), "result": "failing"}, 1},
+		{"xlb_backend_health_check", map[string]string{"backend": bkA.String(), "result": "passing"}, 0},
+		{"xlb_backend_health_check", map[string]string{"backend": bkA.String(), "result": "unchecked"}, 0},
+	} {
+		if got, ok := sample(fams, tt.name, tt.labels); !ok || got != tt.want {
+			t.Errorf("%s%v = %v (found %v), want %v", tt.name, tt.labels, got, ok, tt.want)
+		}
+	}
+	if _, ok := sample(fams, "xlb_backend_health_check", map[string]string{"backend": bkB.String()}); ok {
+		t.Error("xlb_backend_health_check exported for a backend without a check")
 	}
 }

@@ -267,7 +267,7 @@ func (m *Manager) Select(ctx context.Context, svc balancer.ServiceState) (balanc
 	needs := c.Needs()
 	req := plugins.Request{Service: svc.VIP, Backends: make([]plugins.Backend, len(svc.Backends))}
 	for i, b := range svc.Backends {
-		req.Backends[i] = plugins.Backend{Address: b.Address, Weight: b.Weight, State: b.State}
+		req.Backends[i] = plugins.Backend{Address: b.Address, Weight: b.Weight, State: b.State, Health: b.PluginHealth()}
 		if needs.LiveLoad {
 			req.Backends[i].Active = uint64(max(b.Active, 0))
 			req.Backends[i].NewPerSec = b.NewPerSec

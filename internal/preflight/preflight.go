@@ -17,7 +17,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os/user"
 	"slices"
+	"strconv"
 
 	"github.com/vishvananda/netlink"
 
@@ -120,4 +122,24 @@ func localAddrs() (map[netip.Addr]bool, error) {
 		}
 	}
 	return out, nil
+}
+
+// SocketGroup resolves socket-group, a group name or number, to a gid;
+// -1 for "" (the socket is root's only).
+func SocketGroup(name string) (int, error) {
+	if name == "" {
+		return -1, nil
+	}
+	if gid, err := strconv.ParseUint(name, 10, 31); err == nil {
+		return int(gid), nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0, fmt.Errorf("no group %q on this host (getent group lists them)", name)
+	}
+	gid, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return 0, fmt.Errorf("group %q has gid %q", name, g.Gid)
+	}
+	return gid, nil
 }

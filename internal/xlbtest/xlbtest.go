@@ -110,6 +110,9 @@ type Daemon struct {
 	log     *syncBuffer
 	done    chan struct{}
 	err     error
+
+	clientOnce sync.Once
+	client     *control.Client
 }
 
 // SyncBuffer collects a process's output; it is safe for concurrent use.
@@ -185,6 +188,9 @@ func StartBinary(t testnet.TB, ns *testnet.NS, xlbd string, args ...string) *Dae
 	}()
 	t.Cleanup(func() {
 		d.Stop()
+		if d.client != nil {
+			d.client.Close()
+		}
 		if f, ok := t.(interface{ Failed() bool }); ok && f.Failed() {
 			if l, ok := t.(interface{ Logf(string, ...any) }); ok {
 				l.Logf("xlbd output:\n%s", d.log.String())
@@ -219,8 +225,17 @@ func (d *Daemon) waitReady(timeout time.Duration) error {
 	}
 }
 
-// Client returns a control client for the daemon.
-func (d *Daemon) Client() *control.Client { return control.NewClient(d.Socket) }
+// Client returns the daemon's control client (one per daemon, closed at
+// cleanup).
+func (d *Daemon) Client() *control.Client {
+	d.clientOnce.Do(func() {
+		var err error
+		if d.client, err = control.Dial(d.Socket); err != nil {
+			panic(fmt.Sprintf("dial %s: %v", d.Socket, err)) // only for a malformed target
+		}
+	})
+	return d.client
+}
 
 // Pid is xlbd's process id (of nsenter, which execs xlbd in place).
 func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
