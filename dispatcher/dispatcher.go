@@ -284,9 +284,17 @@ func Load(opts Options) (_ *Pipeline, err error) {
 	return p, nil
 }
 
-// secrets draws the ISN and cookie secrets, or reads them back from the
-// adopted settings: a restart must not change the ISNs that running
-// connections' ports will be reused with, nor the cookies in flight.
+// secrets draws the ISN and cookie secrets, or reads them back: from the
+// adopted settings (a restart keeping the data path must not change the
+// ISNs that running connections' ports will be reused with, nor the
+// cookies in flight), else from the secrets pin an earlier pipeline left
+// under the pin path. The pin outlives a full stop (RemovePins leaves it):
+// a backend holds TIME_WAIT for 60 s on each four-tuple the last xlbd
+// used, and accepts a new SYN on one only if its sequence number lies
+// after the old connection's; with the same secret the clock-driven ISN
+// does (RFC 6528), with a new one half of them would not, and each such
+// connection would wait for the client's SYN retransmissions. See
+// SecretsPin.
 func (p *Pipeline) secrets() error {
 	if p.adopted {
 		var v xlbXlbCfg
@@ -294,7 +302,17 @@ func (p *Pipeline) secrets() error {
 			return fmt.Errorf("read pinned secrets: %w", err)
 		}
 		p.keys = [4]uint32{v.IsnKey[0], v.IsnKey[1], v.CookieKey[0], v.CookieKey[1]}
-		return nil
+		return p.keepSecrets(true)
+	}
+	if p.pinPath != "" {
+		keys, err := ReadSecrets(p.pinPath)
+		if err == nil {
+			p.keys = keys
+			return nil
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
 	}
 	var seed [16]byte
 	if _, err := rand.Read(seed[:]); err != nil {
@@ -303,7 +321,31 @@ func (p *Pipeline) secrets() error {
 	for i := range p.keys {
 		p.keys[i] = binary.LittleEndian.Uint32(seed[4*i:])
 	}
-	return nil
+	return p.keepSecrets(false)
+}
+
+// keepSecrets pins p.keys as SecretsPin under the pin path, unless there
+// is no pin path or (onlyIfMissing) a secrets pin is there already.
+func (p *Pipeline) keepSecrets(onlyIfMissing bool) error {
+	if p.pinPath == "" {
+		return nil
+	}
+	path := filepath.Join(p.pinPath, SecretsPin)
+	if _, err := os.Stat(path); err == nil && onlyIfMissing {
+		return nil
+	}
+	if err := os.MkdirAll(p.pinPath, 0o700); err != nil {
+		return fmt.Errorf("create pin directory: %w", err)
+	}
+	m, err := ebpf.NewMap(secretsSpec())
+	if err != nil {
+		return fmt.Errorf("create map %s: %w", SecretsPin, err)
+	}
+	defer m.Close()
+	if err := m.Put(uint32(0), p.keys); err != nil {
+		return fmt.Errorf("write %s: %w", SecretsPin, err)
+	}
+	return pinReplace(m, path)
 }
 
 // Close releases the programs and maps. An attachment made from the

@@ -33,6 +33,11 @@ const (
 	// array the link runs now must stay pinned (the kernel empties a
 	// program array nobody holds) until the update.
 	progsNext = "xlb_progs_next"
+	// SecretsPin holds the ISN and cookie secrets. Unlike the rest it
+	// outlives a full stop (RemovePins leaves it), so that the next
+	// pipeline on this pin path draws the same ISNs (see
+	// Pipeline.secrets); RemoveSecrets removes it, and a reboot.
+	SecretsPin = "xlb_secrets"
 )
 
 // ErrNoState is returned by ReadPinned when nothing adoptable is pinned.
@@ -48,6 +53,39 @@ const (
 // backend id belongs to.
 func ownerSpec() *ebpf.MapSpec {
 	return &ebpf.MapSpec{Name: ownerMap, Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: uint32(MaxBackends)}
+}
+
+// secretsSpec is SecretsPin: {0} -> the ISN secret's two words, then the
+// cookie secret's.
+func secretsSpec() *ebpf.MapSpec {
+	return &ebpf.MapSpec{Name: SecretsPin, Type: ebpf.Array, KeySize: 4, ValueSize: 16, MaxEntries: 1}
+}
+
+// ReadSecrets reads the secrets pinned under dir; the error wraps
+// os.ErrNotExist when there are none.
+func ReadSecrets(dir string) ([4]uint32, error) {
+	var keys [4]uint32
+	path := filepath.Join(dir, SecretsPin)
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		return keys, fmt.Errorf("read secrets %s: %w", path, err)
+	}
+	defer m.Close()
+	if err := secretsSpec().Compatible(m); err != nil {
+		return keys, fmt.Errorf("read secrets %s: %w", path, err)
+	}
+	if err := m.Lookup(uint32(0), &keys); err != nil {
+		return keys, fmt.Errorf("read secrets %s: %w", path, err)
+	}
+	return keys, nil
+}
+
+// RemoveSecrets removes the secrets pinned under dir, if any.
+func RemoveSecrets(dir string) error {
+	if err := os.Remove(filepath.Join(dir, SecretsPin)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove pin %s: %w", filepath.Join(dir, SecretsPin), err)
+	}
+	return nil
 }
 
 func layoutSpec() *ebpf.MapSpec {
@@ -356,8 +394,8 @@ func (p *Pipeline) PinPath() string { return p.pinPath }
 func (p *Pipeline) Adopted() bool { return p.adopted }
 
 // Unpin removes every pin of the pipeline (maps, program arrays, layout
-// record), so its maps go with the last reference to them. The link is
-// the Attachment's.
+// record) but the secrets, so its maps go with the last reference to them.
+// The link is the Attachment's.
 func (p *Pipeline) Unpin() error {
 	if p.pinPath == "" {
 		return nil
@@ -366,8 +404,8 @@ func (p *Pipeline) Unpin() error {
 }
 
 // RemovePins removes every pin a pipeline may have left under dir, except
-// the link and other files: the maps, the program arrays and the layout
-// record.
+// the link, the secrets (SecretsPin) and other files: the maps, the
+// program arrays and the layout record.
 func RemovePins(dir string) error {
 	spec, err := loadXlb()
 	if err != nil {

@@ -218,10 +218,63 @@ func TestPinnedAdoption(t *testing.T) {
 		t.Errorf("link pin after Close: %v", err)
 	}
 	e.must(p2.Unpin())
-	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
-		t.Errorf("pins after Unpin: %v", ents)
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 || ents[0].Name() != SecretsPin {
+		t.Errorf("pins after Unpin: %v, want only %s", ents, SecretsPin)
 	}
 	if _, err := ReadPinned(dir); !errors.Is(err, ErrNoState) {
 		t.Errorf("nothing pinned: %v", err)
+	}
+}
+
+// TestSecretsOutliveStop: a pipeline loaded afresh on a pin path that a
+// stopped one left (Unpin: a full stop) takes its ISN and cookie secrets,
+// so a backend still in TIME_WAIT for the four-tuples the last one used
+// gets ISNs after the old connections'; RemoveSecrets (xlbd cleanup) lets
+// the next one draw new ones, and a pipeline without a pin path always
+// draws its own.
+func TestSecretsOutliveStop(t *testing.T) {
+	dir := pinDir(t)
+	opts := Options{ConntrackSize: 1024, PortLo: portLo, PortHi: portHi, PinPath: dir}
+	load := func() [4]uint32 {
+		t.Helper()
+		p, err := Load(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys := p.keys
+		if err := p.Unpin(); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return keys
+	}
+	first := load()
+	if first == ([4]uint32{}) {
+		t.Fatal("secrets not drawn")
+	}
+	if pinned, err := ReadSecrets(dir); err != nil || pinned != first {
+		t.Fatalf("pinned secrets %v (%v), want %v", pinned, err, first)
+	}
+	if again := load(); again != first {
+		t.Errorf("a pipeline after a full stop drew %v, want the pinned %v", again, first)
+	}
+	if err := RemoveSecrets(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ReadSecrets(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("secrets after RemoveSecrets: %v", err)
+	}
+	fresh := load()
+	if fresh == first {
+		t.Errorf("after RemoveSecrets the same secrets %v again", fresh)
+	}
+	if pinned, err := ReadSecrets(dir); err != nil || pinned != fresh {
+		t.Errorf("pinned secrets %v (%v), want the new %v", pinned, err, fresh)
+	}
+	opts.PinPath = ""
+	if unpinned := load(); unpinned == fresh {
+		t.Errorf("a pipeline without a pin path took the pinned secrets")
 	}
 }

@@ -51,8 +51,8 @@ func TestChainEndToEnd(t *testing.T) {
 	}
 	// Registered before the daemon starts, so it runs after it stopped.
 	t.Cleanup(func() {
-		if ents, err := os.ReadDir(pinPath); err == nil && len(ents) > 0 {
-			t.Errorf("pins left after xlbd exited: %v", ents)
+		if left := xlbtest.LeftPins(pinPath); left != nil {
+			t.Errorf("pins left after xlbd exited: %v", left)
 		}
 		os.RemoveAll(pinPath)
 	})

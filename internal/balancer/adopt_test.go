@@ -11,6 +11,7 @@ import (
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/state"
 	"github.com/xlb-project/xlb/internal/testnet"
+	"github.com/xlb-project/xlb/internal/xlbtest"
 )
 
 func TestIDAllocatorReserve(t *testing.T) {
@@ -176,9 +177,8 @@ func TestBalancerAdopt(t *testing.T) {
 	if got := addrs(t, ns); !slices.Equal(got, []string{"10.88.0.1/24"}) || vip6() {
 		t.Errorf("addresses after Close: %v, IPv6 VIP left: %v", got, vip6())
 	}
-	if _, err := os.Stat(pin); !os.IsNotExist(err) {
-		ents, _ := os.ReadDir(pin)
-		t.Errorf("pin directory after Close: %v %v", err, ents)
+	if left := xlbtest.LeftPins(pin); left != nil {
+		t.Errorf("pins after Close: %v", left)
 	}
 }
 

@@ -120,7 +120,7 @@ func Open(ctx context.Context, path string, opts Options) (_ *Dir, err error) {
 	case opts.Fresh:
 		if err == nil || rec != nil || leftovers(path) {
 			d.log.Warn("--fresh-state: removing the pinned state, established connections are dropped", "pin_path", path)
-			if _, err := Cleanup(ctx, path, d.log); err != nil {
+			if _, err := cleanup(ctx, path, d.log, true); err != nil {
 				return nil, err
 			}
 		}
@@ -132,7 +132,7 @@ func Open(ctx context.Context, path string, opts Options) (_ *Dir, err error) {
 	case errors.Is(err, dispatcher.ErrNoState):
 		if rec != nil || leftovers(path) {
 			d.log.Warn("removing what an incomplete start left in the pin directory", "pin_path", path)
-			if _, err := Cleanup(ctx, path, d.log); err != nil {
+			if _, err := cleanup(ctx, path, d.log, true); err != nil {
 				return nil, err
 			}
 		}
@@ -158,10 +158,10 @@ func Open(ctx context.Context, path string, opts Options) (_ *Dir, err error) {
 	return d, nil
 }
 
-// leftovers tells whether path holds anything.
+// leftovers tells whether path holds anything but the secrets pin.
 func leftovers(path string) bool {
 	ents, _ := os.ReadDir(path)
-	return len(ents) > 0
+	return slices.ContainsFunc(ents, func(e os.DirEntry) bool { return e.Name() != dispatcher.SecretsPin })
 }
 
 // Path is the pin directory.
@@ -248,8 +248,10 @@ func (d *Dir) Close() error {
 }
 
 // Remove removes the host record and the pin directory, once the data
-// path, the chain and the host changes are gone (a full stop). Other files
-// in the directory are left, and the directory with them.
+// path, the chain and the host changes are gone (a full stop). The
+// secrets pin (dispatcher.SecretsPin) stays, so that the next xlbd on this
+// path draws the same ISNs, and other files in the directory are left:
+// the directory stays with them.
 func (d *Dir) Remove() error {
 	d.Close()
 	var errs []error
@@ -342,10 +344,16 @@ func netnsInode() (uint64, error) {
 // host, whether it exited keeping its data path or crashed: it detaches
 // the pinned XDP link, removes the addresses the host record lists and
 // restores the forwarding sysctl, removes the VIP filter, and removes the
-// chain members' pins, the data path's pins, the host record and the
-// directory. It must run in the network namespace of the xlbd that left
-// the state. It returns what it did, one line each.
+// chain members' pins, the data path's pins, the host record, the
+// secrets and the directory. It must run in the network namespace of the
+// xlbd that left the state. It returns what it did, one line each.
 func Cleanup(ctx context.Context, path string, log *slog.Logger) ([]string, error) {
+	return cleanup(ctx, path, log, false)
+}
+
+// cleanup is Cleanup; with keepSecrets it leaves the secrets pin (and the
+// directory with it), as Open does when it starts afresh.
+func cleanup(ctx context.Context, path string, log *slog.Logger, keepSecrets bool) ([]string, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -423,6 +431,17 @@ func Cleanup(ctx context.Context, path string, log *slog.Logger) ([]string, erro
 			errs = append(errs, fmt.Errorf("remove host record: %w", err))
 		}
 		note("removed the pins under %s", path)
+	}
+	if keepSecrets {
+		if _, err := os.Stat(filepath.Join(path, dispatcher.SecretsPin)); err == nil {
+			return done, errors.Join(errs...)
+		}
+	} else if _, err := os.Stat(filepath.Join(path, dispatcher.SecretsPin)); err == nil {
+		if err := dispatcher.RemoveSecrets(path); err != nil {
+			errs = append(errs, err)
+		} else {
+			note("removed the ISN and cookie secrets (%s)", dispatcher.SecretsPin)
+		}
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("remove pin directory (not empty: files xlb did not make?): %w", err))

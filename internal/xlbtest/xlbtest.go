@@ -19,6 +19,7 @@ import (
 
 	"github.com/cilium/ebpf/btf"
 
+	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/control"
 	"github.com/xlb-project/xlb/internal/testnet"
@@ -309,6 +310,23 @@ func CleanupPinPath(ns *testnet.NS, pinPath string) {
 		}
 	}
 	_ = os.RemoveAll(pinPath)
+}
+
+// LeftPins lists what is left in the pin directory pinPath besides the
+// ISN and cookie secrets, which a full stop keeps on purpose
+// (dispatcher.SecretsPin); nil when the directory is gone.
+func LeftPins(pinPath string) []string {
+	ents, err := os.ReadDir(pinPath)
+	if err != nil {
+		return nil
+	}
+	var left []string
+	for _, e := range ents {
+		if e.Name() != dispatcher.SecretsPin {
+			left = append(left, e.Name())
+		}
+	}
+	return left
 }
 
 // ConfigPinPath is the pin path args give: --pin-path, or a --config
