@@ -432,11 +432,10 @@ func cleanup(ctx context.Context, path string, log *slog.Logger, keepSecrets boo
 		}
 		note("removed the pins under %s", path)
 	}
-	if keepSecrets {
-		if _, err := os.Stat(filepath.Join(path, dispatcher.SecretsPin)); err == nil {
+	if _, err := os.Stat(filepath.Join(path, dispatcher.SecretsPin)); err == nil {
+		if keepSecrets {
 			return done, errors.Join(errs...)
 		}
-	} else if _, err := os.Stat(filepath.Join(path, dispatcher.SecretsPin)); err == nil {
 		if err := dispatcher.RemoveSecrets(path); err != nil {
 			errs = append(errs, err)
 		} else {
