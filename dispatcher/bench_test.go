@@ -224,15 +224,20 @@ func benchCaseRun(b *testing.B, e *env, fl *testRun, bc benchCase) {
 // measured in the same run instead: at most 1.5 times it (the target is
 // 1.2; the margin is for noise between the two measurements), a SYN at
 // most twice (a new IPv6 flow hashes and writes 40-byte keys into 128-byte
-// slots: measured 1.3 to 1.45 times the IPv4 SYN).
+// slots: measured 1.2 to 1.5 times the IPv4 SYN on a quiet machine). The
+// two are measured one after the other, so other work can load one and
+// not the other: a pair over its bound is measured again, both cases, up
+// to twice, and fails only when every measurement is over (one run under
+// load measured 2.18 times, then 1.3 and 1.5).
 func TestDatapathCostTargets(t *testing.T) {
 	if testing.Short() {
 		t.Skip("cost measurement skipped in -short mode")
 	}
 	e, fl, cases := benchSetup(t)
 	const runs = 20000
+	byName := map[string]benchCase{}
 	above := map[string]float64{}
-	for _, bc := range cases {
+	measureAbove := func(bc benchCase) (c, f float64) {
 		if bc.reset != nil {
 			bc.reset()
 		}
@@ -240,18 +245,30 @@ func TestDatapathCostTargets(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c, f := median(caseNs), median(floorNs)
-		above[bc.name] = c - f
+		return median(caseNs), median(floorNs)
+	}
+	for _, bc := range cases {
+		byName[bc.name] = bc
+		c, f := measureAbove(bc)
 		base := costBaseline[bc.name]
 		v4, isV6 := strings.CutSuffix(bc.name, "-v6")
+		if isV6 && above[v4] == 0 {
+			t.Errorf("%s: measured before its IPv4 counterpart %s", bc.name, v4)
+			continue
+		}
+		for try := 0; isV6 && c-f > v6Bound(bc.name)*above[v4] && try < 2; try++ {
+			t.Logf("%-22s %.2f times %s: measuring both again", bc.name, (c-f)/above[v4], v4)
+			c4, f4 := measureAbove(byName[v4])
+			above[v4] = c4 - f4
+			c, f = measureAbove(bc)
+		}
+		above[bc.name] = c - f
 		ref := fmt.Sprintf("baseline %3.0f", base)
 		if isV6 {
 			ref = fmt.Sprintf("%.2f times %s", (c-f)/above[v4], v4)
 		}
 		t.Logf("%-22s median %5.0f ns, floor %3.0f ns, above floor %5.0f ns (%s)", bc.name, c, f, c-f, ref)
 		switch {
-		case isV6 && above[v4] == 0:
-			t.Errorf("%s: measured before its IPv4 counterpart %s", bc.name, v4)
 		case isV6 && c-f > v6Bound(bc.name)*above[v4]:
 			t.Errorf("%s: %.0f ns above floor, more than %.1f times the %.0f ns of %s in the same run", bc.name, c-f, v6Bound(bc.name), above[v4], v4)
 		case !isV6 && base == 0:
