@@ -818,6 +818,52 @@ static __always_inline int rewrite_tcp(struct xdp_md *ctx, const struct xlb_pkt 
 	return 0;
 }
 
+/* transmit gives a rewritten frame its next hop's MACs and sends it there:
+ * back out of the interface it came in on, or redirected. */
+static __always_inline int transmit(struct xdp_md *ctx, struct ethhdr *eth, const struct xlb_nh *nh)
+{
+	__builtin_memcpy(eth->h_dest, nh->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, nh->smac, ETH_ALEN);
+	if (nh->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	count(XLB_STAT_REDIRECT);
+	return bpf_redirect(nh->ifindex, 0);
+}
+
+/* rewrite_quoted_l4 translates the ports, and for TCP the sequence number,
+ * of the packet an ICMP error quotes at l4 (its first 8 bytes are in the
+ * frame) back to the client's flow. l4acc holds the quoted addresses' and
+ * ports' change, which the quoted checksum takes when the quote holds it
+ * (below quote_end, the quoted packet's end, and below end); icmp is the
+ * ICMP checksum's accumulator, returned with the changes added. */
+static __always_inline __u64 rewrite_quoted_l4(const struct xlb_pkt *p, __u8 proto, __u8 *l4, void *quote_end,
+					       void *end, __u64 l4acc, __u64 icmp)
+{
+	__u16 *lsum = NULL, old16;
+	__be32 old32;
+
+	*(__be16 *)l4 = p->new_dport;
+	*(__be16 *)(l4 + 2) = p->new_sport;
+	if (proto == IPPROTO_TCP) {
+		old32 = *(__be32 *)(l4 + 4);
+		*(__be32 *)(l4 + 4) = seq_add(old32, -p->seq_delta);
+		l4acc = csum_acc32(l4acc, old32, *(__be32 *)(l4 + 4));
+		icmp = csum_acc32(icmp, old32, *(__be32 *)(l4 + 4));
+		if ((void *)(l4 + 18) <= end && (void *)l4 + 18 <= quote_end)
+			lsum = (void *)(l4 + 16);
+	} else if (*(__u16 *)(l4 + 6)) {
+		lsum = (void *)(l4 + 6);
+	}
+	if (lsum && (void *)(lsum + 1) <= end) {
+		old16 = *lsum;
+		*lsum = csum_finish(csum_start(old16) + l4acc);
+		if (proto == IPPROTO_UDP && !*lsum)
+			*lsum = 0xffff;
+		icmp = csum_acc16(icmp, old16, *lsum);
+	}
+	return icmp;
+}
+
 /* rewrite_icmp translates an ICMP error about a packet xlb sent to a
  * backend back to the client: outer source the VIP, destination the
  * client; the quoted packet as the client sent it (source the client,
@@ -834,9 +880,8 @@ static __always_inline int rewrite_icmp(struct xdp_md *ctx, const struct xlb_pkt
 	__u16 *icsum = (void *)ip + 20 + 2;
 	struct iphdr *in = (void *)ip + 20 + ICMP_HLEN;
 	__u8 *l4 = (void *)(in + 1);
-	__u16 *lsum = NULL, old16;
+	__u16 old16;
 	__u64 outer, inner, l4acc, icmp;
-	__be32 old32;
 
 	if ((void *)(l4 + 8) > end)
 		return drop(XLB_STAT_DROP_INTERNAL);
@@ -857,36 +902,13 @@ static __always_inline int rewrite_icmp(struct xdp_md *ctx, const struct xlb_pkt
 	icmp = csum_acc16(icmp, old16, in->check);
 	in->saddr = p->new_daddr;
 	in->daddr = p->new_saddr;
-	*(__be16 *)l4 = p->new_dport;
-	*(__be16 *)(l4 + 2) = p->new_sport;
-	if (p->flow.proto == IPPROTO_TCP) {
-		old32 = *(__be32 *)(l4 + 4);
-		*(__be32 *)(l4 + 4) = seq_add(old32, -p->seq_delta);
-		l4acc = csum_acc32(l4acc, old32, *(__be32 *)(l4 + 4));
-		icmp = csum_acc32(icmp, old32, *(__be32 *)(l4 + 4));
-		if ((void *)(l4 + 18) <= end && (void *)l4 + 18 <= (void *)ip + bpf_ntohs(ip->tot_len))
-			lsum = (void *)(l4 + 16);
-	} else if (*(__u16 *)(l4 + 6)) {
-		lsum = (void *)(l4 + 6);
-	}
-	if (lsum && (void *)(lsum + 1) <= end) {
-		old16 = *lsum;
-		*lsum = csum_finish(csum_start(old16) + l4acc);
-		if (p->flow.proto == IPPROTO_UDP && !*lsum)
-			*lsum = 0xffff;
-		icmp = csum_acc16(icmp, old16, *lsum);
-	}
+	icmp = rewrite_quoted_l4(p, p->flow.proto, l4, (void *)ip + bpf_ntohs(ip->tot_len), end, l4acc, icmp);
 	if ((void *)(icsum + 1) > end)
 		return drop(XLB_STAT_DROP_INTERNAL);
 	*icsum = csum_finish(icmp);
 
-	__builtin_memcpy(eth->h_dest, p->nh.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
 	count(XLB_STAT_ICMP_ERROR);
-	if (p->nh.ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	count(XLB_STAT_REDIRECT);
-	return bpf_redirect(p->nh.ifindex, 0);
+	return transmit(ctx, eth, &p->nh);
 }
 
 /* xlb_rewrite applies the NAT chosen by conntrack or select: MACs, IPs,
@@ -927,15 +949,9 @@ int xlb_rewrite(struct xdp_md *ctx)
 	ip->check = csum_finish(csum_start(ip->check) + addrs);
 	ip->saddr = p->new_saddr;
 	ip->daddr = p->new_daddr;
-	__builtin_memcpy(eth->h_dest, p->nh.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
-
 	count(p->dir == XLB_DIR_FWD ? XLB_STAT_FWD : XLB_STAT_RET);
 	backend_traffic(p, bpf_ntohs(ip->tot_len));
-	if (p->nh.ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	count(XLB_STAT_REDIRECT);
-	return bpf_redirect(p->nh.ifindex, 0);
+	return transmit(ctx, eth, &p->nh);
 }
 
 /* rewrite_icmp6 is rewrite_icmp for ICMPv6. ICMPv6 has no IP header
@@ -950,9 +966,7 @@ static __always_inline int rewrite_icmp6(struct xdp_md *ctx, const struct xlb_pk
 	__u16 *icsum = (void *)(ip6 + 1) + 2;
 	struct ipv6hdr *in = (void *)(ip6 + 1) + ICMP_HLEN;
 	__u8 *l4 = (void *)(in + 1);
-	__u16 *lsum = NULL, old16;
 	__u64 l4acc, icmp;
-	__be32 old32;
 
 	if ((void *)(l4 + 8) > end)
 		return drop(XLB_STAT_DROP_INTERNAL);
@@ -971,37 +985,14 @@ static __always_inline int rewrite_icmp6(struct xdp_md *ctx, const struct xlb_pk
 	icmp += l4acc;
 	__builtin_memcpy(&in->saddr, p->new_daddr6, 16);
 	__builtin_memcpy(&in->daddr, p->new_saddr6, 16);
-	*(__be16 *)l4 = p->new_dport;
-	*(__be16 *)(l4 + 2) = p->new_sport;
-	if (p->flow6.proto == IPPROTO_TCP) {
-		old32 = *(__be32 *)(l4 + 4);
-		*(__be32 *)(l4 + 4) = seq_add(old32, -p->seq_delta);
-		l4acc = csum_acc32(l4acc, old32, *(__be32 *)(l4 + 4));
-		icmp = csum_acc32(icmp, old32, *(__be32 *)(l4 + 4));
-		if ((void *)(l4 + 18) <= end &&
-		    (void *)l4 + 18 <= (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len))
-			lsum = (void *)(l4 + 16);
-	} else if (*(__u16 *)(l4 + 6)) {
-		lsum = (void *)(l4 + 6);
-	}
-	if (lsum && (void *)(lsum + 1) <= end) {
-		old16 = *lsum;
-		*lsum = csum_finish(csum_start(old16) + l4acc);
-		if (p->flow6.proto == IPPROTO_UDP && !*lsum)
-			*lsum = 0xffff;
-		icmp = csum_acc16(icmp, old16, *lsum);
-	}
+	icmp = rewrite_quoted_l4(p, p->flow6.proto, l4, (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len), end,
+				 l4acc, icmp);
 	if ((void *)(icsum + 1) > end)
 		return drop(XLB_STAT_DROP_INTERNAL);
 	*icsum = csum_finish(icmp);
 
-	__builtin_memcpy(eth->h_dest, p->nh.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
 	count(XLB_STAT_ICMP_ERROR);
-	if (p->nh.ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	count(XLB_STAT_REDIRECT);
-	return bpf_redirect(p->nh.ifindex, 0);
+	return transmit(ctx, eth, &p->nh);
 }
 
 /* xlb_rewrite6 is xlb_rewrite for IPv6: no header checksum, 128-bit
@@ -1038,13 +1029,7 @@ int xlb_rewrite6(struct xdp_md *ctx)
 		return drop(XLB_STAT_DROP_INTERNAL);
 	__builtin_memcpy(&ip6->saddr, p->new_saddr6, 16);
 	__builtin_memcpy(&ip6->daddr, p->new_daddr6, 16);
-	__builtin_memcpy(eth->h_dest, p->nh.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, p->nh.smac, ETH_ALEN);
-
 	count(p->dir == XLB_DIR_FWD ? XLB_STAT_FWD : XLB_STAT_RET);
 	backend_traffic(p, sizeof(*ip6) + bpf_ntohs(ip6->payload_len));
-	if (p->nh.ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	count(XLB_STAT_REDIRECT);
-	return bpf_redirect(p->nh.ifindex, 0);
+	return transmit(ctx, eth, &p->nh);
 }

@@ -21,7 +21,9 @@ static __always_inline __u64 csum_acc16(__u64 acc, __u16 old, __u16 new)
 }
 
 /* csum_finish folds the accumulator started from the old checksum and
- * returns the new checksum: HC' = ~(~HC + sum(~m + m')). */
+ * returns the new checksum: HC' = ~(~HC + sum(~m + m')). Folding a plain
+ * sum of 16-bit words gives the checksum field's value, and 0 when the
+ * words include a correct checksum. */
 static __always_inline __u16 csum_finish(__u64 acc)
 {
 	acc = (acc & 0xffffffff) + (acc >> 32);

@@ -13,6 +13,18 @@ static __always_inline __u32 port_way(__be32 baddr, __be16 bport)
 	return ((baddr ^ ((__u32)bport << 16 | bport)) * 0x9e3779b1) >> (32 - XLB_PORT_WAYS_LOG2);
 }
 
+/* port_index sets *idx to the index, in its family's return table, of way
+ * `way` of source port lport (host order) of source address src, and
+ * reports whether lport is in the range. */
+static __always_inline int port_index(const struct xlb_cfg *cfg, __u32 src, __u32 way, __u16 lport,
+				      __u32 *idx)
+{
+	if (lport < cfg->port_lo || lport > cfg->port_hi)
+		return 0;
+	*idx = (src * XLB_PORT_WAYS + way) * cfg->nports + (lport - cfg->port_lo);
+	return 1;
+}
+
 /* port_entry returns the way of source port lport (host order) of source
  * address src that backend baddr:bport uses, or NULL outside the range. */
 static __always_inline struct xlb_rconn *port_entry(const struct xlb_cfg *cfg, __u32 src, __u16 lport,
@@ -20,9 +32,8 @@ static __always_inline struct xlb_rconn *port_entry(const struct xlb_cfg *cfg, _
 {
 	__u32 idx;
 
-	if (lport < cfg->port_lo || lport > cfg->port_hi)
+	if (!port_index(cfg, src, port_way(baddr, bport), lport, &idx))
 		return NULL;
-	idx = (src * XLB_PORT_WAYS + port_way(baddr, bport)) * cfg->nports + (lport - cfg->port_lo);
 	return bpf_map_lookup_elem(&xlb_ports, &idx);
 }
 
@@ -125,9 +136,8 @@ static __always_inline struct xlb_rconn6 *port_entry6(const struct xlb_cfg *cfg,
 {
 	__u32 idx;
 
-	if (lport < cfg->port_lo || lport > cfg->port_hi)
+	if (!port_index(cfg, src, port_way6(baddr, bport), lport, &idx))
 		return NULL;
-	idx = (src * XLB_PORT_WAYS + port_way6(baddr, bport)) * cfg->nports + (lport - cfg->port_lo);
 	return bpf_map_lookup_elem(&xlb_ports6, &idx);
 }
 

@@ -15,11 +15,19 @@
 #include "xlb_common.h"
 #include "xlb_hash.h"
 
-/* syn_cookie binds a flow to a coarse clock slot with a secret. */
+/* syn_cookie_of binds a flow (its addresses, IPv6 ones folded to 32 bits,
+ * and its ports) to a coarse clock slot with a secret. */
+static __always_inline __u32 syn_cookie_of(const struct xlb_cfg *cfg, __u32 saddr, __u32 daddr, __be16 sport,
+					   __be16 dport, __u32 slot)
+{
+	return mix3(saddr ^ cfg->cookie_key[0], daddr ^ slot,
+		    ((__u32)sport << 16 | dport) ^ cfg->cookie_key[1]);
+}
+
+/* syn_cookie is syn_cookie_of for an IPv4 flow. */
 static __always_inline __u32 syn_cookie(const struct xlb_cfg *cfg, const struct xlb_flow *f, __u32 slot)
 {
-	return mix3(f->saddr ^ cfg->cookie_key[0], f->daddr ^ slot,
-		    ((__u32)f->sport << 16 | f->dport) ^ cfg->cookie_key[1]);
+	return syn_cookie_of(cfg, f->saddr, f->daddr, f->sport, f->dport, slot);
 }
 
 static __always_inline __u32 syn_slot(const struct xlb_cfg *cfg, __u64 now)
@@ -62,26 +70,33 @@ static __always_inline int syn_trust(const struct xlb_cfg *cfg, __u32 src, __u64
 	return 1;
 }
 
-/* syn_validate checks a RST without a connection against the cookie of
- * its flow (this clock slot or the previous one) and, if it matches,
+/* syn_validate_of checks a RST without a connection against the cookie
+ * of its flow (this clock slot or the previous one) and, if it matches,
  * trusts its source. */
-static __always_inline int syn_validate(const struct xlb_cfg *cfg, const struct xlb_flow *f, __u32 seq,
-					__u64 now)
+static __always_inline int syn_validate_of(const struct xlb_cfg *cfg, __u32 saddr, __u32 daddr, __be16 sport,
+					   __be16 dport, __u32 seq, __u64 now)
 {
 	__u32 slot = syn_slot(cfg, now);
 
 	if (cfg->syn_mode == XLB_SYN_OFF)
 		return 0;
-	if (seq != syn_cookie(cfg, f, slot) && seq != syn_cookie(cfg, f, slot - 1))
+	if (seq != syn_cookie_of(cfg, saddr, daddr, sport, dport, slot) &&
+	    seq != syn_cookie_of(cfg, saddr, daddr, sport, dport, slot - 1))
 		return 0;
-	return syn_trust(cfg, f->saddr, now);
+	return syn_trust(cfg, saddr, now);
+}
+
+/* syn_validate is syn_validate_of for an IPv4 flow. */
+static __always_inline int syn_validate(const struct xlb_cfg *cfg, const struct xlb_flow *f, __u32 seq,
+					__u64 now)
+{
+	return syn_validate_of(cfg, f->saddr, f->daddr, f->sport, f->dport, seq, now);
 }
 
 /* syn_cookie6 is syn_cookie for an IPv6 flow. */
 static __always_inline __u32 syn_cookie6(const struct xlb_cfg *cfg, const struct xlb_flow6 *f, __u32 slot)
 {
-	return mix3(addr6_fold(f->saddr) ^ cfg->cookie_key[0], addr6_fold(f->daddr) ^ slot,
-		    ((__u32)f->sport << 16 | f->dport) ^ cfg->cookie_key[1]);
+	return syn_cookie_of(cfg, addr6_fold(f->saddr), addr6_fold(f->daddr), f->sport, f->dport, slot);
 }
 
 /* syn_validate6 is syn_validate for an IPv6 flow; the source is trusted by
@@ -89,13 +104,7 @@ static __always_inline __u32 syn_cookie6(const struct xlb_cfg *cfg, const struct
 static __always_inline int syn_validate6(const struct xlb_cfg *cfg, const struct xlb_flow6 *f, __u32 seq,
 					 __u64 now)
 {
-	__u32 slot = syn_slot(cfg, now);
-
-	if (cfg->syn_mode == XLB_SYN_OFF)
-		return 0;
-	if (seq != syn_cookie6(cfg, f, slot) && seq != syn_cookie6(cfg, f, slot - 1))
-		return 0;
-	return syn_trust(cfg, addr6_fold(f->saddr), now);
+	return syn_validate_of(cfg, addr6_fold(f->saddr), addr6_fold(f->daddr), f->sport, f->dport, seq, now);
 }
 
 #endif

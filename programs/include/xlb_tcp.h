@@ -163,17 +163,6 @@ static __always_inline __u64 tcp_sack_sub(struct xdp_md *ctx, __u32 optoff, __u3
 	return acc;
 }
 
-/* csum_fold folds a sum of 16-bit words to the one's complement checksum
- * field value (complemented). */
-static __always_inline __u16 csum_fold(__u64 sum)
-{
-	sum = (sum & 0xffffffff) + (sum >> 32);
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (__u16)~sum;
-}
-
 /* csum_words sums n 16-bit words from p (host memory order). */
 static __always_inline __u64 csum_words(const __u16 *p, __u32 n)
 {
@@ -192,6 +181,30 @@ static __always_inline __u64 l4_pseudo(__be32 saddr, __be32 daddr, __u8 proto, _
 	       bpf_htons(len);
 }
 
+/* l4_sum_ok adds the len bytes of an L4 header and payload at w (len at
+ * most XLB_MAX_SYN_LEN) to sum, a pseudo-header's, and reports whether the
+ * checksum they hold is right: 0 too when the packet ends before len. */
+static __always_inline int l4_sum_ok(const __u16 *w, const void *end, __u32 len, __u64 sum)
+{
+	__u32 i;
+
+	for (i = 0; i < XLB_MAX_SYN_LEN / 2; i++) {
+		if (2 * i + 1 >= len)
+			break;
+		if ((const void *)(w + i + 1) > end)
+			return 0;
+		sum += w[i];
+	}
+	if (len & 1) {
+		const __u8 *last = (const void *)w + len - 1;
+
+		if ((const void *)(last + 1) > end)
+			return 0;
+		sum += *last; /* an even offset: the low half of its word */
+	}
+	return csum_finish(sum) == 0;
+}
+
 /* l4_csum_ok checks the IPv4 and TCP or UDP checksums of the first
  * packet of a flow (a TCP SYN, or a UDP datagram) in full, so that a
  * corrupted or forged packet never takes a connection slot or a source
@@ -204,34 +217,18 @@ static __always_inline int l4_csum_ok(struct xdp_md *ctx, __u8 proto)
 	void *end = (void *)(long)ctx->data_end;
 	struct iphdr *ip = data + XLB_IP_OFF;
 	__u16 *w = data + XLB_TCP_OFF;
-	__u32 len, i;
-	__u64 sum;
+	__u32 len;
 
 	if ((void *)(ip + 1) > end || (void *)(w + 4) > end)
 		return 0;
-	if (csum_fold(csum_words((void *)ip, 10)) != 0)
+	if (csum_finish(csum_words((void *)ip, 10)) != 0)
 		return 0;
 	len = bpf_ntohs(ip->tot_len) - 20;
 	if (proto == IPPROTO_UDP && (w[3] == 0 || len > XLB_MAX_SYN_LEN))
 		return 1;
 	if (len > XLB_MAX_SYN_LEN)
 		return 0;
-	sum = l4_pseudo(ip->saddr, ip->daddr, proto, len);
-	for (i = 0; i < XLB_MAX_SYN_LEN / 2; i++) {
-		if (2 * i + 1 >= len)
-			break;
-		if ((void *)(w + i + 1) > end)
-			return 0;
-		sum += w[i];
-	}
-	if (len & 1) {
-		__u8 *last = (void *)w + len - 1;
-
-		if ((void *)(last + 1) > end)
-			return 0;
-		sum += *last; /* an even offset: the low half of its word */
-	}
-	return csum_fold(sum) == 0;
+	return l4_sum_ok(w, end, len, l4_pseudo(ip->saddr, ip->daddr, proto, len));
 }
 
 /* csum_addr6 adds the change of a 128-bit address to an accumulator. */
@@ -261,8 +258,7 @@ static __always_inline int l4_csum_ok6(struct xdp_md *ctx, __u8 proto)
 	void *end = (void *)(long)ctx->data_end;
 	struct ipv6hdr *ip6 = data + XLB_IP_OFF;
 	__u16 *w = data + XLB_TCP6_OFF;
-	__u32 len, i;
-	__u64 sum;
+	__u32 len;
 
 	if ((void *)(ip6 + 1) > end || (void *)(w + 4) > end)
 		return 0;
@@ -271,22 +267,7 @@ static __always_inline int l4_csum_ok6(struct xdp_md *ctx, __u8 proto)
 		return 0;
 	if (len > XLB_MAX_SYN_LEN)
 		return proto == IPPROTO_UDP;
-	sum = l4_pseudo6((void *)&ip6->saddr, (void *)&ip6->daddr, proto, len);
-	for (i = 0; i < XLB_MAX_SYN_LEN / 2; i++) {
-		if (2 * i + 1 >= len)
-			break;
-		if ((void *)(w + i + 1) > end)
-			return 0;
-		sum += w[i];
-	}
-	if (len & 1) {
-		__u8 *last = (void *)w + len - 1;
-
-		if ((void *)(last + 1) > end)
-			return 0;
-		sum += *last;
-	}
-	return csum_fold(sum) == 0;
+	return l4_sum_ok(w, end, len, l4_pseudo6((void *)&ip6->saddr, (void *)&ip6->daddr, proto, len));
 }
 
 /* tcp_reply6 is tcp_reply for a SYN over IPv6. */
@@ -338,7 +319,7 @@ static __always_inline int tcp_reply6(struct xdp_md *ctx, __u8 flags, __u32 seq,
 	tcp->window = 0;
 	tcp->check = 0;
 	tcp->urg_ptr = 0;
-	tcp->check = csum_fold(l4_pseudo6(saddr, daddr, IPPROTO_TCP, 20) + csum_words((void *)tcp, 10));
+	tcp->check = csum_finish(l4_pseudo6(saddr, daddr, IPPROTO_TCP, 20) + csum_words((void *)tcp, 10));
 	return XDP_TX;
 }
 
@@ -390,7 +371,7 @@ static __always_inline int tcp_reply(struct xdp_md *ctx, __u8 flags, __u32 seq, 
 	ip->check = 0;
 	ip->saddr = saddr;
 	ip->daddr = daddr;
-	ip->check = csum_fold(csum_words((void *)ip, 10));
+	ip->check = csum_finish(csum_words((void *)ip, 10));
 
 	tcp->source = sport;
 	tcp->dest = dport;
@@ -401,7 +382,7 @@ static __always_inline int tcp_reply(struct xdp_md *ctx, __u8 flags, __u32 seq, 
 	tcp->window = 0;
 	tcp->check = 0;
 	tcp->urg_ptr = 0;
-	tcp->check = csum_fold(l4_pseudo(saddr, daddr, IPPROTO_TCP, 20) + csum_words((void *)tcp, 10));
+	tcp->check = csum_finish(l4_pseudo(saddr, daddr, IPPROTO_TCP, 20) + csum_words((void *)tcp, 10));
 	return XDP_TX;
 }
 
