@@ -388,9 +388,10 @@ func (h *Iface) AttachedXDP() string {
 	return desc
 }
 
-// EphemeralPorts reads the kernel's ephemeral port range
-// (net.ipv4.ip_local_port_range, which IPv6 sockets use too).
-func EphemeralPorts() (lo, hi int, err error) {
+// EphemeralPorts reads the kernel's ephemeral port range of the calling
+// thread's network namespace (net.ipv4.ip_local_port_range, which IPv6
+// sockets use too).
+func EphemeralPorts() (lo, hi uint16, err error) {
 	raw, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
 	if err != nil {
 		return 0, 0, fmt.Errorf("read ephemeral port range: %w", err)
@@ -399,12 +400,12 @@ func EphemeralPorts() (lo, hi int, err error) {
 	if len(f) != 2 {
 		return 0, 0, fmt.Errorf("read ephemeral port range: unexpected %q", raw)
 	}
-	lo, err1 := strconv.Atoi(f[0])
-	hi, err2 := strconv.Atoi(f[1])
-	if err1 != nil || err2 != nil {
+	l, err1 := strconv.ParseUint(f[0], 10, 16)
+	h, err2 := strconv.ParseUint(f[1], 10, 16)
+	if err1 != nil || err2 != nil || l == 0 || l > h {
 		return 0, 0, fmt.Errorf("read ephemeral port range: unexpected %q", raw)
 	}
-	return lo, hi, nil
+	return uint16(l), uint16(h), nil
 }
 
 // CheckPortRange refuses source ports lo-hi on src when src is a local
@@ -420,7 +421,7 @@ func CheckPortRange(src netip.Addr, lo, hi uint16) error {
 	if err != nil {
 		return err
 	}
-	if int(lo) <= ehi && int(hi) >= elo {
+	if lo <= ehi && hi >= elo {
 		return fmt.Errorf("%w: source-ports %d-%d on %s, ephemeral %d-%d (net.ipv4.ip_local_port_range)", ErrPortOverlap, lo, hi, src, elo, ehi)
 	}
 	return nil

@@ -290,7 +290,7 @@ func TestHostPortRange(t *testing.T) {
 			t.Errorf("%s %d-%d: %v, want no error", tc.src, tc.lo, tc.hi, err)
 		}
 	}
-	var lo, hi int
+	var lo, hi uint16
 	if err := ns.Do(func() (err error) { lo, hi, err = EphemeralPorts(); return err }); err != nil || lo != 40000 || hi != 50000 {
 		t.Errorf("EphemeralPorts() = %d, %d, %v; want 40000, 50000", lo, hi, err)
 	}
