@@ -536,49 +536,49 @@ func (c *Changes) List() []string {
 }
 
 func cloneService(s *config.Service) *config.Service {
-	if s == nil {
-		return nil
+	out := clonePtr(s)
+	if out != nil {
+		out.Backends = make([]config.Backend, len(s.Backends))
+		for i := range s.Backends {
+			out.Backends[i] = *cloneBackend(&s.Backends[i])
+		}
+		out.SourceAddresses = slices.Clone(s.SourceAddresses)
+		out.ManageVIP = clonePtr(s.ManageVIP)
+		out.Health = cloneHealth(s.Health)
 	}
-	out := *s
-	out.Backends = make([]config.Backend, len(s.Backends))
-	for i := range s.Backends {
-		out.Backends[i] = *cloneBackend(&s.Backends[i])
-	}
-	out.SourceAddresses = slices.Clone(s.SourceAddresses)
-	out.Health = cloneHealth(s.Health)
-	return &out
+	return out
 }
 
 func cloneBackend(b *config.Backend) *config.Backend {
-	if b == nil {
-		return nil
+	out := clonePtr(b)
+	if out != nil {
+		out.Health = cloneHealth(b.Health)
 	}
-	out := *b
-	out.Health = cloneHealth(b.Health)
-	return &out
+	return out
 }
 
 func cloneHealth(h *config.Health) *config.Health {
-	if h == nil {
-		return nil
+	out := clonePtr(h)
+	if out != nil {
+		out.ResetEstablished = clonePtr(h.ResetEstablished)
 	}
-	out := *h
-	if h.ResetEstablished != nil {
-		v := *h.ResetEstablished
-		out.ResetEstablished = &v
-	}
-	return &out
+	return out
 }
 
 func cloneMember(m *config.ChainMember) *config.ChainMember {
-	if m == nil {
+	out := clonePtr(m)
+	if out != nil {
+		out.Priority = clonePtr(m.Priority)
+		out.ContinueOn = slices.Clone(m.ContinueOn)
+	}
+	return out
+}
+
+// clonePtr returns a copy of *p in memory of its own, or nil if p is nil.
+func clonePtr[T any](p *T) *T {
+	if p == nil {
 		return nil
 	}
-	out := *m
-	if m.Priority != nil {
-		p := *m.Priority
-		out.Priority = &p
-	}
-	out.ContinueOn = slices.Clone(m.ContinueOn)
-	return &out
+	v := *p
+	return &v
 }
