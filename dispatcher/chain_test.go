@@ -116,14 +116,16 @@ func (f *chainFixture) member(name, program string) *Member {
 	if err != nil {
 		f.t.Fatal(err)
 	}
-	pin := ""
-	if f.pin != "" {
-		pin = filepath.Join(f.pin, name)
-	}
-	if err := m.CreateMaps(pin); err != nil {
+	if err := m.CreateMaps(); err != nil {
 		f.t.Fatal(err)
 	}
 	f.t.Cleanup(func() { m.Close() })
+	if f.pin != "" {
+		if err := m.Pin(filepath.Join(f.pin, name)); err != nil {
+			f.t.Fatal(err)
+		}
+		f.t.Cleanup(func() { m.Unpin() })
+	}
 	return m
 }
 
@@ -398,11 +400,11 @@ func TestChainGlobalsAndMaps(t *testing.T) {
 	if got, want := k.MapNames(), []string{"counter_map"}; strings.Join(got, ",") != strings.Join(want, ",") {
 		t.Errorf("map names %v, want %v", got, want)
 	}
-	if err := k.Close(); err != nil {
+	if err := k.Unpin(); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(f.pin, "k")); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("pin directory of a closed member: %v, want it gone", err)
+		t.Errorf("pin directory of an unpinned member: %v, want it gone", err)
 	}
 }
 
@@ -418,7 +420,7 @@ func TestChainMemberWithoutFuncInfo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.CreateMaps(""); err != nil {
+	if err := m.CreateMaps(); err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
