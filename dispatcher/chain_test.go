@@ -363,12 +363,17 @@ func TestChainGlobalsAndMaps(t *testing.T) {
 			t.Fatalf("run %d: verdict %s trace %q, want pass \"gk\"", i, v, chainTrace(out))
 		}
 	}
-	var runs, count uint64
-	if err := g.Maps()[".bss"].Lookup(uint32(0), &runs); err != nil {
-		t.Fatal(err)
+	// runs is g's global_runs, in .bss.
+	runs := func() uint64 {
+		t.Helper()
+		var n uint64
+		if err := g.Maps()[".bss"].Lookup(uint32(0), &n); err != nil {
+			t.Fatal(err)
+		}
+		return n
 	}
-	if runs != 3 {
-		t.Errorf(".bss global_runs = %d, want 3", runs)
+	if n := runs(); n != 3 {
+		t.Errorf(".bss global_runs = %d, want 3", n)
 	}
 	// The step lives in .data: the owner may change it through the pin.
 	data, err := ebpf.LoadPinnedMap(filepath.Join(f.pin, "g", "_data"), nil)
@@ -380,17 +385,15 @@ func TestChainGlobalsAndMaps(t *testing.T) {
 		t.Fatal(err)
 	}
 	chainRun(t, prog, chainPacket())
-	if err := g.Maps()[".bss"].Lookup(uint32(0), &runs); err != nil {
-		t.Fatal(err)
-	}
-	if runs != 13 {
-		t.Errorf("global_runs = %d after a step of 10, want 13", runs)
+	if n := runs(); n != 13 {
+		t.Errorf("global_runs = %d after a step of 10, want 13", n)
 	}
 	pinned, err := ebpf.LoadPinnedMap(filepath.Join(f.pin, "k", "counter_map"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer pinned.Close()
+	var count uint64
 	if err := pinned.Lookup(uint32(0), &count); err != nil {
 		t.Fatal(err)
 	}
