@@ -52,32 +52,23 @@ func TestHostAddresses(t *testing.T) {
 		}
 		return nil
 	})
-	add := func(a netip.Addr, want bool) {
+	// change calls op, h.AddAddress or h.RemoveAddress, on a and checks
+	// whether it changed the interface.
+	change := func(name string, op func(netip.Addr) (bool, error), a netip.Addr, want bool) {
 		t.Helper()
 		do(func() error {
-			added, err := h.AddAddress(a)
+			changed, err := op(a)
 			if err != nil {
 				return err
 			}
-			if added != want {
-				t.Errorf("AddAddress(%s) added %v, want %v", a, added, want)
+			if changed != want {
+				t.Errorf("%s(%s) = %v, want %v", name, a, changed, want)
 			}
 			return nil
 		})
 	}
-	remove := func(a netip.Addr, want bool) {
-		t.Helper()
-		do(func() error {
-			removed, err := h.RemoveAddress(a)
-			if err != nil {
-				return err
-			}
-			if removed != want {
-				t.Errorf("RemoveAddress(%s) removed %v, want %v", a, removed, want)
-			}
-			return nil
-		})
-	}
+	add := func(a netip.Addr, want bool) { t.Helper(); change("AddAddress", h.AddAddress, a, want) }
+	remove := func(a netip.Addr, want bool) { t.Helper(); change("RemoveAddress", h.RemoveAddress, a, want) }
 	add(primary, false) // already the host's
 	add(vip, true)
 	add(vip, false) // now the host's
