@@ -24,6 +24,24 @@ func newHostNS(t *testing.T, prefix string) *testnet.NS {
 	return ns
 }
 
+// mustDo runs fn inside ns and fails the test if fn fails.
+func mustDo(t *testing.T, ns *testnet.NS, fn func() error) {
+	t.Helper()
+	if err := ns.Do(fn); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// openEth0 opens eth0 inside ns.
+func openEth0(t *testing.T, ns *testnet.NS) (h *Iface) {
+	t.Helper()
+	mustDo(t, ns, func() (err error) {
+		h, err = Open("eth0")
+		return err
+	})
+	return h
+}
+
 // addrs lists eth0's IPv4 addresses inside ns.
 func addrs(t *testing.T, ns *testnet.NS) []string { return ns.IPv4Addrs(t, "eth0") }
 
@@ -31,17 +49,8 @@ func TestHostAddresses(t *testing.T) {
 	ns := newHostNS(t, "10.77.0.1/24")
 	primary := netip.MustParseAddr("10.77.0.1")
 	vip := netip.MustParseAddr("10.77.0.10")
-	var h *Iface
-	do := func(fn func() error) {
-		t.Helper()
-		if err := ns.Do(fn); err != nil {
-			t.Fatal(err)
-		}
-	}
-	do(func() (err error) {
-		h, err = Open("eth0")
-		return err
-	})
+	h := openEth0(t, ns)
+	do := func(fn func() error) { t.Helper(); mustDo(t, ns, fn) }
 	do(func() error {
 		got, err := h.PrimaryIPv4()
 		if err != nil {
@@ -191,17 +200,8 @@ func TestHostIPv6(t *testing.T) {
 		}
 		return out
 	}
-	var h *Iface
-	do := func(fn func() error) {
-		t.Helper()
-		if err := ns.Do(fn); err != nil {
-			t.Fatal(err)
-		}
-	}
-	do(func() (err error) {
-		h, err = Open("eth0")
-		return err
-	})
+	h := openEth0(t, ns)
+	do := func(fn func() error) { t.Helper(); mustDo(t, ns, fn) }
 	do(func() error {
 		if _, err := h.PrimaryIPv6(); !errors.Is(err, ErrNoIPv6) {
 			t.Errorf("PrimaryIPv6 with only a link-local address: %v, want %v", err, ErrNoIPv6)
