@@ -70,7 +70,8 @@ type RunConfig struct {
 
 // Member is a chain member loaded from an ELF object: its program's
 // instructions (subprograms included) and the maps they use. Its maps are
-// created by CreateMaps and released by Close.
+// created by CreateMaps or AdoptMaps, pinned by Pin, unpinned by Unpin and
+// released by Close.
 type Member struct {
 	Name      string
 	Object    string
@@ -193,49 +194,30 @@ func uintMember(t btf.Type) (uint32, bool) {
 	return arr.Nelems, true
 }
 
-// CreateMaps creates the member's maps and, when pinDir is not empty,
-// pins each at pinDir/<map> so the member's owner can reach them. Pins
-// left by an earlier run are replaced.
-func (m *Member) CreateMaps(pinDir string) (err error) {
+// CreateMaps creates the member's maps, unpinned (Pin pins them).
+func (m *Member) CreateMaps() (err error) {
 	if m.maps != nil {
 		return fmt.Errorf("chain member %s: maps already created", m.Name)
 	}
 	m.maps = map[string]*ebpf.Map{}
-	m.pinDir = pinDir
 	defer func() {
 		if err != nil {
 			m.Close()
 		}
 	}()
-	if pinDir != "" {
-		if err := os.MkdirAll(pinDir, 0o700); err != nil {
-			return fmt.Errorf("create pin directory of chain member %s: %w", m.Name, err)
-		}
-	}
 	for _, name := range slices.Sorted(mapKeys(m.mapSpecs)) {
 		spec := m.mapSpecs[name].Copy()
-		spec.Pinning = ebpf.PinNone // xlbd pins, in the member's own directory
+		spec.Pinning = ebpf.PinNone // the member's owner pins, in the member's own directory
 		mp, err := ebpf.NewMap(spec)
 		if err != nil {
 			return fmt.Errorf("create map %s of chain member %s: %w", name, m.Name, err)
 		}
 		m.maps[name] = mp
-		if pinDir == "" {
-			continue
-		}
-		path := filepath.Join(pinDir, PinName(name))
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("remove stale pin %s: %w", path, err)
-		}
-		if err := mp.Pin(path); err != nil {
-			return fmt.Errorf("pin map %s of chain member %s: %w", name, m.Name, err)
-		}
-		m.pins = append(m.pins, path)
 	}
 	return nil
 }
 
-// AdoptMaps creates the member's maps, unpinned, as CreateMaps("") does,
+// AdoptMaps creates the member's maps, unpinned, as CreateMaps does,
 // except that a map an earlier run pinned under pinDir (as PinName) and
 // that is compatible with the object's (type, key and value size, entries,
 // flags) is taken instead, so the member's state survives a restart of
@@ -288,8 +270,57 @@ func (m *Member) MapNames() []string { return slices.Sorted(mapKeys(m.mapSpecs))
 // PinDir is the directory the member's maps are pinned in, or "".
 func (m *Member) PinDir() string { return m.pinDir }
 
-// Close releases the member's maps and removes their pins.
-func (m *Member) Close() error {
+// Pin pins each of the member's maps in dir as PinName, so the member's
+// owner can reach them. A pin an earlier run left there is replaced, unless
+// it is the member's map already (taken by AdoptMaps). If it fails it
+// removes the pins it made.
+func (m *Member) Pin(dir string) (err error) {
+	m.pinDir = dir
+	defer func() {
+		if err != nil {
+			m.Unpin()
+		}
+	}()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create pin directory of chain member %s: %w", m.Name, err)
+	}
+	for _, name := range m.MapNames() {
+		path := filepath.Join(dir, PinName(name))
+		if samePinned(path, m.maps[name]) {
+			m.pins = append(m.pins, path) // adopted: pinned there already
+			continue
+		}
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove stale pin %s: %w", path, err)
+		}
+		if err := m.maps[name].Pin(path); err != nil {
+			return fmt.Errorf("pin map %s of chain member %s: %w", name, m.Name, err)
+		}
+		m.pins = append(m.pins, path)
+	}
+	return nil
+}
+
+// samePinned tells whether the map pinned at path is mp.
+func samePinned(path string, mp *ebpf.Map) bool {
+	old, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		return false
+	}
+	defer old.Close()
+	a, errA := old.Info()
+	b, errB := mp.Info()
+	if errA != nil || errB != nil {
+		return false
+	}
+	idA, okA := a.ID()
+	idB, okB := b.ID()
+	return okA && okB && idA == idB
+}
+
+// Unpin removes the member's pins, and its pin directory if that is then
+// empty.
+func (m *Member) Unpin() error {
 	var errs []error
 	for _, p := range m.pins {
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -300,11 +331,16 @@ func (m *Member) Close() error {
 	if m.pinDir != "" {
 		_ = os.Remove(m.pinDir) // only if empty
 	}
+	return errors.Join(errs...)
+}
+
+// Close releases the member's maps. Their pins stay: Unpin removes them.
+func (m *Member) Close() error {
 	for _, mp := range m.maps {
 		mp.Close()
 	}
 	m.maps = nil
-	return errors.Join(errs...)
+	return nil
 }
 
 func mapKeys[V any](m map[string]V) func(func(string) bool) {

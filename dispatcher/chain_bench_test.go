@@ -38,7 +38,7 @@ func BenchmarkChain(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if err := m.CreateMaps(""); err != nil {
+				if err := m.CreateMaps(); err != nil {
 					b.Fatal(err)
 				}
 				defer m.Close()

@@ -116,14 +116,16 @@ func (f *chainFixture) member(name, program string) *Member {
 	if err != nil {
 		f.t.Fatal(err)
 	}
-	pin := ""
-	if f.pin != "" {
-		pin = filepath.Join(f.pin, name)
-	}
-	if err := m.CreateMaps(pin); err != nil {
+	if err := m.CreateMaps(); err != nil {
 		f.t.Fatal(err)
 	}
 	f.t.Cleanup(func() { m.Close() })
+	if f.pin != "" {
+		if err := m.Pin(filepath.Join(f.pin, name)); err != nil {
+			f.t.Fatal(err)
+		}
+		f.t.Cleanup(func() { m.Unpin() })
+	}
 	return m
 }
 
@@ -361,12 +363,17 @@ func TestChainGlobalsAndMaps(t *testing.T) {
 			t.Fatalf("run %d: verdict %s trace %q, want pass \"gk\"", i, v, chainTrace(out))
 		}
 	}
-	var runs, count uint64
-	if err := g.Maps()[".bss"].Lookup(uint32(0), &runs); err != nil {
-		t.Fatal(err)
+	// runs is g's global_runs, in .bss.
+	runs := func() uint64 {
+		t.Helper()
+		var n uint64
+		if err := g.Maps()[".bss"].Lookup(uint32(0), &n); err != nil {
+			t.Fatal(err)
+		}
+		return n
 	}
-	if runs != 3 {
-		t.Errorf(".bss global_runs = %d, want 3", runs)
+	if n := runs(); n != 3 {
+		t.Errorf(".bss global_runs = %d, want 3", n)
 	}
 	// The step lives in .data: the owner may change it through the pin.
 	data, err := ebpf.LoadPinnedMap(filepath.Join(f.pin, "g", "_data"), nil)
@@ -378,17 +385,15 @@ func TestChainGlobalsAndMaps(t *testing.T) {
 		t.Fatal(err)
 	}
 	chainRun(t, prog, chainPacket())
-	if err := g.Maps()[".bss"].Lookup(uint32(0), &runs); err != nil {
-		t.Fatal(err)
-	}
-	if runs != 13 {
-		t.Errorf("global_runs = %d after a step of 10, want 13", runs)
+	if n := runs(); n != 13 {
+		t.Errorf("global_runs = %d after a step of 10, want 13", n)
 	}
 	pinned, err := ebpf.LoadPinnedMap(filepath.Join(f.pin, "k", "counter_map"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer pinned.Close()
+	var count uint64
 	if err := pinned.Lookup(uint32(0), &count); err != nil {
 		t.Fatal(err)
 	}
@@ -398,11 +403,11 @@ func TestChainGlobalsAndMaps(t *testing.T) {
 	if got, want := k.MapNames(), []string{"counter_map"}; strings.Join(got, ",") != strings.Join(want, ",") {
 		t.Errorf("map names %v, want %v", got, want)
 	}
-	if err := k.Close(); err != nil {
+	if err := k.Unpin(); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(f.pin, "k")); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("pin directory of a closed member: %v, want it gone", err)
+		t.Errorf("pin directory of an unpinned member: %v, want it gone", err)
 	}
 }
 
@@ -418,7 +423,7 @@ func TestChainMemberWithoutFuncInfo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.CreateMaps(""); err != nil {
+	if err := m.CreateMaps(); err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()

@@ -110,13 +110,7 @@ func TestGC(t *testing.T) {
 	}
 
 	// A return entry without its forward entry is an orphan.
-	k := keyOf(open, vip, TCP)
-	snap, ok := e.p.t4.find(&k)
-	if !ok || !e.p.t4.take(&snap) {
-		t.Fatalf("cannot remove the connection of %s", open)
-	}
-	e.p.t4.head(snap.idx).Flags = ctDead
-	e.p.t4.release(snap.idx)
+	e.orphan(open, vip)
 	time.Sleep(1200 * time.Millisecond)
 	res, err = e.p.GC(short)
 	e.must(err)

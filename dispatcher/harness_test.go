@@ -446,6 +446,24 @@ func (e *env) retEntries() int {
 	return used
 }
 
+// orphan frees the connection slot of client cl's TCP connection to to
+// behind the data path's back, leaving its source-port way an orphan for
+// GC to find. It finds the slot through the Go mirror of the flow hash.
+func (e *env) orphan(cl, to netip.AddrPort) {
+	e.t.Helper()
+	t := &e.p.t4
+	if cl.Addr().Is6() {
+		t = &e.p.t6
+	}
+	k := keyOf(cl, to, TCP)
+	s, ok := t.find(&k)
+	if !ok || !t.take(&s) {
+		e.t.Fatalf("cannot take the connection slot of %s (found %v)", cl, ok)
+	}
+	t.head(s.idx).Flags = ctDead
+	t.release(s.idx)
+}
+
 // clearConntrack empties the connection table, every source-port way and
 // the backends' counts.
 func (e *env) clearConntrack() {

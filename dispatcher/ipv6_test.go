@@ -269,13 +269,7 @@ func TestIPv6Tables(t *testing.T) {
 			}
 		}
 	}
-	k := keyOf(victim, vip6, TCP)
-	snap, ok := e.p.t6.find(&k)
-	if !ok || !e.p.t6.take(&snap) {
-		t.Fatalf("cannot find the IPv6 connection of %s through the Go mirror of flow_hash6", victim)
-	}
-	e.p.t6.head(snap.idx).Flags = ctDead
-	e.p.t6.release(snap.idx)
+	e.orphan(victim, vip6)
 
 	short := Timeouts{SYN: time.Second, Established: time.Second, FIN: time.Second, Closed: time.Second, UDP: time.Second, TimeWait: time.Second}
 	time.Sleep(2200 * time.Millisecond)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/xlb-project/xlb/internal/config"
 	"github.com/xlb-project/xlb/internal/control"
@@ -49,6 +50,23 @@ type cli struct {
 // failure to reach xlbd into advice.
 func (c *cli) call(ctx context.Context, f func(context.Context, controlpb.ControlClient) error) error {
 	return c.callWithin(ctx, c.timeout, f)
+}
+
+// ask makes one call to xlbd and prints its answer: in the protobuf JSON
+// mapping with --json, else as show prints it.
+func ask[R proto.Message](ctx context.Context, c *cli, rpc func(context.Context, controlpb.ControlClient) (R, error), show func(R) error) error {
+	var r R
+	err := c.call(ctx, func(ctx context.Context, d controlpb.ControlClient) (err error) {
+		r, err = rpc(ctx, d)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return printProtoJSON(c.stdout, r)
+	}
+	return show(r)
 }
 
 func (c *cli) callWithin(ctx context.Context, timeout time.Duration, f func(context.Context, controlpb.ControlClient) error) error {
@@ -152,19 +170,12 @@ func (c *cli) statusCmd() *cobra.Command {
 		Args:              cobra.NoArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			var st *controlpb.Status
-			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
-				st, err = d.GetStatus(ctx, &controlpb.GetStatusRequest{})
-				return err
+			return ask(cmd.Context(), c, func(ctx context.Context, d controlpb.ControlClient) (*controlpb.Status, error) {
+				return d.GetStatus(ctx, &controlpb.GetStatusRequest{})
+			}, func(st *controlpb.Status) error {
+				printStatus(c.stdout, st)
+				return nil
 			})
-			if err != nil {
-				return err
-			}
-			if c.json {
-				return printProtoJSON(c.stdout, st)
-			}
-			printStatus(c.stdout, st)
-			return nil
 		}),
 	}
 }
@@ -185,18 +196,11 @@ idle time, TCP and UDP alike. The filters combine: only connections matching all
 			return control.ValidateConnFilter(f)
 		},
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			var cs *controlpb.ListConnsResponse
-			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
-				cs, err = d.ListConns(ctx, f)
-				return err
+			return ask(cmd.Context(), c, func(ctx context.Context, d controlpb.ControlClient) (*controlpb.ListConnsResponse, error) {
+				return d.ListConns(ctx, f)
+			}, func(cs *controlpb.ListConnsResponse) error {
+				return printConns(c.stdout, cs.GetConns())
 			})
-			if err != nil {
-				return err
-			}
-			if c.json {
-				return printProtoJSON(c.stdout, cs)
-			}
-			return printConns(c.stdout, cs.GetConns())
 		}),
 	}
 	cmd.Flags().StringVar(&f.Vip, "vip", "", "only connections to this `VIP:PORT`")
@@ -236,13 +240,16 @@ second reading.`,
 			return nil
 		},
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			var first, second *controlpb.Stats
-			var t0, t1 time.Time
-			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
-				t0 = time.Now()
-				first, err = d.GetStats(ctx, &controlpb.GetStatsRequest{})
-				return err
-			})
+			// read takes a reading and the time it was asked for.
+			read := func() (st *controlpb.Stats, at time.Time, err error) {
+				err = c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
+					at = time.Now()
+					st, err = d.GetStats(ctx, &controlpb.GetStatsRequest{})
+					return err
+				})
+				return st, at, err
+			}
+			first, t0, err := read()
 			if err != nil {
 				return err
 			}
@@ -257,11 +264,7 @@ second reading.`,
 				return cmd.Context().Err()
 			case <-time.After(interval):
 			}
-			err = c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
-				t1 = time.Now()
-				second, err = d.GetStats(ctx, &controlpb.GetStatsRequest{})
-				return err
-			})
+			second, t1, err := read()
 			if err != nil {
 				return err
 			}
@@ -332,19 +335,12 @@ policy.`,
 				}
 				name = abs
 			}
-			var r *controlpb.ChangeResponse
-			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
-				r, err = d.SetPolicy(ctx, &controlpb.SetPolicyRequest{Policy: name, Service: &controlpb.ServiceRef{Vip: service, Protocol: protocol}})
-				return err
+			return ask(cmd.Context(), c, func(ctx context.Context, d controlpb.ControlClient) (*controlpb.ChangeResponse, error) {
+				return d.SetPolicy(ctx, &controlpb.SetPolicyRequest{Policy: name, Service: &controlpb.ServiceRef{Vip: service, Protocol: protocol}})
+			}, func(r *controlpb.ChangeResponse) error {
+				fmt.Fprintf(c.stdout, "policy %s in force for %s (took %s)\n", args[0], strings.Join(r.GetServices(), ", "), roundTook(r.GetTook()))
+				return nil
 			})
-			if err != nil {
-				return err
-			}
-			if c.json {
-				return printProtoJSON(c.stdout, r)
-			}
-			fmt.Fprintf(c.stdout, "policy %s in force for %s (took %s)\n", args[0], strings.Join(r.GetServices(), ", "), roundTook(r.GetTook()))
-			return nil
 		}),
 	}
 	set.Flags().StringVar(&service, "service", "", "only this service (`VIP:PORT`)")
@@ -368,18 +364,11 @@ func (c *cli) chainCmd() *cobra.Command {
 		Args:              cobra.NoArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			var ms *controlpb.ListChainResponse
-			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
-				ms, err = d.ListChain(ctx, &controlpb.ListChainRequest{})
-				return err
+			return ask(cmd.Context(), c, func(ctx context.Context, d controlpb.ControlClient) (*controlpb.ListChainResponse, error) {
+				return d.ListChain(ctx, &controlpb.ListChainRequest{})
+			}, func(ms *controlpb.ListChainResponse) error {
+				return printChain(c.stdout, ms.GetMembers())
 			})
-			if err != nil {
-				return err
-			}
-			if c.json {
-				return printProtoJSON(c.stdout, ms)
-			}
-			return printChain(c.stdout, ms.GetMembers())
 		}),
 	}
 	var m struct {

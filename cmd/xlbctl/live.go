@@ -19,22 +19,13 @@ import (
 
 // liveChange sends a change and prints what it changed.
 func (c *cli) liveChange(ctx context.Context, f func(context.Context, controlpb.ControlClient) (*controlpb.ChangeResponse, error)) error {
-	var r *controlpb.ChangeResponse
-	err := c.call(ctx, func(ctx context.Context, d controlpb.ControlClient) (err error) {
-		r, err = f(ctx, d)
-		return err
+	return ask(ctx, c, f, func(r *controlpb.ChangeResponse) error {
+		for _, line := range r.GetChanges() {
+			fmt.Fprintln(c.stdout, line)
+		}
+		fmt.Fprintf(c.stdout, "in force (took %s)\n", roundTook(r.GetTook()))
+		return nil
 	})
-	if err != nil {
-		return err
-	}
-	if c.json {
-		return printProtoJSON(c.stdout, r)
-	}
-	for _, line := range r.GetChanges() {
-		fmt.Fprintln(c.stdout, line)
-	}
-	fmt.Fprintf(c.stdout, "in force (took %s)\n", roundTook(r.GetTook()))
-	return nil
 }
 
 func roundTook(d *durationpb.Duration) string {
@@ -296,19 +287,12 @@ gives the same services, backends, policies, health checks and chain.`,
 		Args:              cobra.NoArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			var r *controlpb.GetConfigResponse
-			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
-				r, err = d.GetConfig(ctx, &controlpb.GetConfigRequest{})
+			return ask(cmd.Context(), c, func(ctx context.Context, d controlpb.ControlClient) (*controlpb.GetConfigResponse, error) {
+				return d.GetConfig(ctx, &controlpb.GetConfigRequest{})
+			}, func(r *controlpb.GetConfigResponse) error {
+				_, err := fmt.Fprint(c.stdout, r.GetYaml())
 				return err
 			})
-			if err != nil {
-				return err
-			}
-			if c.json {
-				return printProtoJSON(c.stdout, r)
-			}
-			_, err = fmt.Fprint(c.stdout, r.GetYaml())
-			return err
 		}),
 	}
 }
@@ -324,25 +308,18 @@ the file overrides are listed.`,
 		Args:              cobra.NoArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: runE(func(cmd *cobra.Command, _ []string) error {
-			var r *controlpb.ReloadResponse
-			err := c.call(cmd.Context(), func(ctx context.Context, d controlpb.ControlClient) (err error) {
-				r, err = d.Reload(ctx, &controlpb.ReloadRequest{})
-				return err
+			return ask(cmd.Context(), c, func(ctx context.Context, d controlpb.ControlClient) (*controlpb.ReloadResponse, error) {
+				return d.Reload(ctx, &controlpb.ReloadRequest{})
+			}, func(r *controlpb.ReloadResponse) error {
+				fmt.Fprintf(c.stdout, "reloaded: %d services in force (took %s)\n", r.GetServices(), roundTook(r.GetTook()))
+				for _, ch := range r.GetChainChanges() {
+					fmt.Fprintf(c.stdout, "chain: %s\n", ch)
+				}
+				for _, d := range r.GetDroppedLiveChanges() {
+					fmt.Fprintf(c.stdout, "live change dropped, the file changes the same item: %s\n", d)
+				}
+				return nil
 			})
-			if err != nil {
-				return err
-			}
-			if c.json {
-				return printProtoJSON(c.stdout, r)
-			}
-			fmt.Fprintf(c.stdout, "reloaded: %d services in force (took %s)\n", r.GetServices(), roundTook(r.GetTook()))
-			for _, ch := range r.GetChainChanges() {
-				fmt.Fprintf(c.stdout, "chain: %s\n", ch)
-			}
-			for _, d := range r.GetDroppedLiveChanges() {
-				fmt.Fprintf(c.stdout, "live change dropped, the file changes the same item: %s\n", d)
-			}
-			return nil
 		}),
 	}
 }

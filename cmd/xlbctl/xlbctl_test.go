@@ -28,6 +28,16 @@ func xlbctl(t *testing.T, args ...string) (stdout, stderr string, code int) {
 	return out.String(), errOut.String(), code
 }
 
+// wantAll fails the test for each of want that text, named what, lacks.
+func wantAll(t *testing.T, what, text string, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(text, w) {
+			t.Errorf("%s lacks %q:\n%s", what, w, text)
+		}
+	}
+}
+
 func TestHelp(t *testing.T) {
 	tests := []struct {
 		args []string
@@ -57,11 +67,7 @@ func TestHelp(t *testing.T) {
 			if code != 0 || errOut != "" {
 				t.Fatalf("exit status %d, stderr %q, want 0 and nothing", code, errOut)
 			}
-			for _, w := range tt.want {
-				if !strings.Contains(out, w) {
-					t.Errorf("help lacks %q:\n%s", w, out)
-				}
-			}
+			wantAll(t, "help", out, tt.want...)
 		})
 	}
 }
@@ -213,11 +219,7 @@ func TestUsageErrors(t *testing.T) {
 			if out != "" {
 				t.Errorf("stdout %q, want nothing", out)
 			}
-			for _, w := range tt.want {
-				if !strings.Contains(errOut, w) {
-					t.Errorf("stderr lacks %q:\n%s", w, errOut)
-				}
-			}
+			wantAll(t, "stderr", errOut, tt.want...)
 		})
 	}
 }
@@ -280,11 +282,7 @@ func TestUnreachable(t *testing.T) {
 			if code != 1 || out != "" {
 				t.Errorf("exit status %d, stdout %q; want 1 and nothing", code, out)
 			}
-			for _, w := range tt.want {
-				if !strings.Contains(errOut, w) {
-					t.Errorf("stderr lacks %q:\n%s", w, errOut)
-				}
-			}
+			wantAll(t, "stderr", errOut, tt.want...)
 			for _, bad := range []string{"http://", "/v1/", "Get \"", "dial unix"} {
 				if strings.Contains(errOut, bad) {
 					t.Errorf("stderr shows internals %q:\n%s", bad, errOut)
@@ -336,9 +334,5 @@ func TestPermissionDenied(t *testing.T) {
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
 		t.Fatalf("exit: %v, want status 1; output %q", err, out)
 	}
-	for _, w := range []string{"permission denied on " + sock, "run xlbctl as root"} {
-		if !strings.Contains(string(out), w) {
-			t.Errorf("output lacks %q: %q", w, out)
-		}
-	}
+	wantAll(t, "output", string(out), "permission denied on "+sock, "run xlbctl as root")
 }

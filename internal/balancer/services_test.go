@@ -86,6 +86,18 @@ func TestServicesPlan(t *testing.T) {
 	if !slices.Contains(hostBefore, "10.88.0.50/32") {
 		t.Fatalf("vip 10.88.0.50 not added: %v", hostBefore)
 	}
+	prepare := func(t *testing.T, next []Service) *ServicesPlan {
+		t.Helper()
+		var p *ServicesPlan
+		err := do(func() (err error) {
+			p, err = b.PrepareServices(ctx, next)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
 
 	t.Run("a failing table changes nothing", func(t *testing.T) {
 		// A changed service, a removed one and a new one on a new address
@@ -125,14 +137,7 @@ func TestServicesPlan(t *testing.T) {
 	})
 
 	t.Run("aborted", func(t *testing.T) {
-		var p *ServicesPlan
-		err := do(func() (err error) {
-			p, err = b.PrepareServices(ctx, []Service{svc("10.88.0.70:80", "random", "10.88.0.21:8080")})
-			return err
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
+		p := prepare(t, []Service{svc("10.88.0.70:80", "random", "10.88.0.21:8080")})
 		if got := addrs(t, ns); !slices.Contains(got, "10.88.0.70/32") {
 			t.Errorf("prepared vip 10.88.0.70 not on the interface: %v", got)
 		}
@@ -148,14 +153,7 @@ func TestServicesPlan(t *testing.T) {
 	})
 
 	t.Run("commit after another change", func(t *testing.T) {
-		var p *ServicesPlan
-		err := do(func() (err error) {
-			p, err = b.PrepareServices(ctx, []Service{svc("10.88.0.1:80", "random", "10.88.0.21:8080")})
-			return err
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
+		p := prepare(t, []Service{svc("10.88.0.1:80", "random", "10.88.0.21:8080")})
 		other := []Service{svc("10.88.0.1:80", "hash", "10.88.0.22:8080")}
 		if err := do(func() error { return b.SetServices(ctx, other) }); err != nil {
 			t.Fatal(err)

@@ -106,8 +106,7 @@ type member struct {
 	sum        [sha256.Size]byte
 	priority   int
 	continueOn []dispatcher.Verdict // nil: dispatcher.DefaultContinueOn
-	pinDir     string
-	pins       []string // pinned map paths; empty until pinned
+	pinDir     string               // where the member's maps are pinned, once committed
 }
 
 var memberName = regexp.MustCompile(`^[a-z0-9-]{1,15}$`)
@@ -183,8 +182,7 @@ func (c *Chain) Release() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, m := range c.members {
-		m.pins = nil // kept
-		m.m.Close()
+		m.m.Close() // the pins stay
 	}
 	c.members = nil
 	if c.prog != nil {
@@ -434,7 +432,7 @@ func (p *Plan) Commit() error {
 	// New members pin their maps once the members they replace have
 	// removed theirs (a pin failure leaves the member running, unpinned).
 	for _, m := range p.fresh {
-		errs = append(errs, m.pin())
+		errs = append(errs, m.m.Pin(m.pinDir))
 	}
 	if c.prog != nil {
 		c.prog.Close()
@@ -519,7 +517,7 @@ func (c *Chain) load(s Spec) (_ *member, err error) {
 		}
 		return m, nil
 	}
-	if err := dm.CreateMaps(""); err != nil {
+	if err := dm.CreateMaps(); err != nil {
 		return nil, err
 	}
 	return m, nil
@@ -565,68 +563,9 @@ func (m *member) with(s Spec) (*member, error) {
 	return &out, nil
 }
 
-// pin pins the member's maps in its directory, replacing pins an earlier
-// run left there.
-func (m *member) pin() (err error) {
-	defer func() {
-		if err != nil {
-			m.unpin()
-		}
-	}()
-	if err := os.MkdirAll(m.pinDir, 0o700); err != nil {
-		return fmt.Errorf("create pin directory of chain member %s: %w", m.spec.Name, err)
-	}
-	maps := m.m.Maps()
-	for _, name := range m.m.MapNames() {
-		path := filepath.Join(m.pinDir, dispatcher.PinName(name))
-		if samePinned(path, maps[name]) {
-			m.pins = append(m.pins, path) // adopted: pinned there already
-			continue
-		}
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("remove stale pin %s: %w", path, err)
-		}
-		if err := maps[name].Pin(path); err != nil {
-			return fmt.Errorf("pin map %s of chain member %s: %w", name, m.spec.Name, err)
-		}
-		m.pins = append(m.pins, path)
-	}
-	return nil
-}
-
-// samePinned tells whether the map pinned at path is mp.
-func samePinned(path string, mp *ebpf.Map) bool {
-	old, err := ebpf.LoadPinnedMap(path, nil)
-	if err != nil {
-		return false
-	}
-	defer old.Close()
-	a, errA := old.Info()
-	b, errB := mp.Info()
-	if errA != nil || errB != nil {
-		return false
-	}
-	idA, okA := a.ID()
-	idB, okB := b.ID()
-	return okA && okB && idA == idB
-}
-
-func (m *member) unpin() error {
-	var errs []error
-	for _, p := range m.pins {
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("remove pin %s: %w", p, err))
-		}
-	}
-	m.pins = nil
-	_ = os.Remove(m.pinDir) // only if empty
-	return errors.Join(errs...)
-}
-
 // close removes the member's pins and releases its maps.
 func (m *member) close() error {
-	err := m.unpin()
-	return errors.Join(err, m.m.Close())
+	return errors.Join(m.m.Unpin(), m.m.Close())
 }
 
 // entries is the chain of members plus xlb's pipeline, in run order.

@@ -25,11 +25,11 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/xlb-project/xlb/internal/host"
 )
 
 // Check kinds.
@@ -348,7 +348,7 @@ func (c *Checker) dial(ctx context.Context, dst netip.AddrPort) (net.Conn, error
 	if err != nil {
 		return nil, err
 	}
-	lo, hi, err := ephemeralPorts()
+	lo, hi, err := host.EphemeralPorts()
 	if err != nil {
 		return nil, err
 	}
@@ -391,25 +391,6 @@ func sourceFor(dst netip.AddrPort) (netip.Addr, error) {
 	}
 	defer conn.Close()
 	return conn.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Unmap(), nil
-}
-
-// ephemeralPorts reads net.ipv4.ip_local_port_range of the calling
-// thread's network namespace (it applies to IPv6 too).
-func ephemeralPorts() (lo, hi uint16, err error) {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err != nil {
-		return 0, 0, fmt.Errorf("read the kernel's ephemeral ports: %w", err)
-	}
-	f := strings.Fields(string(b))
-	if len(f) != 2 {
-		return 0, 0, fmt.Errorf("read the kernel's ephemeral ports: %q", b)
-	}
-	l, err1 := strconv.ParseUint(f[0], 10, 16)
-	h, err2 := strconv.ParseUint(f[1], 10, 16)
-	if err1 != nil || err2 != nil || l == 0 || l > h {
-		return 0, 0, fmt.Errorf("read the kernel's ephemeral ports: %q", b)
-	}
-	return uint16(l), uint16(h), nil
 }
 
 // describe turns a check's error into a short line for status and logs.

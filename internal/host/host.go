@@ -134,36 +134,37 @@ func (h *Iface) Index() int { return h.link.Attrs().Index }
 // secondary one, nor one the Iface added (or adopted: an earlier xlbd's
 // VIP is not the host's address).
 func (h *Iface) PrimaryIPv4() (netip.Addr, error) {
-	addrs, err := netlink.AddrList(h.link, netlink.FAMILY_V4)
-	if err != nil {
-		return netip.Addr{}, fmt.Errorf("list addresses of %s: %w", h.name, err)
-	}
-	added := h.Added()
-	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && a.Flags&unix.IFA_F_SECONDARY == 0 && !slices.Contains(added, ip) {
-			return ip, nil
-		}
-	}
-	return netip.Addr{}, fmt.Errorf("%s: %w", h.name, ErrNoIPv4)
+	return h.primary(netlink.FAMILY_V4, ErrNoIPv4, func(a netlink.Addr) (netip.Addr, bool) {
+		ip, ok := netip.AddrFromSlice(a.IP.To4())
+		return ip, ok && a.Flags&unix.IFA_F_SECONDARY == 0
+	})
 }
 
 // PrimaryIPv6 returns the interface's first global IPv6 address that is
 // neither tentative (duplicate address detection still running) nor
 // deprecated, nor one the Iface added (or adopted).
 func (h *Iface) PrimaryIPv6() (netip.Addr, error) {
-	addrs, err := netlink.AddrList(h.link, netlink.FAMILY_V6)
+	return h.primary(netlink.FAMILY_V6, ErrNoIPv6, func(a netlink.Addr) (netip.Addr, bool) {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		return ip, ok && ip.Is6() && !ip.Is4In6() && ip.IsGlobalUnicast() &&
+			a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED|unix.IFA_F_DEPRECATED) == 0
+	})
+}
+
+// primary returns the interface's first address of family that candidate
+// takes and the Iface did not add (or adopt), else an error wrapping none.
+func (h *Iface) primary(family int, none error, candidate func(netlink.Addr) (netip.Addr, bool)) (netip.Addr, error) {
+	addrs, err := netlink.AddrList(h.link, family)
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("list addresses of %s: %w", h.name, err)
 	}
 	added := h.Added()
 	for _, a := range addrs {
-		ip, ok := netip.AddrFromSlice(a.IP)
-		if ok && ip.Is6() && !ip.Is4In6() && ip.IsGlobalUnicast() && !slices.Contains(added, ip) &&
-			a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED|unix.IFA_F_DEPRECATED) == 0 {
+		if ip, ok := candidate(a); ok && !slices.Contains(added, ip) {
 			return ip, nil
 		}
 	}
-	return netip.Addr{}, fmt.Errorf("%s: %w", h.name, ErrNoIPv6)
+	return netip.Addr{}, fmt.Errorf("%s: %w", h.name, none)
 }
 
 // IsLocal tells whether a is an address (IPv4 or IPv6) of any interface of
@@ -388,9 +389,10 @@ func (h *Iface) AttachedXDP() string {
 	return desc
 }
 
-// EphemeralPorts reads the kernel's ephemeral port range
-// (net.ipv4.ip_local_port_range, which IPv6 sockets use too).
-func EphemeralPorts() (lo, hi int, err error) {
+// EphemeralPorts reads the kernel's ephemeral port range of the calling
+// thread's network namespace (net.ipv4.ip_local_port_range, which IPv6
+// sockets use too).
+func EphemeralPorts() (lo, hi uint16, err error) {
 	raw, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
 	if err != nil {
 		return 0, 0, fmt.Errorf("read ephemeral port range: %w", err)
@@ -399,12 +401,12 @@ func EphemeralPorts() (lo, hi int, err error) {
 	if len(f) != 2 {
 		return 0, 0, fmt.Errorf("read ephemeral port range: unexpected %q", raw)
 	}
-	lo, err1 := strconv.Atoi(f[0])
-	hi, err2 := strconv.Atoi(f[1])
-	if err1 != nil || err2 != nil {
+	l, err1 := strconv.ParseUint(f[0], 10, 16)
+	h, err2 := strconv.ParseUint(f[1], 10, 16)
+	if err1 != nil || err2 != nil || l == 0 || l > h {
 		return 0, 0, fmt.Errorf("read ephemeral port range: unexpected %q", raw)
 	}
-	return lo, hi, nil
+	return uint16(l), uint16(h), nil
 }
 
 // CheckPortRange refuses source ports lo-hi on src when src is a local
@@ -420,7 +422,7 @@ func CheckPortRange(src netip.Addr, lo, hi uint16) error {
 	if err != nil {
 		return err
 	}
-	if int(lo) <= ehi && int(hi) >= elo {
+	if lo <= ehi && hi >= elo {
 		return fmt.Errorf("%w: source-ports %d-%d on %s, ephemeral %d-%d (net.ipv4.ip_local_port_range)", ErrPortOverlap, lo, hi, src, elo, ehi)
 	}
 	return nil

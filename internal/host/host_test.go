@@ -24,6 +24,24 @@ func newHostNS(t *testing.T, prefix string) *testnet.NS {
 	return ns
 }
 
+// mustDo runs fn inside ns and fails the test if fn fails.
+func mustDo(t *testing.T, ns *testnet.NS, fn func() error) {
+	t.Helper()
+	if err := ns.Do(fn); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// openEth0 opens eth0 inside ns.
+func openEth0(t *testing.T, ns *testnet.NS) (h *Iface) {
+	t.Helper()
+	mustDo(t, ns, func() (err error) {
+		h, err = Open("eth0")
+		return err
+	})
+	return h
+}
+
 // addrs lists eth0's IPv4 addresses inside ns.
 func addrs(t *testing.T, ns *testnet.NS) []string { return ns.IPv4Addrs(t, "eth0") }
 
@@ -31,17 +49,8 @@ func TestHostAddresses(t *testing.T) {
 	ns := newHostNS(t, "10.77.0.1/24")
 	primary := netip.MustParseAddr("10.77.0.1")
 	vip := netip.MustParseAddr("10.77.0.10")
-	var h *Iface
-	do := func(fn func() error) {
-		t.Helper()
-		if err := ns.Do(fn); err != nil {
-			t.Fatal(err)
-		}
-	}
-	do(func() (err error) {
-		h, err = Open("eth0")
-		return err
-	})
+	h := openEth0(t, ns)
+	do := func(fn func() error) { t.Helper(); mustDo(t, ns, fn) }
 	do(func() error {
 		got, err := h.PrimaryIPv4()
 		if err != nil {
@@ -52,32 +61,23 @@ func TestHostAddresses(t *testing.T) {
 		}
 		return nil
 	})
-	add := func(a netip.Addr, want bool) {
+	// change calls op, h.AddAddress or h.RemoveAddress, on a and checks
+	// whether it changed the interface.
+	change := func(name string, op func(netip.Addr) (bool, error), a netip.Addr, want bool) {
 		t.Helper()
 		do(func() error {
-			added, err := h.AddAddress(a)
+			changed, err := op(a)
 			if err != nil {
 				return err
 			}
-			if added != want {
-				t.Errorf("AddAddress(%s) added %v, want %v", a, added, want)
+			if changed != want {
+				t.Errorf("%s(%s) = %v, want %v", name, a, changed, want)
 			}
 			return nil
 		})
 	}
-	remove := func(a netip.Addr, want bool) {
-		t.Helper()
-		do(func() error {
-			removed, err := h.RemoveAddress(a)
-			if err != nil {
-				return err
-			}
-			if removed != want {
-				t.Errorf("RemoveAddress(%s) removed %v, want %v", a, removed, want)
-			}
-			return nil
-		})
-	}
+	add := func(a netip.Addr, want bool) { t.Helper(); change("AddAddress", h.AddAddress, a, want) }
+	remove := func(a netip.Addr, want bool) { t.Helper(); change("RemoveAddress", h.RemoveAddress, a, want) }
 	add(primary, false) // already the host's
 	add(vip, true)
 	add(vip, false) // now the host's
@@ -200,17 +200,8 @@ func TestHostIPv6(t *testing.T) {
 		}
 		return out
 	}
-	var h *Iface
-	do := func(fn func() error) {
-		t.Helper()
-		if err := ns.Do(fn); err != nil {
-			t.Fatal(err)
-		}
-	}
-	do(func() (err error) {
-		h, err = Open("eth0")
-		return err
-	})
+	h := openEth0(t, ns)
+	do := func(fn func() error) { t.Helper(); mustDo(t, ns, fn) }
 	do(func() error {
 		if _, err := h.PrimaryIPv6(); !errors.Is(err, ErrNoIPv6) {
 			t.Errorf("PrimaryIPv6 with only a link-local address: %v, want %v", err, ErrNoIPv6)
@@ -290,7 +281,7 @@ func TestHostPortRange(t *testing.T) {
 			t.Errorf("%s %d-%d: %v, want no error", tc.src, tc.lo, tc.hi, err)
 		}
 	}
-	var lo, hi int
+	var lo, hi uint16
 	if err := ns.Do(func() (err error) { lo, hi, err = EphemeralPorts(); return err }); err != nil || lo != 40000 || hi != 50000 {
 		t.Errorf("EphemeralPorts() = %d, %d, %v; want 40000, 50000", lo, hi, err)
 	}

@@ -39,12 +39,39 @@ type Changes struct {
 	members  map[string]*memberChange // by name
 }
 
-// serviceChange adds a service (spec), or removes one (spec nil).
-type serviceChange struct {
+// change adds an item (spec), changes the file's (base) or removes it
+// (spec nil).
+type change[T any] struct {
 	seq  int
-	base *config.Service // the file's service when the change was made
-	spec *config.Service
+	base *T // the file's item when the change was made; nil: none, it is added live
+	spec *T
 }
+
+// clone returns a deep copy of c, copying items with cloneItem.
+func (c *change[T]) clone(cloneItem func(*T) *T) *change[T] {
+	return &change[T]{seq: c.seq, base: cloneItem(c.base), spec: cloneItem(c.spec)}
+}
+
+// addedLive returns copies of the items the changes in cs add live (the
+// file has none such), in the order they were added; keep, if not nil,
+// chooses the changes by their key.
+func addedLive[K comparable, T any](cs map[K]*change[T], keep func(K) bool, cloneItem func(*T) *T) []T {
+	var added []*change[T]
+	for k, c := range cs {
+		if c.base == nil && c.spec != nil && (keep == nil || keep(k)) {
+			added = append(added, c)
+		}
+	}
+	slices.SortFunc(added, func(a, b *change[T]) int { return a.seq - b.seq })
+	out := make([]T, len(added))
+	for i, c := range added {
+		out[i] = *cloneItem(c.spec)
+	}
+	return out
+}
+
+// serviceChange adds a service (spec), or removes one (spec nil).
+type serviceChange = change[config.Service]
 
 // policyChange sets a file service's policy.
 type policyChange struct {
@@ -60,35 +87,27 @@ type backendKey struct {
 
 // backendChange adds or changes a backend of a file service (spec), or
 // removes one (spec nil).
-type backendChange struct {
-	seq  int
-	base *config.Backend // the file's backend
-	spec *config.Backend
-}
+type backendChange = change[config.Backend]
 
 // memberChange adds a chain member (spec), or removes one (spec nil).
-type memberChange struct {
-	seq  int
-	base *config.ChainMember
-	spec *config.ChainMember
-}
+type memberChange = change[config.ChainMember]
 
 // Clone returns a deep copy of c.
 func (c *Changes) Clone() *Changes {
 	out := &Changes{seq: c.seq}
 	out.init()
 	for k, v := range c.services {
-		out.services[k] = &serviceChange{seq: v.seq, base: cloneService(v.base), spec: cloneService(v.spec)}
+		out.services[k] = v.clone(cloneService)
 	}
 	for k, v := range c.policies {
 		cp := *v
 		out.policies[k] = &cp
 	}
 	for k, v := range c.backends {
-		out.backends[k] = &backendChange{seq: v.seq, base: cloneBackend(v.base), spec: cloneBackend(v.spec)}
+		out.backends[k] = v.clone(cloneBackend)
 	}
 	for k, v := range c.members {
-		out.members[k] = &memberChange{seq: v.seq, base: cloneMember(v.base), spec: cloneMember(v.spec)}
+		out.members[k] = v.clone(cloneMember)
 	}
 	return out
 }
@@ -130,7 +149,6 @@ func (c *Changes) Apply(file *config.Config) *config.Config {
 		if pc, ok := c.policies[key]; ok {
 			s.Policy = pc.policy
 		}
-		var added []*backendChange
 		kept := s.Backends[:0]
 		for _, b := range s.Backends {
 			bc, ok := c.backends[backendKey{key, b.Address}]
@@ -141,28 +159,10 @@ func (c *Changes) Apply(file *config.Config) *config.Config {
 				kept = append(kept, *cloneBackend(bc.spec))
 			}
 		}
-		s.Backends = kept
-		for k, bc := range c.backends {
-			if k.service == key && bc.base == nil && bc.spec != nil {
-				added = append(added, bc)
-			}
-		}
-		slices.SortFunc(added, func(a, b *backendChange) int { return a.seq - b.seq })
-		for _, bc := range added {
-			s.Backends = append(s.Backends, *cloneBackend(bc.spec))
-		}
+		s.Backends = append(kept, addedLive(c.backends, func(k backendKey) bool { return k.service == key }, cloneBackend)...)
 		out.Services = append(out.Services, s)
 	}
-	var added []*serviceChange
-	for _, sc := range c.services {
-		if sc.base == nil && sc.spec != nil {
-			added = append(added, sc)
-		}
-	}
-	slices.SortFunc(added, func(a, b *serviceChange) int { return a.seq - b.seq })
-	for _, sc := range added {
-		out.Services = append(out.Services, *cloneService(sc.spec))
-	}
+	out.Services = append(out.Services, addedLive(c.services, nil, cloneService)...)
 
 	out.Chain = nil
 	for i, m := range file.Chain {
@@ -174,16 +174,7 @@ func (c *Changes) Apply(file *config.Config) *config.Config {
 		}
 		out.Chain = append(out.Chain, *cloneMember(&file.Chain[i]))
 	}
-	var members []*memberChange
-	for _, mc := range c.members {
-		if mc.base == nil && mc.spec != nil {
-			members = append(members, mc)
-		}
-	}
-	slices.SortFunc(members, func(a, b *memberChange) int { return a.seq - b.seq })
-	for _, mc := range members {
-		out.Chain = append(out.Chain, *cloneMember(mc.spec))
-	}
+	out.Chain = append(out.Chain, addedLive(c.members, nil, cloneMember)...)
 	out.FillIn()
 	return &out
 }
@@ -536,49 +527,49 @@ func (c *Changes) List() []string {
 }
 
 func cloneService(s *config.Service) *config.Service {
-	if s == nil {
-		return nil
+	out := clonePtr(s)
+	if out != nil {
+		out.Backends = make([]config.Backend, len(s.Backends))
+		for i := range s.Backends {
+			out.Backends[i] = *cloneBackend(&s.Backends[i])
+		}
+		out.SourceAddresses = slices.Clone(s.SourceAddresses)
+		out.ManageVIP = clonePtr(s.ManageVIP)
+		out.Health = cloneHealth(s.Health)
 	}
-	out := *s
-	out.Backends = make([]config.Backend, len(s.Backends))
-	for i := range s.Backends {
-		out.Backends[i] = *cloneBackend(&s.Backends[i])
-	}
-	out.SourceAddresses = slices.Clone(s.SourceAddresses)
-	out.Health = cloneHealth(s.Health)
-	return &out
+	return out
 }
 
 func cloneBackend(b *config.Backend) *config.Backend {
-	if b == nil {
-		return nil
+	out := clonePtr(b)
+	if out != nil {
+		out.Health = cloneHealth(b.Health)
 	}
-	out := *b
-	out.Health = cloneHealth(b.Health)
-	return &out
+	return out
 }
 
 func cloneHealth(h *config.Health) *config.Health {
-	if h == nil {
-		return nil
+	out := clonePtr(h)
+	if out != nil {
+		out.ResetEstablished = clonePtr(h.ResetEstablished)
 	}
-	out := *h
-	if h.ResetEstablished != nil {
-		v := *h.ResetEstablished
-		out.ResetEstablished = &v
-	}
-	return &out
+	return out
 }
 
 func cloneMember(m *config.ChainMember) *config.ChainMember {
-	if m == nil {
+	out := clonePtr(m)
+	if out != nil {
+		out.Priority = clonePtr(m.Priority)
+		out.ContinueOn = slices.Clone(m.ContinueOn)
+	}
+	return out
+}
+
+// clonePtr returns a copy of *p in memory of its own, or nil if p is nil.
+func clonePtr[T any](p *T) *T {
+	if p == nil {
 		return nil
 	}
-	out := *m
-	if m.Priority != nil {
-		p := *m.Priority
-		out.Priority = &p
-	}
-	out.ContinueOn = slices.Clone(m.ContinueOn)
-	return &out
+	v := *p
+	return &v
 }

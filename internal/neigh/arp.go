@@ -160,11 +160,22 @@ func (k *Keeper) socket(ctx context.Context, g *errgroup.Group, key sockKey) (*l
 // read takes the ARP packets the socket receives until it is closed, and
 // records those of next hops.
 func (k *Keeper) read(ctx context.Context, s *linkSocket) {
+	s.receive(ctx, 128, func(b []byte, _ *unix.SockaddrLinklayer) {
+		if isIPv4ARP(b) {
+			k.answered(s.ifindex, netip.AddrFrom4([4]byte(b[14:18])), net.HardwareAddr(b[8:14]))
+		}
+	})
+}
+
+// receive hands fn each frame of at most size bytes that the socket
+// receives from the link (not those the host sends), with its link-layer
+// source, until ctx ends or the socket is closed.
+func (s *linkSocket) receive(ctx context.Context, size int, fn func(b []byte, from *unix.SockaddrLinklayer)) {
 	rc, err := s.f.SyscallConn()
 	if err != nil {
 		return
 	}
-	buf := make([]byte, 128)
+	buf := make([]byte, size)
 	for ctx.Err() == nil {
 		var n int
 		var from unix.Sockaddr
@@ -176,18 +187,11 @@ func (k *Keeper) read(ctx context.Context, s *linkSocket) {
 		if err != nil {
 			return // closed
 		}
-		if rerr != nil {
+		ll, ok := from.(*unix.SockaddrLinklayer)
+		if rerr != nil || !ok || ll.Pkttype == unix.PACKET_OUTGOING {
 			continue
 		}
-		if ll, ok := from.(*unix.SockaddrLinklayer); ok && ll.Pkttype == unix.PACKET_OUTGOING {
-			continue
-		}
-		b := buf[:n]
-		if !isIPv4ARP(b) {
-			continue
-		}
-		spa := netip.AddrFrom4([4]byte(b[14:18]))
-		k.answered(s.ifindex, spa, net.HardwareAddr(b[8:14]))
+		fn(buf[:n], ll)
 	}
 }
 

@@ -120,29 +120,9 @@ func icmp6Checksum(src, dst, m []byte) uint16 {
 // sender; the MAC is the message's link-layer address option, or the
 // frame's source.
 func (k *Keeper) readNDP(ctx context.Context, s *linkSocket) {
-	rc, err := s.f.SyscallConn()
-	if err != nil {
-		return
-	}
-	buf := make([]byte, 256)
-	for ctx.Err() == nil {
-		var n int
-		var from unix.Sockaddr
-		var rerr error
-		err := rc.Read(func(fd uintptr) bool {
-			n, from, rerr = unix.Recvfrom(int(fd), buf, 0)
-			return !errors.Is(rerr, unix.EAGAIN)
-		})
-		if err != nil {
-			return // closed
-		}
-		ll, ok := from.(*unix.SockaddrLinklayer)
-		if rerr != nil || !ok || ll.Pkttype == unix.PACKET_OUTGOING || n < ipv6HeaderLen+24 {
-			continue
-		}
-		b := buf[:n]
-		if b[0]>>4 != 6 || b[6] != protoICMPv6 || b[7] != ndpHopLimit {
-			continue
+	s.receive(ctx, 256, func(b []byte, from *unix.SockaddrLinklayer) {
+		if len(b) < ipv6HeaderLen+24 || b[0]>>4 != 6 || b[6] != protoICMPv6 || b[7] != ndpHopLimit {
+			return
 		}
 		m := b[ipv6HeaderLen:]
 		var who netip.Addr
@@ -153,12 +133,12 @@ func (k *Keeper) readNDP(ctx context.Context, s *linkSocket) {
 		case icmp6NS:
 			who, opt = netip.AddrFrom16([16]byte(b[8:24])), optSourceLLA
 		default:
-			continue
+			return
 		}
 		if who.IsUnspecified() {
-			continue // duplicate address detection
+			return // duplicate address detection
 		}
-		mac := net.HardwareAddr(ll.Addr[:6])
+		mac := net.HardwareAddr(from.Addr[:6])
 		for o := m[24:]; len(o) >= 8 && o[1] > 0 && int(o[1])*8 <= len(o); o = o[int(o[1])*8:] {
 			if o[0] == opt {
 				mac = net.HardwareAddr(o[2:8])
@@ -166,5 +146,5 @@ func (k *Keeper) readNDP(ctx context.Context, s *linkSocket) {
 			}
 		}
 		k.answered(s.ifindex, who, mac)
-	}
+	})
 }

@@ -52,6 +52,46 @@ func waitUntil(t *testing.T, what string, limit time.Duration, cond func() bool)
 	return time.Since(start)
 }
 
+// newKeeper makes a Keeper in host lb's namespace, logging at debug
+// level, and a netlink handle there to read the kernel's entries with;
+// the test's cleanup closes them. onChange may be nil.
+func newKeeper(t *testing.T, lb *testnet.Host, onChange func()) (*Keeper, *netlink.Handle) {
+	t.Helper()
+	ns, err := netns.GetFromPath(lb.NS.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	nl, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nl.Close)
+	k, err := New(Options{
+		NetNS:    ns,
+		OnChange: onChange,
+		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.Close() })
+	return k, nl
+}
+
+// runKeeper runs k until the test ends, and fails the test if Run fails.
+func runKeeper(t *testing.T, k *Keeper) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var g errgroup.Group
+	g.Go(func() error { return k.Run(ctx) })
+	t.Cleanup(func() {
+		cancel()
+		if err := g.Wait(); err != nil {
+			t.Error(err)
+		}
+	})
+}
+
 // TestKeeper runs a Keeper in a load balancer's namespace on a LAN and
 // re-creates, removes and brings back a backend, with the default probe
 // interval and misses.
@@ -59,27 +99,8 @@ func TestKeeper(t *testing.T) {
 	testnet.RequirePrivileged(t)
 	lan := testnet.NewLAN(t, testnet.LANOptions{Hosts: []string{"lb", "backend", "static"}})
 	lb, be, st := lan.Host("lb"), lan.Host("backend"), lan.Host("static")
-	ns, err := netns.GetFromPath(lb.NS.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	nl, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nl.Close()
-
 	var changes atomic.Int32
-	k, err := New(Options{
-		NetNS:    ns,
-		OnChange: func() { changes.Add(1) },
-		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer k.Close()
+	k, nl := newKeeper(t, lb, func() { changes.Add(1) })
 	// A static entry with a made-up MAC: the Keeper must leave it alone.
 	fake := net.HardwareAddr{0x02, 0, 0, 0, 0, 0x42}
 	if err := nl.NeighSet(&netlink.Neigh{LinkIndex: lb.Index, Family: netlink.FAMILY_V4, IP: st.IP.AsSlice(),
@@ -88,15 +109,7 @@ func TestKeeper(t *testing.T) {
 	}
 	noRoute := netip.MustParseAddr("192.0.2.1")
 	k.SetTargets([]netip.Addr{be.IP, st.IP, noRoute})
-	ctx, cancel := context.WithCancel(context.Background())
-	var g errgroup.Group
-	g.Go(func() error { return k.Run(ctx) })
-	defer func() {
-		cancel()
-		if err := g.Wait(); err != nil {
-			t.Error(err)
-		}
-	}()
+	runKeeper(t, k)
 
 	status := func(a netip.Addr) Status {
 		s, ok := k.Status(a)
@@ -190,31 +203,9 @@ func TestKeeperIPv6(t *testing.T) {
 	testnet.RequirePrivileged(t)
 	lan := testnet.NewLAN(t, testnet.LANOptions{Hosts: []string{"lb", "backend"}})
 	lb, be := lan.Host("lb"), lan.Host("backend")
-	ns, err := netns.GetFromPath(lb.NS.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	nl, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nl.Close()
-	k, err := New(Options{NetNS: ns, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer k.Close()
+	k, nl := newKeeper(t, lb, nil)
 	k.SetTargets([]netip.Addr{be.IP6})
-	ctx, cancel := context.WithCancel(context.Background())
-	var g errgroup.Group
-	g.Go(func() error { return k.Run(ctx) })
-	defer func() {
-		cancel()
-		if err := g.Wait(); err != nil {
-			t.Error(err)
-		}
-	}()
+	runKeeper(t, k)
 	status := func() Status {
 		s, ok := k.Status(be.IP6)
 		if !ok {

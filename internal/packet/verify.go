@@ -66,34 +66,27 @@ func Verify(b []byte) error {
 		return nil
 	}
 	var layer string
-	var at int // offset of the checksum field in the L4 header
+	var at, hlen int // offset of the checksum field in the L4 header, and the header's length
 	var pseudo bool
 	switch p.proto {
 	case ProtoTCP:
-		layer, at, pseudo = "tcp", 16, true
-		if len(p.l4) < 20 {
-			return fmt.Errorf("verify tcp: %d bytes: %w", len(p.l4), ErrTruncated)
-		}
+		layer, at, hlen, pseudo = "tcp", 16, 20, true
 	case ProtoUDP:
-		layer, at, pseudo = "udp", 6, true
-		if len(p.l4) < 8 {
-			return fmt.Errorf("verify udp: %d bytes: %w", len(p.l4), ErrTruncated)
-		}
+		layer, at, hlen, pseudo = "udp", 6, 8, true
+	case ProtoICMP:
+		layer, at, hlen = "icmp", 2, 4
+	case ProtoICMPv6:
+		layer, at, hlen, pseudo = "icmpv6", 2, 4, true
+	default:
+		return fmt.Errorf("verify ip protocol %d: %w", p.proto, ErrUnsupported)
+	}
+	if len(p.l4) < hlen {
+		return fmt.Errorf("verify %s: %d bytes: %w", layer, len(p.l4), ErrTruncated)
+	}
+	if p.proto == ProtoUDP {
 		if l := int(binary.BigEndian.Uint16(p.l4[4:])); l != len(p.l4) {
 			return fmt.Errorf("verify udp: length %d, ip payload %d: %w", l, len(p.l4), ErrMalformed)
 		}
-	case ProtoICMP:
-		layer, at = "icmp", 2
-		if len(p.l4) < 4 {
-			return fmt.Errorf("verify icmp: %d bytes: %w", len(p.l4), ErrTruncated)
-		}
-	case ProtoICMPv6:
-		layer, at, pseudo = "icmpv6", 2, true
-		if len(p.l4) < 4 {
-			return fmt.Errorf("verify icmpv6: %d bytes: %w", len(p.l4), ErrTruncated)
-		}
-	default:
-		return fmt.Errorf("verify ip protocol %d: %w", p.proto, ErrUnsupported)
 	}
 
 	var s uint32
