@@ -7,38 +7,14 @@ import (
 	"unsafe"
 )
 
-// connHead mirrors the fields struct xlb_conn and struct xlb_conn6 share,
-// at the start of both (programs/include/xlb_structs.h); TestTableHeads
-// checks the offsets against the generated types.
-type connHead struct {
-	Seq       uint32
-	Flags     uint32
-	LastSeenJ uint64
-	BackendId uint32
-	SeqDelta  uint32
-	IsnB      uint32
-	AckC      uint32
-	SrcIdx    uint32
-	Bport     uint16
-	Lport     uint16
-}
-
-// rconnHead mirrors the fields struct xlb_rconn and struct xlb_rconn6
-// share.
-type rconnHead struct {
-	State     uint32
-	Flags     uint16
-	Bport     uint16
-	Cport     uint16
-	Vport     uint16
-	LastSeenJ uint32
-	BackendId uint32
-	NhJ       uint32
-	SeqDelta  uint32
-	TwSeq     uint32
-	AckB      uint32
-	Nh        xlbXlbNh
-}
+// connHead is the head struct xlb_conn and struct xlb_conn6 share, at the
+// start of both (XLB_CONN_HEAD in programs/include/xlb_structs.h), and
+// rconnHead the one struct xlb_rconn and struct xlb_rconn6 share;
+// TestTableHeads checks that the generated types lie over all four.
+type (
+	connHead  = xlbXlbConnHead
+	rconnHead = xlbXlbRconnHead
+)
 
 // layout is where a family's slots keep their addresses: offsets in a
 // connection slot (the flow key's fields, the source address, the

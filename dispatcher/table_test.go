@@ -6,9 +6,9 @@ import (
 	"testing"
 )
 
-// TestTableHeads checks that connHead and rconnHead lie over the first
-// fields of both families' generated slot types, field by field: the
-// daemon reads and writes slots through them.
+// TestTableHeads checks that the generated heads (connHead, rconnHead)
+// lie over the first fields of both families' generated slot types, field
+// by field: the daemon reads and writes slots through them.
 func TestTableHeads(t *testing.T) {
 	for _, c := range []struct {
 		head  any

@@ -109,6 +109,20 @@ const (
 	xlbXlbConnFlagXLB_CF_DEAD   xlbXlbConnFlag = 2147483648
 )
 
+type xlbXlbConnHead struct {
+	_         structs.HostLayout
+	Seq       uint32
+	Flags     uint32
+	LastSeenJ uint64
+	BackendId uint32
+	SeqDelta  uint32
+	IsnB      uint32
+	AckC      uint32
+	SrcIdx    uint32
+	Bport     uint16
+	Lport     uint16
+}
+
 type xlbXlbCtState uint32
 
 const (
@@ -250,6 +264,22 @@ const (
 	xlbXlbRconnFlagXLB_RF_TW_SEQ xlbXlbRconnFlag = 1
 	xlbXlbRconnFlagXLB_RF_UDP    xlbXlbRconnFlag = 2
 )
+
+type xlbXlbRconnHead struct {
+	_         structs.HostLayout
+	State     uint32
+	Flags     uint16
+	Bport     uint16
+	Cport     uint16
+	Vport     uint16
+	LastSeenJ uint32
+	BackendId uint32
+	NhJ       uint32
+	SeqDelta  uint32
+	TwSeq     uint32
+	AckB      uint32
+	Nh        xlbXlbNh
+}
 
 type xlbXlbSelMode uint32
 
@@ -427,6 +457,7 @@ const (
 	xlbProgXlbRewrite6    = "xlb_rewrite6"
 	xlbProgXlbSelect      = "xlb_select"
 	xlbProgXlbSelect6     = "xlb_select6"
+	xlbVarUnusedChead     = "unused_chead"
 	xlbVarUnusedCt        = "unused_ct"
 	xlbVarUnusedDir       = "unused_dir"
 	xlbVarUnusedFlag      = "unused_flag"
@@ -435,6 +466,7 @@ const (
 	xlbVarUnusedPkt       = "unused_pkt"
 	xlbVarUnusedPstate    = "unused_pstate"
 	xlbVarUnusedRflag     = "unused_rflag"
+	xlbVarUnusedRhead     = "unused_rhead"
 	xlbVarUnusedSrc       = "unused_src"
 	xlbVarUnusedStage     = "unused_stage"
 	xlbVarUnusedStat      = "unused_stat"
@@ -540,6 +572,7 @@ type xlbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type xlbVariableSpecs struct {
+	UnusedChead     *ebpf.VariableSpec `ebpf:"unused_chead"`
 	UnusedCt        *ebpf.VariableSpec `ebpf:"unused_ct"`
 	UnusedDir       *ebpf.VariableSpec `ebpf:"unused_dir"`
 	UnusedFlag      *ebpf.VariableSpec `ebpf:"unused_flag"`
@@ -548,6 +581,7 @@ type xlbVariableSpecs struct {
 	UnusedPkt       *ebpf.VariableSpec `ebpf:"unused_pkt"`
 	UnusedPstate    *ebpf.VariableSpec `ebpf:"unused_pstate"`
 	UnusedRflag     *ebpf.VariableSpec `ebpf:"unused_rflag"`
+	UnusedRhead     *ebpf.VariableSpec `ebpf:"unused_rhead"`
 	UnusedSrc       *ebpf.VariableSpec `ebpf:"unused_src"`
 	UnusedStage     *ebpf.VariableSpec `ebpf:"unused_stage"`
 	UnusedStat      *ebpf.VariableSpec `ebpf:"unused_stat"`
@@ -653,6 +687,7 @@ func (m *xlbMaps) Close() error {
 //
 // It can be passed to loadXlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type xlbVariables struct {
+	UnusedChead     *ebpf.Variable `ebpf:"unused_chead"`
 	UnusedCt        *ebpf.Variable `ebpf:"unused_ct"`
 	UnusedDir       *ebpf.Variable `ebpf:"unused_dir"`
 	UnusedFlag      *ebpf.Variable `ebpf:"unused_flag"`
@@ -661,6 +696,7 @@ type xlbVariables struct {
 	UnusedPkt       *ebpf.Variable `ebpf:"unused_pkt"`
 	UnusedPstate    *ebpf.Variable `ebpf:"unused_pstate"`
 	UnusedRflag     *ebpf.Variable `ebpf:"unused_rflag"`
+	UnusedRhead     *ebpf.Variable `ebpf:"unused_rhead"`
 	UnusedSrc       *ebpf.Variable `ebpf:"unused_src"`
 	UnusedStage     *ebpf.Variable `ebpf:"unused_stage"`
 	UnusedStat      *ebpf.Variable `ebpf:"unused_stat"`

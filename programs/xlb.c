@@ -54,6 +54,8 @@ const struct xlb_vip_port *unused_vport __attribute__((unused));
 const struct xlb_src_slot *unused_src __attribute__((unused));
 const struct xlb_trusted *unused_synok __attribute__((unused));
 const struct xlb_traffic *unused_traffic __attribute__((unused));
+const struct xlb_conn_head *unused_chead __attribute__((unused));
+const struct xlb_rconn_head *unused_rhead __attribute__((unused));
 
 /* xlb_clock publishes the data path's clock (jiffies) in xlb_now; the
  * daemon runs it with BPF_PROG_TEST_RUN to age connections. */

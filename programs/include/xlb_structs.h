@@ -54,50 +54,81 @@ struct xlb_backend_stats {
 	struct xlb_nh nh; /* towards the backend, shared by its new connections */
 };
 
+/* The fields struct xlb_conn and struct xlb_conn6 start with, at the same
+ * offsets, so the daemon reads both families' slots through one type,
+ * struct xlb_conn_head:
+ * - seq: even: stable; odd: being written. Taken by compare-and-swap;
+ * - flags: enum xlb_conn_flag, set with atomic or; 0: free slot;
+ * - last_seen_j: last client packet, jiffies;
+ * - seq_delta: the backend-side ISN minus the client's, added to the
+ *   client's sequence numbers, taken from the backend's acknowledgements;
+ * - isn_b: the backend's ISN, from its SYN-ACK;
+ * - ack_c: the client's latest acknowledgement (backend sequence space);
+ * - src_idx: index of laddr in xlb_src;
+ * - lport: the source port towards the backend. */
+#define XLB_CONN_HEAD      \
+	__u32 seq;         \
+	__u32 flags;       \
+	__u64 last_seen_j; \
+	__u32 backend_id;  \
+	__u32 seq_delta;   \
+	__u32 isn_b;       \
+	__u32 ack_c;       \
+	__u32 src_idx;     \
+	__be16 bport;      \
+	__be16 lport
+
+struct xlb_conn_head {
+	XLB_CONN_HEAD;
+};
+
 /* A slot of xlb_conns, the connection table: a client flow and how to
  * rewrite its packets. One cache line. See docs/stage-abi.md for the
  * protocol that lets CPUs and the daemon share slots without locks. The
- * fields up to lport are the same in struct xlb_conn6, at the same
- * offsets (the daemon reads both families' slots through them); the
- * addresses come after. */
+ * head is struct xlb_conn_head's; the addresses come after. */
 struct xlb_conn {
-	__u32 seq;         /* even: stable; odd: being written. Taken by compare-and-swap */
-	__u32 flags;       /* enum xlb_conn_flag, set with atomic or; 0: free slot */
-	__u64 last_seen_j; /* last client packet, jiffies */
-	__u32 backend_id;
-	/* The backend-side ISN minus the client's: added to the client's
-	 * sequence numbers, taken from the backend's acknowledgements. */
-	__u32 seq_delta;
-	__u32 isn_b;   /* the backend's ISN, from its SYN-ACK */
-	__u32 ack_c;   /* the client's latest acknowledgement (backend sequence space) */
-	__u32 src_idx; /* index of laddr in xlb_src */
-	__be16 bport;
-	__be16 lport; /* the source port towards the backend */
+	XLB_CONN_HEAD;
 	struct xlb_flow key;
 	__be32 laddr; /* the source address towards the backend */
 	__be32 baddr; /* backend */
 };
 
+/* The fields struct xlb_rconn and struct xlb_rconn6 start with, at the
+ * same offsets, as struct xlb_rconn_head:
+ * - state: enum xlb_port_state, claimed with compare-and-swap;
+ * - flags: enum xlb_rconn_flag;
+ * - bport, cport, vport: the backend holding the way, the client, the VIP;
+ * - last_seen_j: low 32 bits of the jiffies of the last backend packet;
+ *   in XLB_PS_HOLD, when the hold began (late packets of the ended
+ *   connection extend it);
+ * - nh_j: low 32 bits of the jiffies when nh was looked up;
+ * - seq_delta: as in struct xlb_conn;
+ * - tw_seq: see XLB_RF_TW_SEQ;
+ * - ack_b: the backend's latest acknowledgement (backend sequence space);
+ * - nh: towards the client. */
+#define XLB_RCONN_HEAD     \
+	__u32 state;       \
+	__u16 flags;       \
+	__be16 bport;      \
+	__be16 cport;      \
+	__be16 vport;      \
+	__u32 last_seen_j; \
+	__u32 backend_id;  \
+	__u32 nh_j;        \
+	__u32 seq_delta;   \
+	__u32 tw_seq;      \
+	__u32 ack_b;       \
+	struct xlb_nh nh
+
+struct xlb_rconn_head {
+	XLB_RCONN_HEAD;
+};
+
 /* Value of xlb_ports, one way of a source port: the return side of a
  * connection, how to rewrite the backend's replies. One cache line. The
- * fields up to nh are the same in struct xlb_rconn6, at the same offsets;
- * the addresses come after. */
+ * head is struct xlb_rconn_head's; the addresses come after. */
 struct xlb_rconn {
-	__u32 state;  /* enum xlb_port_state, claimed with compare-and-swap */
-	__u16 flags;  /* enum xlb_rconn_flag */
-	__be16 bport; /* the backend holding the way */
-	__be16 cport; /* client */
-	__be16 vport; /* VIP */
-	/* Low 32 bits of the jiffies of the last backend packet; in
-	 * XLB_PS_HOLD, when the hold began (late packets of the ended
-	 * connection extend it). */
-	__u32 last_seen_j;
-	__u32 backend_id;
-	__u32 nh_j;       /* low 32 bits of the jiffies when nh was looked up */
-	__u32 seq_delta;  /* as in struct xlb_conn */
-	__u32 tw_seq;     /* see XLB_RF_TW_SEQ */
-	__u32 ack_b;      /* the backend's latest acknowledgement (backend sequence space) */
-	struct xlb_nh nh; /* towards the client */
+	XLB_RCONN_HEAD;
 	__be32 baddr;
 	__be32 caddr;
 	__be32 vaddr;
@@ -157,18 +188,9 @@ struct xlb_backend6 {
 };
 
 /* A slot of xlb_conns6: struct xlb_conn for an IPv6 flow, the same
- * fields up to lport. Two cache lines. */
+ * head. Two cache lines. */
 struct xlb_conn6 {
-	__u32 seq;
-	__u32 flags;
-	__u64 last_seen_j;
-	__u32 backend_id;
-	__u32 seq_delta;
-	__u32 isn_b;
-	__u32 ack_c;
-	__u32 src_idx;
-	__be16 bport;
-	__be16 lport;
+	XLB_CONN_HEAD;
 	struct xlb_flow6 key;
 	__u32 laddr[4];
 	__u32 baddr[4];
@@ -176,20 +198,9 @@ struct xlb_conn6 {
 };
 
 /* Value of xlb_ports6: struct xlb_rconn for an IPv6 connection, the same
- * fields up to nh. Two cache lines. */
+ * head. Two cache lines. */
 struct xlb_rconn6 {
-	__u32 state;
-	__u16 flags;
-	__be16 bport;
-	__be16 cport;
-	__be16 vport;
-	__u32 last_seen_j;
-	__u32 backend_id;
-	__u32 nh_j;
-	__u32 seq_delta;
-	__u32 tw_seq;
-	__u32 ack_b;
-	struct xlb_nh nh;
+	XLB_RCONN_HEAD;
 	__u32 baddr[4];
 	__u32 caddr[4];
 	__u32 vaddr[4];
