@@ -92,7 +92,7 @@ func TestChainEndToEnd(t *testing.T) {
 			t.Fatal("client2 reached the VIP through a filter that denies it")
 		}
 		for i := range 20 {
-			if _, err := get(t, c1, url); err != nil {
+			if _, err := testnet.Get(t.Context(), c1, url); err != nil {
 				t.Fatalf("client1 request %d: %v", i, err)
 			}
 		}
@@ -122,7 +122,7 @@ func TestChainEndToEnd(t *testing.T) {
 		}
 		before := count()
 		for i := range 20 {
-			if _, err := get(t, c1, url); err != nil {
+			if _, err := testnet.Get(t.Context(), c1, url); err != nil {
 				t.Fatalf("client1 request %d: %v", i, err)
 			}
 		}
@@ -149,7 +149,7 @@ func TestChainEndToEnd(t *testing.T) {
 				defer wg.Done()
 				c := tp.c1.NS.HTTPClient(w%2 == 0)
 				for ctx.Err() == nil {
-					if _, err := get(t, c, url); err != nil {
+					if _, err := testnet.Get(t.Context(), c, url); err != nil {
 						if ctx.Err() != nil {
 							return
 						}
@@ -223,7 +223,7 @@ func TestChainEndToEnd(t *testing.T) {
 		if after := list(t); after != before {
 			t.Errorf("chain changed by refused requests:\n%s\nwas\n%s", after, before)
 		}
-		if _, err := get(t, c1, url); err != nil {
+		if _, err := testnet.Get(t.Context(), c1, url); err != nil {
 			t.Errorf("client1 after refusals: %v", err)
 		}
 	})

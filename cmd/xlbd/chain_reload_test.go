@@ -65,7 +65,7 @@ func TestChainReload(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 		for i := 0; i < 10; i++ {
-			if _, err := get(t, c, "http://"+tp.vip.String()+"/"); err != nil {
+			if _, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/"); err != nil {
 				t.Fatalf("request after reload to %q: %v", want, err)
 			}
 		}

@@ -364,7 +364,7 @@ func TestConfigPrecedence(t *testing.T) {
 			if got := lbState(t, ct.lb).XDP; got != tt.want || st.XdpMode != tt.want {
 				t.Errorf("attached %q, status says %q, want %q", got, st.XdpMode, tt.want)
 			}
-			if b, err := get(t, ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil || b != "backend-a" {
+			if b, err := testnet.Get(t.Context(), ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil || b != "backend-a" {
 				t.Errorf("request through the vip: %q, %v", b, err)
 			}
 			if err := ct.d.Stop(); err != nil {

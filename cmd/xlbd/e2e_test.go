@@ -57,25 +57,6 @@ func newTopo(t testing.TB, mode string, extra ...string) *topo {
 	return tp
 }
 
-func get(t testing.TB, c *http.Client, url string) (string, error) {
-	resp, err := c.Get(url)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("status %s", resp.Status)
-	}
-	if h := resp.Header.Get(testnet.BackendHeader); h != string(body) {
-		return "", fmt.Errorf("header %q and body %q disagree", h, body)
-	}
-	return string(body), nil
-}
-
 func (tp *topo) counters(t testing.TB) map[string]uint64 {
 	st, err := tp.d.Client().Status(context.Background())
 	if err != nil {
@@ -115,7 +96,7 @@ func (tp *topo) testBothBackends(t *testing.T) {
 	c := tp.c1.NS.HTTPClient(false)
 	seen := map[string]int{}
 	for i := 0; i < 40; i++ {
-		b, err := get(t, c, "http://"+tp.vip.String()+"/")
+		b, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/")
 		if err != nil {
 			t.Fatalf("request %d: %v", i, err)
 		}
@@ -235,7 +216,7 @@ func getMany(t testing.TB, clients []*http.Client, urls []string, n, workers int
 			defer wg.Done()
 			for i := range work {
 				start := time.Now()
-				b, err := get(t, c, url)
+				b, err := testnet.Get(t.Context(), c, url)
 				took := time.Since(start)
 				mu.Lock()
 				if err != nil {
@@ -261,14 +242,14 @@ func (tp *topo) testHostTraffic(t *testing.T) {
 	// The load balancer host talks to a backend itself...
 	c := tp.lb.NS.HTTPClient(false)
 	for i := 0; i < 20; i++ {
-		b, err := get(t, c, fmt.Sprintf("http://%s:%d/", tp.ba.IP, backendPort))
+		b, err := testnet.Get(t.Context(), c, fmt.Sprintf("http://%s:%d/", tp.ba.IP, backendPort))
 		if err != nil || b != "backend-a" {
 			t.Fatalf("lb -> backend-a request %d: %q, %v", i, b, err)
 		}
 	}
 	// ...and keeps its own services (like SSH) on its address.
 	own := tp.lb.NS.ServeHTTP(t, tp.lb.IP.String()+":2222", "lb-itself")
-	b, err := get(t, tp.c1.NS.HTTPClient(false), "http://"+own.String()+"/")
+	b, err := testnet.Get(t.Context(), tp.c1.NS.HTTPClient(false), "http://"+own.String()+"/")
 	if err != nil || b != "lb-itself" {
 		t.Fatalf("client -> lb's own service: %q, %v", b, err)
 	}

@@ -187,7 +187,7 @@ func TestPolicySwapLive(t *testing.T) {
 		seen := map[string]int{}
 		c := tp.c2.NS.HTTPClient(false)
 		for i := 0; i < 40; i++ {
-			b, err := get(t, c, "http://"+tp.vip.String()+"/")
+			b, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -213,7 +213,7 @@ func TestPolicySwapLive(t *testing.T) {
 				defer wg.Done()
 				c := tp.c1.NS.HTTPClient(false)
 				for ctx.Err() == nil {
-					_, err := get(t, c, "http://"+tp.vip.String()+"/")
+					_, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/")
 					mu.Lock()
 					if err != nil {
 						failures = append(failures, err)
@@ -316,7 +316,7 @@ func TestThirdPartyPolicy(t *testing.T) {
 	seen := map[string]int{}
 	c := tp.c1.NS.HTTPClient(false)
 	for i := 0; i < 40; i++ {
-		b, err := get(t, c, "http://"+tp.vip.String()+"/")
+		b, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -363,7 +363,7 @@ func TestPolicyRefused(t *testing.T) {
 			}
 			c := tp.c1.NS.HTTPClient(false)
 			for i := 0; i < 10; i++ {
-				if _, err := get(t, c, "http://"+tp.vip.String()+"/"); err != nil {
+				if _, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/"); err != nil {
 					t.Fatalf("traffic after a refused swap: %v", err)
 				}
 			}
@@ -476,7 +476,7 @@ func TestPolicyPerService(t *testing.T) {
 	}
 	c := ct.c1.NS.HTTPClient(false)
 	for _, vip := range []netip.AddrPort{ct.vip, second} {
-		if _, err := get(t, c, "http://"+vip.String()+"/"); err != nil {
+		if _, err := testnet.Get(t.Context(), c, "http://"+vip.String()+"/"); err != nil {
 			t.Fatalf("request to %s: %v", vip, err)
 		}
 	}

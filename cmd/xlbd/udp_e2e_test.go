@@ -110,7 +110,7 @@ services:
 		t.Errorf("answers by backend %v, want both", by)
 	}
 	// TCP on the other VIP is unaffected.
-	if _, err := get(t, ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil {
+	if _, err := testnet.Get(t.Context(), ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil {
 		t.Errorf("tcp beside udp: %v", err)
 	}
 

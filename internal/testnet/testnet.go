@@ -14,6 +14,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -441,6 +442,33 @@ func (ns *NS) ServeHTTP(t TB, addr, body string) netip.AddrPort {
 	})
 	ap := l.Addr().(*net.TCPAddr).AddrPort()
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// Get sends a GET request for url with c and returns the body of the
+// answer: the name of the backend, from a ServeHTTP server. Anything but
+// 200 OK with a BackendHeader equal to the body is an error, so an answer
+// from another server is never taken for a backend's.
+func Get(ctx context.Context, c *http.Client, url string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("status %s", resp.Status)
+	}
+	if h := resp.Header.Get(BackendHeader); h != string(body) {
+		return "", fmt.Errorf("header %q and body %q disagree", h, body)
+	}
+	return string(body), nil
 }
 
 func randomSuffix() string {
