@@ -199,20 +199,7 @@ func TestInstall(t *testing.T) {
 		exitErr = cmd.Wait()
 		close(done)
 	}()
-	t.Cleanup(func() {
-		select {
-		case <-done:
-			return
-		default:
-		}
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	})
+	t.Cleanup(func() { xlbtest.Terminate(cmd.Process, done) })
 	defer func() {
 		if t.Failed() {
 			t.Logf("xlbd output:\n%s", out)

@@ -259,19 +259,26 @@ func (d *Daemon) Exited() (bool, error) {
 
 // Stop ends xlbd: SIGTERM, then SIGKILL after 5 s. It returns the exit error.
 func (d *Daemon) Stop() error {
+	Terminate(d.cmd.Process, d.done)
+	return d.err
+}
+
+// Terminate ends process p, whose waiter closes done once it has exited:
+// SIGTERM, then SIGKILL after 5 s. It returns when done is closed, at once
+// if it already is.
+func Terminate(p *os.Process, done <-chan struct{}) {
 	select {
-	case <-d.done:
-		return d.err
+	case <-done:
+		return
 	default:
 	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	_ = p.Signal(syscall.SIGTERM)
 	select {
-	case <-d.done:
+	case <-done:
 	case <-time.After(5 * time.Second):
-		_ = d.cmd.Process.Kill()
-		<-d.done
+		_ = p.Kill()
+		<-done
 	}
-	return d.err
 }
 
 // ProcessGone reports whether process pid has exited: it is gone, or a
