@@ -45,16 +45,13 @@ func TestChainEndToEnd(t *testing.T) {
 		"-I/usr/include/x86_64-linux-gnu", "-c", "testdata/chain_icmp_count.c", "-o", counterObj).CombinedOutput(); err != nil {
 		t.Fatalf("compile icmp counter: %v: %s", err, out)
 	}
-	pinPath, err := os.MkdirTemp("/sys/fs/bpf", "xlb-chain-e2e-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Registered before the daemon starts, so it runs after it stopped.
+	pinPath := xlbtest.TempDir(t, "/sys/fs/bpf", "xlb-chain-e2e-")
+	// Registered before the daemon starts, so it runs after it stopped
+	// (and before the directory is removed).
 	t.Cleanup(func() {
 		if left := xlbtest.LeftPins(pinPath); left != nil {
 			t.Errorf("pins left after xlbd exited: %v", left)
 		}
-		os.RemoveAll(pinPath)
 	})
 	cfgFile := filepath.Join(t.TempDir(), "xlbd.yaml")
 	yaml := "chain:\n  - name: filter\n    object: " + xdpFilterIP + "\n    program: xdpfilt_alw_ip\n"

@@ -382,11 +382,7 @@ func runXlbd(t *testing.T, ns *testnet.NS, env []string, args ...string) (int, s
 	if err != nil {
 		t.Fatal(err)
 	}
-	sockDir, err := os.MkdirTemp("", "xlbd-sock-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	sockDir := xlbtest.TempDir(t, "", "xlbd-sock-")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	args = append(args, "--socket", filepath.Join(sockDir, "xlbd.sock"))
