@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 	"github.com/xlb-project/xlb/internal/testnet"
 	"github.com/xlb-project/xlb/internal/xlbtest"
 )
@@ -131,19 +132,30 @@ func request(conn net.Conn) (string, error) {
 	return "", fmt.Errorf("no %s header in %q", testnet.BackendHeader, resp)
 }
 
-func (tp *topo) testSamePort(t *testing.T) {
+// sharedPort is the source port both clients connect from in the tests
+// of clients that share one.
+const sharedPort = 41000
+
+// sharedPortConns connects to vip from sharedPort on both clients (from
+// their IPv6 addresses if v6), makes three rounds of requests on both
+// connections, and returns xlb's established connections from that port.
+func (tp *topo) sharedPortConns(t *testing.T, vip netip.AddrPort, v6 bool) []*controlpb.Conn {
+	t.Helper()
 	ctx := context.Background()
-	const port = 41000
 	var conns []net.Conn
 	for _, h := range []*testnet.Host{tp.c1, tp.c2} {
-		conn, err := h.NS.DialFrom(ctx, fmt.Sprintf("%s:%d", h.IP, port), tp.vip.String())
+		local := netip.AddrPortFrom(h.IP, sharedPort)
+		if v6 {
+			local = netip.AddrPortFrom(h.IP6, sharedPort)
+		}
+		conn, err := h.NS.DialFrom(ctx, local.String(), vip.String())
 		if err != nil {
-			t.Fatalf("dial from %s:%d: %v", h.IP, port, err)
+			t.Fatalf("dial from %s: %v", local, err)
 		}
 		defer conn.Close()
 		conns = append(conns, conn)
 	}
-	for round := 0; round < 3; round++ {
+	for round := range 3 {
 		for i, conn := range conns {
 			if _, err := request(conn); err != nil {
 				t.Fatalf("client %d round %d: %v", i+1, round, err)
@@ -154,18 +166,27 @@ func (tp *topo) testSamePort(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sources := map[string]bool{}
+	var shared []*controlpb.Conn
 	for _, c := range cs {
-		if strings.HasSuffix(c.Client, fmt.Sprintf(":%d", port)) && c.State == "established" {
-			key := c.Backend + " " + c.Source
-			if sources[key] {
-				t.Errorf("two connections share backend and source %s", key)
-			}
-			sources[key] = true
+		if ap, err := netip.ParseAddrPort(c.Client); err == nil && ap.Port() == sharedPort && c.State == "established" {
+			shared = append(shared, c)
 		}
 	}
+	return shared
+}
+
+func (tp *topo) testSamePort(t *testing.T) {
+	cs := tp.sharedPortConns(t, tp.vip, false)
+	sources := map[string]bool{}
+	for _, c := range cs {
+		key := c.Backend + " " + c.Source
+		if sources[key] {
+			t.Errorf("two connections share backend and source %s", key)
+		}
+		sources[key] = true
+	}
 	if len(sources) != 2 {
-		t.Errorf("want 2 established connections from port %d, got %v (%v)", port, len(sources), cs)
+		t.Errorf("want 2 established connections from port %d, got %v (%v)", sharedPort, len(sources), cs)
 	}
 }
 

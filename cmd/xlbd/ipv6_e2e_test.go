@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -65,39 +64,16 @@ services:
 		}
 	})
 	t.Run("same source port from two clients", func(t *testing.T) {
-		ctx := context.Background()
-		const port = 41000
-		var conns []net.Conn
-		for _, h := range []*testnet.Host{ct.c1, ct.c2} {
-			conn, err := h.NS.DialFrom(ctx, netip.AddrPortFrom(h.IP6, port).String(), vip6.String())
-			if err != nil {
-				t.Fatalf("dial from [%s]:%d: %v", h.IP6, port, err)
-			}
-			defer conn.Close()
-			conns = append(conns, conn)
-		}
-		for round := range 3 {
-			for i, conn := range conns {
-				if _, err := request(conn); err != nil {
-					t.Fatalf("client %d round %d: %v", i+1, round, err)
-				}
-			}
-		}
-		cs, err := ct.d.Client().Conns(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
+		cs := ct.sharedPortConns(t, vip6, true)
 		clients := map[string]string{}
 		for _, c := range cs {
-			if strings.HasSuffix(c.Client, fmt.Sprintf("]:%d", port)) && c.State == "established" {
-				clients[c.Client] = c.Backend + " from " + c.Source
-				if !strings.HasPrefix(c.Source, "["+ct.lb.IP6.String()+"]:") {
-					t.Errorf("connection of %s leaves from %s, want the interface's IPv6 address %s", c.Client, c.Source, ct.lb.IP6)
-				}
+			clients[c.Client] = c.Backend + " from " + c.Source
+			if !strings.HasPrefix(c.Source, "["+ct.lb.IP6.String()+"]:") {
+				t.Errorf("connection of %s leaves from %s, want the interface's IPv6 address %s", c.Client, c.Source, ct.lb.IP6)
 			}
 		}
 		if len(clients) != 2 {
-			t.Errorf("established IPv6 connections from port %d: %v, want one per client", port, clients)
+			t.Errorf("established IPv6 connections from port %d: %v, want one per client", sharedPort, clients)
 		}
 	})
 	t.Run("thousands of short connections", func(t *testing.T) {
