@@ -93,16 +93,24 @@ func TestEndToEnd(t *testing.T) {
 	}
 }
 
-func (tp *topo) testBothBackends(t *testing.T) {
-	c := tp.c1.NS.HTTPClient(false)
+// answersFrom makes n requests to the VIP from h, one after another and
+// each on a new connection, and counts the answers by backend.
+func (tp *topo) answersFrom(t *testing.T, h *testnet.Host, n int) map[string]int {
+	t.Helper()
+	c := h.NS.HTTPClient(false)
 	seen := map[string]int{}
-	for i := 0; i < 40; i++ {
+	for i := range n {
 		b, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/")
 		if err != nil {
-			t.Fatalf("request %d: %v", i, err)
+			t.Fatalf("request %d from %s: %v", i, h.Name, err)
 		}
 		seen[b]++
 	}
+	return seen
+}
+
+func (tp *topo) testBothBackends(t *testing.T) {
+	seen := tp.answersFrom(t, tp.c1, 40)
 	if seen["backend-a"] == 0 || seen["backend-b"] == 0 || len(seen) != 2 {
 		t.Fatalf("replies by backend: %v, want both", seen)
 	}
