@@ -288,25 +288,13 @@ func TestConfigEnvironment(t *testing.T) {
 		t.Fatalf("first request: %v", err)
 	}
 	local := conn.LocalAddr().String()
-	tracked := func() (*controlpb.Conn, bool) {
-		cs, err := tp.d.Client().Conns(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, c := range cs {
-			if c.Client == local {
-				return c, true
-			}
-		}
-		return nil, false
-	}
-	c, ok := tracked()
+	c, ok := tp.conn(t, local)
 	if !ok || c.State != "established" {
 		t.Fatalf("connection from %s: %+v (tracked %v), want established", local, c, ok)
 	}
 	idleSince := time.Now()
 	for {
-		if _, ok := tracked(); !ok {
+		if _, ok := tp.conn(t, local); !ok {
 			break
 		}
 		if time.Since(idleSince) > 6*time.Second {
@@ -331,7 +319,7 @@ func TestConfigEnvironment(t *testing.T) {
 	if got := tp.counters(t)["reset_no_conn"]; got != resets+1 {
 		t.Errorf("reset_no_conn went from %d to %d after one segment on the expired connection", resets, got)
 	}
-	if _, ok := tracked(); ok {
+	if _, ok := tp.conn(t, local); ok {
 		t.Errorf("the expired connection's data packet made a new entry")
 	}
 }

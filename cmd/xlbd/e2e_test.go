@@ -58,6 +58,22 @@ func newTopo(t testing.TB, mode string, extra ...string) *topo {
 	return tp
 }
 
+// conn returns xlb's entry for the connection or UDP flow from client
+// ("IP:port"), and whether it tracks one.
+func (tp *topo) conn(t testing.TB, client string) (*controlpb.Conn, bool) {
+	t.Helper()
+	cs, err := tp.d.Client().Conns(context.Background())
+	if err != nil {
+		t.Fatalf("conns: %v", err)
+	}
+	for _, c := range cs {
+		if c.Client == client {
+			return c, true
+		}
+	}
+	return nil, false
+}
+
 func (tp *topo) counters(t testing.TB) map[string]uint64 {
 	st, err := tp.d.Client().Status(context.Background())
 	if err != nil {
