@@ -552,27 +552,7 @@ func TestReload(t *testing.T) {
 	url := "http://" + ct.vip.String() + "/"
 
 	// A long-lived connection that landed on backend-b.
-	var toB net.Conn
-	for i := 0; i < 64 && toB == nil; i++ {
-		conn, err := ct.c1.NS.Dial(ctx, "tcp", ct.vip.String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, err := request(conn)
-		if err != nil {
-			conn.Close()
-			t.Fatal(err)
-		}
-		if b == "backend-b" {
-			toB = conn
-		} else {
-			conn.Close()
-		}
-	}
-	if toB == nil {
-		t.Fatal("no connection reached backend-b in 64 tries")
-	}
-	defer toB.Close()
+	toB := ct.holdConns(t, ct.c1, "backend-b", 1)[0]
 
 	want := func(backends ...*testnet.Host) []string {
 		var out []string
