@@ -4,9 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -201,20 +199,7 @@ func TestInstall(t *testing.T) {
 		exitErr = cmd.Wait()
 		close(done)
 	}()
-	t.Cleanup(func() {
-		select {
-		case <-done:
-			return
-		default:
-		}
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	})
+	t.Cleanup(func() { xlbtest.Terminate(cmd.Process, done) })
 	defer func() {
 		if t.Failed() {
 			t.Logf("xlbd output:\n%s", out)
@@ -232,16 +217,11 @@ func TestInstall(t *testing.T) {
 	seen := map[string]int{}
 	hc := client.NS.HTTPClient(false)
 	for i := 0; i < 30; i++ {
-		resp, err := hc.Get("http://" + vip + "/")
+		b, err := testnet.Get(t.Context(), hc, "http://"+vip+"/")
 		if err != nil {
 			t.Fatalf("request %d: %v", i, err)
 		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			t.Fatalf("request %d: %s", i, resp.Status)
-		}
-		seen[string(body)]++
+		seen[b]++
 	}
 	if seen["backend-a"] == 0 || seen["backend-b"] == 0 {
 		t.Errorf("answers by backend %v, want both", seen)

@@ -14,14 +14,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"syscall"
 	"text/template"
-	"time"
 
 	"github.com/xlb-project/xlb/internal/testnet"
 	"github.com/xlb-project/xlb/internal/xlbtest"
@@ -142,7 +140,7 @@ func run(ctx context.Context, args []string, out io.Writer) (err error) {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			who, err := fetch(c, vip)
+			who, err := testnet.Get(ctx, c, vip)
 			if err != nil {
 				return fmt.Errorf("%s request %d: %w", name, i+1, err)
 			}
@@ -162,23 +160,4 @@ func run(ctx context.Context, args []string, out io.Writer) (err error) {
 		return fmt.Errorf("replies came from one backend only: %v", counts)
 	}
 	return nil
-}
-
-func fetch(c *http.Client, url string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return "", err
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", err
-	}
-	return string(body), nil
 }

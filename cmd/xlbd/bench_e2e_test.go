@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/xlb-project/xlb/internal/testnet"
 )
 
 const (
@@ -87,7 +89,7 @@ func measureRPS(b *testing.B, client *http.Client, urls []string) float64 {
 			go func() {
 				defer wg.Done()
 				for time.Now().Before(deadline) && done.Load() < benchMaxReqs {
-					if _, err := get(b, client, url); err != nil {
+					if _, err := testnet.Get(b.Context(), client, url); err != nil {
 						failed.Add(1)
 						once.Do(func() { first = err })
 						continue

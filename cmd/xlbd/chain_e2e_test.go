@@ -45,16 +45,13 @@ func TestChainEndToEnd(t *testing.T) {
 		"-I/usr/include/x86_64-linux-gnu", "-c", "testdata/chain_icmp_count.c", "-o", counterObj).CombinedOutput(); err != nil {
 		t.Fatalf("compile icmp counter: %v: %s", err, out)
 	}
-	pinPath, err := os.MkdirTemp("/sys/fs/bpf", "xlb-chain-e2e-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Registered before the daemon starts, so it runs after it stopped.
+	pinPath := xlbtest.TempDir(t, "/sys/fs/bpf", "xlb-chain-e2e-")
+	// Registered before the daemon starts, so it runs after it stopped
+	// (and before the directory is removed).
 	t.Cleanup(func() {
 		if left := xlbtest.LeftPins(pinPath); left != nil {
 			t.Errorf("pins left after xlbd exited: %v", left)
 		}
-		os.RemoveAll(pinPath)
 	})
 	cfgFile := filepath.Join(t.TempDir(), "xlbd.yaml")
 	yaml := "chain:\n  - name: filter\n    object: " + xdpFilterIP + "\n    program: xdpfilt_alw_ip\n"
@@ -92,7 +89,7 @@ func TestChainEndToEnd(t *testing.T) {
 			t.Fatal("client2 reached the VIP through a filter that denies it")
 		}
 		for i := range 20 {
-			if _, err := get(t, c1, url); err != nil {
+			if _, err := testnet.Get(t.Context(), c1, url); err != nil {
 				t.Fatalf("client1 request %d: %v", i, err)
 			}
 		}
@@ -122,7 +119,7 @@ func TestChainEndToEnd(t *testing.T) {
 		}
 		before := count()
 		for i := range 20 {
-			if _, err := get(t, c1, url); err != nil {
+			if _, err := testnet.Get(t.Context(), c1, url); err != nil {
 				t.Fatalf("client1 request %d: %v", i, err)
 			}
 		}
@@ -149,7 +146,7 @@ func TestChainEndToEnd(t *testing.T) {
 				defer wg.Done()
 				c := tp.c1.NS.HTTPClient(w%2 == 0)
 				for ctx.Err() == nil {
-					if _, err := get(t, c, url); err != nil {
+					if _, err := testnet.Get(t.Context(), c, url); err != nil {
 						if ctx.Err() != nil {
 							return
 						}
@@ -223,7 +220,7 @@ func TestChainEndToEnd(t *testing.T) {
 		if after := list(t); after != before {
 			t.Errorf("chain changed by refused requests:\n%s\nwas\n%s", after, before)
 		}
-		if _, err := get(t, c1, url); err != nil {
+		if _, err := testnet.Get(t.Context(), c1, url); err != nil {
 			t.Errorf("client1 after refusals: %v", err)
 		}
 	})

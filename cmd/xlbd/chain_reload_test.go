@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/xlb-project/xlb/internal/testnet"
+	"github.com/xlb-project/xlb/internal/xlbtest"
 )
 
 // TestChainReload changes the chain through the configuration file and
@@ -23,11 +24,7 @@ func TestChainReload(t *testing.T) {
 	if _, err := os.Stat(xdpFilterIP); err != nil {
 		t.Fatalf("xdp-filter's program (package xdp-tools): %v", err)
 	}
-	pinPath, err := os.MkdirTemp("/sys/fs/bpf", "xlb-chain-reload-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(pinPath) })
+	pinPath := xlbtest.TempDir(t, "/sys/fs/bpf", "xlb-chain-reload-")
 	cfgFile := filepath.Join(t.TempDir(), "xlbd.yaml")
 	write := func(yaml string) {
 		if err := os.WriteFile(cfgFile, []byte(yaml), 0o600); err != nil {
@@ -65,7 +62,7 @@ func TestChainReload(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 		for i := 0; i < 10; i++ {
-			if _, err := get(t, c, "http://"+tp.vip.String()+"/"); err != nil {
+			if _, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/"); err != nil {
 				t.Fatalf("request after reload to %q: %v", want, err)
 			}
 		}

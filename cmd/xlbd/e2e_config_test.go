@@ -288,25 +288,13 @@ func TestConfigEnvironment(t *testing.T) {
 		t.Fatalf("first request: %v", err)
 	}
 	local := conn.LocalAddr().String()
-	tracked := func() (*controlpb.Conn, bool) {
-		cs, err := tp.d.Client().Conns(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, c := range cs {
-			if c.Client == local {
-				return c, true
-			}
-		}
-		return nil, false
-	}
-	c, ok := tracked()
+	c, ok := tp.conn(t, local)
 	if !ok || c.State != "established" {
 		t.Fatalf("connection from %s: %+v (tracked %v), want established", local, c, ok)
 	}
 	idleSince := time.Now()
 	for {
-		if _, ok := tracked(); !ok {
+		if _, ok := tp.conn(t, local); !ok {
 			break
 		}
 		if time.Since(idleSince) > 6*time.Second {
@@ -331,7 +319,7 @@ func TestConfigEnvironment(t *testing.T) {
 	if got := tp.counters(t)["reset_no_conn"]; got != resets+1 {
 		t.Errorf("reset_no_conn went from %d to %d after one segment on the expired connection", resets, got)
 	}
-	if _, ok := tracked(); ok {
+	if _, ok := tp.conn(t, local); ok {
 		t.Errorf("the expired connection's data packet made a new entry")
 	}
 }
@@ -364,7 +352,7 @@ func TestConfigPrecedence(t *testing.T) {
 			if got := lbState(t, ct.lb).XDP; got != tt.want || st.XdpMode != tt.want {
 				t.Errorf("attached %q, status says %q, want %q", got, st.XdpMode, tt.want)
 			}
-			if b, err := get(t, ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil || b != "backend-a" {
+			if b, err := testnet.Get(t.Context(), ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil || b != "backend-a" {
 				t.Errorf("request through the vip: %q, %v", b, err)
 			}
 			if err := ct.d.Stop(); err != nil {
@@ -382,11 +370,7 @@ func runXlbd(t *testing.T, ns *testnet.NS, env []string, args ...string) (int, s
 	if err != nil {
 		t.Fatal(err)
 	}
-	sockDir, err := os.MkdirTemp("", "xlbd-sock-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	sockDir := xlbtest.TempDir(t, "", "xlbd-sock-")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	args = append(args, "--socket", filepath.Join(sockDir, "xlbd.sock"))
@@ -568,27 +552,7 @@ func TestReload(t *testing.T) {
 	url := "http://" + ct.vip.String() + "/"
 
 	// A long-lived connection that landed on backend-b.
-	var toB net.Conn
-	for i := 0; i < 64 && toB == nil; i++ {
-		conn, err := ct.c1.NS.Dial(ctx, "tcp", ct.vip.String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, err := request(conn)
-		if err != nil {
-			conn.Close()
-			t.Fatal(err)
-		}
-		if b == "backend-b" {
-			toB = conn
-		} else {
-			conn.Close()
-		}
-	}
-	if toB == nil {
-		t.Fatal("no connection reached backend-b in 64 tries")
-	}
-	defer toB.Close()
+	toB := ct.holdConns(t, ct.c1, "backend-b", 1)[0]
 
 	want := func(backends ...*testnet.Host) []string {
 		var out []string

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 	"github.com/xlb-project/xlb/internal/testnet"
 	"github.com/xlb-project/xlb/internal/xlbtest"
 )
@@ -57,23 +58,20 @@ func newTopo(t testing.TB, mode string, extra ...string) *topo {
 	return tp
 }
 
-func get(t testing.TB, c *http.Client, url string) (string, error) {
-	resp, err := c.Get(url)
+// conn returns xlb's entry for the connection or UDP flow from client
+// ("IP:port"), and whether it tracks one.
+func (tp *topo) conn(t testing.TB, client string) (*controlpb.Conn, bool) {
+	t.Helper()
+	cs, err := tp.d.Client().Conns(context.Background())
 	if err != nil {
-		return "", err
+		t.Fatalf("conns: %v", err)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", err
+	for _, c := range cs {
+		if c.Client == client {
+			return c, true
+		}
 	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("status %s", resp.Status)
-	}
-	if h := resp.Header.Get(testnet.BackendHeader); h != string(body) {
-		return "", fmt.Errorf("header %q and body %q disagree", h, body)
-	}
-	return string(body), nil
+	return nil, false
 }
 
 func (tp *topo) counters(t testing.TB) map[string]uint64 {
@@ -111,16 +109,24 @@ func TestEndToEnd(t *testing.T) {
 	}
 }
 
-func (tp *topo) testBothBackends(t *testing.T) {
-	c := tp.c1.NS.HTTPClient(false)
+// answersFrom makes n requests to the VIP from h, one after another and
+// each on a new connection, and counts the answers by backend.
+func (tp *topo) answersFrom(t *testing.T, h *testnet.Host, n int) map[string]int {
+	t.Helper()
+	c := h.NS.HTTPClient(false)
 	seen := map[string]int{}
-	for i := 0; i < 40; i++ {
-		b, err := get(t, c, "http://"+tp.vip.String()+"/")
+	for i := range n {
+		b, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/")
 		if err != nil {
-			t.Fatalf("request %d: %v", i, err)
+			t.Fatalf("request %d from %s: %v", i, h.Name, err)
 		}
 		seen[b]++
 	}
+	return seen
+}
+
+func (tp *topo) testBothBackends(t *testing.T) {
+	seen := tp.answersFrom(t, tp.c1, 40)
 	if seen["backend-a"] == 0 || seen["backend-b"] == 0 || len(seen) != 2 {
 		t.Fatalf("replies by backend: %v, want both", seen)
 	}
@@ -150,19 +156,30 @@ func request(conn net.Conn) (string, error) {
 	return "", fmt.Errorf("no %s header in %q", testnet.BackendHeader, resp)
 }
 
-func (tp *topo) testSamePort(t *testing.T) {
+// sharedPort is the source port both clients connect from in the tests
+// of clients that share one.
+const sharedPort = 41000
+
+// sharedPortConns connects to vip from sharedPort on both clients (from
+// their IPv6 addresses if v6), makes three rounds of requests on both
+// connections, and returns xlb's established connections from that port.
+func (tp *topo) sharedPortConns(t *testing.T, vip netip.AddrPort, v6 bool) []*controlpb.Conn {
+	t.Helper()
 	ctx := context.Background()
-	const port = 41000
 	var conns []net.Conn
 	for _, h := range []*testnet.Host{tp.c1, tp.c2} {
-		conn, err := h.NS.DialFrom(ctx, fmt.Sprintf("%s:%d", h.IP, port), tp.vip.String())
+		local := netip.AddrPortFrom(h.IP, sharedPort)
+		if v6 {
+			local = netip.AddrPortFrom(h.IP6, sharedPort)
+		}
+		conn, err := h.NS.DialFrom(ctx, local.String(), vip.String())
 		if err != nil {
-			t.Fatalf("dial from %s:%d: %v", h.IP, port, err)
+			t.Fatalf("dial from %s: %v", local, err)
 		}
 		defer conn.Close()
 		conns = append(conns, conn)
 	}
-	for round := 0; round < 3; round++ {
+	for round := range 3 {
 		for i, conn := range conns {
 			if _, err := request(conn); err != nil {
 				t.Fatalf("client %d round %d: %v", i+1, round, err)
@@ -173,18 +190,27 @@ func (tp *topo) testSamePort(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sources := map[string]bool{}
+	var shared []*controlpb.Conn
 	for _, c := range cs {
-		if strings.HasSuffix(c.Client, fmt.Sprintf(":%d", port)) && c.State == "established" {
-			key := c.Backend + " " + c.Source
-			if sources[key] {
-				t.Errorf("two connections share backend and source %s", key)
-			}
-			sources[key] = true
+		if ap, err := netip.ParseAddrPort(c.Client); err == nil && ap.Port() == sharedPort && c.State == "established" {
+			shared = append(shared, c)
 		}
 	}
+	return shared
+}
+
+func (tp *topo) testSamePort(t *testing.T) {
+	cs := tp.sharedPortConns(t, tp.vip, false)
+	sources := map[string]bool{}
+	for _, c := range cs {
+		key := c.Backend + " " + c.Source
+		if sources[key] {
+			t.Errorf("two connections share backend and source %s", key)
+		}
+		sources[key] = true
+	}
 	if len(sources) != 2 {
-		t.Errorf("want 2 established connections from port %d, got %v (%v)", port, len(sources), cs)
+		t.Errorf("want 2 established connections from port %d, got %v (%v)", sharedPort, len(sources), cs)
 	}
 }
 
@@ -235,7 +261,7 @@ func getMany(t testing.TB, clients []*http.Client, urls []string, n, workers int
 			defer wg.Done()
 			for i := range work {
 				start := time.Now()
-				b, err := get(t, c, url)
+				b, err := testnet.Get(t.Context(), c, url)
 				took := time.Since(start)
 				mu.Lock()
 				if err != nil {
@@ -261,14 +287,14 @@ func (tp *topo) testHostTraffic(t *testing.T) {
 	// The load balancer host talks to a backend itself...
 	c := tp.lb.NS.HTTPClient(false)
 	for i := 0; i < 20; i++ {
-		b, err := get(t, c, fmt.Sprintf("http://%s:%d/", tp.ba.IP, backendPort))
+		b, err := testnet.Get(t.Context(), c, fmt.Sprintf("http://%s:%d/", tp.ba.IP, backendPort))
 		if err != nil || b != "backend-a" {
 			t.Fatalf("lb -> backend-a request %d: %q, %v", i, b, err)
 		}
 	}
 	// ...and keeps its own services (like SSH) on its address.
 	own := tp.lb.NS.ServeHTTP(t, tp.lb.IP.String()+":2222", "lb-itself")
-	b, err := get(t, tp.c1.NS.HTTPClient(false), "http://"+own.String()+"/")
+	b, err := testnet.Get(t.Context(), tp.c1.NS.HTTPClient(false), "http://"+own.String()+"/")
 	if err != nil || b != "lb-itself" {
 		t.Fatalf("client -> lb's own service: %q, %v", b, err)
 	}

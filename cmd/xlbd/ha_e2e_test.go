@@ -78,17 +78,7 @@ func (k *keepalived) stop() {
 	if b, err := os.ReadFile(filepath.Join(k.dir, "vrrp.pid")); err == nil {
 		child, _ = strconv.Atoi(strings.TrimSpace(string(b)))
 	}
-	select {
-	case <-k.done:
-	default:
-		_ = k.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-k.done:
-		case <-time.After(5 * time.Second):
-			_ = k.cmd.Process.Kill()
-			<-k.done
-		}
-	}
+	xlbtest.Terminate(k.cmd.Process, k.done)
 	if child > 0 && !xlbtest.ProcessGone(child) {
 		_ = syscall.Kill(child, syscall.SIGKILL)
 	}

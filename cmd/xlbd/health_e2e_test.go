@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -266,22 +265,7 @@ services:
 	t.Run("a sick backend's connections keep flowing, unless reset-established", func(t *testing.T) {
 		// Held connections: to backend-c through the service without
 		// reset-established (80) and the one with it (83).
-		var kept, reset net.Conn
-		for i := 0; i < 64 && kept == nil; i++ {
-			conn, err := tp.c2.NS.Dial(context.Background(), "tcp", vip80)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if bk, err := request(conn); err == nil && bk == "backend-c" {
-				kept = conn
-			} else {
-				conn.Close()
-			}
-		}
-		if kept == nil {
-			t.Fatal("no connection reached backend-c")
-		}
-		defer kept.Close()
+		kept := tp.holdConns(t, tp.c2, "backend-c", 1)[0] // tp.vip is vip80
 		reset, err := tp.c2.NS.Dial(context.Background(), "tcp", vip83)
 		if err != nil {
 			t.Fatal(err)

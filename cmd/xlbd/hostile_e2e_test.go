@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/binary"
 	"net/netip"
 	"os"
@@ -41,16 +40,8 @@ func clientState(t *testing.T, sniff *testnet.Raw, local, vip netip.AddrPort) (n
 // it tracks none.
 func (tp *topo) connState(t *testing.T, client netip.AddrPort) string {
 	t.Helper()
-	conns, err := tp.d.Client().Conns(context.Background())
-	if err != nil {
-		t.Fatalf("conns: %v", err)
-	}
-	for _, c := range conns {
-		if c.Client == client.String() {
-			return c.State
-		}
-	}
-	return ""
+	c, _ := tp.conn(t, client.String())
+	return c.GetState()
 }
 
 // waitCounters waits up to 2 s until every counter in want has moved by at

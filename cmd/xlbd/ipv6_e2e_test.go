@@ -1,14 +1,8 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"crypto/rand"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -70,39 +64,16 @@ services:
 		}
 	})
 	t.Run("same source port from two clients", func(t *testing.T) {
-		ctx := context.Background()
-		const port = 41000
-		var conns []net.Conn
-		for _, h := range []*testnet.Host{ct.c1, ct.c2} {
-			conn, err := h.NS.DialFrom(ctx, netip.AddrPortFrom(h.IP6, port).String(), vip6.String())
-			if err != nil {
-				t.Fatalf("dial from [%s]:%d: %v", h.IP6, port, err)
-			}
-			defer conn.Close()
-			conns = append(conns, conn)
-		}
-		for round := range 3 {
-			for i, conn := range conns {
-				if _, err := request(conn); err != nil {
-					t.Fatalf("client %d round %d: %v", i+1, round, err)
-				}
-			}
-		}
-		cs, err := ct.d.Client().Conns(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
+		cs := ct.sharedPortConns(t, vip6, true)
 		clients := map[string]string{}
 		for _, c := range cs {
-			if strings.HasSuffix(c.Client, fmt.Sprintf("]:%d", port)) && c.State == "established" {
-				clients[c.Client] = c.Backend + " from " + c.Source
-				if !strings.HasPrefix(c.Source, "["+ct.lb.IP6.String()+"]:") {
-					t.Errorf("connection of %s leaves from %s, want the interface's IPv6 address %s", c.Client, c.Source, ct.lb.IP6)
-				}
+			clients[c.Client] = c.Backend + " from " + c.Source
+			if !strings.HasPrefix(c.Source, "["+ct.lb.IP6.String()+"]:") {
+				t.Errorf("connection of %s leaves from %s, want the interface's IPv6 address %s", c.Client, c.Source, ct.lb.IP6)
 			}
 		}
 		if len(clients) != 2 {
-			t.Errorf("established IPv6 connections from port %d: %v, want one per client", port, clients)
+			t.Errorf("established IPv6 connections from port %d: %v, want one per client", sharedPort, clients)
 		}
 	})
 	t.Run("thousands of short connections", func(t *testing.T) {
@@ -148,45 +119,8 @@ func TestPathMTUIPv6(t *testing.T) {
 	lb.NS.Exec(t, "ip", "-6", "route", "add", farNet.String(), "via", router.IP6.String())
 	backend := netip.AddrPortFrom(netip.MustParseAddr("fd00:201::2"), 9000)
 
-	blob := make([]byte, 4<<20)
-	if _, err := rand.Read(blob); err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256(blob)
-	serveBlob(t, &testnet.Host{Name: "far", NS: far, IP: backend.Addr()}, int(backend.Port()), blob)
 	vip := netip.AddrPortFrom(lb.IP6, 80)
-	ct := &configTopo{topo: &topo{lan: lan, c1: c1, lb: lb}, file: t.TempDir() + "/xlbd.yaml"}
-	ct.start(t, fmt.Sprintf("iface: eth0\nservices:\n  - vip: \"%s\"\n    backends: [\"%s\"]\n", vip, backend))
-
-	c := c1.NS.HTTPClient(false)
-	c.Timeout = 30 * time.Second
-	start := time.Now()
-	resp, err := c.Post("http://"+vip.String()+"/upload", "application/octet-stream", bytes.NewReader(blob))
-	if err != nil {
-		t.Fatalf("upload through a 1280-byte hop: %v (counters %v)", err, ct.counters(t))
-	}
-	echo, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil || string(echo) != hex.EncodeToString(sum[:]) {
-		t.Fatalf("upload: backend got sha256 %q (%v), want %x", echo, err, sum)
-	}
-	t.Logf("upload of %d bytes in %v", len(blob), time.Since(start))
-	start = time.Now()
-	resp, err = c.Get("http://" + vip.String() + "/blob")
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil || sha256.Sum256(got) != sum {
-		t.Fatalf("download: %d bytes, %v", len(got), err)
-	}
-	t.Logf("download of %d bytes in %v", len(got), time.Since(start))
-	counters := ct.counters(t)
-	t.Logf("counters: icmp_error=%d fwd=%d ret=%d", counters["icmp_error"], counters["fwd"], counters["ret"])
-	if counters["icmp_error"] == 0 {
-		t.Errorf("no ICMPv6 error was translated: the test did not exercise path MTU discovery")
-	}
+	pmtuTransfer(t, lan, c1, lb, far, vip, backend)
 	route := c1.NS.Exec(t, "ip", "-6", "route", "get", vip.Addr().String())
 	if !strings.Contains(route, "mtu 1280") {
 		t.Errorf("client's route to the VIP %q: want its path MTU lowered to 1280", route)

@@ -60,7 +60,7 @@ func startLoad(clients []*http.Client, urls []string, workers int) *load {
 			defer l.wg.Done()
 			for i := w; ctx.Err() == nil; i++ {
 				start := time.Now()
-				b, err := get(nil, c, urls[i%len(urls)])
+				b, err := testnet.Get(context.Background(), c, urls[i%len(urls)])
 				took := time.Since(start)
 				if err != nil && ctx.Err() != nil {
 					return
@@ -487,13 +487,13 @@ func TestSharedBackendPorts(t *testing.T) {
 		ct.vip, addr(ct.ba, backendPort), vip81, addr(ct.ba, backendPort)))
 	c := ct.c1.NS.HTTPClient(false)
 	for i := range 30 {
-		if _, err := get(t, c, "http://"+ct.vip.String()+"/"); err != nil {
+		if _, err := testnet.Get(t.Context(), c, "http://"+ct.vip.String()+"/"); err != nil {
 			t.Fatalf("request %d to %s: %v", i, ct.vip, err)
 		}
 	}
 	for i := range 5 {
 		start := time.Now()
-		if _, err := get(t, c, "http://"+vip81.String()+"/"); err != nil || time.Since(start) > time.Second {
+		if _, err := testnet.Get(t.Context(), c, "http://"+vip81.String()+"/"); err != nil || time.Since(start) > time.Second {
 			t.Errorf("request %d to %s: %v after %v", i, vip81, err, time.Since(start))
 		}
 	}

@@ -261,11 +261,7 @@ func liveMarks(t *testing.T, tp *topo) []string {
 // change is logged with what it changed and who asked.
 func TestLiveChanges(t *testing.T) {
 	ct := newConfigTopo(t, "native")
-	pinPath, err := os.MkdirTemp("/sys/fs/bpf", "xlb-live-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(pinPath) })
+	pinPath := xlbtest.TempDir(t, "/sys/fs/bpf", "xlb-live-")
 	filterObj := filepath.Join(t.TempDir(), "filter.o")
 	copyFile(t, xdpFilterIP, filterObj)
 	sockDir := t.TempDir()
@@ -459,11 +455,7 @@ func TestLiveChanges(t *testing.T) {
 // logged with its uid.
 func TestControlAccess(t *testing.T) {
 	ct := newConfigTopo(t, "native")
-	dir, err := os.MkdirTemp("", "xlbd-access-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := xlbtest.TempDir(t, "", "xlbd-access-")
 	// Every directory on the way, and xlbctl, must be open to the other
 	// users: the socket alone decides.
 	if err := os.Chmod(dir, 0o755); err != nil {

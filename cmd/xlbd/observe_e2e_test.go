@@ -21,6 +21,7 @@ import (
 
 	"github.com/xlb-project/xlb/internal/control"
 	controlpb "github.com/xlb-project/xlb/internal/control/proto"
+	"github.com/xlb-project/xlb/internal/testnet"
 )
 
 const metricsAddr = "127.0.0.1:9190"
@@ -321,7 +322,7 @@ func TestCLIAgainstDaemon(t *testing.T) {
 			defer close(done)
 			c := tp.c2.NS.HTTPClient(false)
 			for end := time.Now().Add(1500 * time.Millisecond); time.Now().Before(end); {
-				if _, err := get(t, c, "http://"+svc+"/"); err != nil {
+				if _, err := testnet.Get(t.Context(), c, "http://"+svc+"/"); err != nil {
 					t.Errorf("request: %v", err)
 					return
 				}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -37,16 +38,26 @@ func TestPathMTU(t *testing.T) {
 	lb.NS.Exec(t, "ip", "route", "add", farNet.String(), "via", router.IP.String())
 	backend := netip.AddrPortFrom(netip.MustParseAddr("10.201.0.2"), 9000)
 
+	pmtuTransfer(t, lan, c1, lb, far, netip.AddrPortFrom(lb.IP, 80), backend)
+	route := c1.NS.Exec(t, "ip", "route", "get", lb.IP.String())
+	t.Logf("client's route to the VIP: %s", route)
+}
+
+// pmtuTransfer serves 4 MiB of random bytes from backend, an address of
+// far behind the narrow hop, starts xlbd on lb with one service from vip
+// to it, and uploads then downloads the bytes from c1 through the VIP:
+// both must arrive byte-exact. Counters must show a translated ICMP
+// error, or the test did not exercise path MTU discovery.
+func pmtuTransfer(t *testing.T, lan *testnet.LAN, c1, lb *testnet.Host, far *testnet.NS, vip, backend netip.AddrPort) {
+	t.Helper()
 	blob := make([]byte, 4<<20)
 	if _, err := rand.Read(blob); err != nil {
 		t.Fatal(err)
 	}
 	sum := sha256.Sum256(blob)
 	serveBlob(t, &testnet.Host{Name: "far", NS: far, IP: backend.Addr()}, int(backend.Port()), blob)
-	vip := netip.AddrPortFrom(lb.IP, 80)
-	file := t.TempDir() + "/xlbd.yaml"
-	ct := &configTopo{topo: &topo{lan: lan, c1: c1, lb: lb}, file: file}
-	ct.start(t, fmt.Sprintf("iface: eth0\nservices:\n  - vip: %s\n    backends: [%s]\n", vip, backend))
+	ct := &configTopo{topo: &topo{lan: lan, c1: c1, lb: lb}, file: filepath.Join(t.TempDir(), "xlbd.yaml")}
+	ct.start(t, fmt.Sprintf("iface: eth0\nservices:\n  - vip: \"%s\"\n    backends: [\"%s\"]\n", vip, backend))
 
 	c := c1.NS.HTTPClient(false)
 	c.Timeout = 30 * time.Second
@@ -77,6 +88,4 @@ func TestPathMTU(t *testing.T) {
 	if counters["icmp_error"] == 0 {
 		t.Errorf("no ICMP error was translated: the test did not exercise path MTU discovery")
 	}
-	route := c1.NS.Exec(t, "ip", "route", "get", vip.Addr().String())
-	t.Logf("client's route to the VIP: %s", route)
 }

@@ -184,16 +184,7 @@ func TestPolicySwapLive(t *testing.T) {
 	t.Run("random", func(t *testing.T) {
 		tp.setPolicy(t, "random")
 		checkStick(t, "after least-conn -> random", long)
-		seen := map[string]int{}
-		c := tp.c2.NS.HTTPClient(false)
-		for i := 0; i < 40; i++ {
-			b, err := get(t, c, "http://"+tp.vip.String()+"/")
-			if err != nil {
-				t.Fatal(err)
-			}
-			seen[b]++
-		}
-		if len(seen) != 2 {
+		if seen := tp.answersFrom(t, tp.c2, 40); len(seen) != 2 {
 			t.Fatalf("random over 40 connections used %v", seen)
 		}
 	})
@@ -213,7 +204,7 @@ func TestPolicySwapLive(t *testing.T) {
 				defer wg.Done()
 				c := tp.c1.NS.HTTPClient(false)
 				for ctx.Err() == nil {
-					_, err := get(t, c, "http://"+tp.vip.String()+"/")
+					_, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/")
 					mu.Lock()
 					if err != nil {
 						failures = append(failures, err)
@@ -313,15 +304,7 @@ func TestThirdPartyPolicy(t *testing.T) {
 	tp := newTopo(t, "native", "--policy", "random")
 	wrr := buildPolicy(t, t.TempDir(), "xlb-policy-wrr", "./docs/examples/policy-wrr")
 	tp.setPolicy(t, wrr)
-	seen := map[string]int{}
-	c := tp.c1.NS.HTTPClient(false)
-	for i := 0; i < 40; i++ {
-		b, err := get(t, c, "http://"+tp.vip.String()+"/")
-		if err != nil {
-			t.Fatal(err)
-		}
-		seen[b]++
-	}
+	seen := tp.answersFrom(t, tp.c1, 40)
 	// Round robin keeps a position per CPU: each CPU's sequence is exact,
 	// so the split is even up to one connection per CPU.
 	diff := seen["backend-a"] - seen["backend-b"]
@@ -363,7 +346,7 @@ func TestPolicyRefused(t *testing.T) {
 			}
 			c := tp.c1.NS.HTTPClient(false)
 			for i := 0; i < 10; i++ {
-				if _, err := get(t, c, "http://"+tp.vip.String()+"/"); err != nil {
+				if _, err := testnet.Get(t.Context(), c, "http://"+tp.vip.String()+"/"); err != nil {
 					t.Fatalf("traffic after a refused swap: %v", err)
 				}
 			}
@@ -476,7 +459,7 @@ func TestPolicyPerService(t *testing.T) {
 	}
 	c := ct.c1.NS.HTTPClient(false)
 	for _, vip := range []netip.AddrPort{ct.vip, second} {
-		if _, err := get(t, c, "http://"+vip.String()+"/"); err != nil {
+		if _, err := testnet.Get(t.Context(), c, "http://"+vip.String()+"/"); err != nil {
 			t.Fatalf("request to %s: %v", vip, err)
 		}
 	}

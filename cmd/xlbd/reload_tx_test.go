@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/xlb-project/xlb/internal/xlbtest"
 )
 
 // compileBPF compiles a BPF C source into dir and returns the object.
@@ -72,11 +74,7 @@ func running(t *testing.T, ct *configTopo) string {
 // exactly as they were. A good reload afterwards applies everything.
 func TestReloadTransactional(t *testing.T) {
 	ct := newConfigTopo(t, "native")
-	pinPath, err := os.MkdirTemp("/sys/fs/bpf", "xlb-reload-tx-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(pinPath) })
+	pinPath := xlbtest.TempDir(t, "/sys/fs/bpf", "xlb-reload-tx-")
 	dir := t.TempDir()
 	filterObj := filepath.Join(dir, "filter.o")
 	copyFile(t, xdpFilterIP, filterObj)

@@ -155,7 +155,7 @@ func startTraffic(t *testing.T, clients []*testnet.Host, vip netip.Addr) *traffi
 			go func() {
 				defer tr.wg.Done()
 				start := time.Now()
-				b, err := get(nil, c, url)
+				b, err := testnet.Get(context.Background(), c, url)
 				if err != nil && ctx.Err() != nil {
 					return // stopped meanwhile
 				}
@@ -817,7 +817,7 @@ func TestUpgrade(t *testing.T) {
 	if !strings.Contains(rt.d.Output(), "--fresh-state: removing the pinned state") {
 		t.Errorf("--fresh-state did not say it removed the pinned state")
 	}
-	if b, err := get(t, rt.c1.NS.HTTPClient(false), "http://"+netip.AddrPortFrom(rt.vipAddr, 80).String()+"/"); err != nil {
+	if b, err := testnet.Get(t.Context(), rt.c1.NS.HTTPClient(false), "http://"+netip.AddrPortFrom(rt.vipAddr, 80).String()+"/"); err != nil {
 		t.Errorf("after --fresh-state: %q, %v", b, err)
 	}
 }

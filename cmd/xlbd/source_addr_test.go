@@ -69,14 +69,8 @@ services:
 			t.Fatalf("connection %d to %s: %v", i, vip, err)
 		}
 		defer conn.Close()
-		cs, err := ct.d.Client().Conns(context.Background())
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, x := range cs {
-			if x.Client == conn.LocalAddr().String() {
-				from[vip][netip.MustParseAddrPort(x.Source).Addr()] = true
-			}
+		if x, ok := ct.conn(t, conn.LocalAddr().String()); ok {
+			from[vip][netip.MustParseAddrPort(x.Source).Addr()] = true
 		}
 	}
 	if !from[ct.vip][srcs[0]] || !from[ct.vip][srcs[1]] || len(from[ct.vip]) != 2 {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -11,7 +10,6 @@ import (
 
 	"github.com/miekg/dns"
 
-	controlpb "github.com/xlb-project/xlb/internal/control/proto"
 	"github.com/xlb-project/xlb/internal/testnet"
 )
 
@@ -110,7 +108,7 @@ services:
 		t.Errorf("answers by backend %v, want both", by)
 	}
 	// TCP on the other VIP is unaffected.
-	if _, err := get(t, ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil {
+	if _, err := testnet.Get(t.Context(), ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil {
 		t.Errorf("tcp beside udp: %v", err)
 	}
 
@@ -124,24 +122,12 @@ services:
 		t.Fatal(err)
 	}
 	local := pc.LocalAddr().String()
-	tracked := func() (*controlpb.Conn, bool) {
-		cs, err := ct.d.Client().Conns(context.Background())
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, c := range cs {
-			if c.Client == local {
-				return c, true
-			}
-		}
-		return nil, false
-	}
-	if c, ok := tracked(); !ok || c.Protocol != "udp" || c.State != "udp" {
+	if c, ok := ct.conn(t, local); !ok || c.Protocol != "udp" || c.State != "udp" {
 		t.Fatalf("flow of %s: %+v, %v; want a udp flow", local, c, ok)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if _, ok := tracked(); !ok {
+		if _, ok := ct.conn(t, local); !ok {
 			break
 		}
 		if time.Now().After(deadline) {

@@ -47,7 +47,7 @@ func TestVIPOtherPorts(t *testing.T) {
 	check := func(t *testing.T, want2222 string) {
 		t.Helper()
 		c := ct.c1.NS.HTTPClient(false)
-		if b, err := get(t, c, fmt.Sprintf("http://%s:80/", vip)); err != nil || b != "backend-a" {
+		if b, err := testnet.Get(t.Context(), c, fmt.Sprintf("http://%s:80/", vip)); err != nil || b != "backend-a" {
 			t.Errorf("vip %s:80: %q, %v", vip, b, err)
 		}
 		if got := dialResult(ct.c1, netip.AddrPortFrom(vip, 2222)); got != want2222 {

@@ -6,6 +6,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/xlb-project/xlb/internal/testnet"
 )
 
 // TestReloadRemovesAddedVIP: a VIP that is no interface address is added
@@ -21,7 +23,7 @@ func TestReloadRemovesAddedVIP(t *testing.T) {
 	if !vipOnEth0() {
 		t.Fatalf("vip %s not added to eth0: %v", extra, lbState(t, ct.lb))
 	}
-	if b, err := get(t, ct.c1.NS.HTTPClient(false), fmt.Sprintf("http://%s:80/", extra)); err != nil || b != "backend-b" {
+	if b, err := testnet.Get(t.Context(), ct.c1.NS.HTTPClient(false), fmt.Sprintf("http://%s:80/", extra)); err != nil || b != "backend-b" {
 		t.Fatalf("request to %s: %q, %v", extra, b, err)
 	}
 	ct.writeConfig(t, "iface: eth0\nservices:\n"+own)
@@ -35,7 +37,7 @@ func TestReloadRemovesAddedVIP(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if b, err := get(t, ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil || b != "backend-a" {
+	if b, err := testnet.Get(t.Context(), ct.c1.NS.HTTPClient(false), "http://"+ct.vip.String()+"/"); err != nil || b != "backend-a" {
 		t.Fatalf("request to %s after the reload: %q, %v", ct.vip, b, err)
 	}
 }

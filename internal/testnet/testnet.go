@@ -14,6 +14,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -82,18 +83,7 @@ func probePrivileges() string {
 		return err.Error()
 	}
 	prog.Close()
-	errc := make(chan error, 1)
-	go func() {
-		// The thread stays locked and so is discarded when this goroutine
-		// exits: it never returns to the root namespace.
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("unshare network namespace: %w", err)
-			return
-		}
-		errc <- nil
-	}()
-	if err := <-errc; err != nil {
+	if err := inNewNetns(func() error { return nil }); err != nil {
 		return err.Error()
 	}
 	if err := os.MkdirAll(NetnsDir, 0o755); err != nil {
@@ -204,23 +194,14 @@ func createNS(name string) (_ *NS, err error) {
 		}
 	}()
 
-	errc := make(chan error, 1)
-	go func() {
-		// Never unlocked: the thread is discarded with this goroutine
-		// instead of returning to the root namespace.
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("unshare: %w", err)
-			return
-		}
+	err = inNewNetns(func() error {
 		self := fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
 		if err := unix.Mount(self, path, "none", unix.MS_BIND, ""); err != nil {
-			errc <- fmt.Errorf("bind mount %s: %w", path, err)
-			return
+			return fmt.Errorf("bind mount %s: %w", path, err)
 		}
-		errc <- nil
-	}()
-	if err := <-errc; err != nil {
+		return nil
+	})
+	if err != nil {
 		return nil, err
 	}
 	h, err := netns.GetFromPath(path)
@@ -229,6 +210,23 @@ func createNS(name string) (_ *NS, err error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	return &NS{Name: name, Path: path, handle: h}, nil
+}
+
+// inNewNetns runs fn on a thread of its own in a new, unnamed network
+// namespace, and returns the error of unsharing or of fn. The thread stays
+// locked and so is discarded when fn returns: it never goes back to the
+// root namespace.
+func inNewNetns(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("unshare network namespace: %w", err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
 }
 
 func (ns *NS) delete() error {
@@ -444,6 +442,33 @@ func (ns *NS) ServeHTTP(t TB, addr, body string) netip.AddrPort {
 	})
 	ap := l.Addr().(*net.TCPAddr).AddrPort()
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// Get sends a GET request for url with c and returns the body of the
+// answer: the name of the backend, from a ServeHTTP server. Anything but
+// 200 OK with a BackendHeader equal to the body is an error, so an answer
+// from another server is never taken for a backend's.
+func Get(ctx context.Context, c *http.Client, url string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("status %s", resp.Status)
+	}
+	if h := resp.Header.Get(BackendHeader); h != string(body) {
+		return "", fmt.Errorf("header %q and body %q disagree", h, body)
+	}
+	return string(body), nil
 }
 
 func randomSuffix() string {

@@ -159,12 +159,7 @@ func StartBinary(t testnet.TB, ns *testnet.NS, xlbd string, args ...string) *Dae
 	}
 	d := &Daemon{Dir: dir, log: &syncBuffer{}, done: make(chan struct{})}
 	if !hasFlag(args, "--socket") {
-		sockDir, err := os.MkdirTemp("", "xlbd-sock-")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(sockDir) })
-		d.Socket = filepath.Join(sockDir, "xlbd.sock")
+		d.Socket = filepath.Join(TempDir(t, "", "xlbd-sock-"), "xlbd.sock")
 		args = append(args, "--socket", d.Socket)
 	} else {
 		d.Socket = flagValue(args, "--socket")
@@ -259,19 +254,26 @@ func (d *Daemon) Exited() (bool, error) {
 
 // Stop ends xlbd: SIGTERM, then SIGKILL after 5 s. It returns the exit error.
 func (d *Daemon) Stop() error {
+	Terminate(d.cmd.Process, d.done)
+	return d.err
+}
+
+// Terminate ends process p, whose waiter closes done once it has exited:
+// SIGTERM, then SIGKILL after 5 s. It returns when done is closed, at once
+// if it already is.
+func Terminate(p *os.Process, done <-chan struct{}) {
 	select {
-	case <-d.done:
-		return d.err
+	case <-done:
+		return
 	default:
 	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	_ = p.Signal(syscall.SIGTERM)
 	select {
-	case <-d.done:
+	case <-done:
 	case <-time.After(5 * time.Second):
-		_ = d.cmd.Process.Kill()
-		<-d.done
+		_ = p.Kill()
+		<-done
 	}
-	return d.err
 }
 
 // ProcessGone reports whether process pid has exited: it is gone, or a
@@ -285,6 +287,21 @@ func ProcessGone(pid int) bool {
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	return i < 0 || i+2 >= len(s) || s[i+2] == 'Z'
+}
+
+// TempDir creates a directory in parent (os.TempDir() when "") named
+// pattern and a random suffix, as os.MkdirTemp does, and removes it with
+// its contents at cleanup. Unlike t.TempDir the directory can be on the
+// bpffs ("/sys/fs/bpf", for a pin path), and its path is short enough for
+// a unix socket.
+func TempDir(t testnet.TB, parent, pattern string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp(parent, pattern)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }
 
 // NewPinPath returns a fresh pin path on the bpffs for one test's xlbd (not
