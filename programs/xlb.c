@@ -452,12 +452,12 @@ int xlb_parse(struct xdp_md *ctx)
 	return pass(XLB_STAT_TAILCALL_FAIL);
 }
 
-/* tcp_at returns the TCP header of a packet parse accepted. */
-static __always_inline struct tcphdr *tcp_at(struct xdp_md *ctx)
+/* tcp_at returns the TCP header of a packet parse accepted, IPv6 when v6. */
+static __always_inline struct tcphdr *tcp_at(struct xdp_md *ctx, int v6)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
-	struct tcphdr *tcp = data + XLB_TCP_OFF;
+	struct tcphdr *tcp = data + (v6 ? XLB_TCP6_OFF : XLB_TCP_OFF);
 
 	if ((void *)(tcp + 1) > end)
 		return NULL;
@@ -465,16 +465,17 @@ static __always_inline struct tcphdr *tcp_at(struct xdp_md *ctx)
 }
 
 /* tcp_payload_len returns how many bytes of data a packet parse accepted
- * carries. */
-static __always_inline __u32 tcp_payload_len(struct xdp_md *ctx, const struct tcphdr *tcp)
+ * carries, IPv6 when v6. */
+static __always_inline __u32 tcp_payload_len(struct xdp_md *ctx, const struct tcphdr *tcp, int v6)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *ip6 = data + XLB_IP_OFF;
 	struct iphdr *ip = data + XLB_IP_OFF;
 
-	if ((void *)(ip + 1) > end)
-		return 0;
-	return bpf_ntohs(ip->tot_len) - sizeof(*ip) - tcp->doff * 4;
+	if (v6)
+		return (void *)(ip6 + 1) > end ? 0 : bpf_ntohs(ip6->payload_len) - tcp->doff * 4;
+	return (void *)(ip + 1) > end ? 0 : bpf_ntohs(ip->tot_len) - sizeof(*ip) - tcp->doff * 4;
 }
 
 /* service_of finds the service of a VIP flow for a packet without a
@@ -512,28 +513,6 @@ static __always_inline int client_addr_ok(__be32 saddr, __be32 daddr)
 }
 
 /* The IPv6 forms of the helpers above. */
-
-static __always_inline struct tcphdr *tcp_at6(struct xdp_md *ctx)
-{
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct tcphdr *tcp = data + XLB_TCP6_OFF;
-
-	if ((void *)(tcp + 1) > end)
-		return NULL;
-	return tcp;
-}
-
-static __always_inline __u32 tcp_payload_len6(struct xdp_md *ctx, const struct tcphdr *tcp)
-{
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ipv6hdr *ip6 = data + XLB_IP_OFF;
-
-	if ((void *)(ip6 + 1) > end)
-		return 0;
-	return bpf_ntohs(ip6->payload_len) - tcp->doff * 4;
-}
 
 static __always_inline int service_of6(struct xlb_pkt *p)
 {
@@ -832,6 +811,39 @@ static __always_inline int transmit(struct xdp_md *ctx, struct ethhdr *eth, cons
 	return bpf_redirect(nh->ifindex, 0);
 }
 
+/* transmit_icmp finishes a translated ICMP error's checksum from its
+ * accumulator and sends the error on. */
+static __always_inline int transmit_icmp(struct xdp_md *ctx, struct ethhdr *eth, const struct xlb_nh *nh,
+					 __u16 *icsum, void *end, __u64 icmp)
+{
+	if ((void *)(icsum + 1) > end)
+		return drop(XLB_STAT_DROP_INTERNAL);
+	*icsum = csum_finish(icmp);
+	count(XLB_STAT_ICMP_ERROR);
+	return transmit(ctx, eth, nh);
+}
+
+/* transmit_flow counts a rewritten packet of a flow, len bytes of IP
+ * packet, to its direction and backend and sends it on. */
+static __always_inline int transmit_flow(struct xdp_md *ctx, const struct xlb_pkt *p, struct ethhdr *eth,
+					 __u32 len)
+{
+	count(p->dir == XLB_DIR_FWD ? XLB_STAT_FWD : XLB_STAT_RET);
+	backend_traffic(p, len);
+	return transmit(ctx, eth, &p->nh);
+}
+
+/* rewrite_l4 rewrites the TCP or UDP header at l4 (TCP options at optoff
+ * in the frame); addrs is the addresses' checksum change. Non-zero when
+ * the header is not in the frame. */
+static __always_inline int rewrite_l4(struct xdp_md *ctx, const struct xlb_pkt *p, __u8 proto, void *l4,
+				      void *end, __u64 addrs, __u32 optoff)
+{
+	if (proto == IPPROTO_UDP)
+		return rewrite_udp(p, l4, end, addrs);
+	return rewrite_tcp(ctx, p, l4, end, addrs, optoff);
+}
+
 /* rewrite_quoted_l4 translates the ports, and for TCP the sequence number,
  * of the packet an ICMP error quotes at l4 (its first 8 bytes are in the
  * frame) back to the client's flow. l4acc holds the quoted addresses' and
@@ -905,12 +917,7 @@ static __always_inline int rewrite_icmp(struct xdp_md *ctx, const struct xlb_pkt
 	in->saddr = p->new_daddr;
 	in->daddr = p->new_saddr;
 	icmp = rewrite_quoted_l4(p, p->flow.proto, l4, (void *)ip + bpf_ntohs(ip->tot_len), end, l4acc, icmp);
-	if ((void *)(icsum + 1) > end)
-		return drop(XLB_STAT_DROP_INTERNAL);
-	*icsum = csum_finish(icmp);
-
-	count(XLB_STAT_ICMP_ERROR);
-	return transmit(ctx, eth, &p->nh);
+	return transmit_icmp(ctx, eth, &p->nh, icsum, end, icmp);
 }
 
 /* xlb_rewrite applies the NAT chosen by conntrack or select: MACs, IPs,
@@ -925,7 +932,6 @@ int xlb_rewrite(struct xdp_md *ctx)
 	struct iphdr *ip = (void *)(eth + 1);
 	struct xlb_pkt *p = scratch();
 	__u64 addrs;
-	int err;
 
 	if (!p || (void *)(ip + 1) > end || ip->ihl != 5)
 		return drop(XLB_STAT_DROP_INTERNAL);
@@ -935,11 +941,7 @@ int xlb_rewrite(struct xdp_md *ctx)
 	/* The addresses' change counts in both checksums (the L4 one
 	 * through its pseudo-header). */
 	addrs = csum_acc32(csum_acc32(0, ip->saddr, p->new_saddr), ip->daddr, p->new_daddr);
-	if (p->flow.proto == IPPROTO_UDP)
-		err = rewrite_udp(p, (void *)(ip + 1), end, addrs);
-	else
-		err = rewrite_tcp(ctx, p, (void *)(ip + 1), end, addrs, XLB_OPT_OFF);
-	if (err)
+	if (rewrite_l4(ctx, p, p->flow.proto, (void *)(ip + 1), end, addrs, XLB_OPT_OFF))
 		return drop(XLB_STAT_DROP_INTERNAL);
 	/* The packet may have moved under a helper: take it afresh. */
 	data = (void *)(long)ctx->data;
@@ -951,9 +953,7 @@ int xlb_rewrite(struct xdp_md *ctx)
 	ip->check = csum_finish(csum_start(ip->check) + addrs);
 	ip->saddr = p->new_saddr;
 	ip->daddr = p->new_daddr;
-	count(p->dir == XLB_DIR_FWD ? XLB_STAT_FWD : XLB_STAT_RET);
-	backend_traffic(p, bpf_ntohs(ip->tot_len));
-	return transmit(ctx, eth, &p->nh);
+	return transmit_flow(ctx, p, eth, bpf_ntohs(ip->tot_len));
 }
 
 /* rewrite_icmp6 is rewrite_icmp for ICMPv6. ICMPv6 has no IP header
@@ -989,12 +989,7 @@ static __always_inline int rewrite_icmp6(struct xdp_md *ctx, const struct xlb_pk
 	__builtin_memcpy(&in->daddr, p->new_saddr6, 16);
 	icmp = rewrite_quoted_l4(p, p->flow6.proto, l4, (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len), end,
 				 l4acc, icmp);
-	if ((void *)(icsum + 1) > end)
-		return drop(XLB_STAT_DROP_INTERNAL);
-	*icsum = csum_finish(icmp);
-
-	count(XLB_STAT_ICMP_ERROR);
-	return transmit(ctx, eth, &p->nh);
+	return transmit_icmp(ctx, eth, &p->nh, icsum, end, icmp);
 }
 
 /* xlb_rewrite6 is xlb_rewrite for IPv6: no header checksum, 128-bit
@@ -1008,7 +1003,6 @@ int xlb_rewrite6(struct xdp_md *ctx)
 	struct ipv6hdr *ip6 = (void *)(eth + 1);
 	struct xlb_pkt *p = scratch();
 	__u64 addrs;
-	int err;
 
 	if (!p || (void *)(ip6 + 1) > end)
 		return drop(XLB_STAT_DROP_INTERNAL);
@@ -1017,11 +1011,7 @@ int xlb_rewrite6(struct xdp_md *ctx)
 
 	addrs = csum_addr6(csum_addr6(0, (void *)&ip6->saddr, p->new_saddr6), (void *)&ip6->daddr,
 			   p->new_daddr6);
-	if (p->flow6.proto == IPPROTO_UDP)
-		err = rewrite_udp(p, (void *)(ip6 + 1), end, addrs);
-	else
-		err = rewrite_tcp(ctx, p, (void *)(ip6 + 1), end, addrs, XLB_OPT6_OFF);
-	if (err)
+	if (rewrite_l4(ctx, p, p->flow6.proto, (void *)(ip6 + 1), end, addrs, XLB_OPT6_OFF))
 		return drop(XLB_STAT_DROP_INTERNAL);
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
@@ -1031,7 +1021,5 @@ int xlb_rewrite6(struct xdp_md *ctx)
 		return drop(XLB_STAT_DROP_INTERNAL);
 	__builtin_memcpy(&ip6->saddr, p->new_saddr6, 16);
 	__builtin_memcpy(&ip6->daddr, p->new_daddr6, 16);
-	count(p->dir == XLB_DIR_FWD ? XLB_STAT_FWD : XLB_STAT_RET);
-	backend_traffic(p, sizeof(*ip6) + bpf_ntohs(ip6->payload_len));
-	return transmit(ctx, eth, &p->nh);
+	return transmit_flow(ctx, p, eth, sizeof(*ip6) + bpf_ntohs(ip6->payload_len));
 }

@@ -76,7 +76,7 @@ static __always_inline int F(fwd_control)(struct xdp_md *ctx, const struct xlb_c
 	}
 	/* The backend's next expected sequence number once it has the
 	 * FIN: the next connection on this port must start after it. */
-	r->tw_seq = seqb + F(tcp_payload_len)(ctx, tcp) + 1;
+	r->tw_seq = seqb + tcp_payload_len(ctx, tcp, IS_V6) + 1;
 	r->flags |= XLB_RF_TW_SEQ;
 	F(conn_mark)(c, XLB_CF_FIN_C, r, now);
 	return 0;
@@ -115,7 +115,7 @@ static __always_inline int F(reset_stray)(struct xdp_md *ctx, struct xlb_pkt *p,
 	count(XLB_STAT_RESET_NO_CONN);
 	if (fl & TCP_FL_ACK)
 		return F(tcp_reply)(ctx, TCP_FL_RST, bpf_ntohl(tcp->ack_seq), 0);
-	len = F(tcp_payload_len)(ctx, tcp) + !!(fl & TCP_FL_SYN) + !!(fl & TCP_FL_FIN);
+	len = tcp_payload_len(ctx, tcp, IS_V6) + !!(fl & TCP_FL_SYN) + !!(fl & TCP_FL_FIN);
 	return F(tcp_reply)(ctx, TCP_FL_RST | TCP_FL_ACK, 0, bpf_ntohl(tcp->seq) + len);
 }
 
@@ -136,7 +136,7 @@ static __always_inline int F(conntrack_fwd)(struct xdp_md *ctx, const struct xlb
 		bpf_tail_call(ctx, &xlb_progs, STAGE_SELECT);
 		return pass(XLB_STAT_TAILCALL_FAIL);
 	}
-	tcp = F(tcp_at)(ctx);
+	tcp = tcp_at(ctx, IS_V6);
 	if (!tcp)
 		return drop(XLB_STAT_DROP_INTERNAL);
 	c = F(ct_find)(cfg, &PKT_FLOW(p), &seq);
@@ -227,7 +227,7 @@ static __always_inline int F(conntrack_ret)(struct xdp_md *ctx, const struct xlb
 	if (p->icmp) {
 		/* An error is no sign of life: it changes nothing. */
 	} else if (PKT_FLOW(p).proto == IPPROTO_TCP) {
-		tcp = F(tcp_at)(ctx);
+		tcp = tcp_at(ctx, IS_V6);
 		if (!tcp)
 			return drop(XLB_STAT_DROP_INTERNAL);
 		if (fl & (TCP_FL_SYN | TCP_FL_FIN | TCP_FL_RST))
@@ -305,13 +305,13 @@ static long F(source_step)(__u64 k, void *arg)
  * gives up at once instead of retrying for a minute. */
 static __always_inline int F(refuse)(struct xdp_md *ctx, __u32 stat)
 {
-	struct tcphdr *tcp = F(tcp_at)(ctx);
+	struct tcphdr *tcp = tcp_at(ctx, IS_V6);
 
 	count(stat);
 	if (!tcp)
 		return XDP_DROP;
 	return F(tcp_reply)(ctx, TCP_FL_RST | TCP_FL_ACK, 0,
-			    bpf_ntohl(tcp->seq) + 1 + F(tcp_payload_len)(ctx, tcp));
+			    bpf_ntohl(tcp->seq) + 1 + tcp_payload_len(ctx, tcp, IS_V6));
 }
 
 /* xlb_select creates the connection of a SYN: it finds the service,
@@ -442,7 +442,7 @@ int F(xlb_select)(struct xdp_md *ctx)
 	c->last_seen_j = now;
 	c->seq_delta = 0;
 	if (!udp) {
-		tcp = F(tcp_at)(ctx);
+		tcp = tcp_at(ctx, IS_V6);
 		if (!tcp) {
 			__sync_val_compare_and_swap(&r->state, XLB_PS_USED, XLB_PS_FREE);
 			ct_publish(&c->seq);
