@@ -10,7 +10,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/cilium/ebpf/btf"
 	"go.yaml.in/yaml/v3"
 
 	"github.com/xlb-project/xlb/internal/config"
@@ -185,16 +184,8 @@ func tableCells(line string) []string {
 // btfCounters are the counter names as xlbd reports them.
 func btfCounters(t *testing.T) map[string]bool {
 	t.Helper()
-	spec, err := xlbtest.PipelineBTF()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var enum *btf.Enum
-	if err := spec.TypeByName("xlb_stat", &enum); err != nil {
-		t.Fatal(err)
-	}
 	out := map[string]bool{}
-	for _, v := range enum.Values {
+	for _, v := range xlbtest.PipelineEnum(t, "xlb_stat") {
 		if v.Name != "XLB_STAT_MAX" {
 			out[strings.ToLower(strings.TrimPrefix(v.Name, "XLB_STAT_"))] = true
 		}

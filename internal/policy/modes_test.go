@@ -4,8 +4,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/cilium/ebpf/btf"
-
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/xlbtest"
 	"github.com/xlb-project/xlb/plugins"
@@ -18,16 +16,8 @@ import (
 // values, none missing on either side. The manager converts
 // plugins.Mode to dispatcher.Mode by value, which this makes safe.
 func TestModesMatchDataPath(t *testing.T) {
-	spec, err := xlbtest.PipelineBTF()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var enum *btf.Enum
-	if err := spec.TypeByName("xlb_sel_mode", &enum); err != nil {
-		t.Fatal(err)
-	}
 	c := map[string]uint64{}
-	for _, v := range enum.Values {
+	for _, v := range xlbtest.PipelineEnum(t, "xlb_sel_mode") {
 		c[strings.TrimPrefix(v.Name, "XLB_SEL_")] = v.Value
 	}
 	proto := map[string]uint64{}

@@ -381,9 +381,9 @@ func flagValue(args []string, name string) string {
 	return ""
 }
 
-// PipelineBTF reads the BTF of the pipeline's committed bpf2go object
+// pipelineBTF reads the BTF of the pipeline's committed bpf2go object
 // (dispatcher/xlb_*_bpfel.o): the C definitions as the data path has them.
-func PipelineBTF() (*btf.Spec, error) {
+func pipelineBTF() (*btf.Spec, error) {
 	root, err := ModuleRoot()
 	if err != nil {
 		return nil, err
@@ -393,4 +393,19 @@ func PipelineBTF() (*btf.Spec, error) {
 		return nil, fmt.Errorf("find the pipeline's object in dispatcher/: %v %v", objs, err)
 	}
 	return btf.LoadSpec(objs[0])
+}
+
+// PipelineEnum returns the values of an enum of the pipeline's committed
+// object (read by pipelineBTF), by name, and fails the test when it cannot.
+func PipelineEnum(t testnet.TB, name string) []btf.EnumValue {
+	t.Helper()
+	spec, err := pipelineBTF()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var enum *btf.Enum
+	if err := spec.TypeByName(name, &enum); err != nil {
+		t.Fatalf("enum %s in the pipeline's BTF: %v", name, err)
+	}
+	return enum.Values
 }
