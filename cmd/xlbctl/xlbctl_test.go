@@ -306,11 +306,7 @@ func TestPermissionDenied(t *testing.T) {
 		t.Skip("needs root to run xlbctl as another user")
 	}
 	// Every directory on the way must be open to the other user.
-	dir, err := os.MkdirTemp("", "xlbctl-perm-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := xlbtest.TempDir(t, "", "xlbctl-perm-")
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
