@@ -75,12 +75,12 @@ func TestChainReload(t *testing.T) {
 	// filter, stays denied.
 	filterMap := filepath.Join(pinPath, "chain", "filter", "filter_ipv4")
 	denyClient2(t, filterMap, tp.c2)
-	idBefore := mapID(t, filterMap)
+	idBefore := xlbtest.PinnedMapID(t, filterMap)
 	if err := tp.reaches(tp.c2); err == nil {
 		t.Fatal("client2 reached the VIP through a filter that denies it")
 	}
 	reload(member("    priority: 20\n"), "filter@20 xlb@50 ")
-	if id := mapID(t, filterMap); id != idBefore {
+	if id := xlbtest.PinnedMapID(t, filterMap); id != idBefore {
 		t.Errorf("filter's map is %d after a priority change, was %d: recreated", id, idBefore)
 	}
 	if err := tp.reaches(tp.c2); err == nil {
@@ -115,20 +115,4 @@ func denyClient2(t *testing.T, pin string, h *testnet.Host) {
 	if err := m.Put(binary.NativeEndian.Uint32(a[:]), vals); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// mapID is the id of the map pinned at pin.
-func mapID(t *testing.T, pin string) ebpf.MapID {
-	t.Helper()
-	m, err := ebpf.LoadPinnedMap(pin, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	info, err := m.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, _ := info.ID()
-	return id
 }

@@ -93,7 +93,7 @@ func TestReloadTransactional(t *testing.T) {
 
 	filterMap := filepath.Join(pinPath, "chain", "filter", "filter_ipv4")
 	denyClient2(t, filterMap, ct.c2)
-	mapBefore := mapID(t, filterMap)
+	mapBefore := xlbtest.PinnedMapID(t, filterMap)
 	if err := ct.topo.reaches(ct.c2); err == nil {
 		t.Fatal("client2 reached the VIP through a filter that denies it")
 	}
@@ -142,7 +142,7 @@ func TestReloadTransactional(t *testing.T) {
 		if got := lbState(t, ct.lb); !got.equal(host) {
 			t.Errorf("lb host changed:\n  before %v\n  after  %v", host, got)
 		}
-		if id := mapID(t, filterMap); id != mapBefore {
+		if id := xlbtest.PinnedMapID(t, filterMap); id != mapBefore {
 			t.Errorf("filter's block list is map %d, was %d", id, mapBefore)
 		}
 		if err := ct.topo.reaches(ct.c2); err == nil {
@@ -231,7 +231,7 @@ func TestReloadTransactional(t *testing.T) {
 		if len(ms) != 2 || ms[0].Name != "filter" || ms[0].Priority != 20 {
 			t.Errorf("chain after the reload: %+v", ms)
 		}
-		if id := mapID(t, filterMap); id != mapBefore {
+		if id := xlbtest.PinnedMapID(t, filterMap); id != mapBefore {
 			t.Errorf("filter's block list is map %d after a priority change, was %d", id, mapBefore)
 		}
 		if err := ct.topo.reaches(ct.c2); err == nil {

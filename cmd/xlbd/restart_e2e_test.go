@@ -394,7 +394,7 @@ func TestRestartKeepDatapath(t *testing.T) {
 	// is denied by xdp-filter.
 	filterMap := filepath.Join(rt.pin, "chain", "filter", "filter_ipv4")
 	denyClient2(t, filterMap, rt.bc)
-	filterID := mapID(t, filterMap)
+	filterID := xlbtest.PinnedMapID(t, filterMap)
 	if got := dialResult(rt.bc, netip.AddrPortFrom(rt.vipAddr, 80)); got == "connected" {
 		t.Fatalf("backend-c reaches the VIP through the filter")
 	}
@@ -436,7 +436,7 @@ func TestRestartKeepDatapath(t *testing.T) {
 	} else {
 		t.Logf("xlbctl status after the restart:\n%s", out)
 	}
-	if id := mapID(t, filterMap); id != filterID {
+	if id := xlbtest.PinnedMapID(t, filterMap); id != filterID {
 		t.Errorf("chain member's map is %d after the restart, was %d: not adopted", id, filterID)
 	}
 	if got := dialResult(rt.bc, netip.AddrPortFrom(rt.vipAddr, 80)); got == "connected" {

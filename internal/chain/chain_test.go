@@ -20,6 +20,7 @@ import (
 	"github.com/xlb-project/xlb/dispatcher"
 	"github.com/xlb-project/xlb/internal/packet"
 	"github.com/xlb-project/xlb/internal/testnet"
+	"github.com/xlb-project/xlb/internal/xlbtest"
 )
 
 // The test objects, compiled from testdata/members.c once per test binary.
@@ -366,16 +367,7 @@ func TestChainPriorityChangeKeepsMaps(t *testing.T) {
 		}
 		return n
 	}
-	mapID := func() ebpf.MapID {
-		m := f.pinned("filter", "blocked")
-		defer m.Close()
-		info, err := m.Info()
-		if err != nil {
-			t.Fatal(err)
-		}
-		id, _ := info.ID()
-		return id
-	}
+	mapID := func() ebpf.MapID { return xlbtest.PinnedMapID(t, filepath.Join(f.pinRoot, "filter", "blocked")) }
 	run(t, c, client)
 	id, before := mapID(), runs()
 	for _, step := range []Spec{

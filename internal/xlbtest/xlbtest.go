@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 
 	"github.com/xlb-project/xlb/dispatcher"
@@ -287,6 +288,23 @@ func ProcessGone(pid int) bool {
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	return i < 0 || i+2 >= len(s) || s[i+2] == 'Z'
+}
+
+// PinnedMapID is the id of the map pinned at pin: the same id after a
+// change means the same map, its contents kept.
+func PinnedMapID(t testnet.TB, pin string) ebpf.MapID {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(pin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	info, err := m.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	return id
 }
 
 // TempDir creates a directory in parent (os.TempDir() when "") named
